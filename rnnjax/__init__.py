@@ -1,0 +1,28 @@
+"""rnnjax: recurrent neural networks for JAX, written as pure functions.
+
+    >>> import jax, jax.numpy as jnp, rnnjax as rj
+    >>> cell = rj.LSTM(hidden_size=8)
+    >>> params = cell.init(jax.random.key(0), input_size=3)
+    >>> ys, (h, c) = rj.scan(cell, params, jnp.ones((5, 3)))
+    >>> ys.shape
+    (5, 8)
+"""
+
+from rnnjax.cell import Cell, LinearCell
+from rnnjax.cells import GRU, LSTM, Elman
+from rnnjax.layers import RNN, Bidirectional, Stack
+from rnnjax.scan import scan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cell",
+    "LinearCell",
+    "Elman",
+    "LSTM",
+    "GRU",
+    "RNN",
+    "Bidirectional",
+    "Stack",
+    "scan",
+]

@@ -1,0 +1,222 @@
+"""The Cell protocol shared by every rnnjax cell, and the checks they share.
+
+A cell is a frozen, hashable dataclass holding static configuration only. It has
+three methods, all pure:
+
+- ``init(key, input_size, dtype=jnp.float32) -> params``: a NamedTuple of arrays.
+- ``init_carry(batch_shape=(), dtype=jnp.float32) -> carry``: zeros by default.
+  Every leaf of the carry has shape ``(*batch_shape, features)``.
+- ``step(params, carry, x) -> (carry, y)``: one time step. ``x`` has shape
+  ``(*batch, input_size)`` (``(*batch, H, W, C)`` for ConvLSTM) and ``y`` has shape
+  ``(*batch, cell.output_size(input_size))``.
+
+Because a carry's leading shape is always the step input's shape without its last
+axis, a driver can build the carry of any cell from the input alone
+(:func:`carry_batch_shape`). Cells whose recurrence is linear in the carry,
+``h_t = a_t * h_{t-1} + b_t``, also subclass :class:`LinearCell` so parallel-in-time
+drivers can evaluate them.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+Activation = str | Callable[[Array], Array]
+
+
+def _hard_sigmoid(x: Array) -> Array:
+    # Keras 3 definition: relu6(x + 3) / 6.
+    return jax.nn.relu6(x + 3.0) / 6.0
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "relu": jax.nn.relu,
+    "hard_sigmoid": _hard_sigmoid,
+    "hard_tanh": jax.nn.hard_tanh,
+    "elu": jax.nn.elu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "softsign": jax.nn.soft_sign,
+    "linear": lambda x: x,
+    "identity": lambda x: x,
+}
+
+
+def resolve_activation(activation: Activation, name: str = "activation") -> Callable[[Array], Array]:
+    """Return the function for an activation given by name or as a callable."""
+    if callable(activation):
+        return activation
+    if isinstance(activation, str) and activation in ACTIVATIONS:
+        return ACTIVATIONS[activation]
+    raise ValueError(
+        f"unknown {name} {activation!r}; expected a callable or one of {sorted(ACTIVATIONS)}"
+    )
+
+
+def check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_float_input(x: Array, name: str = "x") -> None:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{name} has dtype {dtype}; expected a floating dtype (float32, bfloat16, ...). "
+            f"Cast it, e.g. {name}.astype(jnp.float32)"
+        )
+
+
+def carry_batch_shape(x_step_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Leading shape of every carry leaf for a step input of shape ``x_step_shape``."""
+    return tuple(x_step_shape[:-1])
+
+
+def compute_dtype(x: Array, params: PyTree) -> jnp.dtype:
+    """The dtype a step computes in: the promotion of the input's and the parameters'."""
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(params)]
+    return jnp.result_type(x, *leaves) if leaves else jnp.result_type(x)
+
+
+class Cell(abc.ABC):
+    """Protocol of a recurrent cell. Subclasses are ``@dataclasses.dataclass(frozen=True)``.
+
+    Attributes:
+      input_ndim: number of trailing axes of one step's input that are features
+        (1 for vector cells, 3 for ConvLSTM's ``(H, W, C)``). The time axis of a
+        sequence sits just before them.
+    """
+
+    input_ndim: ClassVar[int] = 1
+
+    @abc.abstractmethod
+    def init(self, key: Array, input_size: int, dtype: Any = jnp.float32) -> NamedTuple:
+        """Initialise the parameters for inputs with ``input_size`` features."""
+
+    @abc.abstractmethod
+    def init_carry(self, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> PyTree:
+        """The initial carry: zeros of shape ``(*batch_shape, features)``."""
+
+    @abc.abstractmethod
+    def step(self, params: NamedTuple, carry: PyTree, x: Array) -> tuple[PyTree, Array]:
+        """One time step: ``(params, carry, x) -> (carry, y)``."""
+
+    @abc.abstractmethod
+    def output_size(self, input_size: int) -> int:
+        """Features of ``y`` for inputs with ``input_size`` features."""
+
+    @abc.abstractmethod
+    def input_size(self, params: NamedTuple) -> int:
+        """Features of ``x`` that ``params`` were initialised for."""
+
+    # -- checks shared by every cell ------------------------------------------------
+
+    def carry_for(self, x_step: Array, dtype: Any = None) -> PyTree:
+        """The zero carry matching a step input ``x_step`` (any leading batch shape)."""
+        return self.init_carry(carry_batch_shape(x_step.shape), dtype or jnp.float32)
+
+    def check_input(self, params: NamedTuple, x: Array, name: str = "x") -> None:
+        """Raise if ``x`` is not a float array of shape ``(..., input_size)``."""
+        check_float_input(x, name)
+        expected = self.input_size(params)
+        if x.ndim < self.input_ndim or x.shape[-1] != expected:
+            lead = "(..., H, W, " if self.input_ndim == 3 else "(..., "
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}; expected {lead}{expected}) for "
+                f"input_size={expected} of {type(self).__name__}"
+            )
+
+    def check_carry(self, carry: PyTree, x_step: Array, name: str = "carry") -> None:
+        """Raise if ``carry`` does not have the structure and shapes of this cell's carry."""
+        expected = jax.eval_shape(lambda: self.carry_for(x_step))
+        exp_def = jax.tree_util.tree_structure(expected)
+        got_def = jax.tree_util.tree_structure(carry)
+        if exp_def != got_def:
+            raise ValueError(
+                f"{name} has structure {got_def}; expected {exp_def} for {type(self).__name__} "
+                f"(build it with cell.init_carry(batch_shape))"
+            )
+        for got, exp in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(expected)):
+            if tuple(jnp.shape(got)) != tuple(exp.shape):
+                raise ValueError(
+                    f"{name} has a leaf of shape {tuple(jnp.shape(got))}; expected {tuple(exp.shape)} "
+                    f"for inputs of shape {tuple(x_step.shape)} "
+                    f"(build it with cell.init_carry({carry_batch_shape(x_step.shape)}))"
+                )
+
+    def check_params(self, params: NamedTuple, expected_type: type) -> None:
+        """Raise if ``params`` is not an ``expected_type`` with the shapes ``init`` gives."""
+        if not isinstance(params, expected_type):
+            raise TypeError(
+                f"params is a {type(params).__name__}; expected {expected_type.__name__} "
+                f"(from {type(self).__name__}.init)"
+            )
+        expected = _param_shapes(self, self.input_size(params))
+        for field, got, exp in zip(expected_type._fields, params, expected):
+            got_shape = None if got is None else tuple(jnp.shape(got))
+            exp_shape = None if exp is None else tuple(exp.shape)
+            if got_shape != exp_shape:
+                raise ValueError(
+                    f"params.{field} has shape {got_shape}; expected {exp_shape} for {self!r} "
+                    f"with input_size={self.input_size(params)}"
+                )
+
+
+@functools.lru_cache(maxsize=256)
+def _param_shapes(cell: Cell, input_size: int) -> NamedTuple:
+    return jax.eval_shape(lambda: cell.init(jax.random.key(0), input_size))
+
+
+class LinearCell(Cell):
+    """A cell whose carry follows the diagonal linear recurrence ``h_t = a_t * h_{t-1} + b_t``.
+
+    ``a_t`` and ``b_t`` depend on the input ``x_t`` only, so a parallel driver can compute
+    them for all steps at once and combine them with an associative scan. The carry is
+    the array ``h`` itself and the output is ``readout(params, h_t, x_t)``.
+    """
+
+    @abc.abstractmethod
+    def coefficients(self, params: NamedTuple, x: Array) -> tuple[Array, Array]:
+        """``(a_t, b_t)`` for inputs ``x`` of shape ``(*batch, input_size)``; each ``(*batch, N)``."""
+
+    def readout(self, params: NamedTuple, h: Array, x: Array) -> Array:
+        """The output ``y_t`` from the new state ``h_t`` and the input ``x_t``."""
+        del params, x
+        return h
+
+    def step(self, params: NamedTuple, carry: Array, x: Array) -> tuple[Array, Array]:
+        a, b = self.coefficients(params, x)
+        h = a * carry + b
+        return h, self.readout(params, h, x)
+
+
+def frozen(cls):
+    """Decorator: a frozen, hashable dataclass whose config is checked in ``__post_init__``."""
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+Initializer = Callable[..., Array]
+
+
+def stacked_init(init: Initializer, key: Array, rows: int, hidden: int, gates: int, dtype: Any) -> Array:
+    """``gates`` blocks of shape ``(rows, hidden)`` drawn independently and concatenated on
+    the last axis, so that e.g. an orthogonal initializer makes each gate's block orthogonal."""
+    keys = jax.random.split(key, gates)
+    return jnp.concatenate([init(k, (rows, hidden), dtype) for k in keys], axis=-1)
+
+
+glorot_uniform = jax.nn.initializers.glorot_uniform()
+orthogonal = jax.nn.initializers.orthogonal()
+zeros = jax.nn.initializers.zeros

@@ -1,0 +1,93 @@
+"""Elman network (simple RNN)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cell import (
+    Activation,
+    Cell,
+    Initializer,
+    check_positive_int,
+    frozen,
+    glorot_uniform,
+    orthogonal,
+    resolve_activation,
+    zeros,
+)
+
+
+class ElmanParams(NamedTuple):
+    w_x: jax.Array  # (input_size, hidden)
+    w_h: jax.Array  # (hidden, hidden)
+    b: jax.Array | None  # (hidden,), None when use_bias=False
+
+
+@frozen
+class Elman(Cell):
+    r"""Elman network, the simple RNN of PyTorch's ``nn.RNN`` and Keras' ``SimpleRNN``.
+
+    .. math::
+
+        h_t = f(x_t W_x + h_{t-1} W_h + b), \qquad y_t = h_t
+
+    Initialisation: ``w_x`` Glorot-uniform, ``w_h`` orthogonal, ``b`` zeros (each
+    replaceable through the ``*_init`` fields, ``jax.nn.initializers`` style).
+
+    Args:
+      hidden_size: features of ``h``.
+      activation: ``f``, a name (``"tanh"``, ``"relu"``, ...) or any callable.
+      use_bias: whether ``b`` exists.
+
+    Carry: ``h`` of shape ``(*batch, hidden_size)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> cell = rj.Elman(hidden_size=8, activation="relu")
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> h, y = cell.step(params, cell.init_carry((2,)), jnp.ones((2, 3)))
+      >>> y.shape
+      (2, 8)
+    """
+
+    hidden_size: int
+    activation: Activation = "tanh"
+    use_bias: bool = True
+    kernel_init: Initializer = glorot_uniform
+    recurrent_kernel_init: Initializer = orthogonal
+    bias_init: Initializer = zeros
+
+    def __post_init__(self):
+        check_positive_int(self.hidden_size, "hidden_size")
+        resolve_activation(self.activation)
+
+    def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> ElmanParams:
+        check_positive_int(input_size, "input_size")
+        kx, kh, kb = jax.random.split(key, 3)
+        h = self.hidden_size
+        return ElmanParams(
+            w_x=self.kernel_init(kx, (input_size, h), dtype),
+            w_h=self.recurrent_kernel_init(kh, (h, h), dtype),
+            b=self.bias_init(kb, (h,), dtype) if self.use_bias else None,
+        )
+
+    def init_carry(self, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> jax.Array:
+        return jnp.zeros((*batch_shape, self.hidden_size), dtype)
+
+    def output_size(self, input_size: int) -> int:
+        return self.hidden_size
+
+    def input_size(self, params: ElmanParams) -> int:
+        return params.w_x.shape[0]
+
+    def step(self, params: ElmanParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        self.check_params(params, ElmanParams)
+        self.check_input(params, x)
+        pre = x @ params.w_x + carry @ params.w_h
+        if params.b is not None:
+            pre = pre + params.b
+        h = resolve_activation(self.activation)(pre)
+        return h, h

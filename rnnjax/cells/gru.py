@@ -1,0 +1,131 @@
+"""Gated recurrent unit, in its reset-after (PyTorch) and reset-before (Cho et al.) forms."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cell import (
+    Activation,
+    Cell,
+    Initializer,
+    check_positive_int,
+    frozen,
+    glorot_uniform,
+    orthogonal,
+    resolve_activation,
+    stacked_init,
+    zeros,
+)
+
+
+class GRUParams(NamedTuple):
+    w_x: jax.Array  # (input_size, 3 * hidden), gates r, z, n
+    w_h: jax.Array  # (hidden, 3 * hidden), gates r, z, n
+    b_x: jax.Array | None  # (3 * hidden,) input bias; None when use_bias=False
+    b_h: jax.Array | None  # (3 * hidden,) recurrent bias; only with reset_after and use_bias
+
+
+@frozen
+class GRU(Cell):
+    r"""Gated recurrent unit (Cho et al. 2014).
+
+    Gate order in ``w_x``, ``w_h``, ``b_x`` and ``b_h`` is ``r, z, n`` (PyTorch's; Keras
+    stores ``z, r, h`` and :mod:`rnnjax.interop` reorders). With ``reset_after=True``
+    (PyTorch ``nn.GRU``; Keras ``reset_after=True``, cuDNN):
+
+    .. math::
+
+        r_t &= \sigma(x_t W_{xr} + b_{xr} + h_{t-1} W_{hr} + b_{hr}) \\
+        z_t &= \sigma(x_t W_{xz} + b_{xz} + h_{t-1} W_{hz} + b_{hz}) \\
+        n_t &= \tanh(x_t W_{xn} + b_{xn} + r_t \odot (h_{t-1} W_{hn} + b_{hn})) \\
+        h_t &= (1 - z_t) \odot n_t + z_t \odot h_{t-1}, \qquad y_t = h_t
+
+    With ``reset_after=False`` (Cho et al. 2014; Keras ``reset_after=False``) the reset
+    gate acts before the product, and there is no recurrent bias ``b_h``:
+
+    .. math::
+
+        n_t = \tanh(x_t W_{xn} + b_{xn} + (r_t \odot h_{t-1}) W_{hn})
+
+    ``sigma`` is ``gate_activation`` and ``tanh`` is ``activation``.
+
+    Initialisation: ``w_x`` Glorot-uniform and ``w_h`` orthogonal, both per gate; biases
+    zeros.
+
+    Carry: ``h`` of shape ``(*batch, hidden_size)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> cell = rj.GRU(hidden_size=8, reset_after=False)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> params.b_h is None
+      True
+      >>> h, y = cell.step(params, cell.init_carry(), jnp.ones(3))
+      >>> y.shape
+      (8,)
+    """
+
+    hidden_size: int
+    reset_after: bool = True
+    use_bias: bool = True
+    activation: Activation = "tanh"
+    gate_activation: Activation = "sigmoid"
+    kernel_init: Initializer = glorot_uniform
+    recurrent_kernel_init: Initializer = orthogonal
+    bias_init: Initializer = zeros
+
+    def __post_init__(self):
+        check_positive_int(self.hidden_size, "hidden_size")
+        resolve_activation(self.activation)
+        resolve_activation(self.gate_activation, "gate_activation")
+
+    def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> GRUParams:
+        check_positive_int(input_size, "input_size")
+        kx, kh, kbx, kbh = jax.random.split(key, 4)
+        h = self.hidden_size
+        with_b_h = self.use_bias and self.reset_after
+        return GRUParams(
+            w_x=stacked_init(self.kernel_init, kx, input_size, h, 3, dtype),
+            w_h=stacked_init(self.recurrent_kernel_init, kh, h, h, 3, dtype),
+            b_x=self.bias_init(kbx, (3 * h,), dtype) if self.use_bias else None,
+            b_h=self.bias_init(kbh, (3 * h,), dtype) if with_b_h else None,
+        )
+
+    def init_carry(self, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> jax.Array:
+        return jnp.zeros((*batch_shape, self.hidden_size), dtype)
+
+    def output_size(self, input_size: int) -> int:
+        return self.hidden_size
+
+    def input_size(self, params: GRUParams) -> int:
+        return params.w_x.shape[0]
+
+    def step(self, params: GRUParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        self.check_params(params, GRUParams)
+        self.check_input(params, x)
+        act = resolve_activation(self.activation)
+        gate = resolve_activation(self.gate_activation)
+        h_prev = carry
+        hid = self.hidden_size
+        gx = x @ params.w_x
+        if params.b_x is not None:
+            gx = gx + params.b_x
+        xr, xz, xn = jnp.split(gx, 3, axis=-1)
+        if self.reset_after:
+            gh = h_prev @ params.w_h
+            if params.b_h is not None:
+                gh = gh + params.b_h
+            hr, hz, hn = jnp.split(gh, 3, axis=-1)
+            r = gate(xr + hr)
+            z = gate(xz + hz)
+            n = act(xn + r * hn)
+        else:
+            hr, hz = jnp.split(h_prev @ params.w_h[:, : 2 * hid], 2, axis=-1)
+            r = gate(xr + hr)
+            z = gate(xz + hz)
+            n = act(xn + (r * h_prev) @ params.w_h[:, 2 * hid :])
+        h = (1.0 - z) * n + z * h_prev
+        return h, h

@@ -1,0 +1,197 @@
+"""The sequential driver: any cell over the time axis with ``jax.lax.scan``."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rnnjax.cell import Cell, PyTree, carry_batch_shape, check_float_input
+
+
+def scan(
+    cell: Cell,
+    params: Any,
+    xs: jax.Array,
+    carry: PyTree | None = None,
+    *,
+    lengths: jax.Array | None = None,
+    resets: jax.Array | None = None,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    remat: bool = False,
+) -> tuple[jax.Array, PyTree]:
+    r"""Run ``cell`` over the time axis of ``xs``; return ``(ys, final_carry)``.
+
+    For every step :math:`t` (in order, or backwards when ``reverse``):
+
+    .. math::
+
+        c_t, y_t = \mathrm{cell.step}(\theta, c_{t-1}, x_t)
+
+    Args:
+      cell: any rnnjax cell.
+      params: the cell's parameters (``cell.init``).
+      xs: ``(*batch, T, D)``; for ConvLSTM ``(*batch, T, H, W, C)``. Any number of batch
+        axes, none included. Floating dtype.
+      carry: initial carry, as ``cell.init_carry(batch_shape)``; zeros when ``None``.
+      lengths: ``(*batch,)`` integers in ``[0, T]``. Steps at or past a sequence's length
+        leave its carry unchanged and output zeros, so the final carry is the carry after
+        the sequence's last real step (the initial carry for length 0). Values are checked
+        when concrete; under ``jit`` they are clipped into ``[0, T]``.
+      resets: ``(*batch, T)`` booleans. ``resets[..., t]`` marks a sequence boundary
+        before step ``t``: the carry is re-initialised to zeros (``cell.init_carry``)
+        before step ``t`` runs. With ``reverse`` the same boundaries hold, so the backward
+        pass re-initialises after step ``t`` (before step ``t - 1``). Resets at or past a
+        length are ignored.
+      reverse: run each sequence backwards over its own valid part: step ``lengths - 1``
+        first, step ``0`` last. Outputs stay aligned with their inputs and padding stays
+        at the end, so a reversed pass over padded data equals one over unpadded data.
+      unroll: steps unrolled per loop iteration (``jax.lax.scan``'s ``unroll``).
+      remat: rematerialise each step in the backward pass (``jax.checkpoint``), storing
+        only the carries; training memory no longer holds every step's activations.
+
+    Returns:
+      ``ys`` of shape ``(*batch, T, cell.output_size(D))`` (zeros past ``lengths``) and the
+      final carry, shaped as the initial one.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> cell = rj.GRU(hidden_size=16)
+      >>> params = cell.init(jax.random.key(0), input_size=4)
+      >>> xs = jnp.ones((2, 10, 4))
+      >>> ys, h = rj.scan(cell, params, xs, lengths=jnp.array([10, 3]))
+      >>> ys.shape, h.shape
+      ((2, 10, 16), (2, 16))
+      >>> bool((ys[1, 3:] == 0).all())
+      True
+    """
+    xs = _check_xs(cell, params, xs)
+    k = cell.input_ndim
+    batch_shape = xs.shape[: -(k + 1)]
+    steps = xs.shape[-(k + 1)]
+    x_step = jax.ShapeDtypeStruct((*batch_shape, *xs.shape[-k:]), xs.dtype)
+    if carry is not None:
+        cell.check_carry(carry, x_step)
+    if lengths is not None:
+        lengths = _check_lengths(lengths, batch_shape, steps)
+    if resets is not None:
+        resets = _check_resets(resets, batch_shape, steps)
+    if not (unroll is True or (isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1)):
+        raise ValueError(f"unroll must be a positive int or True, got {unroll!r}")
+    return _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=unroll, remat=bool(remat))
+
+
+def _check_xs(cell: Cell, params: Any, xs: Any) -> jax.Array:
+    if not hasattr(xs, "shape"):
+        xs = jnp.asarray(xs)
+    check_float_input(xs, "xs")
+    k = cell.input_ndim
+    expected_in = cell.input_size(params)
+    if xs.ndim < k + 1 or xs.shape[-1] != expected_in:
+        feat = "H, W, " if k == 3 else ""
+        raise ValueError(
+            f"xs has shape {tuple(xs.shape)}; expected (..., T, {feat}{expected_in}) for "
+            f"input_size={expected_in} of {type(cell).__name__}"
+        )
+    return xs
+
+
+def _check_lengths(lengths: Any, batch_shape: tuple[int, ...], steps: int) -> jax.Array:
+    if not hasattr(lengths, "dtype"):
+        lengths = np.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"lengths has dtype {lengths.dtype}; expected an integer dtype")
+    if tuple(lengths.shape) != tuple(batch_shape):
+        raise ValueError(
+            f"lengths has shape {tuple(lengths.shape)}; expected {tuple(batch_shape)}, the batch "
+            f"shape of xs (one length per sequence)"
+        )
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        if values.size and (values.min() < 0 or values.max() > steps):
+            bad = values[(values < 0) | (values > steps)].ravel()[0]
+            raise ValueError(f"lengths has the value {bad}; expected every length in [0, T={steps}]")
+    return jnp.asarray(lengths)
+
+
+def _check_resets(resets: Any, batch_shape: tuple[int, ...], steps: int) -> jax.Array:
+    if not hasattr(resets, "dtype"):
+        resets = np.asarray(resets)
+    if resets.dtype != jnp.bool_:
+        raise TypeError(f"resets has dtype {resets.dtype}; expected bool")
+    if tuple(resets.shape) != (*batch_shape, steps):
+        raise ValueError(
+            f"resets has shape {tuple(resets.shape)}; expected {(*batch_shape, steps)}, "
+            f"(*batch, T) for xs"
+        )
+    return jnp.asarray(resets)
+
+
+def _expand_to(mask: jax.Array, leaf: jax.Array) -> jax.Array:
+    """Broadcast a ``(*batch,)`` mask against a ``(*batch, ...)`` leaf."""
+    return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
+
+
+def flip_valid(x_tm: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Reverse the first ``lengths`` steps of each sequence of a time-major array.
+
+    ``x_tm``: ``(T, *batch, ...)``; ``lengths``: ``(*batch,)``. Step ``t < L`` moves to
+    ``L - 1 - t``; padding stays where it is. The map is its own inverse.
+    """
+    steps = x_tm.shape[0]
+    t = jnp.arange(steps).reshape((steps,) + (1,) * lengths.ndim)
+    idx = jnp.where(t < lengths, lengths - 1 - t, t)
+    idx = idx.reshape(idx.shape + (1,) * (x_tm.ndim - idx.ndim))
+    return jnp.take_along_axis(x_tm, idx, axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("reverse", "unroll", "remat"))
+def _scan(cell, params, xs, carry, lengths, resets, *, reverse, unroll, remat):
+    k = cell.input_ndim
+    steps = xs.shape[-(k + 1)]
+    xs_tm = jnp.moveaxis(xs, -(k + 1), 0)  # (T, *batch, *features)
+    param_leaves = [p for p in jax.tree_util.tree_leaves(params) if jnp.issubdtype(p.dtype, jnp.inexact)]
+    dtype = jnp.result_type(xs.dtype, *param_leaves)
+    zero_carry = cell.init_carry(carry_batch_shape(xs_tm.shape[1:]), dtype)
+    if carry is None:
+        carry = zero_carry
+    if lengths is not None:
+        lengths = jnp.clip(lengths, 0, steps)
+    resets_tm = None if resets is None else jnp.moveaxis(resets, -1, 0)  # (T, *batch)
+    time = jnp.arange(steps).reshape((steps,) + (1,) * (resets_tm.ndim - 1 if resets_tm is not None else 0))
+
+    if reverse and resets_tm is not None:
+        # A boundary before step t means the backward pass starts afresh after step t.
+        resets_tm = jnp.concatenate([resets_tm[1:], jnp.zeros_like(resets_tm[:1])], axis=0)
+        if lengths is not None:
+            resets_tm = resets_tm & (time + 1 < lengths)
+    if reverse and lengths is not None:
+        xs_tm = flip_valid(xs_tm, lengths)
+        if resets_tm is not None:
+            resets_tm = flip_valid(resets_tm, lengths)
+
+    def body(c, inputs):
+        t, x, reset = inputs
+        c_in = c
+        if reset is not None:
+            c_in = jax.tree.map(lambda z, old: jnp.where(_expand_to(reset, old), z, old), zero_carry, c)
+        new, y = cell.step(params, c_in, x)
+        new = jax.tree.map(lambda n, old: n.astype(old.dtype), new, c)
+        if lengths is not None:
+            valid = t < lengths
+            new = jax.tree.map(lambda n, old: jnp.where(_expand_to(valid, n), n, old), new, c)
+            y = jnp.where(_expand_to(valid, y), y, jnp.zeros((), y.dtype))
+        return new, y
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    inputs = (jnp.arange(steps), xs_tm, resets_tm)
+    scan_backwards = reverse and lengths is None
+    final, ys_tm = jax.lax.scan(body, carry, inputs, reverse=scan_backwards, unroll=unroll)
+    if reverse and lengths is not None:
+        ys_tm = flip_valid(ys_tm, lengths)
+    return jnp.moveaxis(ys_tm, 0, -(k + 1)), final
