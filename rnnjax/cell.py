@@ -100,6 +100,7 @@ class Cell(abc.ABC):
     """
 
     input_ndim: ClassVar[int] = 1
+    params_type: ClassVar[type | None] = None  # the NamedTuple class ``init`` returns
 
     @abc.abstractmethod
     def init(self, key: Array, input_size: int, dtype: Any = jnp.float32) -> NamedTuple:
@@ -156,8 +157,10 @@ class Cell(abc.ABC):
                     f"(build it with cell.init_carry({carry_batch_shape(x_step.shape)}))"
                 )
 
-    def check_params(self, params: NamedTuple, expected_type: type) -> None:
-        """Raise if ``params`` is not an ``expected_type`` with the shapes ``init`` gives."""
+    def check_params(self, params: NamedTuple, expected_type: type | None = None) -> None:
+        """Raise if ``params`` is not an ``expected_type`` (default ``params_type``) with
+        the shapes ``init`` gives."""
+        expected_type = expected_type or self.params_type
         if not isinstance(params, expected_type):
             raise TypeError(
                 f"params is a {type(params).__name__}; expected {expected_type.__name__} "

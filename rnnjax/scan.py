@@ -89,6 +89,8 @@ def _check_xs(cell: Cell, params: Any, xs: Any) -> jax.Array:
     if not hasattr(xs, "shape"):
         xs = jnp.asarray(xs)
     check_float_input(xs, "xs")
+    if cell.params_type is not None:
+        cell.check_params(params)
     k = cell.input_ndim
     expected_in = cell.input_size(params)
     if xs.ndim < k + 1 or xs.shape[-1] != expected_in:
@@ -162,12 +164,12 @@ def _scan(cell, params, xs, carry, lengths, resets, *, reverse, unroll, remat):
     if lengths is not None:
         lengths = jnp.clip(lengths, 0, steps)
     resets_tm = None if resets is None else jnp.moveaxis(resets, -1, 0)  # (T, *batch)
-    time = jnp.arange(steps).reshape((steps,) + (1,) * (resets_tm.ndim - 1 if resets_tm is not None else 0))
 
     if reverse and resets_tm is not None:
         # A boundary before step t means the backward pass starts afresh after step t.
         resets_tm = jnp.concatenate([resets_tm[1:], jnp.zeros_like(resets_tm[:1])], axis=0)
         if lengths is not None:
+            time = jnp.arange(steps).reshape((steps,) + (1,) * lengths.ndim)
             resets_tm = resets_tm & (time + 1 < lengths)
     if reverse and lengths is not None:
         xs_tm = flip_valid(xs_tm, lengths)

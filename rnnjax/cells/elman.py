@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Any, NamedTuple
 
 import jax
@@ -53,12 +54,14 @@ class Elman(Cell):
       (2, 8)
     """
 
+    params_type = ElmanParams
+
     hidden_size: int
     activation: Activation = "tanh"
     use_bias: bool = True
-    kernel_init: Initializer = glorot_uniform
-    recurrent_kernel_init: Initializer = orthogonal
-    bias_init: Initializer = zeros
+    kernel_init: Initializer = field(default=glorot_uniform, repr=False)
+    recurrent_kernel_init: Initializer = field(default=orthogonal, repr=False)
+    bias_init: Initializer = field(default=zeros, repr=False)
 
     def __post_init__(self):
         check_positive_int(self.hidden_size, "hidden_size")

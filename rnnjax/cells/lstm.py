@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Any, NamedTuple
 
 import jax
@@ -69,6 +70,8 @@ class LSTM(Cell):
       ((2, 4), (2, 8))
     """
 
+    params_type = LSTMParams
+
     hidden_size: int
     proj_size: int | None = None
     peephole: bool = False
@@ -76,8 +79,8 @@ class LSTM(Cell):
     forget_bias: float = 1.0
     activation: Activation = "tanh"
     gate_activation: Activation = "sigmoid"
-    kernel_init: Initializer = glorot_uniform
-    recurrent_kernel_init: Initializer = orthogonal
+    kernel_init: Initializer = field(default=glorot_uniform, repr=False)
+    recurrent_kernel_init: Initializer = field(default=orthogonal, repr=False)
 
     def __post_init__(self):
         check_positive_int(self.hidden_size, "hidden_size")

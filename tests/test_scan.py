@@ -1,0 +1,203 @@
+"""rj.scan's driver semantics: lengths, reverse, resets, remat, unroll, streaming, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rnnjax as rj
+from rnnjax.scan import flip_valid
+
+LSTM = rj.LSTM(6)
+PARAMS = LSTM.init(jax.random.key(0), 3)
+XS = jax.random.normal(jax.random.key(1), (2, 3, 7, 3))  # batch shape (2, 3), T = 7
+LENGTHS = jnp.array([[7, 0, 3], [1, 5, 7]])
+
+
+def close(a, b, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
+
+
+def test_lengths_freeze_carry_and_zero_outputs_for_two_batch_axes():
+    ys, carry = rj.scan(LSTM, PARAMS, XS, lengths=LENGTHS)
+    for i in range(2):
+        for j in range(3):
+            n = int(LENGTHS[i, j])
+            ref_ys, ref_carry = rj.scan(LSTM, PARAMS, XS[i, j, :n])
+            close(ys[i, j, :n], ref_ys)
+            assert not np.any(np.asarray(ys[i, j, n:]))
+            close(jax.tree.map(lambda c: c[i, j], carry), ref_carry)
+    # Length 0 keeps the initial carry, whatever it is.
+    start = jax.tree.map(lambda c: c + 0.5, LSTM.init_carry((2, 3)))
+    _, carry = rj.scan(LSTM, PARAMS, XS, start, lengths=LENGTHS)
+    close(jax.tree.map(lambda c: c[0, 1], carry), jax.tree.map(lambda c: c[0, 1], start))
+
+
+def test_lengths_traced_under_jit_equal_concrete():
+    f = jax.jit(lambda n: rj.scan(LSTM, PARAMS, XS, lengths=n))
+    close(f(LENGTHS), rj.scan(LSTM, PARAMS, XS, lengths=LENGTHS))
+
+
+def test_reverse_runs_each_sequence_backwards_over_its_valid_part():
+    ys, carry = rj.scan(LSTM, PARAMS, XS, lengths=LENGTHS, reverse=True)
+    for i, j in [(0, 0), (0, 2), (1, 0), (1, 1)]:
+        n = int(LENGTHS[i, j])
+        flipped_ys, ref_carry = rj.scan(LSTM, PARAMS, XS[i, j, :n][::-1])
+        close(ys[i, j, :n], flipped_ys[::-1])
+        assert not np.any(np.asarray(ys[i, j, n:]))
+        close(jax.tree.map(lambda c: c[i, j], carry), ref_carry)
+    # Without lengths, reverse is the plain reversed scan.
+    ys, carry = rj.scan(LSTM, PARAMS, XS, reverse=True)
+    ref_ys, ref_carry = rj.scan(LSTM, PARAMS, XS[..., ::-1, :])
+    close(ys, ref_ys[..., ::-1, :])
+    close(carry, ref_carry)
+
+
+def test_flip_valid_is_an_involution_that_keeps_padding():
+    x = jnp.arange(10.0).reshape(5, 2)  # time-major, batch 2
+    lengths = jnp.array([3, 5])
+    flipped = flip_valid(x, lengths)
+    np.testing.assert_array_equal(flipped[:, 0], [4.0, 2.0, 0.0, 6.0, 8.0])
+    np.testing.assert_array_equal(flipped[:, 1], [9.0, 7.0, 5.0, 3.0, 1.0])
+    np.testing.assert_array_equal(flip_valid(flipped, lengths), x)
+
+
+def test_resets_start_a_fresh_sequence():
+    xs = XS[0]  # (3, 7, 3)
+    resets = jnp.zeros((3, 7), bool).at[0, 4].set(True).at[1, 2].set(True).at[1, 5].set(True)
+    ys, carry = rj.scan(LSTM, PARAMS, xs, resets=resets)
+    # Sequence 0: a fresh start at step 4.
+    tail_ys, tail_carry = rj.scan(LSTM, PARAMS, xs[0, 4:])
+    close(ys[0, 4:], tail_ys)
+    close(jax.tree.map(lambda c: c[0], carry), tail_carry)
+    head_ys, _ = rj.scan(LSTM, PARAMS, xs[0, :4])
+    close(ys[0, :4], head_ys)
+    # Sequence 1: three packed segments [0, 2), [2, 5), [5, 7).
+    for a, b in [(0, 2), (2, 5), (5, 7)]:
+        close(ys[1, a:b], rj.scan(LSTM, PARAMS, xs[1, a:b])[0])
+    # Sequence 2: no reset, the plain scan.
+    close(ys[2], rj.scan(LSTM, PARAMS, xs[2])[0])
+
+
+def test_reverse_resets_keep_the_same_segment_boundaries():
+    xs = XS[0]
+    resets = jnp.zeros((3, 7), bool).at[1, 2].set(True).at[1, 5].set(True).at[0, 3].set(True)
+    lengths = jnp.array([7, 7, 3])
+    ys, carry = rj.scan(LSTM, PARAMS, xs, lengths=lengths, resets=resets, reverse=True)
+    for a, b in [(0, 2), (2, 5), (5, 7)]:
+        seg_ys, seg_carry = rj.scan(LSTM, PARAMS, xs[1, a:b], reverse=True)
+        close(ys[1, a:b], seg_ys)
+        if a == 0:  # the backward pass ends on the first segment
+            close(jax.tree.map(lambda c: c[1], carry), seg_carry)
+    # Sequence 2 has length 3, so its reset at step 3 is padding and changes nothing.
+    close(ys[2, :3], rj.scan(LSTM, PARAMS, xs[2, :3], reverse=True)[0])
+
+
+def test_reset_and_length_together():
+    xs = XS[0]
+    resets = jnp.zeros((3, 7), bool).at[0, 2].set(True).at[1, 6].set(True)
+    lengths = jnp.array([5, 4, 7])
+    ys, carry = rj.scan(LSTM, PARAMS, xs, lengths=lengths, resets=resets)
+    seg_ys, seg_carry = rj.scan(LSTM, PARAMS, xs[0, 2:5])
+    close(ys[0, 2:5], seg_ys)
+    close(jax.tree.map(lambda c: c[0], carry), seg_carry)
+    # The reset of sequence 1 lies past its length: its final carry is the unreset one.
+    close(jax.tree.map(lambda c: c[1], carry), rj.scan(LSTM, PARAMS, xs[1, :4])[1])
+
+
+def test_remat_and_unroll_give_same_values_and_gradients():
+    def loss(p, **kw):
+        ys, (h, c) = rj.scan(LSTM, p, XS, lengths=LENGTHS, **kw)
+        return jnp.sum(ys**2) + jnp.sum(c**2)
+
+    base = jax.value_and_grad(loss)(PARAMS)
+    close(jax.value_and_grad(lambda p: loss(p, remat=True))(PARAMS), base, atol=1e-5)
+    close(jax.value_and_grad(lambda p: loss(p, unroll=4))(PARAMS), base, atol=1e-5)
+
+
+def test_remat_stores_fewer_residuals():
+    big = rj.LSTM(32)
+    p = big.init(jax.random.key(0), 16)
+    xs = jnp.ones((4, 64, 16))
+
+    def residual_bytes(remat):
+        f = lambda p: rj.scan(big, p, xs, remat=remat)[0].sum()
+        _, vjp = jax.vjp(f, p)
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "nbytes"))
+
+    assert residual_bytes(True) < residual_bytes(False)
+
+
+def test_streaming_steps_equal_scan():
+    step = jax.jit(LSTM.step)
+    carry = LSTM.init_carry((2, 3))
+    outs = []
+    for t in range(XS.shape[-2]):
+        carry, y = step(PARAMS, carry, XS[:, :, t])
+        outs.append(y)
+    ys, final = rj.scan(LSTM, PARAMS, XS)
+    close(jnp.stack(outs, axis=-2), ys)
+    close(carry, final)
+    # And scanning in two chunks, handing over the carry, equals one scan.
+    ys1, c1 = rj.scan(LSTM, PARAMS, XS[..., :3, :])
+    ys2, c2 = rj.scan(LSTM, PARAMS, XS[..., 3:, :], c1)
+    close(jnp.concatenate([ys1, ys2], axis=-2), ys)
+    close(c2, final)
+
+
+def test_given_carry_dtype_is_kept():
+    carry = LSTM.init_carry((2, 3), jnp.float32)
+    ys, final = rj.scan(LSTM, PARAMS, XS.astype(jnp.bfloat16), carry)
+    assert final.h.dtype == jnp.float32 and ys.dtype == jnp.float32
+
+
+# ---- bad input: a clear error at trace time, never a NaN or a silent broadcast ----
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(xs=jnp.ones((3,))), ValueError, r"xs has shape \(3,\); expected \(\.\.\., T, 3\)"),
+        (dict(xs=jnp.ones((2, 7, 4))), ValueError, r"xs has shape \(2, 7, 4\); expected \(\.\.\., T, 3\)"),
+        (dict(xs=jnp.ones((2, 7, 3), jnp.int32)), TypeError, "xs has dtype int32; expected a floating"),
+        (dict(lengths=jnp.array([7, 7])), ValueError, r"lengths has shape \(2,\); expected \(2, 3\)"),
+        (dict(lengths=jnp.full((2, 3), 2.0)), TypeError, "lengths has dtype float32; expected an integer"),
+        (dict(lengths=jnp.full((2, 3), -1)), ValueError, r"lengths has the value -1; expected every length in \[0, T=7\]"),
+        (dict(lengths=jnp.full((2, 3), 8)), ValueError, r"lengths has the value 8; expected every length in \[0, T=7\]"),
+        (dict(resets=jnp.zeros((2, 3, 6), bool)), ValueError, r"resets has shape \(2, 3, 6\); expected \(2, 3, 7\)"),
+        (dict(resets=jnp.zeros((2, 3, 7))), TypeError, "resets has dtype float32; expected bool"),
+        (dict(carry=jnp.zeros((2, 3, 6))), ValueError, "carry has structure"),
+        (dict(carry=rj.LSTM(6).init_carry((3,))), ValueError, r"carry has a leaf of shape \(3, 6\); expected \(2, 3, 6\)"),
+        (dict(carry=rj.LSTM(6).init_carry((2, 3, 1))), ValueError, r"expected \(2, 3, 6\)"),
+        (dict(unroll=0), ValueError, "unroll must be a positive int"),
+        (dict(params=rj.GRU(6).init(jax.random.key(0), 3)), TypeError, "params is a GRUParams; expected LSTMParams"),
+        (dict(params=rj.LSTM(6).init(jax.random.key(0), 4)), ValueError, r"xs has shape \(2, 3, 7, 3\); expected \(\.\.\., T, 4\)"),
+        (dict(params=rj.LSTM(5).init(jax.random.key(0), 3)), ValueError, r"params.w_x has shape \(3, 20\); expected \(3, 24\) for LSTM\(hidden_size=6"),
+    ],
+    ids=lambda v: None if isinstance(v, dict) else "",
+)
+def test_bad_input_raises_a_clear_error(kwargs, error, message):
+    args = dict(params=PARAMS, xs=XS, carry=None)
+    args.update(kwargs)
+    params, xs, carry = args.pop("params"), args.pop("xs"), args.pop("carry")
+    with pytest.raises(error, match=message):
+        rj.scan(LSTM, params, xs, carry, **args)
+    # The same input inside a jitted function fails the same way, at trace time.
+    with pytest.raises(error, match=message):
+        jax.jit(lambda: rj.scan(LSTM, params, xs, carry, **args))()
+
+
+def test_unknown_activation_name_is_rejected():
+    with pytest.raises(ValueError, match="unknown activation 'tanhh'"):
+        rj.Elman(4, activation="tanhh")
+    with pytest.raises(ValueError, match="unknown gate_activation 'sigmoidd'"):
+        rj.LSTM(4, gate_activation="sigmoidd")
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_sizes_are_rejected(bad):
+    with pytest.raises(ValueError, match="hidden_size must be a positive int"):
+        rj.GRU(bad)
+    with pytest.raises(ValueError, match="input_size must be a positive int"):
+        rj.GRU(4).init(jax.random.key(0), bad)

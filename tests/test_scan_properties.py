@@ -1,0 +1,96 @@
+"""Property-based tests (hypothesis) of rj.scan's lengths, reverse and resets.
+
+Shapes are drawn from a small set so that every compiled function is reused across examples.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import rnnjax as rj
+
+BATCH, STEPS, FEATURES = 3, 6, 2
+CELLS = {"gru": rj.GRU(4), "lstm": rj.LSTM(4, proj_size=3)}
+PARAMS = {name: cell.init(jax.random.key(0), FEATURES) for name, cell in CELLS.items()}
+XS = np.asarray(jax.random.normal(jax.random.key(1), (BATCH, STEPS, FEATURES)))
+
+PROPERTY = settings(max_examples=50, deadline=None, derandomize=True)
+cell_names = st.sampled_from(sorted(CELLS))
+lengths_st = hnp.arrays(np.int32, (BATCH,), elements=st.integers(0, STEPS))
+padding_values = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@functools.lru_cache(maxsize=None)
+def run(name, reverse):
+    cell = CELLS[name]
+    return jax.jit(lambda xs, n, r: rj.scan(cell, PARAMS[name], xs, lengths=n, resets=r, reverse=reverse))
+
+
+def no_resets(steps):
+    return jnp.zeros((BATCH, steps), bool)
+
+
+def assert_close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-6)
+
+
+@st.composite
+def padded(draw):
+    extra = draw(st.integers(0, 3))
+    pad = draw(hnp.arrays(np.float32, (BATCH, extra, FEATURES), elements=padding_values))
+    return np.concatenate([XS, pad], axis=1)
+
+
+@PROPERTY
+@given(name=cell_names, lengths=lengths_st, xs_padded=padded(), reverse=st.booleans())
+def test_padding_past_lengths_changes_nothing(name, lengths, xs_padded, reverse):
+    # Garbage in the padded part of the original sequence, too.
+    garbage = np.where(np.arange(STEPS)[None, :, None] < lengths[:, None, None], XS, 1e3)
+    ys, carry = run(name, reverse)(garbage, lengths, no_resets(STEPS))
+    xs_padded = xs_padded.copy()
+    xs_padded[:, :STEPS] = garbage
+    ys_padded, carry_padded = run(name, reverse)(xs_padded, lengths, no_resets(xs_padded.shape[1]))
+    assert_close(ys_padded[:, :STEPS], ys)
+    assert_close(carry_padded, carry)
+    # Outputs past a length are exactly zero.
+    past = np.arange(xs_padded.shape[1])[None, :] >= lengths[:, None]
+    assert not np.any(np.asarray(ys_padded)[past])
+
+
+@PROPERTY
+@given(name=cell_names, lengths=lengths_st, reverse=st.booleans())
+def test_each_sequence_equals_its_unpadded_self(name, lengths, reverse):
+    ys, carry = run(name, reverse)(XS, lengths, no_resets(STEPS))
+    cell, params = CELLS[name], PARAMS[name]
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert_close(jax.tree.map(lambda c: c[b], carry), cell.init_carry())
+            continue
+        ref_ys, ref_carry = rj.scan(cell, params, XS[b, :n], reverse=reverse)
+        assert_close(ys[b, :n], ref_ys)
+        assert_close(jax.tree.map(lambda c: c[b], carry), ref_carry)
+
+
+@PROPERTY
+@given(name=cell_names, k=st.integers(0, STEPS - 1), lengths=lengths_st)
+def test_reset_at_k_equals_a_fresh_sequence_from_k(name, k, lengths):
+    resets = np.zeros((BATCH, STEPS), bool)
+    resets[:, k] = True
+    ys, carry = run(name, False)(XS, lengths, resets)
+    cell, params = CELLS[name], PARAMS[name]
+    for b, n in enumerate(lengths):
+        if n <= k:  # the reset lies in padding: as if there were none
+            ref_ys, ref_carry = rj.scan(cell, params, XS[b, :n]) if n else (ys[b, :0], cell.init_carry())
+            assert_close(jax.tree.map(lambda c: c[b], carry), ref_carry)
+            continue
+        fresh_ys, fresh_carry = rj.scan(cell, params, XS[b, k:n])
+        assert_close(ys[b, k:n], fresh_ys)
+        assert_close(jax.tree.map(lambda c: c[b], carry), fresh_carry)
+        if k:
+            assert_close(ys[b, :k], rj.scan(cell, params, XS[b, :k])[0])
