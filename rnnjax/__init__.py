@@ -9,9 +9,10 @@
 """
 
 from rnnjax.cell import Cell, LinearCell
-from rnnjax.cells import GRU, LSTM, Elman
+from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM
 from rnnjax.layers import RNN, Bidirectional, Stack
 from rnnjax.scan import scan
+from rnnjax import interop
 
 __version__ = "0.1.0"
 
@@ -21,8 +22,15 @@ __all__ = [
     "Elman",
     "LSTM",
     "GRU",
+    "MGU",
+    "IndRNN",
+    "MinGRU",
+    "MinLSTM",
+    "LRU",
+    "ConvLSTM",
     "RNN",
     "Bidirectional",
     "Stack",
     "scan",
+    "interop",
 ]

@@ -5,10 +5,11 @@ three methods, all pure:
 
 - ``init(key, input_size, dtype=jnp.float32) -> params``: a NamedTuple of arrays.
 - ``init_carry(batch_shape=(), dtype=jnp.float32) -> carry``: zeros by default.
-  Every leaf of the carry has shape ``(*batch_shape, features)``.
+  Every leaf of the carry has shape ``(*batch_shape, features)``; for ConvLSTM the
+  ``batch_shape`` includes the frame's ``(H, W)``.
 - ``step(params, carry, x) -> (carry, y)``: one time step. ``x`` has shape
-  ``(*batch, input_size)`` (``(*batch, H, W, C)`` for ConvLSTM) and ``y`` has shape
-  ``(*batch, cell.output_size(input_size))``.
+  ``(*batch, input_size)`` and ``y`` has shape ``(*batch, cell.output_size(input_size))``;
+  for ConvLSTM ``x`` is ``(*batch, H, W, C)`` and ``y`` is ``(*batch, H, W, hidden_size)``.
 
 Because a carry's leading shape is always the step input's shape without its last
 axis, a driver can build the carry of any cell from the input alone
@@ -39,6 +40,19 @@ def _hard_sigmoid(x: Array) -> Array:
     return jax.nn.relu6(x + 3.0) / 6.0
 
 
+def _gelu_exact(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _mish(x: Array) -> Array:
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+def _identity(x: Array) -> Array:
+    return x
+
+
+# Names follow Keras 3 and PyTorch: "gelu" is the exact (erf) form, "gelu_tanh" the approximation.
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
@@ -46,11 +60,18 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "hard_sigmoid": _hard_sigmoid,
     "hard_tanh": jax.nn.hard_tanh,
     "elu": jax.nn.elu,
-    "gelu": jax.nn.gelu,
+    "selu": jax.nn.selu,
+    "gelu": _gelu_exact,
+    "gelu_tanh": jax.nn.gelu,
     "silu": jax.nn.silu,
+    "hard_silu": jax.nn.hard_silu,
+    "mish": _mish,
+    "relu6": jax.nn.relu6,
+    "softplus": jax.nn.softplus,
     "softsign": jax.nn.soft_sign,
-    "linear": lambda x: x,
-    "identity": lambda x: x,
+    "exponential": jnp.exp,
+    "linear": _identity,
+    "identity": _identity,
 }
 
 
@@ -150,6 +171,13 @@ class Cell(abc.ABC):
                 f"(build it with cell.init_carry(batch_shape))"
             )
         for got, exp in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(expected)):
+            if jnp.issubdtype(exp.dtype, jnp.complexfloating) and not jnp.issubdtype(
+                jnp.result_type(got), jnp.complexfloating
+            ):
+                raise TypeError(
+                    f"{name} has a leaf of dtype {jnp.result_type(got)}; expected a complex dtype for "
+                    f"{type(self).__name__} (build it with cell.init_carry(batch_shape))"
+                )
             if tuple(jnp.shape(got)) != tuple(exp.shape):
                 raise ValueError(
                     f"{name} has a leaf of shape {tuple(jnp.shape(got))}; expected {tuple(exp.shape)} "
@@ -200,6 +228,8 @@ class LinearCell(Cell):
         return h
 
     def step(self, params: NamedTuple, carry: Array, x: Array) -> tuple[Array, Array]:
+        self.check_params(params)
+        self.check_input(params, x)
         a, b = self.coefficients(params, x)
         h = a * carry + b
         return h, self.readout(params, h, x)

@@ -1,0 +1,44 @@
+"""The cell configurations every generic test (tests/test_cells.py, tests/test_scan.py) runs over.
+
+Add a cell here and it is checked against the plain-loop reference, with and without jit,
+under vmap, with check_grads and for recompilation. Keep hidden sizes small: every entry
+costs several compilations.
+"""
+
+import rnnjax as rj
+
+INPUT_SIZE = 3
+SPATIAL = (4, 4)  # (H, W) of ConvLSTM inputs
+
+CELL_CASES = {
+    "elman": rj.Elman(5),
+    "elman_relu_nobias": rj.Elman(5, activation="relu", use_bias=False),
+    "lstm": rj.LSTM(5),
+    "lstm_proj_peephole": rj.LSTM(5, proj_size=3, peephole=True),
+    "gru": rj.GRU(5),
+    "gru_reset_before": rj.GRU(5, reset_after=False),
+    # Cells of other families are appended below, one or two configurations each.
+    "mgu": rj.MGU(5),
+    "mgu_nobias_relu": rj.MGU(5, use_bias=False, activation="relu"),
+    "indrnn": rj.IndRNN(5),
+    "indrnn_tanh_clipped": rj.IndRNN(5, activation="tanh", recurrent_max_abs=0.5),
+    "mingru": rj.MinGRU(5),
+    "minlstm": rj.MinLSTM(5),
+    "minlstm_identity_nobias": rj.MinLSTM(5, candidate="identity", use_bias=False),
+    "lru": rj.LRU(5),
+    "lru_ring": rj.LRU(5, r_min=0.5, r_max=0.99, max_phase=0.5),
+    "convlstm": rj.ConvLSTM(2, kernel_size=3),
+}
+
+
+def step_shape(cell, batch_shape=()):
+    """Shape of one step's input for ``cell`` with the given batch shape."""
+    if cell.input_ndim == 3:
+        return (*batch_shape, *SPATIAL, INPUT_SIZE)
+    return (*batch_shape, INPUT_SIZE)
+
+
+def seq_shape(cell, batch_shape, steps):
+    """Shape of a sequence ``xs`` for ``cell``: ``(*batch, T, *features)``."""
+    step = step_shape(cell, ())
+    return (*batch_shape, steps, *step)
