@@ -8,11 +8,11 @@
     (5, 8)
 """
 
+from rnnjax import interop
 from rnnjax.cell import Cell, LinearCell
 from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM
 from rnnjax.layers import RNN, Bidirectional, Stack
 from rnnjax.scan import scan
-from rnnjax import interop
 
 __version__ = "0.1.0"
 

@@ -21,8 +21,8 @@ drivers can evaluate them.
 from __future__ import annotations
 
 import abc
-import functools
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
@@ -203,6 +203,23 @@ class Cell(abc.ABC):
                     f"params.{field} has shape {got_shape}; expected {exp_shape} for {self!r} "
                     f"with input_size={self.input_size(params)}"
                 )
+
+
+class HiddenStateCell(Cell):
+    """A cell whose carry is a single array ``h`` of shape ``(*batch, hidden_size)`` that is
+    also its output, and whose params' first field is the input kernel ``(input_size, ...)``.
+    Subclasses have a ``hidden_size`` field."""
+
+    hidden_size: int
+
+    def init_carry(self, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> Array:
+        return jnp.zeros((*batch_shape, self.hidden_size), dtype)
+
+    def output_size(self, input_size: int) -> int:
+        return self.hidden_size
+
+    def input_size(self, params: NamedTuple) -> int:
+        return params[0].shape[0]
 
 
 @functools.lru_cache(maxsize=256)

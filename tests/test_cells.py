@@ -2,6 +2,7 @@
 vmap, through check_grads, and for recompilation. Cell-specific equations are checked in
 tests/cells/."""
 
+import dataclasses
 import functools
 
 import jax
@@ -12,7 +13,7 @@ from jax.test_util import check_grads
 
 import rnnjax as rj
 from rnnjax.scan import _scan as compiled_scan
-from tests.cases import CELL_CASES, seq_shape, step_shape, INPUT_SIZE
+from tests.cases import CELL_CASES, INPUT_SIZE, seq_shape, step_shape
 
 CASES = sorted(CELL_CASES)
 STEPS = 6
@@ -150,7 +151,7 @@ def test_float64_with_x64(name):
 def test_hashable_frozen_config(name):
     cell = CELL_CASES[name]
     assert hash(cell) == hash(type(cell)(**{f: getattr(cell, f) for f in cell.__dataclass_fields__}))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cell.hidden_size = 1
 
 

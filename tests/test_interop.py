@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import rnnjax as rj
-from rnnjax.cell import ACTIVATIONS
 from rnnjax import interop
+from rnnjax.cell import ACTIVATIONS
 from rnnjax.layers import BidirectionalParams
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

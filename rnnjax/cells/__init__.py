@@ -1,13 +1,13 @@
 """One module per cell family."""
 
+from rnnjax.cells.convlstm import ConvLSTM, ConvLSTMParams, ConvLSTMState
 from rnnjax.cells.elman import Elman, ElmanParams
 from rnnjax.cells.gru import GRU, GRUParams
+from rnnjax.cells.indrnn import IndRNN, IndRNNParams
+from rnnjax.cells.lru import LRU, LRUParams
 from rnnjax.cells.lstm import LSTM, LSTMParams, LSTMState
 from rnnjax.cells.mgu import MGU, MGUParams
-from rnnjax.cells.indrnn import IndRNN, IndRNNParams
 from rnnjax.cells.minimal import MinGRU, MinGRUParams, MinLSTM, MinLSTMParams
-from rnnjax.cells.lru import LRU, LRUParams
-from rnnjax.cells.convlstm import ConvLSTM, ConvLSTMParams, ConvLSTMState
 
 __all__ = [
     "Elman",

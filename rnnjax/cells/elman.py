@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from rnnjax.cell import (
     Activation,
-    Cell,
+    HiddenStateCell,
     Initializer,
     check_positive_int,
     frozen,
@@ -28,7 +28,7 @@ class ElmanParams(NamedTuple):
 
 
 @frozen
-class Elman(Cell):
+class Elman(HiddenStateCell):
     r"""Elman network, the simple RNN of PyTorch's ``nn.RNN`` and Keras' ``SimpleRNN``.
 
     .. math::
@@ -76,15 +76,6 @@ class Elman(Cell):
             w_h=self.recurrent_kernel_init(kh, (h, h), dtype),
             b=self.bias_init(kb, (h,), dtype) if self.use_bias else None,
         )
-
-    def init_carry(self, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> jax.Array:
-        return jnp.zeros((*batch_shape, self.hidden_size), dtype)
-
-    def output_size(self, input_size: int) -> int:
-        return self.hidden_size
-
-    def input_size(self, params: ElmanParams) -> int:
-        return params.w_x.shape[0]
 
     def step(self, params: ElmanParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         self.check_params(params, ElmanParams)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from rnnjax.cell import (
     Activation,
-    Cell,
+    HiddenStateCell,
     Initializer,
     check_positive_int,
     frozen,
@@ -30,7 +30,7 @@ class GRUParams(NamedTuple):
 
 
 @frozen
-class GRU(Cell):
+class GRU(HiddenStateCell):
     r"""Gated recurrent unit (Cho et al. 2014).
 
     Gate order in ``w_x``, ``w_h``, ``b_x`` and ``b_h`` is ``r, z, n`` (PyTorch's; Keras
@@ -96,15 +96,6 @@ class GRU(Cell):
             b_x=self.bias_init(kbx, (3 * h,), dtype) if self.use_bias else None,
             b_h=self.bias_init(kbh, (3 * h,), dtype) if with_b_h else None,
         )
-
-    def init_carry(self, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> jax.Array:
-        return jnp.zeros((*batch_shape, self.hidden_size), dtype)
-
-    def output_size(self, input_size: int) -> int:
-        return self.hidden_size
-
-    def input_size(self, params: GRUParams) -> int:
-        return params.w_x.shape[0]
 
     def step(self, params: GRUParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         self.check_params(params, GRUParams)

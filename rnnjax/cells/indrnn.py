@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from rnnjax.cell import (
     Activation,
-    Cell,
+    HiddenStateCell,
     Initializer,
     check_positive_int,
     frozen,
@@ -27,7 +27,7 @@ class IndRNNParams(NamedTuple):
 
 
 @frozen
-class IndRNN(Cell):
+class IndRNN(HiddenStateCell):
     r"""Independently recurrent neural network (Li et al. 2018).
 
     Each unit sees only its own past, through a scalar weight ``u``:
@@ -93,15 +93,6 @@ class IndRNN(Cell):
             u=self.recurrent_init(ku, (h,), dtype),
             b=self.bias_init(kb, (h,), dtype) if self.use_bias else None,
         )
-
-    def init_carry(self, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> jax.Array:
-        return jnp.zeros((*batch_shape, self.hidden_size), dtype)
-
-    def output_size(self, input_size: int) -> int:
-        return self.hidden_size
-
-    def input_size(self, params: IndRNNParams) -> int:
-        return params.w_x.shape[0]
 
     def step(self, params: IndRNNParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         self.check_params(params, IndRNNParams)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from rnnjax.cell import (
     Activation,
-    Cell,
+    HiddenStateCell,
     Initializer,
     check_positive_int,
     frozen,
@@ -28,7 +28,7 @@ class MGUParams(NamedTuple):
 
 
 @frozen
-class MGU(Cell):
+class MGU(HiddenStateCell):
     r"""Minimal gated unit (Zhou et al. 2016): one forget gate does the work of the GRU's
     reset and update gates.
 
@@ -88,15 +88,6 @@ class MGU(Cell):
             w_h=stacked_init(self.recurrent_kernel_init, kh, h, h, 2, dtype),
             b=self.bias_init(kb, (2 * h,), dtype) if self.use_bias else None,
         )
-
-    def init_carry(self, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> jax.Array:
-        return jnp.zeros((*batch_shape, self.hidden_size), dtype)
-
-    def output_size(self, input_size: int) -> int:
-        return self.hidden_size
-
-    def input_size(self, params: MGUParams) -> int:
-        return params.w_x.shape[0]
 
     def step(self, params: MGUParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         self.check_params(params, MGUParams)

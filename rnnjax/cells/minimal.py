@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import (
+    HiddenStateCell,
     Initializer,
     LinearCell,
     check_positive_int,
@@ -47,7 +48,7 @@ class MinLSTMParams(NamedTuple):
     b: jax.Array | None  # (3 * hidden,), blocks f, i, h; None when use_bias=False
 
 
-class _Minimal(LinearCell):
+class _Minimal(LinearCell, HiddenStateCell):
     """What minGRU and minLSTM share: fused input projection, candidate, carry."""
 
     _blocks = 0  # blocks of ``hidden_size`` columns in ``w``
@@ -64,15 +65,6 @@ class _Minimal(LinearCell):
             w=stacked_init(self.kernel_init, kw, input_size, h, k, dtype),
             b=self.bias_init(kb, (k * h,), dtype) if self.use_bias else None,
         )
-
-    def init_carry(self, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> jax.Array:
-        return jnp.zeros((*batch_shape, self.hidden_size), dtype)
-
-    def output_size(self, input_size: int) -> int:
-        return self.hidden_size
-
-    def input_size(self, params: NamedTuple) -> int:
-        return params.w.shape[0]
 
     def _preactivations(self, params: NamedTuple, x: jax.Array) -> list[jax.Array]:
         self.check_params(params)
