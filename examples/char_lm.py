@@ -16,6 +16,7 @@ import importlib
 import inspect
 import math
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,9 @@ def stdlib_text() -> str:
         for attr in sorted(dir(module)):
             if attr.startswith("_"):
                 continue
-            doc = inspect.getdoc(getattr(module, attr, None))
+            with warnings.catch_warnings():  # e.g. typing.io's deprecation on access
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(getattr(module, attr, None))
             if doc and len(doc) > 40:
                 docs.append(doc)
     seen, unique = set(), []
