@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 import rnnjax as rj
 from rnnjax.scan import _scan as compiled_scan
 from tests.cases import CELL_CASES, INPUT_SIZE, seq_shape, step_shape
+from tests.compat import enable_x64
 
 CASES = sorted(CELL_CASES)
 STEPS = 6
@@ -79,15 +80,16 @@ def test_vmap_over_single_sequences_equals_batched_call(name):
     cell = CELL_CASES[name]
     params, xs = _data(cell, key=1)
     lengths = jnp.asarray(LENGTHS)
-    batched = jitted_scan(cell, False)(params, xs, lengths)
-    single = jax.jit(jax.vmap(lambda x, n: rj.scan(cell, params, x, lengths=n)))(xs, lengths)
-    assert_trees_close(single, batched, atol=1e-6, rtol=1e-6)
+    for reverse in (False, True):
+        batched = jitted_scan(cell, reverse)(params, xs, lengths)
+        single = jax.vmap(lambda x, n: rj.scan(cell, params, x, lengths=n, reverse=reverse))(xs, lengths)
+        assert_trees_close(single, batched, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_check_grads_reverse_mode(name):
     cell = CELL_CASES[name]
-    with jax.enable_x64(True):
+    with enable_x64(True):
         params, xs = _data(cell, key=2, batch=(2,), steps=3, dtype=jnp.float64)
         lengths = jnp.array([3, 2])
 
@@ -140,7 +142,7 @@ def test_bfloat16_inputs_with_float32_params_stay_finite(name):
 @pytest.mark.parametrize("name", CASES)
 def test_float64_with_x64(name):
     cell = CELL_CASES[name]
-    with jax.enable_x64(True):
+    with enable_x64(True):
         params, xs = _data(cell, key=6, dtype=jnp.float64, steps=3)
         ys, carry = rj.scan(cell, params, xs)
         assert ys.dtype == jnp.float64

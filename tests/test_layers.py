@@ -8,6 +8,7 @@ from jax.test_util import check_grads
 
 import rnnjax as rj
 from rnnjax.layers import BidirectionalParams
+from tests.compat import enable_x64
 
 XS = jax.random.normal(jax.random.key(1), (3, 7, 4))
 LENGTHS = jnp.array([7, 4, 0])
@@ -122,7 +123,7 @@ def test_layers_vmap_jit_and_gradients():
     close(single, batched)
     f(params, XS * 2, LENGTHS + 0)
     assert f._cache_size() == 1
-    with jax.enable_x64(True):
+    with enable_x64(True):
         p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         x64 = XS[:2, :3].astype(jnp.float64)
         loss = lambda p, x: jnp.sum(stack.apply(p, x, lengths=jnp.array([3, 2]))[0] ** 2)

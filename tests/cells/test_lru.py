@@ -8,6 +8,7 @@ import pytest
 
 import rnnjax as rj
 from rnnjax.cells import LRUParams
+from tests.compat import enable_x64
 
 D, N = 3, 5
 
@@ -87,7 +88,7 @@ def test_carry_is_complex_of_the_matching_precision():
     cell = rj.LRU(N)
     assert cell.init_carry((2,)).dtype == jnp.complex64
     assert cell.init_carry((), jnp.bfloat16).dtype == jnp.complex64
-    with jax.enable_x64(True):
+    with enable_x64(True):
         assert cell.init_carry((2,), jnp.float64).dtype == jnp.complex128
 
 
