@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import field
 from typing import Any, NamedTuple
 
 import jax
@@ -97,8 +98,8 @@ class ConvLSTM(Cell):
     forget_bias: float = 1.0
     activation: Activation = "tanh"
     gate_activation: Activation = "sigmoid"
-    kernel_init: Initializer = glorot_uniform
-    recurrent_kernel_init: Initializer = orthogonal
+    kernel_init: Initializer = field(default=glorot_uniform, repr=False)
+    recurrent_kernel_init: Initializer = field(default=orthogonal, repr=False)
 
     def __post_init__(self):
         check_positive_int(self.hidden_size, "hidden_size")

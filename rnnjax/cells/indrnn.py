@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import field
 from typing import Any, NamedTuple
 
 import jax
@@ -71,9 +72,9 @@ class IndRNN(HiddenStateCell):
     activation: Activation = "relu"
     use_bias: bool = True
     recurrent_max_abs: float | None = None
-    kernel_init: Initializer = glorot_uniform
-    recurrent_init: Initializer = jax.nn.initializers.uniform(1.0)
-    bias_init: Initializer = zeros
+    kernel_init: Initializer = field(default=glorot_uniform, repr=False)
+    recurrent_init: Initializer = field(default=jax.nn.initializers.uniform(1.0), repr=False)
+    bias_init: Initializer = field(default=zeros, repr=False)
 
     def __post_init__(self):
         check_positive_int(self.hidden_size, "hidden_size")

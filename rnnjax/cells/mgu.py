@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Any, NamedTuple
 
 import jax
@@ -70,9 +71,9 @@ class MGU(HiddenStateCell):
     use_bias: bool = True
     activation: Activation = "tanh"
     gate_activation: Activation = "sigmoid"
-    kernel_init: Initializer = glorot_uniform
-    recurrent_kernel_init: Initializer = orthogonal
-    bias_init: Initializer = zeros
+    kernel_init: Initializer = field(default=glorot_uniform, repr=False)
+    recurrent_kernel_init: Initializer = field(default=orthogonal, repr=False)
+    bias_init: Initializer = field(default=zeros, repr=False)
 
     def __post_init__(self):
         check_positive_int(self.hidden_size, "hidden_size")

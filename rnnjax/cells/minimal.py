@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Any, NamedTuple
 
 import jax
@@ -129,8 +130,8 @@ class MinGRU(_Minimal):
     hidden_size: int
     candidate: str = "g"
     use_bias: bool = True
-    kernel_init: Initializer = glorot_uniform
-    bias_init: Initializer = zeros
+    kernel_init: Initializer = field(default=glorot_uniform, repr=False)
+    bias_init: Initializer = field(default=zeros, repr=False)
 
     def coefficients(self, params: MinGRUParams, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(a, b) = (1 - z, z * h~)``, each ``(*batch, hidden_size)``."""
@@ -191,8 +192,8 @@ class MinLSTM(_Minimal):
     hidden_size: int
     candidate: str = "g"
     use_bias: bool = True
-    kernel_init: Initializer = glorot_uniform
-    bias_init: Initializer = zeros
+    kernel_init: Initializer = field(default=glorot_uniform, repr=False)
+    bias_init: Initializer = field(default=zeros, repr=False)
 
     def coefficients(self, params: MinLSTMParams, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(a, b) = (f', i' * h~)``, each ``(*batch, hidden_size)``."""
