@@ -148,7 +148,7 @@ class ConvLSTM(Cell):
                 f"x has shape {tuple(x.shape)}; ConvLSTM expects one step of feature maps, "
                 f"(*batch, H, W, C) with at least 3 axes (add the missing ones, e.g. x[None])"
             )
-        self.check_params(params, ConvLSTMParams)
+        self.check_params(params)
         self.check_input(params, x)
         h_prev, c_prev = carry
         expected = (*x.shape[:-1], self.hidden_size)

@@ -78,7 +78,7 @@ class Elman(HiddenStateCell):
         )
 
     def step(self, params: ElmanParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        self.check_params(params, ElmanParams)
+        self.check_params(params)
         self.check_input(params, x)
         pre = x @ params.w_x + carry @ params.w_h
         if params.b is not None:

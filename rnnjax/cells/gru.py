@@ -98,7 +98,7 @@ class GRU(HiddenStateCell):
         )
 
     def step(self, params: GRUParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        self.check_params(params, GRUParams)
+        self.check_params(params)
         self.check_input(params, x)
         act = resolve_activation(self.activation)
         gate = resolve_activation(self.gate_activation)

@@ -96,7 +96,7 @@ class IndRNN(HiddenStateCell):
         )
 
     def step(self, params: IndRNNParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        self.check_params(params, IndRNNParams)
+        self.check_params(params)
         self.check_input(params, x)
         u = params.u
         if self.recurrent_max_abs is not None:

@@ -121,7 +121,7 @@ class LSTM(Cell):
         return params.w_x.shape[0]
 
     def step(self, params: LSTMParams, carry: LSTMState, x: jax.Array) -> tuple[LSTMState, jax.Array]:
-        self.check_params(params, LSTMParams)
+        self.check_params(params)
         self.check_input(params, x)
         act = resolve_activation(self.activation)
         gate = resolve_activation(self.gate_activation)

@@ -91,7 +91,7 @@ class MGU(HiddenStateCell):
         )
 
     def step(self, params: MGUParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        self.check_params(params, MGUParams)
+        self.check_params(params)
         self.check_input(params, x)
         act = resolve_activation(self.activation)
         gate = resolve_activation(self.gate_activation)
