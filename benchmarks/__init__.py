@@ -1,0 +1,1 @@
+"""The benchmark suite: ``python -m benchmarks.run --help`` (see benchmarks/README.md)."""

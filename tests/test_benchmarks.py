@@ -1,0 +1,96 @@
+"""Smoke tests of the benchmark suite (benchmarks/): tiny sizes, one repeat, no timing claims."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run
+
+ROOT = Path(__file__).resolve().parent.parent
+OPTIONAL = [name for name in ("equinox", "torch") if importlib.util.find_spec(name) is not None]
+
+
+def test_presets_hold_the_target_shapes():
+    args = run.resolve(run.parser().parse_args(["--quick"]))
+    assert (args.batch, args.input_size, args.hidden_size, args.dtype) == (32, 128, 128, "float32")
+    assert args.lengths == [64, 128, 256, 512, 1024, 2048]
+    args = run.resolve(run.parser().parse_args(["--preset", "full", "--cells", "lstm,gru", "--modes", "bwd",
+                                                "--lengths", "2^6", "100", "--batch", "4", "--tiny"]))
+    assert args.lengths == [64, 100] and args.cells == ["lstm", "gru"] and args.modes == ["fwd+bwd"]
+    assert args.batch == 4 and args.hidden_size == 8  # explicit options beat --tiny, --tiny beats the preset
+    with pytest.raises(SystemExit):
+        run.resolve(run.parser().parse_args(["--cells", "transformer"]))
+
+
+def test_suite_writes_json_markdown_and_plots(tmp_path, capsys):
+    systems = ["rnnjax", "rnnjax-remat", "flax", "attention", *OPTIONAL]
+    cells, modes, lengths = ["lstm"], ["fwd", "fwd+bwd"], [8]
+    result = run.main(["--tiny", "--cells", *cells, "--lengths", *map(str, lengths), "--systems", *systems,
+                       "--vmap-length", "8", "--check", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    meta = data["meta"]
+    assert meta["device"]["platform"] and meta["versions"]["jax"] and meta["cpu_count"] >= 1
+    assert meta["command"].startswith("python -m benchmarks.run --tiny")
+    got = {(r["system"], r["cell"], r["mode"], r["T"]): r for r in data["records"]}
+    for mode in modes:
+        expected = ["rnnjax", "rnnjax-vmap", "flax", *OPTIONAL] + (["rnnjax-remat"] if mode == "fwd+bwd" else [])
+        for system in expected:
+            rec = got[(system, "lstm", mode, 8)]
+            assert rec["status"] == "ok", rec
+            assert rec["median_s"] > 0 and rec["repeats"] == 1 and rec["per_step_us"] > 0
+            if system != "torch":
+                assert rec["compile_s"] > 0 and rec["memory_source"] == "xla-memory-analysis"
+                assert rec["memory_bytes"] > 0
+            if system in ("rnnjax-remat", "rnnjax-vmap"):  # --check: same numbers as rnnjax
+                assert rec["max_abs_diff_vs_rnnjax"] < 1e-5
+        assert got[("attention", "*", mode, 8)]["status"] == "ok"
+    assert ("rnnjax-remat", "lstm", "fwd", 8) not in got  # remat's forward is rnnjax's
+    assert set(data["derived"]["vmap_over_batched"]) == {f"lstm {m}" for m in modes}
+
+    md = (tmp_path / "results.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| cell | mode | T |"))
+    assert "rnnjax/flax" in header and all(s in header for s in systems)
+    for mode in modes:
+        assert f"| LSTM | {mode} | 8 |" in md
+    assert header in out and str(tmp_path / "results.json") in out  # table and paths printed
+
+    for name in ("time", "memory", "compile"):
+        png = tmp_path / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert set(result["files"]) >= {"json", "md", "time", "memory", "compile"}
+
+
+def test_host_devices_and_sharded_rnnjax_matches_unsharded(tmp_path):
+    """In a fresh process: --host-devices sets XLA_FLAGS before JAX starts; the shard_map
+    system (LSTM: tuple carry; LRU: complex carry; minGRU: no peer) gives rnnjax's outputs
+    and gradients; rows of cells without a peer are written too."""
+    script = textwrap.dedent(f"""
+        import sys
+        import benchmarks.run as run
+        assert "jax" not in sys.modules, "benchmarks.run must not import jax at import time"
+        run.main(["--tiny", "--host-devices", "2", "--systems", "rnnjax", "rnnjax-shard", "--cells", "lstm",
+                  "lru", "--lengths", "8", "--vmap-length", "0", "--check", "--no-plot", "--out", {str(tmp_path)!r}])
+        import jax
+        assert jax.local_device_count() == 2
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert "--xla_force_host_platform_device_count=2" in data["meta"]["xla_flags"]
+    shard = [r for r in data["records"] if r["system"] == "rnnjax-shard"]
+    assert {(r["cell"], r["mode"]) for r in shard} == {(c, m) for c in ("lstm", "lru") for m in ("fwd", "fwd+bwd")}
+    for rec in shard:
+        assert rec["status"] == "ok", rec
+        assert rec["max_abs_diff_vs_rnnjax"] < 1e-5, rec
+    md = (tmp_path / "results.md").read_text()
+    assert "| LRU | fwd+bwd | 8 |" in md and "rnnjax-shard" in md
