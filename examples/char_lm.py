@@ -3,10 +3,12 @@ Python's standard library (real English and code-like text present on every mach
 
     python examples/char_lm.py            # about a minute on a 2-core CPU
     python examples/char_lm.py --steps 20 # a smoke run
+    python examples/char_lm.py --checkpoint-dir runs/char_lm  # keep the checkpoint; a rerun resumes
 
-It prints the held-out cross-entropy in bits per character against two baselines (the
-character frequencies, and the best a model that sees only the previous character can
-do), then text the model writes from a few prompts.
+It trains through rnnjax.train (masked cross-entropy, a jitted Optax step with gradient
+clipping, ``fit``, orbax checkpoints) and prints the held-out cross-entropy in bits per
+character against two baselines (the character frequencies, and the best a model that sees
+only the previous character can do), then text the model writes from a few prompts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import importlib
 import inspect
 import math
+import tempfile
 import time
 import warnings
 
@@ -85,7 +88,14 @@ def build(vocab: int, hidden: int, key: jax.Array):
     return layer, params
 
 
-def main(steps: int = 600, hidden: int = 192, batch: int = 32, window: int = 96, seed: int = 0) -> dict:
+def main(
+    steps: int = 600,
+    hidden: int = 192,
+    batch: int = 32,
+    window: int = 96,
+    seed: int = 0,
+    checkpoint_dir: str | None = None,
+) -> dict:
     text = stdlib_text()
     chars = sorted(set(text))
     index = {c: i for i, c in enumerate(chars)}
@@ -102,38 +112,44 @@ def main(steps: int = 600, hidden: int = 192, batch: int = 32, window: int = 96,
         ys, carry = layer.apply(p["rnn"], p["embed"][tokens], carry=carry, key=key)
         return ys @ p["out_w"] + p["out_b"], carry
 
-    def loss_fn(p, tokens, key):
+    def loss_fn(p, batch):
+        tokens, key = batch
         logits, _ = logits_fn(p, tokens[:, :-1], key)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return rj.train.softmax_cross_entropy(logits, tokens[:, 1:])
 
     schedule = optax.cosine_decay_schedule(3e-3, steps, alpha=0.1)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def train_step(p, s, tokens, key):
-        loss, grads = jax.value_and_grad(loss_fn)(p, tokens, key)
-        updates, s = optimizer.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, loss
+    optimizer = optax.adam(schedule)
+    train_step = rj.train.make_train_step(loss_fn, optimizer, clip_norm=1.0)
+    state = rj.train.TrainState.create(params, optimizer)
 
     @jax.jit
     def eval_bits(p, tokens):
         logits, _ = logits_fn(p, tokens[:, :-1])
-        nats = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-        return nats.mean() / math.log(2)
+        return rj.train.softmax_cross_entropy(logits, tokens[:, 1:]) / math.log(2)
 
-    rng = np.random.default_rng(seed)
+    temporary = tempfile.TemporaryDirectory(prefix="char_lm_") if checkpoint_dir is None else None
+    directory = checkpoint_dir if temporary is None else temporary.name
+    if rj.train.checkpoint_steps(directory):  # resume where an earlier run stopped
+        state = rj.train.restore_checkpoint(directory, state)
+        print(f"resumed from the checkpoint of step {int(state.step)} in {directory}")
+
     key = jax.random.key(seed + 1)
-    t0 = time.perf_counter()
-    for step in range(1, steps + 1):
-        starts = rng.integers(0, len(train) - window - 1, batch)
+
+    def batches(i: int):
+        """Batch i depends on i only, so a resumed run sees the batches it would have seen."""
+        starts = np.random.default_rng((seed, i)).integers(0, len(train) - window - 1, batch)
         tokens = jnp.asarray(np.stack([train[s : s + window + 1] for s in starts]))
-        key, sub = jax.random.split(key)
-        params, opt_state, loss = train_step(params, opt_state, tokens, sub)
-        if step == 1 or step % max(1, steps // 6) == 0 or step == steps:
-            print(f"step {step:5d}  train loss {float(loss) / math.log(2):.3f} bits/char  "
-                  f"({time.perf_counter() - t0:.0f} s)")
+        return tokens, jax.random.fold_in(key, i)  # the dropout key
+
+    def report(record):
+        print(f"step {record['step']:5d}  train loss {record['loss'] / math.log(2):.3f} bits/char  "
+              f"({record['seconds']:.0f} s)")
+
+    first_step, t0 = int(state.step), time.perf_counter()
+    state, _ = rj.train.fit(train_step, state, batches, steps=max(0, steps - int(state.step)),
+                            log_every=max(1, steps // 6), on_log=report, progress=False)
     train_seconds = time.perf_counter() - t0
+    params = state.params
 
     # Held-out text in windows of 256 predictions, each window overlapping the next by one.
     n_windows = (len(test) - 1) // 256
@@ -169,8 +185,18 @@ def main(steps: int = 600, hidden: int = 192, batch: int = 32, window: int = 96,
         out = generate(params, jnp.asarray([index[c] for c in prompt]), jax.random.key(len(prompt)))
         samples[prompt] = prompt + "".join(chars[i] for i in np.asarray(out))
         print("  " + repr(samples[prompt]))
-    print(f"\ntrained {steps} steps of {batch}x{window} characters in {train_seconds:.0f} s on {jax.devices()[0]}")
-    return {"model_bits": model_bits, "bigram_bits": bi_bits, "unigram_bits": uni_bits, "samples": samples}
+    print(f"\ntrained {int(state.step) - first_step} steps of {batch}x{window} characters in {train_seconds:.0f} s on {jax.devices()[0]}")
+
+    if int(state.step) not in rj.train.checkpoint_steps(directory):
+        rj.train.save_checkpoint(directory, state)
+    restored = rj.train.restore_checkpoint(directory, jax.eval_shape(lambda: state))
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)))
+    where = directory if checkpoint_dir is not None else "a temporary directory (--checkpoint-dir keeps it)"
+    print(f"checkpoint of step {int(state.step)} in {where}; restored {'identical' if same else 'DIFFERENT'}")
+    if temporary is not None:
+        temporary.cleanup()
+    return {"model_bits": model_bits, "bigram_bits": bi_bits, "unigram_bits": uni_bits, "samples": samples,
+            "restored_identical": same}
 
 
 if __name__ == "__main__":
@@ -178,5 +204,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--hidden", type=int, default=192)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="save the final state here (a rerun resumes from it); a temporary directory by default")
     args = parser.parse_args()
-    main(steps=args.steps, hidden=args.hidden, seed=args.seed)
+    main(steps=args.steps, hidden=args.hidden, seed=args.seed, checkpoint_dir=args.checkpoint_dir)

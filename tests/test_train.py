@@ -1,0 +1,504 @@
+"""rnnjax.train: masked losses against unpadded references, train steps against hand-written
+optax updates, truncated BPTT against full BPTT and a manual chunk-by-chunk computation,
+fit against a plain loop, and bad input."""
+
+import functools
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rnnjax as rj
+
+T = rj.train
+B, STEPS, D, H, C = 3, 8, 3, 4, 5
+CELL = rj.GRU(H)
+LENGTHS = jnp.array([8, 6, 3])
+
+
+def close(a, b, atol=1e-6, rtol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+
+
+def equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# Test data from numpy: no JAX compilation for random numbers.
+PARAMS = {"rnn": CELL.init(jax.random.key(0), D), "out": jnp.asarray(np.random.default_rng(0).normal(size=(H, C)) * 0.5, jnp.float32)}
+
+
+def init_params():
+    return PARAMS
+
+
+def make_batch(seed=1, steps=STEPS, lengths=LENGTHS):
+    rng = np.random.default_rng(seed)
+    batch = {
+        "x": jnp.asarray(rng.normal(size=(B, steps, D)), jnp.float32),
+        "y": jnp.asarray(rng.integers(0, C, (B, steps)), jnp.int32),
+    }
+    if lengths is not None:
+        batch["lengths"] = lengths
+    return batch
+
+
+def chunk_loss(p, carry, chunk):
+    """A TBPTT loss: the GRU from ``carry`` over the chunk, per-step cross-entropy."""
+    lengths = chunk.get("lengths")
+    ys, carry = rj.scan(CELL, p["rnn"], chunk["x"], carry, lengths=lengths)
+    return T.softmax_cross_entropy(ys @ p["out"], chunk["y"], lengths), carry
+
+
+def full_loss(p, batch):
+    return chunk_loss(p, CELL.init_carry((B,)), batch)[0]
+
+
+# Every compiled step is shared across tests (each costs a compilation).
+OPT = optax.adam(0.05)
+CLIP = 0.05  # below the gradients' norm at initialisation: clipping is active
+SGD = optax.sgd(0.5)  # updates are -0.5 * gradients: easy to write by hand
+FROZEN = optax.sgd(0.0)  # parameters stay put: a chunked forward pass equals the full one
+VALUE_AND_GRAD = jax.jit(jax.value_and_grad(chunk_loss, has_aux=True))
+SGD_UPDATE = jax.jit(lambda params, grads: jax.tree.map(lambda p, g: p - 0.5 * g, params, grads))
+
+
+@functools.cache
+def train_step():
+    return T.make_train_step(full_loss, OPT, clip_norm=CLIP)
+
+
+@functools.cache
+def tbptt_step(chunk_size, optimizer=OPT, pad=False, clip_norm=CLIP):
+    return T.make_tbptt_step(chunk_loss, optimizer, chunk_size, clip_norm=clip_norm, pad=pad)
+
+
+def fresh_state(optimizer=OPT):
+    return T.TrainState.create(PARAMS, optimizer)  # copies PARAMS: donation leaves them alone
+
+
+# ---- losses -------------------------------------------------------------------------------
+
+
+def test_sequence_mask():
+    mask = T.sequence_mask(jnp.array([[0, 2], [4, 1]]), 3)
+    np.testing.assert_array_equal(mask, [[[0, 0, 0], [1, 1, 0]], [[1, 1, 1], [1, 0, 0]]])
+    assert mask.dtype == jnp.bool_
+
+
+# two batch axes, a length 0 and a full length; labels -1 at padding
+RNG = np.random.default_rng(3)
+LOGITS = jnp.asarray(RNG.normal(size=(2, 2, 6, C)), jnp.float32)
+LABELS = jnp.asarray(RNG.integers(0, C, (2, 2, 6)), jnp.int32)
+LENS2 = jnp.array([[6, 0], [2, 5]])
+PADDED_LABELS = jnp.where(T.sequence_mask(LENS2, 6), LABELS, -1)
+
+
+def unpadded(values, lengths):
+    """Concatenate the real steps of every sequence: (*batch, T, ...) -> (N, ...), in numpy."""
+    values = np.asarray(values)
+    flat = values.reshape((-1,) + values.shape[np.ndim(lengths) :])
+    return np.concatenate([flat[i, :n] for i, n in enumerate(np.asarray(lengths).ravel())])
+
+
+def test_softmax_cross_entropy_integer_labels_is_the_mean_over_real_steps():
+    loss = T.softmax_cross_entropy(LOGITS, PADDED_LABELS, LENS2)
+    ref = optax.softmax_cross_entropy_with_integer_labels(unpadded(LOGITS, LENS2), unpadded(LABELS, LENS2)).mean()
+    close(loss, ref)
+    # without lengths: every step counts
+    close(T.softmax_cross_entropy(LOGITS, LABELS), optax.softmax_cross_entropy_with_integer_labels(LOGITS, LABELS).mean())
+    # under jit with traced lengths: the same number
+    close(jax.jit(T.softmax_cross_entropy)(LOGITS, PADDED_LABELS, LENS2), ref)
+
+
+def test_softmax_cross_entropy_probability_labels():
+    onehot = jax.nn.one_hot(LABELS, C)
+    close(T.softmax_cross_entropy(LOGITS, onehot, LENS2), T.softmax_cross_entropy(LOGITS, LABELS, LENS2))
+    probs = jax.nn.softmax(RNG.normal(size=LOGITS.shape).astype(np.float32))
+    ref = optax.softmax_cross_entropy(unpadded(LOGITS, LENS2), unpadded(probs, LENS2)).mean()
+    close(T.softmax_cross_entropy(LOGITS, probs, LENS2), ref)
+
+
+def test_padding_changes_neither_the_loss_nor_the_gradient():
+    mask = T.sequence_mask(LENS2, 6)[..., None]
+    garbage = jnp.where(mask, LOGITS, 1e4 * RNG.normal(size=LOGITS.shape).astype(np.float32))
+    f = jax.jit(jax.value_and_grad(T.softmax_cross_entropy))
+    (v1, g1), (v2, g2) = f(LOGITS, PADDED_LABELS, LENS2), f(garbage, PADDED_LABELS, LENS2)
+    close(v1, v2)
+    close(g1, g2)
+    assert not np.any(np.asarray(g1 * ~mask))  # no gradient reaches padded steps
+    g_mse = jax.jit(jax.grad(T.mean_squared_error))(LOGITS, jnp.zeros_like(LOGITS), LENS2)
+    assert not np.any(np.asarray(g_mse * ~mask))
+
+
+def test_no_real_step_gives_zero_and_finite_gradients():
+    zero = jnp.zeros((2, 2), jnp.int32)
+    for fn, labels in [
+        (T.softmax_cross_entropy, LABELS),
+        (T.last_step_cross_entropy, LABELS[..., 0]),
+        (T.mean_squared_error, LOGITS + 1.0),
+    ]:
+        value, grad = jax.jit(jax.value_and_grad(fn))(LOGITS, labels, zero)
+        assert float(value) == 0.0 and np.all(np.isfinite(grad))
+
+
+def test_bfloat16_logits_give_a_float32_loss():
+    loss = T.softmax_cross_entropy(LOGITS.astype(jnp.bfloat16), LABELS)
+    assert loss.dtype == jnp.float32
+    close(loss, T.softmax_cross_entropy(LOGITS, LABELS), atol=0.05, rtol=0.05)
+
+
+def test_last_step_takes_each_sequences_last_real_output():
+    ys = RNG.normal(size=(2, 2, 6, 3)).astype(np.float32)
+    out = np.asarray(T.last_step(ys, LENS2))
+    for i in range(2):
+        for j in range(2):
+            n = int(LENS2[i, j])
+            expected = ys[i, j, n - 1] if n else np.zeros(3)
+            np.testing.assert_array_equal(out[i, j], expected)
+    np.testing.assert_array_equal(T.last_step(ys), ys[..., -1, :])
+    # on rj.scan's outputs it is the final hidden state
+    ys, h = rj.scan(CELL, init_params()["rnn"], make_batch()["x"], lengths=LENGTHS)
+    close(T.last_step(ys, LENGTHS), h)
+
+
+def test_last_step_cross_entropy_against_the_gathered_logits():
+    labels = LABELS[..., 0]
+    loss = T.last_step_cross_entropy(LOGITS, labels, LENS2)
+    # the length-0 sequence (0, 1) is left out
+    logits, classes = np.asarray(LOGITS), np.asarray(labels)
+    picks = [(0, 0, 5), (1, 0, 1), (1, 1, 4)]
+    ref = optax.softmax_cross_entropy_with_integer_labels(
+        np.stack([logits[i, j, t] for i, j, t in picks]), np.stack([classes[i, j] for i, j, _ in picks])
+    ).mean()
+    close(loss, ref)
+    close(T.last_step_cross_entropy(LOGITS, jax.nn.one_hot(labels, C), LENS2), ref)
+    ref_all = optax.softmax_cross_entropy_with_integer_labels(LOGITS[..., -1, :], labels).mean()
+    close(T.last_step_cross_entropy(LOGITS, labels), ref_all)
+
+
+def test_mean_squared_error_over_real_steps_and_features():
+    targets = RNG.normal(size=LOGITS.shape).astype(np.float32)
+    loss = T.mean_squared_error(LOGITS, targets, LENS2)
+    ref = np.mean((np.asarray(unpadded(LOGITS, LENS2)) - np.asarray(unpadded(targets, LENS2))) ** 2)
+    close(loss, ref)
+    close(T.mean_squared_error(LOGITS, targets), np.mean((np.asarray(LOGITS) - np.asarray(targets)) ** 2))
+
+
+LOSS_ERRORS = [
+    (T.softmax_cross_entropy, (LOGITS, LABELS[..., :5]), ValueError,
+     r"labels has shape \(2, 2, 5\); expected \(2, 2, 6\) \(integer class indices\) or \(2, 2, 6, 5\)"),
+    (T.softmax_cross_entropy, (LOGITS, LABELS > 2), TypeError, "labels has dtype bool; expected integer class indices"),
+    (T.softmax_cross_entropy, (LOGITS, jnp.ones((2, 2, 6, 4))), ValueError, r"labels has shape \(2, 2, 6, 4\)"),
+    (T.softmax_cross_entropy, (LOGITS, LABELS, jnp.array([6, 6])), ValueError,
+     r"lengths has shape \(2,\); expected \(2, 2\), the batch shape of logits of shape \(2, 2, 6, 5\)"),
+    (T.softmax_cross_entropy, (LOGITS, LABELS, jnp.full((2, 2), 3.0)), TypeError, "lengths has dtype float32; expected an integer"),
+    (T.softmax_cross_entropy, (LABELS, LABELS), TypeError, "logits has dtype int32; expected a floating dtype"),
+    (T.softmax_cross_entropy, (jnp.ones(5), jnp.ones(5)), ValueError, r"logits has shape \(5,\); expected \(\*batch, T, C\)"),
+    (T.last_step_cross_entropy, (LOGITS, LABELS), ValueError, r"labels has shape \(2, 2, 6\); expected \(2, 2\) .* or \(2, 2, 5\)"),
+    (T.last_step_cross_entropy, (LOGITS, LABELS[..., 0], jnp.array([1, 2, 3])), ValueError, r"lengths has shape \(3,\); expected \(2, 2\)"),
+    (T.last_step, (jnp.ones((2, 0, 3)),), ValueError, r"ys has shape \(2, 0, 3\); expected \(\*batch, T, F\) with T >= 1"),
+    (T.mean_squared_error, (LOGITS, LOGITS[..., :3]), ValueError, r"targets has shape \(2, 2, 6, 3\); expected \(2, 2, 6, 5\)"),
+    (T.mean_squared_error, (LOGITS, LABELS[..., None]), TypeError, "targets has dtype int32; expected a floating dtype"),
+    (T.sequence_mask, (jnp.array([1.0]), 3), TypeError, "lengths has dtype float32"),
+]
+
+
+@pytest.mark.parametrize("fn, args, error, message", LOSS_ERRORS, ids=lambda v: getattr(v, "__name__", ""))
+def test_loss_bad_input_raises_a_clear_error_at_trace_time(fn, args, error, message):
+    with pytest.raises(error, match=message):
+        fn(*args)
+    with pytest.raises(error, match=message):
+        jax.jit(lambda: fn(*args))()
+
+
+@pytest.mark.parametrize(
+    "fn, args, message",
+    [
+        (T.softmax_cross_entropy, (LOGITS, LABELS, jnp.full((2, 2), 7)), r"lengths has the value 7; expected every length in \[0, T=6\]"),
+        (T.mean_squared_error, (LOGITS, LOGITS, jnp.full((2, 2), -1)), r"lengths has the value -1"),
+        (T.softmax_cross_entropy, (LOGITS, LABELS.at[1, 1, 0].set(C)), r"labels has the value 5 at a real step; expected class indices in \[0, C=5\)"),
+        (T.last_step_cross_entropy, (LOGITS, LABELS[..., 0].at[0, 0].set(-1)), r"labels has the value -1 at a real step"),
+    ],
+)
+def test_concrete_out_of_range_values_are_rejected(fn, args, message):
+    with pytest.raises(ValueError, match=message):
+        fn(*args)
+
+
+# ---- make_train_step ----------------------------------------------------------------------
+
+
+@jax.jit
+def manual_update(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(full_loss)(params, batch)
+    norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
+    grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, CLIP / norm), grads)
+    updates, opt_state = OPT.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, norm
+
+
+def test_train_step_is_the_clipped_optax_update_of_the_loss_gradient():
+    # (without clip_norm: test_tbptt_gradients_stop_at_chunk_boundaries)
+    batch = make_batch()
+    params, opt_state = init_params(), OPT.init(init_params())
+    state = fresh_state()
+    for _ in range(2):
+        state, metrics = train_step()(state, batch)
+        params, opt_state, loss, norm = manual_update(params, opt_state, batch)
+        close(metrics["loss"], loss)
+        close(metrics["grad_norm"], norm)  # before clipping
+        assert float(norm) > CLIP  # the clipping was active
+        close(state.params, params)
+        close(state.opt_state, opt_state)
+    assert int(state.step) == 2 and state.step.dtype == jnp.int32
+
+
+def test_train_step_donates_the_state_and_compiles_once():
+    params = init_params()
+    state = T.TrainState.create(params, OPT)
+    step = train_step()
+    new, _ = step(state, make_batch())
+    assert state.params["out"].is_deleted()
+    assert not params["out"].is_deleted()  # create copied the caller's params
+    compiled = step._cache_size()
+    new, _ = step(new, make_batch(seed=2))
+    assert step._cache_size() == compiled
+
+
+def test_train_step_with_aux_metrics_and_without_donation():
+    def loss_fn(p, batch):
+        loss = full_loss(p, batch)
+        return loss, {"bits": loss / jnp.log(2.0)}
+
+    state = fresh_state()
+    _, metrics = T.make_train_step(loss_fn, OPT, has_aux=True, donate=False)(state, make_batch())
+    assert sorted(metrics) == ["bits", "grad_norm", "loss"]
+    close(metrics["bits"], metrics["loss"] / np.log(2.0))
+    assert not state.params["out"].is_deleted()
+
+
+@pytest.mark.parametrize(
+    "loss_fn, kwargs, error, message",
+    [
+        (lambda p, b: jnp.ones(3) * p["out"].sum(), {}, ValueError, r"loss_fn returned a loss of shape \(3,\); expected a scalar"),
+        (lambda p, b: (full_loss(p, b), {}), {}, TypeError, "pass has_aux=True"),
+        (lambda p, b: full_loss(p, b), {"has_aux": True}, TypeError, r"must return \(loss, aux_dict\)"),
+        (lambda p, b: (full_loss(p, b), [1.0]), {"has_aux": True}, TypeError, "aux must be a dict of metrics, got list"),
+        (lambda p, b: (full_loss(p, b), {"loss": 1.0}), {"has_aux": True}, ValueError, "aux has the key 'loss'"),
+    ],
+)
+def test_train_step_rejects_bad_loss_functions(loss_fn, kwargs, error, message):
+    step = T.make_train_step(loss_fn, OPT, **kwargs)
+    with pytest.raises(error, match=message):
+        step(fresh_state(), make_batch())
+
+
+def test_train_step_rejects_bad_arguments_and_states():
+    with pytest.raises(ValueError, match="clip_norm must be a positive number or None, got 0"):
+        T.make_train_step(full_loss, OPT, clip_norm=0)
+    with pytest.raises(TypeError, match="optimizer must be an optax.GradientTransformation"):
+        T.make_train_step(full_loss, "adam")
+    step = T.make_train_step(full_loss, OPT, donate=False)
+    with pytest.raises(TypeError, match="state is a tuple; expected rj.train.TrainState"):
+        step((init_params(), OPT.init(init_params())), make_batch())
+    with pytest.raises(ValueError, match="state.opt_state has structure .* expected .* from optimizer.init"):
+        step(fresh_state(optax.sgd(0.1)), make_batch())
+
+
+# ---- truncated BPTT -----------------------------------------------------------------------
+
+
+def test_tbptt_with_one_chunk_equals_the_full_train_step_exactly():
+    batch = make_batch()
+    s_full, s_tb = fresh_state(), fresh_state()
+    carry = CELL.init_carry((B,))
+    for i in range(2):
+        s_full, m_full = train_step()(s_full, batch)
+        s_tb, carry_out, m_tb = tbptt_step(STEPS + 5)(s_tb, carry, batch)  # K > T
+        if i == 0:  # the final carry of the sequence under the params before the update
+            close(carry_out, rj.scan(CELL, init_params()["rnn"], batch["x"], lengths=LENGTHS)[1])
+    equal(s_tb, s_full)
+    equal(m_tb, m_full)
+    # K == T is the same program
+    programs = [tbptt_step(k).lower(s_tb, carry, batch).as_text() for k in (STEPS, STEPS + 5)]
+    assert programs[0] == programs[1]
+
+
+def test_tbptt_gradients_stop_at_chunk_boundaries():
+    batch = make_batch()
+    state, carry, metrics = tbptt_step(4, SGD, clip_norm=None)(fresh_state(SGD), CELL.init_carry((B,)), batch)
+
+    def chunk(k):
+        sl = slice(4 * k, 4 * k + 4)
+        return {"x": batch["x"][:, sl], "y": batch["y"][:, sl], "lengths": jnp.clip(LENGTHS - 4 * k, 0, 4)}
+
+    p0, c0 = init_params(), CELL.init_carry((B,))
+    (l0, c1), g0 = VALUE_AND_GRAD(p0, c0, chunk(0))
+    p1 = SGD_UPDATE(p0, g0)
+    (l1, c2), g1 = VALUE_AND_GRAD(p1, c1, chunk(1))
+    p2 = SGD_UPDATE(p1, g1)
+    close(state.params, p2)
+    close(carry, c2)
+    assert int(state.step) == 2
+    # the loss metric weights chunks by their real steps (4 + 4 + 3 = 11, then 4 + 2 + 0 = 6)
+    close(metrics["loss"], (11 * l0 + 6 * l1) / 17)
+    # Had the gradient flowed into chunk 0 through the carry, the second update would differ.
+    g1_full = jax.jit(jax.grad(lambda p: chunk_loss(p, chunk_loss(p, c0, chunk(0))[1], chunk(1))[0]))(p1)
+    p2_full = SGD_UPDATE(p1, g1_full)
+    assert np.abs(np.asarray(p2_full["rnn"].w_h) - np.asarray(p2["rnn"].w_h)).max() > 1e-4
+
+
+def test_tbptt_forward_hands_the_carry_over_and_reports_the_whole_sequence_loss():
+    batch = make_batch(lengths=jnp.array([8, 5, 0]))
+    state, carry, metrics = tbptt_step(2, FROZEN)(fresh_state(FROZEN), CELL.init_carry((B,)), batch)
+    full_loss_jit = jax.jit(full_loss)
+    close(metrics["loss"], full_loss_jit(init_params(), batch))
+    close(carry, rj.scan(CELL, init_params()["rnn"], batch["x"], lengths=batch["lengths"])[1])
+    assert int(state.step) == 4
+    # padding: T=8 in chunks of 3 -> 9 steps, lengths added for a batch without them
+    batch = make_batch(lengths=None)
+    state, carry, metrics = tbptt_step(3, FROZEN, pad=True)(fresh_state(FROZEN), CELL.init_carry((B,)), batch)
+    close(metrics["loss"], full_loss_jit(init_params(), batch))
+    close(carry, rj.scan(CELL, init_params()["rnn"], batch["x"])[1])
+    assert int(state.step) == 3
+
+
+def test_tbptt_chunks_without_real_steps_make_no_update():
+    batch = make_batch(lengths=jnp.array([4, 2, 0]))  # chunk 1 of 4 steps is padding only
+    s_tb, _, _ = tbptt_step(4, SGD, clip_norm=None)(fresh_state(SGD), CELL.init_carry((B,)), batch)
+    first = {"x": batch["x"][:, :4], "y": batch["y"][:, :4], "lengths": batch["lengths"]}
+    _, grads = VALUE_AND_GRAD(init_params(), CELL.init_carry((B,)), first)
+    assert int(s_tb.step) == 1
+    close(s_tb.params, SGD_UPDATE(init_params(), grads))
+
+
+def test_tbptt_folds_keys_per_chunk_and_compiles_one_loop():
+    def loss_fn(p, carry, chunk):
+        loss, carry = chunk_loss(p, carry, chunk)
+        return loss, carry, {"u": jax.random.uniform(chunk["key"])}
+
+    step = T.make_tbptt_step(loss_fn, FROZEN, 4, has_aux=True)
+    key = jax.random.key(42)
+    batch = {**make_batch(lengths=None), "key": key}
+    _, _, metrics = step(fresh_state(FROZEN), CELL.init_carry((B,)), batch)
+    close(metrics["u"], (jax.random.uniform(key) + jax.random.uniform(jax.random.fold_in(key, 1))) / 2)
+    # the chunks run in a loop: the program does not grow with T
+    carry = CELL.init_carry((B,))
+    sizes = [
+        len(tbptt_step(2, FROZEN).lower(fresh_state(FROZEN), carry, make_batch(steps=n)).as_text().splitlines())
+        for n in (4, 16)
+    ]
+    assert sizes[0] == sizes[1]
+
+
+def test_tbptt_bad_input_raises_a_clear_error():
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match=f"chunk_size must be a positive int .*, got {bad!r}"):
+            T.make_tbptt_step(chunk_loss, OPT, bad)
+    with pytest.raises(ValueError, match="time_axis must be a non-negative int"):
+        T.make_tbptt_step(chunk_loss, OPT, 2, time_axis=-1)
+    carry = CELL.init_carry((B,))
+    step = T.make_tbptt_step(chunk_loss, OPT, 3, donate=False)
+    with pytest.raises(ValueError, match=r"T=8 is not a multiple of chunk_size=3; pass pad=True to pad it to 9"):
+        step(fresh_state(), carry, make_batch())
+    bad_batch = {**make_batch(), "y": make_batch()["y"][:, :6]}
+    with pytest.raises(ValueError, match=r"batch\['y'\] has shape \(3, 6\); expected T=8 along time_axis=1"):
+        step(fresh_state(), carry, bad_batch)
+    with pytest.raises(TypeError, match="batch\\['lengths'\\] has dtype float32; expected an integer"):
+        step(fresh_state(), carry, {**make_batch(), "lengths": jnp.ones(B)})
+    padded = T.make_tbptt_step(lambda p, c, b: chunk_loss(p, c, dict(zip("xy", b))), OPT, 3, pad=True)
+    with pytest.raises(ValueError, match="pass the batch as a dict"):
+        padded(fresh_state(), carry, (make_batch()["x"], make_batch()["y"]))
+    wrong_carry = T.make_tbptt_step(lambda p, c, b: (chunk_loss(p, c, b)[0], c[:, :2]), OPT, 4)
+    with pytest.raises(ValueError, match=r"loss_fn returned a carry leaf float32\[3, 2\]; expected float32\[3, 4\]"):
+        wrong_carry(fresh_state(), carry, make_batch())
+    two = T.make_tbptt_step(lambda p, c, b: chunk_loss(p, c, b)[0], OPT, 4)
+    with pytest.raises(TypeError, match=r"loss_fn must return \(loss, new_carry\)"):
+        two(fresh_state(), carry, make_batch())
+
+
+# ---- fit ----------------------------------------------------------------------------------
+
+
+def test_fit_equals_a_plain_loop_and_prints_nothing_when_silent(capsys):
+    batches = [make_batch(seed=s) for s in range(5)]
+    state, history = T.fit(train_step(), fresh_state(), batches, progress=False, log_every=2)
+    ref = fresh_state()
+    losses = []
+    for batch in batches:
+        ref, metrics = train_step()(ref, batch)
+        losses.append(float(metrics["loss"]))
+    equal(state, ref)
+    assert history["step"] == [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(history["loss"], losses)
+    assert len(history["grad_norm"]) == 5
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+
+
+def test_fit_with_a_callable_steps_eval_and_progress():
+    calls = []
+
+    def batches(i):
+        calls.append(i)
+        return make_batch(seed=i % 3)
+
+    def eval_fn(state):
+        return {"loss": full_loss(state.params, make_batch(seed=9))}
+
+    file = io.StringIO()
+    records = []
+    state, history = T.fit(train_step(), fresh_state(), batches, steps=7, eval_fn=eval_fn, eval_every=3,
+                           log_every=2, file=file, on_log=records.append)
+    assert calls == list(range(7)) and int(state.step) == 7
+    assert history["eval_step"] == [3, 6, 7]
+    close(history["eval_loss"][-1], eval_fn(state)["loss"])
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 6, 7]  # every 2 steps, evaluations, the end
+    assert np.isclose(records[1]["loss"], history["loss"][1])  # the mean since the previous log point
+    text = file.getvalue()
+    assert "step 1/7" in text and "steps/s" in text and "step 3: eval_loss" in text
+    assert text.splitlines()[-1].startswith("fit: 7 steps in ")
+    # a resumed run continues the numbering from state.step
+    _, history = T.fit(train_step(), state, batches, steps=2, progress=False)
+    assert history["step"] == [8, 9] and calls[-2:] == [7, 8]
+    with pytest.raises(ValueError, match="steps is required when batches is a callable"):
+        T.fit(train_step(), state, batches)
+
+
+def test_fit_rewrites_one_line_on_terminals():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    file = Terminal()
+    T.fit(train_step(), fresh_state(), [make_batch()] * 3, log_every=1, file=file)
+    text = file.getvalue()
+    assert text.count("\r") >= 3 and text.endswith("\n") and "step 3/3" in text
+
+
+def test_fit_threads_a_tbptt_carry_and_stops_cleanly_on_interrupt():
+    step = tbptt_step(4, SGD, clip_norm=None)
+    batches = [make_batch(seed=s) for s in range(3)]
+    state, history = T.fit(step, fresh_state(SGD), batches, carry=CELL.init_carry((B,)), progress=False)
+    ref, carry = fresh_state(SGD), CELL.init_carry((B,))
+    for batch in batches:
+        ref, carry, _ = step(ref, carry, batch)
+    equal(state, ref)
+    equal(history["carry"], carry)
+    assert history["step"] == [1, 2, 3] and int(state.step) == 6  # 2 chunk updates per batch
+
+    def interrupted():
+        yield make_batch()
+        yield make_batch()
+        raise KeyboardInterrupt
+
+    file = io.StringIO()
+    state, history = T.fit(train_step(), fresh_state(), interrupted(), file=file)
+    assert int(state.step) == 2 and len(history["loss"]) == 2
+    assert "(interrupted)" in file.getvalue()
