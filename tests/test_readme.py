@@ -1,4 +1,5 @@
-"""The README's Python examples run as written (those that need no PyTorch or Keras object)."""
+"""The README's Python examples run as written, in order, in one namespace (those that need
+no PyTorch or Keras object)."""
 
 import re
 from pathlib import Path
@@ -14,9 +15,12 @@ def test_readme_has_examples():
     assert len(RUNNABLE) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(RUNNABLE)))
-def test_readme_example_runs(index):
+def test_readme_examples_run():
     namespace = {}
     exec("import jax, jax.numpy as jnp, rnnjax as rj\n", namespace)
-    for block in RUNNABLE[: index + 1]:  # later blocks may use names from earlier ones
-        exec(compile(block, f"README.md block {index}", "exec"), namespace)
+    for index, block in enumerate(RUNNABLE):  # later blocks may use names from earlier ones
+        first_line = block.strip().split("\n")[0]
+        try:
+            exec(compile(block, f"README.md python block {index}", "exec"), namespace)
+        except Exception as error:  # name the block, keep the traceback
+            pytest.fail(f"README python block {index} ({first_line!r}) failed: {error!r}")
