@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-slow fixtures clean
+.PHONY: bench demo test test-slow notebooks fixtures clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,8 +11,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
+# The benchmark's peers: Equinox from PyPI; PyTorch only if none is installed (torch==2.13.0 is
+# the CPU build where a local wheel exists; elsewhere pip picks the platform's build). A peer
+# that fails to install is skipped by the benchmark with a note.
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0 || echo "PyTorch not installed: its rows will be skipped"
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) -m benchmarks.run --quick
+
 demo: $(VENV)/.installed
 	$(PY) examples/char_lm.py
+
+notebooks: $(VENV)/.installed
+	$(PY) notebooks/build.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -m "not slow" -q
