@@ -9,6 +9,8 @@
 """
 
 from rnnjax import interop
+from rnnjax import parallel
+from rnnjax import train
 from rnnjax.cell import Cell, LinearCell
 from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM
 from rnnjax.layers import RNN, Bidirectional, Stack
@@ -33,4 +35,6 @@ __all__ = [
     "Stack",
     "scan",
     "interop",
+    "parallel",
+    "train",
 ]

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import Cell, PyTree, frozen
+from rnnjax.parallel import check_options
 from rnnjax.scan import scan
 
 
@@ -33,6 +34,9 @@ class RNN:
       reverse: run each sequence backwards over its valid part (see :func:`rnnjax.scan`).
       unroll: steps unrolled per loop iteration.
       remat: rematerialise each step in the backward pass to save memory.
+      method, chunk_size, tol, max_iters, newton, damping: how to evaluate the
+        recurrence, passed to :func:`rnnjax.scan` (``"sequential"``, ``"associative"``,
+        ``"chunked"``, ``"newton"`` or ``"auto"``; checked when the layer is built).
 
     Params are the cell's; the carry is the cell's final carry.
 
@@ -49,10 +53,20 @@ class RNN:
     reverse: bool = False
     unroll: int = 1
     remat: bool = False
+    method: str = "sequential"
+    chunk_size: int | None = None
+    tol: float | None = None
+    max_iters: int | None = None
+    newton: str | None = None
+    damping: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.cell, Cell):
             raise TypeError(f"RNN expects an rnnjax cell (e.g. rj.LSTM(64)), got {self.cell!r}")
+        check_options(
+            self.cell, self.method, chunk_size=self.chunk_size, tol=self.tol, max_iters=self.max_iters,
+            newton=self.newton, damping=self.damping,
+        )
 
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> NamedTuple:
         return self.cell.init(key, input_size, dtype)
@@ -68,6 +82,8 @@ class RNN:
         return scan(
             self.cell, params, xs, carry,
             lengths=lengths, resets=resets, reverse=self.reverse, unroll=self.unroll, remat=self.remat,
+            method=self.method, chunk_size=self.chunk_size, tol=self.tol, max_iters=self.max_iters,
+            newton=self.newton, damping=self.damping,
         )
 
 

@@ -1,4 +1,5 @@
-"""The sequential driver: any cell over the time axis with ``jax.lax.scan``."""
+"""The sequential driver: any cell over the time axis with ``jax.lax.scan``; ``method=``
+hands the same call to a parallel-in-time driver (:mod:`rnnjax.parallel`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ def scan(
     reverse: bool = False,
     unroll: int | bool = 1,
     remat: bool = False,
+    method: str = "sequential",
+    chunk_size: int | None = None,
+    tol: float | None = None,
+    max_iters: int | None = None,
+    newton: str | None = None,
+    damping: float | None = None,
 ) -> tuple[jax.Array, PyTree]:
     r"""Run ``cell`` over the time axis of ``xs``; return ``(ys, final_carry)``.
 
@@ -53,6 +60,24 @@ def scan(
       unroll: steps unrolled per loop iteration (``jax.lax.scan``'s ``unroll``).
       remat: rematerialise each step in the backward pass (``jax.checkpoint``), storing
         only the carries; training memory no longer holds every step's activations.
+        ``unroll`` and ``remat`` act on the sequential loop only (``method="sequential"``;
+        ``unroll`` also on Newton's fallback loop).
+      method: how to evaluate the recurrence; every method gives these outputs and final
+        carry within float rounding (see :mod:`rnnjax.parallel` for the stated tolerances):
+
+        - ``"sequential"``: ``jax.lax.scan``, T dependent steps. Any cell.
+        - ``"associative"``: ``jax.lax.associative_scan`` over the ``(a_t, b_t)`` of an
+          :class:`rnnjax.LinearCell` (MinGRU, MinLSTM, LRU, yours), O(log T) depth.
+        - ``"chunked"``: sequential within chunks of ``chunk_size`` steps, associative across
+          chunks. LinearCells.
+        - ``"newton"``: any cell, by Newton iterations over the whole sequence (DEER,
+          quasi-DEER, ELK) with a sequential fallback when they do not converge; see
+          :func:`rnnjax.parallel.newton_scan`, which also reports iterations and convergence.
+        - ``"auto"``: picks one per backend, cell kind and T from measurements kept in the
+          library (:func:`rnnjax.parallel.choose_method`); on CPU mostly ``"sequential"``.
+      chunk_size: steps per chunk for ``"chunked"``; ``None``: a per-backend default.
+      tol, max_iters, newton, damping: Newton's options (:func:`rnnjax.parallel.newton_scan`).
+        Options a method does not use raise ``ValueError``, except under ``"auto"``.
 
     Returns:
       ``ys`` of shape ``(*batch, T, cell.output_size(D))`` (zeros past ``lengths``) and the
@@ -82,7 +107,24 @@ def scan(
         resets = _check_resets(resets, batch_shape, steps)
     if not (unroll is True or (isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1)):
         raise ValueError(f"unroll must be a positive int or True, got {unroll!r}")
-    return _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=unroll, remat=bool(remat))
+    # rnnjax.parallel builds on this module's checks, so it is imported here, not at the top.
+    from rnnjax import parallel
+
+    parallel.check_options(
+        cell, method, chunk_size=chunk_size, tol=tol, max_iters=max_iters, newton=newton, damping=damping
+    )
+    if method == "auto":
+        method = parallel.choose_method(cell, steps)
+    if method == "sequential" or steps == 0:
+        return _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=unroll, remat=bool(remat))
+    if method in ("associative", "chunked"):
+        size = None if method == "associative" else int(chunk_size or parallel.default_chunk_size(steps))
+        return parallel._linear_jit(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), chunk_size=size)
+    ys, final, _ = parallel.newton_scan(
+        cell, params, xs, carry, lengths=lengths, resets=resets, reverse=reverse,
+        newton=newton, tol=tol, max_iters=max_iters, damping=damping, unroll=unroll,
+    )
+    return ys, final
 
 
 def _check_xs(cell: Cell, params: Any, xs: Any) -> jax.Array:

@@ -1,0 +1,206 @@
+"""Newton's methods (rj.parallel.newton_scan, rj.scan(method="newton")): DEER, quasi-DEER,
+ELK and quasi-ELK against the sequential driver, convergence and fallback, gradients by
+the implicit function theorem, bad options.
+
+float32 tolerance: 1e-5 absolute (the default tol) for converged solves of the small,
+contractive cells in tests/cases.py; the fallback is the sequential driver to rounding.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import rnnjax as rj
+from rnnjax import parallel
+from tests.cases import CELL_CASES, INPUT_SIZE, seq_shape
+from tests.compat import enable_x64
+
+STEPS = 6
+LENGTHS = jnp.array([6, 4, 0])
+RESETS = jnp.zeros((3, STEPS), bool).at[0, 2].set(True).at[1, 1].set(True).at[1, 3].set(True).at[2, 4].set(True)
+
+
+def data(cell, key=0, dtype=jnp.float32, batch=(3,), steps=STEPS):
+    kp, kx = jax.random.split(jax.random.key(key))
+    params = cell.init(kp, INPUT_SIZE, dtype)
+    xs = jax.random.normal(kx, seq_shape(cell, batch, steps), dtype)
+    x0 = jnp.take(xs, 0, axis=len(batch))  # one step, to build the carry (ConvLSTM's has (H, W))
+    carry = jax.tree.map(lambda c: c + jnp.asarray(0.3, c.dtype), cell.carry_for(x0, dtype))
+    return params, xs, carry
+
+
+def close(a, b, atol=1e-5, rtol=1e-5):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert jnp.result_type(x) == jnp.result_type(y) and x.shape == y.shape
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+
+
+# DEER and quasi-DEER over every cell but ConvLSTM (whose flattened state is a whole
+# frame; it runs with quasi-DEER), backwards so that lengths, resets and reverse all act;
+# forwards runs are in the tests further down.
+CASES = [(name, variant, True) for name in sorted(CELL_CASES) if name != "convlstm" for variant in ("deer", "quasi-deer")]
+CASES += [("gru", "elk", True), ("lstm_proj_peephole", "quasi-elk", False), ("convlstm", "quasi-deer", True)]
+
+
+@pytest.mark.parametrize("name, variant, reverse", CASES, ids=[f"{n}-{v}-{'reverse' if r else 'forward'}" for n, v, r in CASES])
+def test_newton_matches_sequential(name, variant, reverse):
+    cell = CELL_CASES[name]
+    params, xs, carry = data(cell)
+    kw = dict(lengths=LENGTHS, resets=RESETS, reverse=reverse)
+    ys, final, info = rj.parallel.newton_scan(cell, params, xs, carry, newton=variant, **kw)
+    assert bool(info.converged) and 0 <= int(info.iterations) <= parallel.DEFAULT_MAX_ITERS
+    assert float(info.residual) <= 1e-5
+    close((ys, final), rj.scan(cell, params, xs, carry, **kw))
+    assert not np.any(np.asarray(ys[1, 4:])) and not np.any(np.asarray(ys[2]))
+
+
+def trained_like_gru(hidden=16, steps=256, key=0):
+    """A GRU as training leaves them: contractive recurrent weights and an update gate that
+    keeps most of the state (z ~ 0.7)."""
+    cell = rj.GRU(hidden)
+    params = cell.init(jax.random.key(key), INPUT_SIZE)
+    b_x = params.b_x.at[hidden : 2 * hidden].set(1.0)
+    params = params._replace(w_h=0.6 * params.w_h, b_x=b_x)
+    xs = jax.random.normal(jax.random.key(key + 1), (2, steps, INPUT_SIZE))
+    return cell, params, xs
+
+
+@pytest.mark.parametrize("variant, max_steps", [("deer", 8), ("quasi-deer", 30)])
+def test_newton_converges_on_a_trained_like_gru(variant, max_steps):
+    cell, params, xs = trained_like_gru()
+    ys, h, info = rj.parallel.newton_scan(cell, params, xs, newton=variant)
+    assert bool(info.converged) and int(info.iterations) <= max_steps, info
+    close((ys, h), rj.scan(cell, params, xs))
+
+
+def chaotic_elman(steps=64):
+    cell = rj.Elman(16)
+    params = cell.init(jax.random.key(0), INPUT_SIZE)
+    params = params._replace(w_h=3.0 * params.w_h)  # orthogonal * 3: expanding, chaotic under tanh
+    return cell, params, jax.random.normal(jax.random.key(1), (2, steps, INPUT_SIZE))
+
+
+def test_newton_falls_back_to_sequential_when_it_does_not_converge():
+    cell, params, xs = chaotic_elman()
+    expected = rj.scan(cell, params, xs)
+    ys, h, info = rj.parallel.newton_scan(cell, params, xs, newton="deer", max_iters=1)
+    assert not bool(info.converged) and int(info.iterations) == 1 and float(info.residual) > 1e-5
+    close((ys, h), expected, atol=1e-6)
+    # Whatever happens with the default budget, the answer is never a wrong iterate.
+    ys, h, info = rj.parallel.newton_scan(cell, params, xs, newton="quasi-deer", max_iters=5)
+    assert not bool(info.converged)
+    close((ys, h), expected, atol=1e-6)
+    # rj.scan gives the same values, without the info.
+    close(rj.scan(cell, params, xs, method="newton", newton="deer", max_iters=1), expected, atol=1e-6)
+
+
+def test_elk_step_is_the_damped_least_squares_solution():
+    steps, n, damping = 5, 3, 0.7
+    rng = np.random.default_rng(0)
+    J = rng.normal(size=(steps, 1, n, n))
+    u, guess = rng.normal(size=(steps, 1, n)), rng.normal(size=(steps, 1, n))
+    h0 = rng.normal(size=(1, n))
+    for full in (True, False):
+        Jm = J[:, 0] if full else J[:, 0] * np.eye(n)
+        # Least squares over s_1..s_T: rows s_t - J_t s_{t-1} = u_t (s_0 = h0 moved to the
+        # right-hand side) and sqrt(damping) s_t = sqrt(damping) guess_t.
+        A = np.zeros((2 * steps * n, steps * n))
+        rhs = np.concatenate([u[:, 0].ravel(), np.sqrt(damping) * guess[:, 0].ravel()])
+        rhs[:n] += Jm[0] @ h0[0]
+        for t in range(steps):
+            A[t * n : (t + 1) * n, t * n : (t + 1) * n] = np.eye(n)
+            if t:
+                A[t * n : (t + 1) * n, (t - 1) * n : t * n] = -Jm[t]
+            A[(steps + t) * n : (steps + t + 1) * n, t * n : (t + 1) * n] = np.sqrt(damping) * np.eye(n)
+        best = np.linalg.lstsq(A, rhs, rcond=None)[0].reshape(steps, n)
+        # The solver folds s_0 into the first step: F_1 = J_1 s_0 + u_1.
+        F = np.zeros_like(u)
+        F[0, 0] = Jm[0] @ h0[0] + u[0, 0]
+        Jx = J if full else np.diagonal(J, axis1=-2, axis2=-1)
+        with enable_x64(True):
+            got = jax.jit(parallel._elk_step, static_argnums=(4, 5))(Jx, u, F, guess, damping, full)
+        np.testing.assert_allclose(np.asarray(got[:, 0]), best, atol=1e-10)
+
+
+def test_small_solver_pivots():
+    a = jnp.array([[[0.0, 2.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0]]])  # needs a row swap
+    b = jnp.array([[[2.0], [1.0], [3.0]]])
+    np.testing.assert_allclose(parallel._solve_small(a, b)[0, :, 0], [1.0, 1.0, 1.0])
+
+
+# ---- gradients: implicit function theorem at the solution ----
+
+
+@pytest.mark.parametrize("name, variant", [("gru", "deer"), ("lstm", "quasi-deer"), ("lru", "quasi-elk")])
+def test_check_grads_and_equal_to_sequential_gradients(name, variant):
+    cell = CELL_CASES[name]
+    with enable_x64(True):
+        params, xs, carry = data(cell, key=2, dtype=jnp.float64, batch=(2,), steps=4)
+        kw = dict(lengths=jnp.array([4, 3]), resets=jnp.zeros((2, 4), bool).at[0, 2].set(True), reverse=True)
+
+        def loss(p, x, c, method="newton"):
+            extra = dict(newton=variant) if method == "newton" else {}
+            ys, final = rj.scan(cell, p, x, c, method=method, **extra, **kw)
+            return jnp.sum(ys**2) + sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(final))
+
+        # jax.grad through a while_loop would raise: the gradient comes from the custom VJP.
+        loss = jax.jit(loss, static_argnames="method")  # one compilation for check_grads' calls
+        got = jax.grad(loss, argnums=(0, 1, 2))(params, xs, carry)
+        close(got, jax.grad(lambda *a: loss(*a, method="sequential"), argnums=(0, 1, 2))(params, xs, carry), atol=1e-9)
+        check_grads(loss, (params, xs, carry), order=1, modes=["rev"])
+
+
+def test_gradients_after_fallbacks_equal_sequential_gradients():
+    # max_iters=1: the forward solve falls back, and so does the quasi-Newton adjoint solve.
+    cell, params, xs = chaotic_elman(steps=16)
+
+    def loss(p, **kw):
+        ys, h = rj.scan(cell, p, xs, **kw)
+        return jnp.sum(ys**2) + jnp.sum(h**2)
+
+    got = jax.grad(lambda p: loss(p, method="newton", newton="quasi-deer", max_iters=1))(params)
+    close(got, jax.grad(loss)(params), atol=1e-4, rtol=1e-4)
+
+
+# ---- batching, jit ----
+
+
+def test_vmap_and_jit_equal_the_batched_call():
+    cell = CELL_CASES["gru"]
+    params, xs, carry = data(cell, key=3)
+    run = lambda x, c, n, r: rj.scan(cell, params, x, c, lengths=n, resets=r, method="newton")
+    expected = run(xs, carry, LENGTHS, RESETS)
+    close(jax.vmap(run)(xs, carry, LENGTHS, RESETS), expected, atol=1e-5)
+    close(jax.jit(run)(xs, carry, LENGTHS, RESETS), expected, atol=1e-6)
+
+
+# ---- bad options ----
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tol=0.0), "tol must be a positive finite number, got 0.0"),
+        (dict(tol=-1e-3), "tol must be a positive finite number, got -0.001"),
+        (dict(tol=float("nan")), "tol must be a positive finite number, got nan"),
+        (dict(max_iters=0), "max_iters must be a positive int, got 0"),
+        (dict(max_iters=2.0), "max_iters must be a positive int, got 2.0"),
+        (dict(newton="newton"), r"unknown newton variant 'newton'; expected one of \['deer', 'quasi-deer', 'elk', 'quasi-elk'\]"),
+        (dict(newton="deer", damping=1.0), "damping applies to newton='elk' or 'quasi-elk'; got newton='deer'"),
+        (dict(newton="elk", damping=0.0), "damping must be a positive finite number, got 0.0"),
+    ],
+    ids=lambda v: None if isinstance(v, dict) else "",
+)
+def test_bad_newton_options_raise_a_clear_error(kwargs, message):
+    cell = rj.GRU(4)
+    params = cell.init(jax.random.key(0), INPUT_SIZE)
+    xs = jnp.ones((2, 5, INPUT_SIZE))
+    with pytest.raises(ValueError, match=message):
+        rj.scan(cell, params, xs, method="newton", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        jax.jit(lambda x: rj.parallel.newton_scan(cell, params, x, **kwargs))(xs)
+    with pytest.raises(ValueError, match=message):
+        rj.RNN(cell, method="newton", **kwargs)
