@@ -144,7 +144,9 @@ def _check_xs(cell: Cell, params: Any, xs: Any) -> jax.Array:
     return xs
 
 
-def _check_lengths(lengths: Any, batch_shape: tuple[int, ...], steps: int) -> jax.Array:
+def _check_lengths(lengths: Any, batch_shape: tuple[int, ...], steps: int, of: str = "xs") -> jax.Array:
+    """``lengths`` as an integer array of shape ``batch_shape`` (the batch shape of ``of``),
+    values in ``[0, steps]`` when concrete."""
     if not hasattr(lengths, "dtype"):
         lengths = np.asarray(lengths)
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
@@ -152,7 +154,7 @@ def _check_lengths(lengths: Any, batch_shape: tuple[int, ...], steps: int) -> ja
     if tuple(lengths.shape) != tuple(batch_shape):
         raise ValueError(
             f"lengths has shape {tuple(lengths.shape)}; expected {tuple(batch_shape)}, the batch "
-            f"shape of xs (one length per sequence)"
+            f"shape of {of} (one length per sequence)"
         )
     if not isinstance(lengths, jax.core.Tracer):
         values = np.asarray(lengths)

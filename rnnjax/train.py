@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from rnnjax.checkpoint import checkpoint_steps, restore_checkpoint, save_checkpoint
+from rnnjax.scan import _check_lengths as _check_scan_lengths
 
 PyTree = Any
 
@@ -77,23 +78,8 @@ def _check_float(x: Any, name: str, min_ndim: int, layout: str) -> jax.Array:
 
 
 def _check_lengths(lengths: Any, batch_shape: tuple[int, ...], steps: int, of: str) -> jax.Array | None:
-    """``lengths`` as an integer array of shape ``batch_shape``, values in [0, steps] when concrete."""
-    if lengths is None:
-        return None
-    lengths = _as_array(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"lengths has dtype {lengths.dtype}; expected an integer dtype")
-    if tuple(lengths.shape) != tuple(batch_shape):
-        raise ValueError(
-            f"lengths has shape {tuple(lengths.shape)}; expected {tuple(batch_shape)}, the batch shape "
-            f"of {of} (one length per sequence)"
-        )
-    if not isinstance(lengths, jax.core.Tracer):
-        values = np.asarray(lengths)
-        if values.size and (values.min() < 0 or values.max() > steps):
-            bad = values[(values < 0) | (values > steps)].ravel()[0]
-            raise ValueError(f"lengths has the value {bad}; expected every length in [0, T={steps}]")
-    return jnp.asarray(lengths)
+    """``lengths`` checked as :func:`rnnjax.scan` checks them, against the batch shape of ``of``."""
+    return None if lengths is None else _check_scan_lengths(lengths, batch_shape, steps, of)
 
 
 def _check_class_labels(labels: jax.Array, num_classes: int, valid: jax.Array | None) -> None:
