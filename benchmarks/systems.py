@@ -522,6 +522,8 @@ SYSTEMS: dict[str, System] = {
     "rnnjax": Rnnjax(note="rnnjax: rj.scan(cell, params, xs)"),
     "rnnjax-remat": Rnnjax(options=(("remat", True),), modes=("fwd+bwd",),
                            note="rnnjax-remat: rj.scan(remat=True), fwd+bwd only (forward is rnnjax's)"),
+    "rnnjax-remat-sqrt": Rnnjax(options=(("remat", "sqrt"),), modes=("fwd+bwd",),
+                                note='rnnjax-remat-sqrt: rj.scan(remat="sqrt"), sqrt(T) nested checkpoints, fwd+bwd only'),
     "rnnjax-unroll4": Rnnjax(options=(("unroll", 4),)),
     "rnnjax-assoc": Rnnjax(options=(("method", "associative"),), cells=LINEAR_CELLS),
     "rnnjax-chunked": Rnnjax(options=(("method", "chunked"),), cells=LINEAR_CELLS),
@@ -538,7 +540,7 @@ SYSTEMS: dict[str, System] = {
     "attention": Attention(),
 }
 
-DEFAULT_SYSTEMS = ("rnnjax", "rnnjax-remat", "flax", "equinox", "torch", "attention")
+DEFAULT_SYSTEMS = ("rnnjax", "rnnjax-remat", "rnnjax-remat-sqrt", "flax", "equinox", "torch", "attention")
 
 
 @functools.cache

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from rnnjax.cell import Cell, PyTree, frozen
 from rnnjax.parallel import check_options
-from rnnjax.scan import scan
+from rnnjax.scan import remat_policy, scan
 
 
 @frozen
@@ -33,7 +33,8 @@ class RNN:
       cell: any rnnjax cell.
       reverse: run each sequence backwards over its valid part (see :func:`rnnjax.scan`).
       unroll: steps unrolled per loop iteration.
-      remat: rematerialise each step in the backward pass to save memory.
+      remat: what the backward pass recomputes to save memory: ``False``, ``True`` (each
+        step) or ``"sqrt"`` (sqrt(T) nested checkpoints); see :func:`rnnjax.scan`.
       method, chunk_size, tol, max_iters, newton, damping: how to evaluate the
         recurrence, passed to :func:`rnnjax.scan` (``"sequential"``, ``"associative"``,
         ``"chunked"``, ``"newton"`` or ``"auto"``; checked when the layer is built).
@@ -52,7 +53,7 @@ class RNN:
     cell: Cell
     reverse: bool = False
     unroll: int = 1
-    remat: bool = False
+    remat: bool | str = False
     method: str = "sequential"
     chunk_size: int | None = None
     tol: float | None = None
@@ -63,6 +64,7 @@ class RNN:
     def __post_init__(self):
         if not isinstance(self.cell, Cell):
             raise TypeError(f"RNN expects an rnnjax cell (e.g. rj.LSTM(64)), got {self.cell!r}")
+        remat_policy(self.remat)
         check_options(
             self.cell, self.method, chunk_size=self.chunk_size, tol=self.tol, max_iters=self.max_iters,
             newton=self.newton, damping=self.damping,

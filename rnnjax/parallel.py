@@ -431,7 +431,7 @@ def linear_scan(
     xs, carry, lengths, resets = _validate(cell, params, xs, carry, lengths, resets)
     check_options(cell, "chunked" if chunk_size is not None else "associative", chunk_size=chunk_size)
     if xs.shape[-2] == 0:  # nothing to scan in parallel
-        return _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=1, remat=False)
+        return _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=1, remat="none")
     return _linear_jit(
         cell, params, xs, carry, lengths, resets,
         reverse=bool(reverse), chunk_size=None if chunk_size is None else int(chunk_size),
@@ -638,7 +638,7 @@ def newton_scan(
     if variant in ("elk", "quasi-elk") and damping is None:
         damping = DEFAULT_DAMPING
     if xs.shape[-(cell.input_ndim + 1)] == 0:  # nothing to solve
-        ys, final = _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=1, remat=False)
+        ys, final = _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=1, remat="none")
         return ys, final, NewtonInfo(jnp.int32(0), jnp.bool_(True), jnp.zeros((), jnp.float32))
     return _newton_jit(
         cell, params, xs, carry, lengths, resets,

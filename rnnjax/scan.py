@@ -4,6 +4,7 @@ hands the same call to a parallel-in-time driver (:mod:`rnnjax.parallel`)."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -23,7 +24,7 @@ def scan(
     resets: jax.Array | None = None,
     reverse: bool = False,
     unroll: int | bool = 1,
-    remat: bool = False,
+    remat: bool | str = False,
     method: str = "sequential",
     chunk_size: int | None = None,
     tol: float | None = None,
@@ -58,8 +59,13 @@ def scan(
         first, step ``0`` last. Outputs stay aligned with their inputs and padding stays
         at the end, so a reversed pass over padded data equals one over unpadded data.
       unroll: steps unrolled per loop iteration (``jax.lax.scan``'s ``unroll``).
-      remat: rematerialise each step in the backward pass (``jax.checkpoint``), storing
-        only the carries; training memory no longer holds every step's activations.
+      remat: what the backward pass recomputes instead of storing (``jax.checkpoint``).
+        ``False`` (or ``"none"``): nothing, every step's activations are kept, O(T) of them.
+        ``True`` (or ``"step"``): each step, storing only the carries (still O(T) carries).
+        ``"sqrt"``: nested checkpoints, the steps cut into about sqrt(T) blocks of about
+        sqrt(T) steps; only the carries at block boundaries are stored and one block's
+        activations are live at a time, so activation memory is O(sqrt(T)) for about one
+        extra forward pass of compute.
         ``unroll`` and ``remat`` act on the sequential loop only (``method="sequential"``;
         ``unroll`` also on Newton's fallback loop).
       method: how to evaluate the recurrence; every method gives these outputs and final
@@ -107,6 +113,7 @@ def scan(
         resets = _check_resets(resets, batch_shape, steps)
     if not (unroll is True or (isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1)):
         raise ValueError(f"unroll must be a positive int or True, got {unroll!r}")
+    remat = remat_policy(remat)
     # rnnjax.parallel builds on this module's checks, so it is imported here, not at the top.
     from rnnjax import parallel
 
@@ -116,7 +123,7 @@ def scan(
     if method == "auto":
         method = parallel.choose_method(cell, steps)
     if method == "sequential" or steps == 0:
-        return _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=unroll, remat=bool(remat))
+        return _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=unroll, remat=remat)
     if method in ("associative", "chunked"):
         size = None if method == "associative" else int(chunk_size or parallel.default_chunk_size(steps))
         return parallel._linear_jit(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), chunk_size=size)
@@ -125,6 +132,20 @@ def scan(
         newton=newton, tol=tol, max_iters=max_iters, damping=damping, unroll=unroll,
     )
     return ys, final
+
+
+REMAT_POLICIES = ("none", "step", "sqrt")
+
+
+def remat_policy(remat: bool | str) -> str:
+    """``remat`` as one of :data:`REMAT_POLICIES` (``False`` -> "none", ``True`` -> "step")."""
+    if remat is False or remat is None:
+        return "none"
+    if remat is True:
+        return "step"
+    if isinstance(remat, str) and remat in REMAT_POLICIES:
+        return remat
+    raise ValueError(f"remat must be False, True or one of {REMAT_POLICIES}, got {remat!r}")
 
 
 def _check_xs(cell: Cell, params: Any, xs: Any) -> jax.Array:
@@ -233,11 +254,50 @@ def _scan(cell, params, xs, carry, lengths, resets, *, reverse, unroll, remat):
             y = jnp.where(_expand_to(valid, y), y, jnp.zeros((), y.dtype))
         return new, y
 
-    if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
     inputs = (jnp.arange(steps), xs_tm, resets_tm)
     scan_backwards = reverse and lengths is None
-    final, ys_tm = jax.lax.scan(body, carry, inputs, reverse=scan_backwards, unroll=unroll)
+    if remat == "sqrt" and steps > 1:
+        final, ys_tm = _scan_sqrt_remat(body, carry, inputs, steps, scan_backwards, unroll)
+    else:
+        if remat == "step":
+            body = jax.checkpoint(body, prevent_cse=False)
+        final, ys_tm = jax.lax.scan(body, carry, inputs, reverse=scan_backwards, unroll=unroll)
     if reverse and lengths is not None:
         ys_tm = flip_valid(ys_tm, lengths)
     return jnp.moveaxis(ys_tm, 0, -(k + 1)), final
+
+
+def _scan_sqrt_remat(body, carry, inputs, steps, scan_backwards, unroll):
+    """``lax.scan(body, carry, inputs)`` with sqrt(T) nested checkpoints.
+
+    The T steps are padded to ``blocks * block`` (``block = ceil(sqrt(T))``); padded steps
+    (``t >= T``) keep the carry and are cut from the outputs. The outer scan over blocks is
+    checkpointed, so its backward pass stores one carry per block and recomputes one block
+    at a time.
+    """
+    block = math.ceil(math.sqrt(steps))
+    blocks = math.ceil(steps / block)
+    pad = blocks * block - steps
+
+    def padded(a):
+        a = jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+        return a.reshape(blocks, block, *a.shape[1:])
+
+    _, xs_tm, resets_tm = inputs
+    blocked = (jnp.arange(blocks * block).reshape(blocks, block), padded(xs_tm),
+               None if resets_tm is None else padded(resets_tm))
+
+    def masked_body(c, step_inputs):
+        new, y = body(c, step_inputs)
+        if pad:
+            real = step_inputs[0] < steps
+            new = jax.tree.map(lambda n, old: jnp.where(real, n, old), new, c)
+        return new, y
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def run_block(c, block_inputs):
+        return jax.lax.scan(masked_body, c, block_inputs, reverse=scan_backwards, unroll=unroll)
+
+    final, ys = jax.lax.scan(run_block, carry, blocked, reverse=scan_backwards)
+    ys = ys.reshape(blocks * block, *ys.shape[2:])
+    return final, ys[:steps]

@@ -116,6 +116,45 @@ def test_remat_and_unroll_give_same_values_and_gradients():
     close(jax.value_and_grad(lambda p: loss(p, unroll=4))(PARAMS), base, atol=1e-5)
 
 
+@pytest.mark.parametrize("steps", [1, 4, 7])  # 4: 2 blocks of 2; 7: padded to 3 blocks of 3
+@pytest.mark.parametrize("reverse", [False, True])
+def test_every_remat_policy_gives_the_same_values_and_gradients(steps, reverse):
+    xs, lengths = XS[..., :steps, :], jnp.minimum(LENGTHS, steps)
+    resets = jnp.zeros((2, 3, steps), bool).at[0, :, steps // 2].set(True)
+
+    def loss(p, xs, remat):
+        ys, (h, c) = rj.scan(LSTM, p, xs, lengths=lengths, resets=resets, reverse=reverse, remat=remat)
+        return jnp.sum(ys**2) + jnp.sum(c**2) + jnp.sum(jnp.sin(h))
+
+    base = jax.value_and_grad(loss, argnums=(0, 1))(PARAMS, xs, False)
+    for remat in ("none", "step", True, "sqrt"):
+        close(jax.value_and_grad(loss, argnums=(0, 1))(PARAMS, xs, remat), base, atol=1e-5)
+    # Without lengths too (the reverse pass then runs lax.scan backwards).
+    no_lengths = lambda p, remat: jnp.sum(rj.scan(LSTM, p, xs, reverse=reverse, remat=remat)[0] ** 2)
+    close(jax.grad(no_lengths)(PARAMS, "sqrt"), jax.grad(no_lengths)(PARAMS, False), atol=1e-5)
+
+
+def test_sqrt_remat_keeps_activation_memory_sublinear():
+    """XLA's memory analysis of a training step's gradient, temporaries only. Per-step remat
+    stores a carry per step, O(T); "sqrt" stores O(sqrt(T)) (plus the time-major copy of the
+    input that every policy makes)."""
+    cell = rj.LSTM(32)
+    params = cell.init(jax.random.key(0), 8)
+
+    def temp_bytes(remat, steps):
+        xs = jnp.ones((4, steps, 8))
+        grad = jax.jit(jax.grad(lambda p: rj.scan(cell, p, xs, remat=remat)[1].c.sum()))
+        analysis = grad.lower(params).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend gives no memory analysis")
+        return analysis.temp_size_in_bytes
+
+    step, sqrt = temp_bytes(True, 4096), temp_bytes("sqrt", 4096)
+    assert 3 * sqrt < step, (step, sqrt)
+    assert temp_bytes(True, 1024) * 3.5 < step  # per step: grows like T (x4 here)
+    assert temp_bytes("sqrt", 1024) * 3 > sqrt  # sqrt: grows far slower (x2 for sqrt(T))
+
+
 def test_remat_stores_fewer_residuals():
     big = rj.LSTM(32)
     p = big.init(jax.random.key(0), 16)
@@ -171,6 +210,7 @@ def test_given_carry_dtype_is_kept():
         (dict(carry=rj.LSTM(6).init_carry((3,))), ValueError, r"carry has a leaf of shape \(3, 6\); expected \(2, 3, 6\)"),
         (dict(carry=rj.LSTM(6).init_carry((2, 3, 1))), ValueError, r"expected \(2, 3, 6\)"),
         (dict(unroll=0), ValueError, "unroll must be a positive int"),
+        (dict(remat="log"), ValueError, r"remat must be False, True or one of \('none', 'step', 'sqrt'\), got 'log'"),
         (dict(params=rj.GRU(6).init(jax.random.key(0), 3)), TypeError, "params is a GRUParams; expected LSTMParams"),
         (dict(params=rj.LSTM(6).init(jax.random.key(0), 4)), ValueError, r"xs has shape \(2, 3, 7, 3\); expected \(\.\.\., T, 4\)"),
         (dict(params=rj.LSTM(5).init(jax.random.key(0), 3)), ValueError, r"params.w_x has shape \(3, 20\); expected \(3, 24\) for LSTM\(hidden_size=6"),
