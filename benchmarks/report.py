@@ -92,24 +92,34 @@ def _ratio(table, cell, mode, t, other) -> str:
     return "—"
 
 
+def _header(head: list[str]) -> list[str]:
+    """A Markdown header: three left-aligned key columns, the rest right-aligned numbers."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+
+
+def _points(cfg: dict, table: dict, systems: list[str]):
+    """``(cell, mode, T, records)`` for every configured point where some system has a result."""
+    for cell in cfg["cells"]:
+        for mode in cfg["modes"]:
+            for t in cfg["lengths"]:
+                recs = [table.get((s, cell, mode, t)) for s in systems]
+                if any(ok(r) for r in recs):
+                    yield cell, mode, t, recs
+
+
 def time_table(meta: dict, records: list[dict]) -> str:
     """Rows cell × mode × T; columns each system's median ms, rnnjax/torch, rnnjax/flax."""
     cfg = meta["config"]
     table = lookup(records)
     systems = measured(meta, records)
     head = ["cell", "mode", "T", *systems, "rnnjax/torch", "rnnjax/flax", "rnnjax µs/step"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
-    for cell in cfg["cells"]:
-        for mode in cfg["modes"]:
-            for t in cfg["lengths"]:
-                recs = [table.get((s, cell, mode, t)) for s in systems]
-                if not any(ok(r) for r in recs):
-                    continue
-                row = [CELL_NAMES.get(cell, cell), mode, str(t), *(_cell_value(r) for r in recs),
-                       _ratio(table, cell, mode, t, "torch"), _ratio(table, cell, mode, t, "flax"),
-                       f"{table[('rnnjax', cell, mode, t)]['per_step_us']:.3g}"
-                       if ok(table.get(("rnnjax", cell, mode, t))) else "—"]
-                lines.append("| " + " | ".join(row) + " |")
+    lines = _header(head)
+    for cell, mode, t, recs in _points(cfg, table, systems):
+        row = [CELL_NAMES.get(cell, cell), mode, str(t), *(_cell_value(r) for r in recs),
+               _ratio(table, cell, mode, t, "torch"), _ratio(table, cell, mode, t, "flax"),
+               f"{table[('rnnjax', cell, mode, t)]['per_step_us']:.3g}"
+               if ok(table.get(("rnnjax", cell, mode, t))) else "—"]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -122,15 +132,10 @@ def memory_table(meta: dict, records: list[dict]) -> str:
         if ok(r) and r.get("memory_source"):
             sources.setdefault(r["system"], set()).add(r["memory_source"])
     head = ["cell", "mode", "T"] + [f"{s} ({'/'.join(sorted(sources.get(s, {'n/a'})))})" for s in systems]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
-    for cell in cfg["cells"]:
-        for mode in cfg["modes"]:
-            for t in cfg["lengths"]:
-                recs = [table.get((s, cell, mode, t)) for s in systems]
-                if not any(ok(r) for r in recs):
-                    continue
-                row = [CELL_NAMES.get(cell, cell), mode, str(t), *(_cell_value(r, "memory") for r in recs)]
-                lines.append("| " + " | ".join(row) + " |")
+    lines = _header(head)
+    for cell, mode, t, recs in _points(cfg, table, systems):
+        row = [CELL_NAMES.get(cell, cell), mode, str(t), *(_cell_value(r, "memory") for r in recs)]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

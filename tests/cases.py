@@ -5,6 +5,10 @@ under vmap, with check_grads and for recompilation. Keep hidden sizes small: eve
 costs several compilations.
 """
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 import rnnjax as rj
 
 INPUT_SIZE = 3
@@ -42,3 +46,21 @@ def seq_shape(cell, batch_shape, steps):
     """Shape of a sequence ``xs`` for ``cell``: ``(*batch, T, *features)``."""
     step = step_shape(cell, ())
     return (*batch_shape, steps, *step)
+
+
+def random_case(cell, steps, key=0, dtype=jnp.float32, batch=(3,)):
+    """``(params, xs, carry)`` for ``cell``: random params and inputs, a non-zero initial carry."""
+    kp, kx = jax.random.split(jax.random.key(key))
+    params = cell.init(kp, INPUT_SIZE, dtype)
+    xs = jax.random.normal(kx, seq_shape(cell, batch, steps), dtype)
+    x0 = jnp.take(xs, 0, axis=len(batch)) if steps else jnp.zeros(step_shape(cell, batch), dtype)
+    carry = jax.tree.map(lambda c: c + jnp.asarray(0.3, c.dtype), cell.carry_for(x0, dtype))
+    return params, xs, carry
+
+
+def assert_tree_close(a, b, atol=1e-5, rtol=1e-5):
+    """Same structure, dtypes and shapes, values within tolerance."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert jnp.result_type(x) == jnp.result_type(y) and x.shape == y.shape
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)

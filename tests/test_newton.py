@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 
 import rnnjax as rj
 from rnnjax import parallel
-from tests.cases import CELL_CASES, INPUT_SIZE, seq_shape
+from tests.cases import CELL_CASES, INPUT_SIZE, assert_tree_close, random_case, seq_shape
 from tests.compat import enable_x64
 
 STEPS = 6
@@ -23,19 +23,10 @@ RESETS = jnp.zeros((3, STEPS), bool).at[0, 2].set(True).at[1, 1].set(True).at[1,
 
 
 def data(cell, key=0, dtype=jnp.float32, batch=(3,), steps=STEPS):
-    kp, kx = jax.random.split(jax.random.key(key))
-    params = cell.init(kp, INPUT_SIZE, dtype)
-    xs = jax.random.normal(kx, seq_shape(cell, batch, steps), dtype)
-    x0 = jnp.take(xs, 0, axis=len(batch))  # one step, to build the carry (ConvLSTM's has (H, W))
-    carry = jax.tree.map(lambda c: c + jnp.asarray(0.3, c.dtype), cell.carry_for(x0, dtype))
-    return params, xs, carry
+    return random_case(cell, steps, key, dtype, batch)
 
 
-def close(a, b, atol=1e-5, rtol=1e-5):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert jnp.result_type(x) == jnp.result_type(y) and x.shape == y.shape
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+close = assert_tree_close
 
 
 # DEER and quasi-DEER over every cell but ConvLSTM (whose flattened state is a whole

@@ -18,7 +18,7 @@ from jax.test_util import check_grads
 
 import rnnjax as rj
 from rnnjax import parallel
-from tests.cases import CELL_CASES, INPUT_SIZE
+from tests.cases import CELL_CASES, INPUT_SIZE, assert_tree_close, random_case
 from tests.compat import enable_x64
 
 LINEAR = sorted(name for name, cell in CELL_CASES.items() if isinstance(cell, rj.LinearCell))
@@ -29,18 +29,10 @@ RESETS = jnp.zeros((3, STEPS), bool).at[0, 3].set(True).at[1, 1].set(True).at[1,
 
 
 def data(cell, key=0, dtype=jnp.float32, batch=(3,), steps=STEPS):
-    kp, kx = jax.random.split(jax.random.key(key))
-    params = cell.init(kp, INPUT_SIZE, dtype)
-    xs = jax.random.normal(kx, (*batch, steps, INPUT_SIZE), dtype)
-    carry = jax.tree.map(lambda c: c + jnp.asarray(0.3, c.dtype), cell.init_carry(batch, dtype))
-    return params, xs, carry
+    return random_case(cell, steps, key, dtype, batch)
 
 
-def close(a, b, atol=1e-5, rtol=1e-5):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert jnp.result_type(x) == jnp.result_type(y) and x.shape == y.shape
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+close = assert_tree_close
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
