@@ -525,6 +525,8 @@ SYSTEMS: dict[str, System] = {
     "rnnjax-remat-sqrt": Rnnjax(options=(("remat", "sqrt"),), modes=("fwd+bwd",),
                                 note='rnnjax-remat-sqrt: rj.scan(remat="sqrt"), sqrt(T) nested checkpoints, fwd+bwd only'),
     "rnnjax-unroll4": Rnnjax(options=(("unroll", 4),)),
+    "rnnjax-unroll16": Rnnjax(options=(("unroll", 16),)),
+    "rnnjax-unroll64": Rnnjax(options=(("unroll", 64),)),
     "rnnjax-assoc": Rnnjax(options=(("method", "associative"),), cells=LINEAR_CELLS),
     "rnnjax-chunked": Rnnjax(options=(("method", "chunked"),), cells=LINEAR_CELLS),
     "rnnjax-newton": Rnnjax(options=(("method", "newton"),)),
