@@ -8,6 +8,7 @@
     (5, 8)
 """
 
+from rnnjax import distributed
 from rnnjax import interop
 from rnnjax import parallel
 from rnnjax import train
@@ -34,6 +35,7 @@ __all__ = [
     "Bidirectional",
     "Stack",
     "scan",
+    "distributed",
     "interop",
     "parallel",
     "train",

@@ -322,14 +322,18 @@ def _log_monoid(neg: float) -> _Monoid:
     )
 
 
-def _solve_affine(monoid: _Monoid, elems: Any, h0: Array, chunk_size: int | None = None) -> Array:
+def _solve_affine(monoid: _Monoid, elems: Any, h0: Array, chunk_size: int | None = None, time_sharding=None) -> Array:
     """All states ``s_t`` (time axis 0) of the recurrence ``elems`` started from ``h0``.
 
     ``chunk_size=None``: one associative scan over T. Otherwise chunks of ``chunk_size``
     steps: a sequential scan over the C positions of all chunks at once gives each chunk's
     local prefix maps, an associative scan over the chunks' total maps gives each chunk's
     starting state, and one elementwise pass applies the local maps to those starts.
+    ``time_sharding`` (a :class:`rnnjax.distributed.SequenceSharding`): the same with one
+    chunk per device.
     """
+    if time_sharding is not None:
+        return time_sharding.solve(monoid, elems, h0)
     steps = jax.tree_util.tree_leaves(elems)[0].shape[0]
     if chunk_size is None or chunk_size >= steps:
         if chunk_size is not None:  # one chunk: a plain sequential scan
@@ -458,8 +462,8 @@ def _output_dtype(cell, params, xs_tm, carry):
     return jax.eval_shape(lambda c, x: cell.step(params, c, x)[1], carry, xs_tm[0]).dtype
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("reverse", "chunk_size"))
-def _linear_jit(cell, params, xs, carry, lengths, resets, *, reverse, chunk_size):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("reverse", "chunk_size", "time_sharding"))
+def _linear_jit(cell, params, xs, carry, lengths, resets, *, reverse, chunk_size, time_sharding=None):
     steps = xs.shape[-2]
     xs_tm = jnp.moveaxis(xs, -2, 0)  # (T, *batch, D)
     batch_shape = xs_tm.shape[1:-1]
@@ -470,6 +474,8 @@ def _linear_jit(cell, params, xs, carry, lengths, resets, *, reverse, chunk_size
     resets_tm = None if resets is None else jnp.moveaxis(resets, -1, 0)
     valid, resets_p, flip = _time_order(steps, lengths, resets_tm, reverse)
     x_p = flip(xs_tm)
+    if time_sharding is not None:
+        x_p = time_sharding.constrain(x_p)
     if _uses_log_space(cell):
         la, lb = cell.log_coefficients(params, x_p)
         real = jnp.promote_types(jnp.result_type(la, lb), jnp.float32)
@@ -495,7 +501,7 @@ def _linear_jit(cell, params, xs, carry, lengths, resets, *, reverse, chunk_size
             b = jnp.where(_expand(valid, b), b, jnp.zeros((), work))
         monoid, elems = DIAG, (a, b)
         h0 = carry.astype(work)
-    hs_p = _solve_affine(monoid, elems, h0, chunk_size)  # (T, *batch, N), processing order
+    hs_p = _solve_affine(monoid, elems, h0, chunk_size, time_sharding)  # (T, *batch, N), processing order
     final = hs_p[-1].astype(carry.dtype)
     hs = flip(hs_p)
     ys = cell.readout(params, hs, xs_tm).astype(y_dtype)
@@ -650,9 +656,11 @@ def newton_scan(
 
 @functools.partial(
     jax.jit, static_argnums=(0,),
-    static_argnames=("reverse", "variant", "tol", "max_iters", "damping", "unroll"),
+    static_argnames=("reverse", "variant", "tol", "max_iters", "damping", "unroll", "time_sharding"),
 )
-def _newton_jit(cell, params, xs, carry, lengths, resets, *, reverse, variant, tol, max_iters, damping, unroll):
+def _newton_jit(
+    cell, params, xs, carry, lengths, resets, *, reverse, variant, tol, max_iters, damping, unroll, time_sharding=None
+):
     k = cell.input_ndim
     steps = xs.shape[-(k + 1)]
     xs_tm = jnp.moveaxis(xs, -(k + 1), 0)  # (T, *batch, *features)
@@ -674,11 +682,13 @@ def _newton_jit(cell, params, xs, carry, lengths, resets, *, reverse, variant, t
     x_p = flip(xs_tm).reshape((steps, batch) + features)
     r_p = jnp.zeros((steps, batch), bool) if resets_p is None else resets_p.reshape(steps, batch)
     v_p = jnp.ones((steps, batch), bool) if valid is None else valid.reshape(steps, batch)
+    if time_sharding is not None:
+        x_p, r_p, v_p = (time_sharding.constrain(a) for a in (x_p, r_p, v_p))
     carry_b = jax.tree.map(lambda c: c.reshape((batch,) + c.shape[nb:]), carry)
     h0 = jax.vmap(layout.flatten)(carry_b)  # (B, n)
 
     step = _step_fn(cell, layout)
-    solve = _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll)
+    solve = _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll, time_sharding)
     states, iterations, converged, residual = solve(params, x_p, h0, r_p, v_p)
     prev = jnp.concatenate([h0[None], states[:-1]], axis=0)
     new, ys = jax.vmap(jax.vmap(step, (None, 0, 0, 0, 0)), (None, 0, 0, 0, 0))(params, prev, x_p, r_p, v_p)
@@ -706,7 +716,7 @@ def _step_fn(cell: Cell, layout: _Layout):
     return step
 
 
-def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll):
+def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll, time_sharding=None):
     """``solve(params, X, h0, R, V) -> (S, iterations, converged, residual)`` with ``S``
     (T, B, n) the states after each step, differentiable by the implicit function theorem."""
     full = variant in ("deer", "elk")
@@ -755,7 +765,7 @@ def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll):
             J, F = jacobians(params, prev, X, R, V)
             u = F - (_mv(J, prev) if full else J * prev)
             if not elk:
-                S_new = _solve_affine(FULL if full else DIAG, (J, u), h0)
+                S_new = _solve_affine(FULL if full else DIAG, (J, u), h0, None, time_sharding)
                 F_new = values(params, shift(S_new, h0), X, R, V)
                 return k + 1, S_new, F_new, jnp.max(jnp.abs(S_new - F_new)), lam, merit
             S_new = _elk_step(J, u, F, S, lam, full)
@@ -788,7 +798,7 @@ def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll):
         prev = shift(S, h0)
         if full:
             J, _ = jacobians(params, prev, X, R, V)
-            lam = _adjoint_full(J, S_bar)
+            lam = _adjoint_full(J, S_bar, time_sharding)
         else:
             lam = _adjoint_quasi(lambda: jacobians(params, prev, X, R, V)[0], params, prev, X, R, V, S_bar)
         _, vjp = jax.vjp(lambda p, x, s: values(p, s, x, R, V), params, X, prev)
@@ -807,7 +817,8 @@ def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll):
             return jnp.concatenate([q[1:], jnp.zeros_like(q[:1])], axis=0)
 
         def reverse_solve(rhs):
-            return jnp.flip(_solve_affine(DIAG, (jnp.flip(D_next, 0), jnp.flip(rhs, 0)), jnp.zeros_like(rhs[0])), 0)
+            elems = (jnp.flip(D_next, 0), jnp.flip(rhs, 0))
+            return jnp.flip(_solve_affine(DIAG, elems, jnp.zeros_like(rhs[0]), None, time_sharding), 0)
 
         lam = reverse_solve(S_bar)
         q = jt(lam)
@@ -846,10 +857,10 @@ def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll):
     return solve
 
 
-def _adjoint_full(J: Array, S_bar: Array) -> Array:
+def _adjoint_full(J: Array, S_bar: Array, time_sharding=None) -> Array:
     """lambda_t = S_bar_t + J_{t+1}^T lambda_{t+1}, lambda_T = S_bar_T, by a reverse scan."""
     M = jnp.concatenate([jnp.swapaxes(J[1:], -1, -2), jnp.zeros_like(J[:1])], axis=0)
-    lam = _solve_affine(FULL, (jnp.flip(M, 0), jnp.flip(S_bar, 0)), jnp.zeros_like(S_bar[0]))
+    lam = _solve_affine(FULL, (jnp.flip(M, 0), jnp.flip(S_bar, 0)), jnp.zeros_like(S_bar[0]), None, time_sharding)
     return jnp.flip(lam, 0)
 
 

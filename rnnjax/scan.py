@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rnnjax import distributed
 from rnnjax.cell import Cell, PyTree, carry_batch_shape, check_float_input
 
 
@@ -122,16 +123,23 @@ def scan(
     )
     if method == "auto":
         method = parallel.choose_method(cell, steps)
-    if method == "sequential" or steps == 0:
-        return _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=unroll, remat=remat)
-    if method in ("associative", "chunked"):
-        size = None if method == "associative" else int(chunk_size or parallel.default_chunk_size(steps))
-        return parallel._linear_jit(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), chunk_size=size)
-    ys, final, _ = parallel.newton_scan(
-        cell, params, xs, carry, lengths=lengths, resets=resets, reverse=reverse,
-        newton=newton, tol=tol, max_iters=max_iters, damping=damping, unroll=unroll,
-    )
-    return ys, final
+
+    def run(params, xs, carry, lengths, resets):
+        if method == "sequential" or steps == 0:
+            return _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=unroll, remat=remat)
+        if method in ("associative", "chunked"):
+            size = None if method == "associative" else int(chunk_size or parallel.default_chunk_size(steps))
+            return parallel._linear_jit(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), chunk_size=size)
+        ys, final, _ = parallel.newton_scan(
+            cell, params, xs, carry, lengths=lengths, resets=resets, reverse=reverse,
+            newton=newton, tol=tol, max_iters=max_iters, damping=damping, unroll=unroll,
+        )
+        return ys, final
+
+    split = distributed.current_data_parallel()
+    if split is not None:  # inside rj.distributed.data_parallel: one loop per batch shard
+        return distributed.split_batch(run, cell, params, xs, carry, lengths, resets, split)
+    return run(params, xs, carry, lengths, resets)
 
 
 REMAT_POLICIES = ("none", "step", "sqrt")

@@ -39,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from rnnjax import distributed
 from rnnjax.checkpoint import checkpoint_steps, restore_checkpoint, save_checkpoint
 from rnnjax.scan import _check_lengths as _check_scan_lengths
 
@@ -399,6 +401,9 @@ def make_train_step(
     clip_norm: float | None = None,
     has_aux: bool = False,
     donate: bool = True,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
+    model_axis: str | None = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
     """A jitted training step: gradients of ``loss_fn``, one ``optimizer`` update.
 
@@ -413,6 +418,15 @@ def make_train_step(
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
       donate: donate the state's buffers to the step (the state passed in is deleted;
         use the returned one).
+      mesh: a ``jax.sharding.Mesh``: data parallelism over its ``data_axis``. Every array
+        of the batch with an axis is split along its leading (batch) axis; the state is
+        replicated, or with ``model_axis`` the last axis of its matrices (hidden units)
+        is split over that second axis. The loss is the global batch's, so the step
+        equals the single-device step up to float rounding; the recurrence runs per
+        shard (:func:`rnnjax.distributed.data_parallel`) and XLA reduces the gradients.
+        A batch whose leading axis does not divide over ``data_axis``, or an axis the
+        mesh lacks, is an error before anything compiles.
+      data_axis, model_axis: mesh axis names (``model_axis`` optional).
 
     Returns:
       ``step(state, batch) -> (new_state, metrics)`` with ``metrics = {"loss", "grad_norm",
@@ -458,7 +472,40 @@ def make_train_step(
         new_state, grad_norm = _apply_gradients(state, grads, optimizer, clip_norm)
         return new_state, {"loss": loss, "grad_norm": grad_norm, **aux}
 
+    if mesh is not None:
+        return _mesh_jit(train_step, mesh, data_axis, model_axis, donate, ("batch",))
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def _mesh_jit(step: Callable, mesh: Mesh, data_axis: str, model_axis: str | None, donate: bool,
+              names: tuple[str, ...]) -> Callable:
+    """``step(state, *batch_like)`` jitted over ``mesh``: every ``batch_like`` argument split
+    along its leading axis over ``data_axis``, the state replicated (or split over
+    ``model_axis``), the recurrence run per shard. Shapes are checked before compiling."""
+    distributed.check_mesh_axis(mesh, data_axis, "data_axis")
+    if model_axis is not None:
+        distributed.check_mesh_axis(mesh, model_axis, "model_axis")
+        if model_axis == data_axis:
+            raise ValueError(f"model_axis and data_axis must be different mesh axes, both are {data_axis!r}")
+    mesh = distributed._auto(mesh)
+
+    def traced(state, *rest):
+        with distributed.data_parallel(mesh, data_axis):
+            out = step(state, *rest)
+        new_state = jax.lax.with_sharding_constraint(out[0], distributed.state_shardings(out[0], mesh, model_axis))
+        return (new_state, *out[1:])
+
+    jitted = jax.jit(traced, donate_argnums=(0,) if donate else ())
+
+    def step_over_mesh(state, *rest):
+        for name, arg in zip(names, rest):
+            distributed.check_batch(arg, mesh, data_axis, name)
+        state = jax.device_put(state, distributed.state_shardings(state, mesh, model_axis))
+        rest = tuple(jax.device_put(arg, distributed.batch_shardings(arg, mesh, data_axis)) for arg in rest)
+        return jitted(state, *rest)
+
+    step_over_mesh.lower = lambda state, *rest: jitted.lower(state, *rest)
+    return step_over_mesh
 
 
 # ---- truncated backpropagation through time -------------------------------------------
@@ -489,6 +536,9 @@ def make_tbptt_step(
     time_axis: int = 1,
     lengths_key: str = "lengths",
     donate: bool = True,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
+    model_axis: str | None = None,
 ) -> Callable[[TrainState, PyTree, PyTree], tuple[TrainState, PyTree, dict]]:
     """A jitted truncated-BPTT step: one optimizer update per chunk of ``chunk_size`` steps.
 
@@ -525,6 +575,8 @@ def make_tbptt_step(
         (1 for ``(B, T, ...)``; 0 for a single ``(T, ...)`` sequence).
       lengths_key: the name of the lengths entry of a dict batch.
       donate: donate the state's buffers (not the carry's).
+      mesh, data_axis, model_axis: data parallelism, as in :func:`make_train_step`; the
+        carry is split along its leading (batch) axis like the batch.
 
     Returns:
       ``step(state, carry, batch) -> (new_state, new_carry, metrics)``. ``state.step``
@@ -707,6 +759,8 @@ def make_tbptt_step(
         }
         return state, carry, metrics
 
+    if mesh is not None:
+        return _mesh_jit(tbptt_step, mesh, data_axis, model_axis, donate, ("carry", "batch"))
     return jax.jit(tbptt_step, donate_argnums=(0,) if donate else ())
 
 

@@ -1,0 +1,318 @@
+"""Checks of rnnjax.distributed on 8 forced host devices, run in a subprocess by
+tests/test_distributed.py (the main test process keeps its single default device).
+
+    python tests/multidevice_checks.py [--out results.json]
+
+Each check records ``{"ok": bool, "detail": str}``; the script exits 0 when it finished,
+whatever the results (the test asserts them one by one).
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import rnnjax as rj  # noqa: E402
+
+RESULTS: dict[str, dict] = {}
+F32 = dict(rtol=2e-5, atol=2e-6)  # float32 rounding: the gradient sums run in another order
+
+
+def check(name):
+    def wrap(fn):
+        try:
+            detail = fn()
+            RESULTS[name] = {"ok": True, "detail": detail or ""}
+        except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the others
+            RESULTS[name] = {"ok": False, "detail": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"}
+        return fn
+
+    return wrap
+
+
+def assert_close(a, b, what, **tol):
+    tol = tol or F32
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=f"{what}{jax.tree_util.keystr(path)}", **tol)
+
+
+def max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
+)
+
+
+def raises_before_compiling(fn, *messages):
+    """``fn()`` raises ValueError naming every message, and nothing compiled on the way."""
+    before = len(compiles)
+    try:
+        fn()
+    except ValueError as e:
+        text = str(e)
+        missing = [m for m in messages if m not in text]
+        assert not missing, f"error {text!r} lacks {missing}"
+        assert len(compiles) == before, f"{len(compiles) - before} compilations before the error"
+        return text
+    raise AssertionError("no ValueError")
+
+
+assert len(jax.devices()) == 8, jax.devices()
+MESH = jax.make_mesh((8,), ("data",))
+MESH_2D = jax.make_mesh((4, 2), ("data", "model"))
+SEQ = jax.make_mesh((8,), ("seq",))
+OPT = optax.adam(1e-2)
+
+# ---- data parallelism --------------------------------------------------------------------
+
+LAYER = rj.Stack([rj.RNN(rj.LSTM(16)), rj.RNN(rj.GRU(16))])
+PARAMS = LAYER.init(jax.random.key(0), 3)
+kx, ky = jax.random.split(jax.random.key(1))
+BATCH = {"x": jax.random.normal(kx, (16, 12, 3)), "y": jax.random.normal(ky, (16, 12, 16)),
+         "lengths": jnp.arange(16) % 13}
+
+
+def loss_fn(p, b):
+    ys, _ = LAYER.apply(p, b["x"], lengths=b["lengths"])
+    return rj.train.mean_squared_error(ys, b["y"], b["lengths"])
+
+
+def two_steps(step):
+    state = rj.train.TrainState.create(PARAMS, OPT)
+    state, m1 = step(state, BATCH)
+    state, m2 = step(state, BATCH)
+    return state, (m1, m2)
+
+
+REF_STATE, REF_METRICS = two_steps(rj.train.make_train_step(loss_fn, OPT, donate=False))
+
+
+@check("train_step_data_parallel_equals_single_device")
+def _():
+    step = rj.train.make_train_step(loss_fn, OPT, donate=False, mesh=MESH)
+    state, metrics = two_steps(step)
+    assert_close(state.params, REF_STATE.params, "params")
+    assert_close(state.opt_state, REF_STATE.opt_state, "opt_state")
+    assert_close(metrics, REF_METRICS, "metrics")
+    specs = {tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(state.params)}
+    assert specs == {()}, f"parameters not replicated: {specs}"
+    return f"max |param diff| {max_diff(state.params, REF_STATE.params):.2e} after 2 Adam steps"
+
+
+@check("train_step_data_and_model_axes_equals_single_device")
+def _():
+    step = rj.train.make_train_step(loss_fn, OPT, donate=False, mesh=MESH_2D, model_axis="model")
+    state, metrics = two_steps(step)
+    assert_close(state.params, REF_STATE.params, "params")
+    assert_close(metrics, REF_METRICS, "metrics")
+    w = state.params[0].w_h  # (16, 64): hidden units split over "model"
+    assert tuple(w.sharding.spec) == (None, "model"), w.sharding
+    mu = state.opt_state[0].mu[0].w_h
+    assert tuple(mu.sharding.spec) == (None, "model"), mu.sharding
+    return f"max |param diff| {max_diff(state.params, REF_STATE.params):.2e}; w_h spec {w.sharding.spec}"
+
+
+def loop_all_reduces(hlo: str) -> dict[str, int]:
+    """All-reduces in the body of every while loop of compiled HLO text, by body name."""
+    computations = {}
+    for block in hlo.split("\n\n"):
+        m = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)", block.strip())
+        if m:
+            computations[m.group(1)] = block
+    return {b: computations.get(b, "").count("all-reduce(") for b in re.findall(r"body=%?([\w.\-]+)", hlo)}
+
+
+@check("gradient_reduced_once_after_the_loop")
+def _():
+    state = rj.train.TrainState.create(PARAMS, OPT)
+    step = rj.train.make_train_step(loss_fn, OPT, donate=False, mesh=MESH)
+    hlo = step.lower(state, BATCH).compile().as_text()
+    # The loops (the scans) must hold no all-reduce: the gradients are reduced where the
+    # replicated parameters enter shard_map, after the loops.
+    in_loops = loop_all_reduces(hlo)
+    assert in_loops and not any(in_loops.values()), in_loops
+    # What automatic partitioning of the plain step does instead (the reason for the above).
+    auto = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    placed = jax.device_put(BATCH, jax.sharding.NamedSharding(auto, jax.sharding.PartitionSpec("data")))
+    plain = rj.train.make_train_step(loss_fn, OPT, donate=False)
+    auto_loops = loop_all_reduces(plain.lower(state, placed).compile().as_text())
+    assert any(auto_loops.values()), auto_loops
+    return (f"{hlo.count('all-reduce(')} all-reduce(s), none in the {len(in_loops)} loop bodies; "
+            f"jit with a sharded batch alone: {sum(auto_loops.values())} inside loops")
+
+
+@check("tbptt_step_data_parallel_equals_single_device")
+def _():
+    def chunk_loss(p, carry, b):
+        ys, carry = LAYER.apply(p, b["x"], carry=carry, lengths=b["lengths"])
+        return rj.train.mean_squared_error(ys, b["y"], b["lengths"]), carry
+
+    carry = LAYER.init_carry((16,))
+    ref = rj.train.make_tbptt_step(chunk_loss, OPT, 4, donate=False)
+    dp = rj.train.make_tbptt_step(chunk_loss, OPT, 4, donate=False, mesh=MESH)
+    state = rj.train.TrainState.create(PARAMS, OPT)
+    a, ca, ma = ref(state, carry, BATCH)
+    b, cb, mb = dp(state, carry, BATCH)
+    assert_close(b.params, a.params, "params")
+    assert_close(cb, ca, "carry")
+    assert_close(mb, ma, "metrics")
+    return f"max |param diff| {max_diff(a.params, b.params):.2e} after 3 chunk updates"
+
+
+@check("remat_policies_same_gradients_data_parallel")
+def _():
+    cell = rj.LSTM(8)
+    params = cell.init(jax.random.key(2), 3)
+    xs = jax.random.normal(jax.random.key(3), (8, 37, 3))
+    lengths = jnp.arange(8) * 5
+
+    def grads(remat, mesh):
+        def loss(p, x):
+            ys, (h, c) = rj.scan(cell, p, x, lengths=lengths, remat=remat)
+            return jnp.sum(ys ** 2) + jnp.sum(c)
+
+        f = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        if mesh is None:
+            return f(params, xs)
+        with rj.distributed.data_parallel(mesh, "data"):
+            return f(params, xs)
+
+    ref = grads("none", None)
+    out = []
+    for remat in ("none", "step", "sqrt"):
+        g = grads(remat, MESH)
+        assert_close(g, ref, f"remat={remat} grads")
+        out.append(f"{remat}: {max_diff(g, ref):.1e}")
+    return "max |grad diff| vs single device, no remat: " + ", ".join(out)
+
+
+@check("data_parallel_flax_module")
+def _():
+    from rnnjax.flax import linen as rjl
+
+    module = rjl.Recurrent(rj.RNN(rj.GRU(8)))
+    xs = BATCH["x"]
+    variables = module.init(jax.random.key(4), xs)
+    ref = module.apply(variables, xs)
+    with rj.distributed.data_parallel(MESH, "data"):
+        out = jax.jit(module.apply)(variables, xs)
+    assert_close(out, ref, "flax output")
+    return f"max |diff| {max_diff(out, ref):.1e}"
+
+
+@check("bad_input_errors_before_compiling")
+def _():
+    step = rj.train.make_train_step(loss_fn, OPT, donate=False, mesh=MESH)
+    state = rj.train.TrainState.create(PARAMS, OPT)
+    bad = {k: v[:12] for k, v in BATCH.items()}
+    msgs = [raises_before_compiling(lambda: step(state, bad), "(12,", "8 devices", "'data'")]
+    msgs.append(raises_before_compiling(
+        lambda: rj.train.make_train_step(loss_fn, OPT, mesh=MESH, data_axis="batch"), "'batch'", "('data',)"))
+    msgs.append(raises_before_compiling(
+        lambda: rj.train.make_train_step(loss_fn, OPT, mesh=MESH, model_axis="model"), "'model'"))
+    gru, mingru = rj.GRU(4), rj.MinGRU(4)
+    gru_p, mingru_p = gru.init(jax.random.key(0), 3), mingru.init(jax.random.key(0), 3)
+    x6, x5, x64 = np.ones((6, 5, 3), np.float32), np.ones((2, 5, 3), np.float32), np.ones((2, 64, 3), np.float32)
+    with rj.distributed.data_parallel(MESH, "data"):
+        msgs.append(raises_before_compiling(lambda: rj.scan(gru, gru_p, x6), "(6, 5, 3)", "8 devices"))
+    msgs.append(raises_before_compiling(
+        lambda: rj.distributed.sequence_scan(mingru, mingru_p, x5, mesh=SEQ, axis="seq"), "5 time steps", "8 devices"))
+    msgs.append(raises_before_compiling(
+        lambda: rj.distributed.sequence_scan(mingru, mingru_p, x64, mesh=SEQ, axis="time"), "'time'", "('seq',)"))
+    msgs.append(raises_before_compiling(
+        lambda: rj.distributed.sequence_scan(gru, gru_p, x64, mesh=SEQ, axis="seq", method="associative"), "linear cell"))
+    return "\n".join(msgs)
+
+
+# ---- sequence parallelism ----------------------------------------------------------------
+
+T = 61  # not a multiple of 8: the last shard is padded
+SEQ_CASES = {
+    "MinGRU": (rj.MinGRU(6), "associative"),
+    "MinLSTM": (rj.MinLSTM(6), "associative"),
+    "LRU": (rj.LRU(6), "associative"),
+    "Elman": (rj.Elman(4), "newton"),
+    "GRU": (rj.GRU(4), "newton"),
+    "LSTM": (rj.LSTM(3), "newton"),
+    "MGU": (rj.MGU(4), "newton"),
+    "IndRNN": (rj.IndRNN(4), "newton"),
+}
+
+
+SEQ_CASES["ConvLSTM"] = (rj.ConvLSTM(2, kernel_size=(2, 2)), "newton")  # carry (2, 2, 2) per sequence: n = 16
+
+
+def seq_inputs(cell, seed):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    params = cell.init(keys[0], 3)
+    features = (2, 2, 3) if isinstance(cell, rj.ConvLSTM) else (3,)
+    xs = jax.random.normal(keys[1], (3, T) + features)
+    lengths = jnp.array([T, 40, 7])
+    resets = jax.random.bernoulli(keys[2], 0.1, (3, T))
+    return params, xs, lengths, resets
+
+
+for i, (name, (cell, method)) in enumerate(SEQ_CASES.items()):
+
+    @check(f"sequence_parallel_{name}_{method}")
+    def _(cell=cell, method=method, seed=i):
+        params, xs, lengths, resets = seq_inputs(cell, seed)
+        out = []
+        for reverse in (False, True):
+            kw = dict(lengths=lengths, resets=resets, reverse=reverse)
+            ref = rj.scan(cell, params, xs, **kw)
+            got = rj.distributed.sequence_scan(cell, params, xs, mesh=SEQ, axis="seq", method=method,
+                                               newton="deer" if method == "newton" else None, **kw)
+            assert_close(got, ref, f"reverse={reverse} ", rtol=1e-5, atol=1e-5)
+            out.append(f"reverse={reverse}: {max_diff(got, ref):.1e}")
+
+        def loss(p, x, scan):
+            ys, final = scan(p, x)
+            return jnp.sum(ys ** 2) + sum(jnp.sum(jnp.real(c)) for c in jax.tree.leaves(final))
+
+        ref_g = jax.grad(loss, argnums=(0, 1))(params, xs, lambda p, x: rj.scan(cell, p, x, lengths=lengths, resets=resets))
+        got_g = jax.grad(loss, argnums=(0, 1))(
+            params, xs, lambda p, x: rj.distributed.sequence_scan(cell, p, x, mesh=SEQ, axis="seq", method=method,
+                                                                  lengths=lengths, resets=resets))
+        scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref_g))
+        assert_close(got_g, ref_g, "grad ", rtol=1e-4, atol=1e-4 * scale)
+        out.append(f"grad: {max_diff(got_g, ref_g):.1e} (largest |grad| {scale:.1e})")
+        return "max |diff| " + ", ".join(out)
+
+
+@check("sequence_parallel_is_split_over_devices")
+def _():
+    cell = rj.MinGRU(6)
+    params, xs, lengths, resets = seq_inputs(cell, 0)
+    xs = jnp.concatenate([xs, xs[:, :3]], axis=1)  # T = 64
+    f = jax.jit(lambda p, x: rj.distributed.sequence_scan(cell, p, x, mesh=SEQ, axis="seq"))
+    hlo = f.lower(params, xs).compile().as_text()
+    assert "all-gather" in hlo, "no all-gather of the shard summaries"
+    # The associative scan on each device covers T / 8 = 8 steps, not 64.
+    ys = f(params, xs)[0]
+    np.testing.assert_allclose(ys, rj.scan(cell, params, xs)[0], rtol=1e-5, atol=1e-5)
+    return f"{hlo.count('all-gather(')} all-gather(s)"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    text = json.dumps(RESULTS, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    for name, r in RESULTS.items():
+        print(("ok  " if r["ok"] else "FAIL"), name, "-", r["detail"].splitlines()[0] if r["detail"] else "")

@@ -1,0 +1,125 @@
+"""rnnjax.distributed: the 8-device checks run in a subprocess (tests/multidevice_checks.py,
+8 forced host devices); the rest here on this process's single default device."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rnnjax as rj
+
+CHECKS = Path(__file__).with_name("multidevice_checks.py")
+EXPECTED = [
+    "train_step_data_parallel_equals_single_device",
+    "train_step_data_and_model_axes_equals_single_device",
+    "gradient_reduced_once_after_the_loop",
+    "tbptt_step_data_parallel_equals_single_device",
+    "remat_policies_same_gradients_data_parallel",
+    "data_parallel_flax_module",
+    "bad_input_errors_before_compiling",
+    *(f"sequence_parallel_{name}_associative" for name in ("MinGRU", "MinLSTM", "LRU")),
+    *(f"sequence_parallel_{name}_newton" for name in ("Elman", "GRU", "LSTM", "MGU", "IndRNN", "ConvLSTM")),
+    "sequence_parallel_is_split_over_devices",
+]
+
+
+@pytest.fixture(scope="module")
+def multidevice(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multidevice") / "results.json"
+    proc = subprocess.run([sys.executable, str(CHECKS), "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and out.exists(), f"checks did not finish:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(out.read_text())
+
+
+def test_every_multidevice_check_ran(multidevice):
+    assert sorted(multidevice) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_multidevice(multidevice, name):
+    result = multidevice[name]
+    assert result["ok"], result["detail"]
+
+
+# ---- one device ----------------------------------------------------------------------------
+
+MESH = jax.make_mesh((1,), ("data",))
+CELL = rj.GRU(6)
+PARAMS = CELL.init(jax.random.key(0), 3)
+XS = jax.random.normal(jax.random.key(1), (4, 9, 3))
+
+
+def test_data_parallel_context_on_one_device_equals_plain_scan():
+    lengths = jnp.array([9, 3, 0, 5])
+    with rj.distributed.data_parallel(MESH, "data"):
+        assert rj.distributed.current_data_parallel().axis == "data"
+        ys, h = jax.jit(lambda p, x: rj.scan(CELL, p, x, lengths=lengths))(PARAMS, XS)
+    assert rj.distributed.current_data_parallel() is None
+    ref_ys, ref_h = rj.scan(CELL, PARAMS, XS, lengths=lengths)
+    np.testing.assert_allclose(ys, ref_ys, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(h, ref_h, rtol=1e-6, atol=1e-6)
+
+
+def test_data_parallel_rejects_a_single_sequence_and_bad_axes():
+    with rj.distributed.data_parallel(MESH, "data"):
+        with pytest.raises(ValueError, match=r"single sequence .*sequence_scan"):
+            rj.scan(CELL, PARAMS, XS[0])
+    with pytest.raises(ValueError, match=r"axis='batch' is not an axis of the mesh; its axes are \('data',\)"):
+        with rj.distributed.data_parallel(MESH, "batch"):
+            pass
+    with pytest.raises(TypeError, match="jax.sharding.Mesh"):
+        with rj.distributed.data_parallel("data", "data"):
+            pass
+
+
+def test_train_step_with_a_one_device_mesh_equals_plain_step():
+    def loss_fn(p, b):
+        return rj.train.mean_squared_error(rj.scan(CELL, p, b["x"])[0], b["y"])
+
+    opt = optax.sgd(0.1)
+    batch = {"x": XS, "y": jnp.ones((4, 9, 6))}
+    state = rj.train.TrainState.create(PARAMS, opt)
+    a, ma = rj.train.make_train_step(loss_fn, opt, donate=False)(state, batch)
+    b, mb = rj.train.make_train_step(loss_fn, opt, donate=False, mesh=MESH)(state, batch)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
+    with pytest.raises(ValueError, match="model_axis and data_axis must be different"):
+        rj.train.make_train_step(loss_fn, opt, mesh=MESH, model_axis="data")
+
+
+def test_sequence_scan_one_device_and_errors():
+    seq = jax.make_mesh((1,), ("seq",))
+    cell = rj.MinGRU(5)
+    params = cell.init(jax.random.key(2), 3)
+    ys, h = rj.distributed.sequence_scan(cell, params, XS, mesh=seq, axis="seq", reverse=True)
+    ref_ys, ref_h = rj.scan(cell, params, XS, reverse=True)
+    np.testing.assert_allclose(ys, ref_ys, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h, ref_h, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match='"deer" and "quasi-deer"'):
+        rj.distributed.sequence_scan(CELL, PARAMS, XS, mesh=seq, axis="seq", newton="elk")
+    with pytest.raises(ValueError, match="method must be"):
+        rj.distributed.sequence_scan(cell, params, XS, mesh=seq, axis="seq", method="chunked")
+    with pytest.raises(ValueError, match="apply to method=\"newton\" only"):
+        rj.distributed.sequence_scan(cell, params, XS, mesh=seq, axis="seq", tol=1e-3)
+    with pytest.raises(ValueError, match=r"xs has shape \(4, 9, 4\); expected"):
+        rj.distributed.sequence_scan(cell, params, jnp.ones((4, 9, 4)), mesh=seq, axis="seq")
+
+
+def test_shard_batch_and_replicate_place_arrays():
+    batch = {"x": np.ones((4, 9, 3), np.float32), "key": jax.random.key(0)}
+    placed = rj.distributed.shard_batch(batch, MESH, "data")
+    assert tuple(placed["x"].sharding.spec) == ("data",)
+    assert tuple(placed["key"].sharding.spec) == ()
+    params = rj.distributed.replicate(PARAMS, MESH)
+    assert all(tuple(p.sharding.spec) == () for p in jax.tree.leaves(params))
+    two_d = jax.make_mesh((1, 1), ("data", "model"))
+    shardings = rj.distributed.state_shardings(PARAMS, two_d, "model")
+    assert tuple(shardings.w_h.spec) == (None, "model")  # (hidden, 3 * hidden): split the columns
+    assert tuple(shardings.b_x.spec) == ()  # vectors stay replicated
