@@ -32,7 +32,7 @@ class RNN:
     Args:
       cell: any rnnjax cell.
       reverse: run each sequence backwards over its valid part (see :func:`rnnjax.scan`).
-      unroll: steps unrolled per loop iteration.
+      unroll: steps unrolled per loop iteration; ``"auto"``: per backend, see :func:`rnnjax.scan`.
       remat: what the backward pass recomputes to save memory: ``False``, ``True`` (each
         step) or ``"sqrt"`` (sqrt(T) nested checkpoints); see :func:`rnnjax.scan`.
       method, chunk_size, tol, max_iters, newton, damping: how to evaluate the
@@ -52,7 +52,7 @@ class RNN:
 
     cell: Cell
     reverse: bool = False
-    unroll: int = 1
+    unroll: int | str = "auto"
     remat: bool | str = False
     method: str = "sequential"
     chunk_size: int | None = None

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax.cell import Cell, LinearCell, PyTree, carry_batch_shape
-from rnnjax.scan import _check_lengths, _check_resets, _check_xs, _scan, flip_valid
+from rnnjax.scan import _check_lengths, _check_resets, _check_xs, _scan, flip_valid, resolve_unroll
 
 Array = jax.Array
 
@@ -68,14 +68,19 @@ DEFAULT_TOL = {2: 2e-2, 4: 1e-5, 8: 1e-10}  # itemsize -> tol (2: bfloat16, floa
 # except two forward+backward points at T=256 where "chunked" led by 7% (minGRU) and 17% (LRU);
 # re-measured with 11 repeats the sequential loop led there too (2.31 vs 3.20 ms, 5.22 vs
 # 5.36 ms). A CPU runs one step at a time fast; the parallel forms do O(log T) more work.
-# gpu/tpu: not measured (no accelerator in the session that wrote this); chosen
-#   conservatively from the literature, to be replaced by benchmarks/gpu_parallel.sh's
-#   output: parallel scans of diagonal linear recurrences beat a sequential loop on GPUs for
-#   long sequences (Martin & Cundy 2018; Smith et al. 2023, S5; Feng et al. 2024, whose
-#   speed-ups over sequential GRU/LSTM grow with T), and the 256-step crossover is a guess
-#   on the safe side of that. Newton methods win only for small states and long T, and
-#   their iteration count depends on the data (Lim et al. 2023; Gonzalez et al. 2024), so
-#   "auto" never picks them without a measurement.
+# gpu: measured 2026-11-27 on one NVIDIA H200 (jax 0.11.2), batch 16, hidden 64, by
+#   bash benchmarks/gpu_session.sh   (benchmarks/gpu_parallel.sh with --budget-s 160)
+# (results in benchmarks/results/gpu_parallel_20261127T063310Z.md). Linear cells: "associative"
+# was fastest at every measured T (1024, 4096, 16384), forward+backward 67x / 135x / 177x the
+# sequential loop for minGRU and 91x / 126x / 282x for LRU; chunked was 13-166x. Below T=1024
+# nothing was measured; a parallel scan of depth log T has no reason to lose there on a GPU,
+# so the row starts at 0. Nonlinear (GRU, hidden 16): quasi-DEER's forward+backward was
+# 1.00x / 1.10x / 1.14x the sequential loop and its forward 0.5-0.65x; DEER's
+# forward+backward 1.23x / 1.56x (T=1024/4096) and forward 0.37-0.46x; and the sequential
+# loop measured there ran without the GPU unroll (rj.scan's default since) that made it
+# 2-3x faster. So "auto" keeps nonlinear cells sequential on GPUs. The sweep's own
+# suggestion (--auto-table) flipped between sequential and newton on those near-ties.
+# tpu: not measured; the GPU rows stand in.
 _AUTO_TABLE: dict[str, dict[str, Any]] = {
     "cpu": {
         "log_linear": ((0, "sequential"),),
@@ -84,8 +89,8 @@ _AUTO_TABLE: dict[str, dict[str, Any]] = {
         "chunk_size": "sqrt",
     },
     "gpu": {
-        "log_linear": ((0, "sequential"), (256, "associative")),
-        "linear": ((0, "sequential"), (256, "associative")),
+        "log_linear": ((0, "associative"),),
+        "linear": ((0, "associative"),),
         "nonlinear": ((0, "sequential"),),
         "chunk_size": "sqrt",
     },
@@ -564,7 +569,7 @@ def newton_scan(
     tol: float | None = None,
     max_iters: int | None = None,
     damping: float | None = None,
-    unroll: int | bool = 1,
+    unroll: int | bool | str = "auto",
 ) -> tuple[Array, PyTree, NewtonInfo]:
     r"""Run any cell over time by Newton's method on all states at once; return
     ``(ys, final_carry, info)``. :func:`rnnjax.scan` with ``method="newton"`` calls this
@@ -620,7 +625,7 @@ def newton_scan(
       max_iters: positive int, Newton steps before falling back; ``None``: 50.
       damping: ELK's initial :math:`\lambda > 0`, only for ``"elk"``/``"quasi-elk"``;
         ``None``: 1.
-      unroll: unroll of the sequential fallback's loop.
+      unroll: unroll of the sequential fallback's loop (``"auto"``: as :func:`rnnjax.scan`).
 
     Returns:
       ``ys``, ``final_carry`` as :func:`rnnjax.scan` (float32: within about ``tol /
@@ -638,8 +643,7 @@ def newton_scan(
     """
     xs, carry, lengths, resets = _validate(cell, params, xs, carry, lengths, resets)
     check_options(cell, "newton", tol=tol, max_iters=max_iters, newton=newton, damping=damping)
-    if not (unroll is True or (isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1)):
-        raise ValueError(f"unroll must be a positive int or True, got {unroll!r}")
+    unroll = resolve_unroll(unroll)
     variant = newton or DEFAULT_NEWTON
     if variant in ("elk", "quasi-elk") and damping is None:
         damping = DEFAULT_DAMPING

@@ -24,7 +24,7 @@ def scan(
     lengths: jax.Array | None = None,
     resets: jax.Array | None = None,
     reverse: bool = False,
-    unroll: int | bool = 1,
+    unroll: int | bool | str = "auto",
     remat: bool | str = False,
     method: str = "sequential",
     chunk_size: int | None = None,
@@ -59,7 +59,9 @@ def scan(
       reverse: run each sequence backwards over its own valid part: step ``lengths - 1``
         first, step ``0`` last. Outputs stay aligned with their inputs and padding stays
         at the end, so a reversed pass over padded data equals one over unpadded data.
-      unroll: steps unrolled per loop iteration (``jax.lax.scan``'s ``unroll``).
+      unroll: steps unrolled per loop iteration (``jax.lax.scan``'s ``unroll``), or
+        ``"auto"``: the measured best for the backend (:data:`AUTO_UNROLL`: 1 on CPU, 16 on
+        GPU), decided when the call is traced.
       remat: what the backward pass recomputes instead of storing (``jax.checkpoint``).
         ``False`` (or ``"none"``): nothing, every step's activations are kept, O(T) of them.
         ``True`` (or ``"step"``): each step, storing only the carries (still O(T) carries).
@@ -112,8 +114,7 @@ def scan(
         lengths = _check_lengths(lengths, batch_shape, steps)
     if resets is not None:
         resets = _check_resets(resets, batch_shape, steps)
-    if not (unroll is True or (isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1)):
-        raise ValueError(f"unroll must be a positive int or True, got {unroll!r}")
+    unroll = resolve_unroll(unroll)
     remat = remat_policy(remat)
     # rnnjax.parallel builds on this module's checks, so it is imported here, not at the top.
     from rnnjax import parallel
@@ -143,6 +144,30 @@ def scan(
 
 
 REMAT_POLICIES = ("none", "step", "sqrt")
+
+# What unroll="auto" means, per backend (jax.default_backend(); other accelerators use "gpu").
+# cpu: 1. Measured on the 2-core CPU (DESIGN.md, benchmarks/results/cpu-quick: rnnjax-unroll4
+#   ran at about the speed of unroll 1 and unroll=8 slowed training 2-3x).
+# gpu: 16. Measured 2026-11-27 on one H200, jax 0.11.2, B=32 D=H=128, by
+#   python -m benchmarks.run --preset gpu --cells lstm,gru,elman --lengths 1024 4096 \
+#     --systems rnnjax rnnjax-unroll4 rnnjax-unroll16 rnnjax-unroll64 torch
+#   (benchmarks/results/nvidia-h200-unroll/results.md). Each loop iteration costs a few
+#   microseconds of launch and synchronisation whatever its size, so unrolling pays:
+#   LSTM T=4096 forward 63.0 / 32.8 / 25.8 / 24.4 ms and forward+backward 185 / 96.6 / 71.8 /
+#   66.5 ms for unroll 1 / 4 / 16 / 64; GRU and Elman alike (2.3-3.3x at 16). 64 gained at
+#   most another 13% but compiled in up to 17 s against 1-3 s for 16 (warm).
+AUTO_UNROLL = {"cpu": 1, "gpu": 16}
+
+
+def resolve_unroll(unroll: int | bool | str, backend: str | None = None) -> int | bool:
+    """``unroll`` checked, ``"auto"`` replaced by :data:`AUTO_UNROLL`'s value for ``backend``
+    (``jax.default_backend()`` when ``None``)."""
+    if unroll == "auto" and isinstance(unroll, str):
+        backend = backend or jax.default_backend()
+        return AUTO_UNROLL.get(backend, AUTO_UNROLL["cpu" if backend == "cpu" else "gpu"])
+    if not (unroll is True or (isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1)):
+        raise ValueError(f'unroll must be a positive int, True or "auto", got {unroll!r}')
+    return unroll
 
 
 def remat_policy(remat: bool | str) -> str:

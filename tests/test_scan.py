@@ -114,6 +114,18 @@ def test_remat_and_unroll_give_same_values_and_gradients():
     base = jax.value_and_grad(loss)(PARAMS)
     close(jax.value_and_grad(lambda p: loss(p, remat=True))(PARAMS), base, atol=1e-5)
     close(jax.value_and_grad(lambda p: loss(p, unroll=4))(PARAMS), base, atol=1e-5)
+    close(jax.value_and_grad(lambda p: loss(p, unroll=16))(PARAMS), base, atol=1e-5)  # GPU's "auto"
+
+
+def test_unroll_auto_is_decided_per_backend():
+    from rnnjax.scan import AUTO_UNROLL, resolve_unroll
+
+    assert resolve_unroll("auto", backend="cpu") == AUTO_UNROLL["cpu"] == 1
+    assert resolve_unroll("auto", backend="gpu") == resolve_unroll("auto", backend="cuda") == AUTO_UNROLL["gpu"]
+    assert resolve_unroll("auto") == AUTO_UNROLL["cpu"]  # this test process runs on CPU
+    assert resolve_unroll(3) == 3 and resolve_unroll(True) is True
+    with pytest.raises(ValueError, match='unroll must be a positive int, True or "auto", got \'fast\''):
+        resolve_unroll("fast")
 
 
 @pytest.mark.parametrize("steps", [1, 4, 7])  # 4: 2 blocks of 2; 7: padded to 3 blocks of 3
