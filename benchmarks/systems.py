@@ -190,10 +190,12 @@ def scan_accepts(option: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Rnnjax(System):
-    """``rj.scan(cell, params, xs, **options)``; ``vmap``: over single sequences instead."""
+    """``rj.scan(cell, params, xs, **options)``; ``vmap``: over single sequences instead;
+    ``wrap``: scan ``wrap(cell)`` (e.g. ``rj.Mixed``) with the cell's own parameters."""
 
     options: tuple[tuple[str, Any], ...] = ()
     vmap: bool = False
+    wrap: Callable[[rj.Cell], rj.Cell] | None = None
     same_as_rnnjax: bool = True
 
     def build(self, prob, x):
@@ -203,6 +205,8 @@ class Rnnjax(System):
             raise Skip(f"rj.scan has no {', '.join(missing)}= option in this rnnjax")
         cell = rnnjax_cell(prob.cell, prob.hidden_size)
         params = rnnjax_params(cell, prob)
+        if self.wrap is not None:
+            cell = self.wrap(cell)
 
         def apply(p, xs):
             return rj.scan(cell, p, xs, **opts)[0]
@@ -214,12 +218,12 @@ class Rnnjax(System):
 
 @dataclasses.dataclass(frozen=True)
 class RnnjaxShard(System):
-    """rnnjax with the batch split over all local devices under ``jax.shard_map``.
+    """rnnjax with the batch split over all local devices: ``rj.scan`` inside
+    ``rj.distributed.data_parallel(mesh, "batch")``, as ``make_train_step(mesh=...)`` runs it.
 
-    Each device scans its part of the batch; the parameters are marked varying
-    (``jax.lax.pcast``) once before the loop, so the backward pass reduces their
-    gradients with one ``psum`` after the loop instead of one per step. The initial
-    carry is built per device and marked varying too.
+    Each device scans its part of the batch under ``jax.shard_map``; the parameters enter
+    replicated, so the backward pass reduces their gradients with one all-reduce after the
+    loop instead of one per step.
     """
 
     options: tuple[tuple[str, Any], ...] = ()
@@ -233,7 +237,7 @@ class RnnjaxShard(System):
         return None
 
     def build(self, prob, x):
-        from jax.sharding import Mesh
+        from jax.sharding import Mesh, NamedSharding
         from jax.sharding import PartitionSpec as P
 
         opts = dict(self.options)
@@ -247,24 +251,13 @@ class RnnjaxShard(System):
         cell = rnnjax_cell(prob.cell, prob.hidden_size)
         params = rnnjax_params(cell, prob)
 
-        def local(p, xs):
-            p = jax.tree.map(lambda a: jax.lax.pcast(a, "batch", to="varying"), p)
-            carry = cell.init_carry(xs.shape[:-2], xs.dtype)
-            carry = jax.tree.map(lambda a: jax.lax.pcast(a, "batch", to="varying"), carry)
-            return rj.scan(cell, p, xs, carry, **opts)[0]
+        def apply(p, xs):
+            with rj.distributed.data_parallel(mesh, "batch"):
+                return rj.scan(cell, p, xs, **opts)[0]
 
-        if prob.mode == "fwd":
-            fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch"))
-        else:
-            # grad of an invariant input through pcast is the psum of the local gradients.
-            def local_grad(p, xs):
-                return jax.grad(lambda p, xs: loss(local(p, xs)), argnums=(0, 1))(p, xs)
-
-            fn = jax.shard_map(local_grad, mesh=mesh, in_specs=(P(), P("batch")), out_specs=(P(), P("batch")))
-        xs = jax.device_put(jnp.asarray(x, prob.jax_dtype), jax.sharding.NamedSharding(mesh, P("batch")))
-        params = jax.device_put(params, jax.sharding.NamedSharding(mesh, P()))
-        # compile_jax differentiates apply itself; here the gradient is inside shard_map.
-        built = compile_jax(fn, params, xs, "fwd")
+        xs = jax.device_put(jnp.asarray(x, prob.jax_dtype), NamedSharding(mesh, P("batch")))
+        params = jax.device_put(params, NamedSharding(mesh, P()))
+        built = compile_jax(apply, params, xs, prob.mode)
         built.info["devices"] = n
         return built
 
@@ -531,8 +524,12 @@ SYSTEMS: dict[str, System] = {
     "rnnjax-chunked": Rnnjax(options=(("method", "chunked"),), cells=LINEAR_CELLS),
     "rnnjax-newton": Rnnjax(options=(("method", "newton"),)),
     "rnnjax-auto": Rnnjax(options=(("method", "auto"),)),
-    "rnnjax-shard": RnnjaxShard(note="rnnjax-shard: batch split over the host devices under jax.shard_map, "
-                                     "one psum of parameter gradients after the loop"),
+    "rnnjax-bf16": Rnnjax(wrap=functools.partial(rj.Mixed, compute_dtype=jnp.bfloat16), same_as_rnnjax=False,
+                          note="rnnjax-bf16: rj.Mixed(cell, compute_dtype=bfloat16): float32 params and carry, bfloat16 outputs"),
+    "rnnjax-f16": Rnnjax(wrap=functools.partial(rj.Mixed, compute_dtype=jnp.float16), same_as_rnnjax=False,
+                         note="rnnjax-f16: rj.Mixed(cell, compute_dtype=float16): float32 params and carry, float16 outputs"),
+    "rnnjax-shard": RnnjaxShard(note="rnnjax-shard: batch split over the host devices by rj.distributed.data_parallel "
+                                     "(shard_map), one all-reduce of parameter gradients after the loop"),
     "rnnjax-vmap": Rnnjax(vmap=True, only_at_vmap_length=True,
                           note="rnnjax-vmap: jax.vmap of the single-sequence call, at --vmap-length only"),
     "flax": Flax(),

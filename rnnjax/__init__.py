@@ -15,6 +15,7 @@ from rnnjax import train
 from rnnjax.cell import Cell, LinearCell
 from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM
 from rnnjax.layers import RNN, Bidirectional, Stack
+from rnnjax.precision import Mixed
 from rnnjax.scan import scan
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "RNN",
     "Bidirectional",
     "Stack",
+    "Mixed",
     "scan",
     "distributed",
     "interop",
