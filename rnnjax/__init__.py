@@ -9,6 +9,7 @@
 """
 
 from rnnjax import distributed
+from rnnjax import inspect
 from rnnjax import interop
 from rnnjax import parallel
 from rnnjax import train
@@ -38,6 +39,7 @@ __all__ = [
     "Mixed",
     "scan",
     "distributed",
+    "inspect",
     "interop",
     "parallel",
     "train",
