@@ -2,8 +2,11 @@
 
 For every cell: one set of float32 parameters (the cell's default init) and one batch of
 standard-normal inputs; ``rj.scan`` over them in float32 (the reference) and wrapped in
-``rj.Mixed`` with each variant: compute bfloat16 or float16, carry float32, with and
-without ``accumulate``. Outputs are compared step by step with the reference:
+``rj.Mixed`` with each variant: compute bfloat16 or float16, carry float32, and
+``carry_mode="keep"`` (the step sees the float32 carry: products in the compute dtype,
+the carry's elementwise update in float32) or ``"round"`` (the carry rounded to the compute
+dtype for the step, its increment added to the float32 carry). Outputs are compared step
+by step with the reference:
 
     e_t = ||y_t - y_t^ref|| / ||y_t^ref||      (2-norms over batch and features)
 
@@ -11,13 +14,17 @@ reported at t = 100, 1000, 10000 (1-based steps, those <= T), as the mean and th
 all t, and likewise for the final carry (all leaves together). Mixed outputs are cast to
 float32 (float64 in the comparison) before the difference.
 
-With every result rounded to its dtype, ``accumulate`` changes nothing from a zero initial
-carry (see ``rj.Mixed``): the two rows of a dtype differ only where XLA keeps a step's
-result in more precision than the compute dtype (``--xla_allow_excess_precision``, on by
-default). ``XLA_FLAGS=--xla_allow_excess_precision=false`` makes them equal.
+The summary gives, per compute dtype, the geometric mean over cells of the ratio of the
+two modes' mean output errors (keep / round; < 1: keep is closer to float32).
 
-    python benchmarks/precision_drift.py                   # T=10000, B=8, H=64: ~2 min on 2 CPU cores
+    python benchmarks/precision_drift.py                   # T=10000, B=8, H=64: ~1-2 min on 2 CPU cores
     python benchmarks/precision_drift.py --tiny --out /tmp/drift   # seconds: checks that it runs
+    python benchmarks/precision_drift.py --round-products --variants bf16-keep,f16-keep --out /tmp/rp
+
+``--round-products`` is an experiment on the library's internals: it makes the autocast
+products of ``carry_mode="keep"`` (``rnnjax.cell.matmul`` and ``conv``: 16-bit weights, a
+wider operand) return the 16-bit dtype instead of float32, to measure what their float32
+result buys.
 
 Writes ``OUT/precision_drift.json`` and ``OUT/precision_drift.md`` (``--out``, default
 ``benchmarks/results``) and prints the Markdown table.
@@ -26,6 +33,7 @@ Writes ``OUT/precision_drift.json`` and ``OUT/precision_drift.md`` (``--out``, d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -39,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rnnjax as rj
+import rnnjax.cell
 
 CONV_SPATIAL = (4, 4)  # ConvLSTM frames (H, W); its width is capped by --conv-hidden
 
@@ -54,11 +63,11 @@ CELLS = {
     "convlstm": lambda h: rj.ConvLSTM(h, kernel_size=3),
 }
 
-VARIANTS = {  # name -> (compute dtype, accumulate)
-    "bf16": ("bfloat16", True),
-    "bf16-noacc": ("bfloat16", False),
-    "f16": ("float16", True),
-    "f16-noacc": ("float16", False),
+VARIANTS = {  # name -> (compute dtype, carry_mode)
+    "bf16-keep": ("bfloat16", "keep"),
+    "bf16-round": ("bfloat16", "round"),
+    "f16-keep": ("float16", "keep"),
+    "f16-round": ("float16", "round"),
 }
 
 REPORT_AT = (100, 1000, 10000)
@@ -77,6 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--conv-hidden", type=int,
                    help="ConvLSTM filters and input channels (default 8; 4x4 frames), so it stays cheap on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--round-products", action="store_true",
+                   help="experiment: autocast products return the 16-bit dtype instead of float32")
     p.add_argument("--tiny", action="store_true",
                    help="T=150, B=2, H=D=8, ConvLSTM 4: checks that the script runs (explicit options win)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
@@ -133,13 +144,13 @@ def run_cell(name: str, args) -> list[dict]:
     ref_y, ref_c, ref_s, _ = run(cell)
     rows = []
     for variant in args.variants:
-        compute, accumulate = VARIANTS[variant]
+        compute, mode = VARIANTS[variant]
         y, c, seconds, carry_dtypes = run(rj.Mixed(cell, compute_dtype=compute, carry_dtype=jnp.float32,
-                                                   accumulate=accumulate))
+                                                   carry_mode=mode))
         e = relative_errors(y, ref_y)
         c_norm = np.linalg.norm(ref_c)
         rows.append(dict(
-            cell=name, variant=variant, compute_dtype=compute, accumulate=accumulate, T=args.length,
+            cell=name, variant=variant, compute_dtype=compute, carry_mode=mode, T=args.length,
             batch=args.batch, hidden=hidden, input_size=d,
             at={t: float(e[t - 1]) for t in REPORT_AT if t <= args.length},
             mean=float(e.mean()), max=float(e.max()),
@@ -153,22 +164,24 @@ def run_cell(name: str, args) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> dict:
-    """Per compute dtype: the geometric mean over cells of (accumulate's mean error) /
-    (no-accumulate's mean error), and on how many cells accumulate was closer."""
+    """Per compute dtype: the geometric mean over cells of (keep's mean error) / (round's
+    mean error), and on how many cells keep was closer."""
+
+    def keep_over_round(pairs, key):
+        return [p["keep"][key] / p["round"][key] for p in pairs.values()
+                if "keep" in p and "round" in p and p["keep"][key] > 0 and p["round"][key] > 0]
+
     out = {}
     for dtype in sorted({r["compute_dtype"] for r in rows}):
         pairs = {}
         for r in rows:
             if r["compute_dtype"] == dtype:
-                pairs.setdefault(r["cell"], {})[r["accumulate"]] = r
-        ratios = [p[True]["mean"] / p[False]["mean"] for p in pairs.values()
-                  if True in p and False in p and p[False]["mean"] > 0 and p[True]["mean"] > 0]
-        carry = [p[True]["final_carry"] / p[False]["final_carry"] for p in pairs.values()
-                 if True in p and False in p and p[False]["final_carry"] > 0 and p[True]["final_carry"] > 0]
+                pairs.setdefault(r["cell"], {})[r["carry_mode"]] = r
+        ratios, carry = keep_over_round(pairs, "mean"), keep_over_round(pairs, "final_carry")
         if ratios:
             out[dtype] = dict(
                 cells=len(ratios),
-                accumulate_closer=sum(r < 1 for r in ratios),
+                keep_closer=sum(r < 1 for r in ratios),
                 equal=sum(r == 1 for r in ratios),
                 geomean_mean_error_ratio=float(np.exp(np.mean(np.log(ratios)))),
                 geomean_final_carry_ratio=float(np.exp(np.mean(np.log(carry)))) if carry else None,
@@ -184,11 +197,12 @@ def markdown(meta: dict, rows: list[dict], summ: dict) -> str:
         f"D={cfg['input_size']})",
         "",
         f"{meta['device_kind']} ({meta['backend']}), jax {meta['jax']}, {meta['date']}. "
-        f"`{meta['command']}`",
+        f"`{meta['command']}`" + (" **Experiment: autocast products rounded to the 16-bit dtype.**"
+                                   if cfg.get("round_products") else ""),
         "",
         "Relative error of the outputs, e_t = ||y_t - y_t^f32|| / ||y_t^f32|| over batch and features, at step t, "
         "its mean and max over all steps, and of the final carry. Parameters and carry float32; "
-        "`-noacc`: `accumulate=False`.",
+        "`-keep` / `-round`: `carry_mode=\"keep\"` / `\"round\"`.",
         "",
         "| cell | variant | " + " | ".join(f"t={t}" for t in at) + " | mean | max | final carry |",
         "|---|---|" + "---:|" * (len(at) + 3),
@@ -198,11 +212,12 @@ def markdown(meta: dict, rows: list[dict], summ: dict) -> str:
         flag = "" if r["finite"] else " (non-finite!)"
         lines.append(f"| {r['cell']} | {r['variant']}{flag} | " + " | ".join(cells) + " |")
     if summ:
-        lines += ["", "accumulate vs not (geometric mean over cells of the ratio of errors; < 1: accumulate closer):", ""]
+        lines += ["", "keep vs round (geometric mean over cells of the ratio of errors, keep / round; < 1: keep closer):",
+                  ""]
         for dtype, s in summ.items():
             carry = "" if s["geomean_final_carry_ratio"] is None else f", final carry x{s['geomean_final_carry_ratio']:.3f}"
-            lines.append(f"- {dtype}: mean output error x{s['geomean_mean_error_ratio']:.3f}{carry}; accumulate "
-                         f"closer on {s['accumulate_closer']} of {s['cells']} cells, equal on {s['equal']}")
+            lines.append(f"- {dtype}: mean output error x{s['geomean_mean_error_ratio']:.3f}{carry}; keep "
+                         f"closer on {s['keep_closer']} of {s['cells']} cells, equal on {s['equal']}")
     notes = {r["cell"]: r for r in rows if r["cell"] == "convlstm"}
     if notes:
         r = notes["convlstm"]
@@ -225,12 +240,43 @@ def metadata(args, argv) -> dict:
     )
 
 
+@contextlib.contextmanager
+def rounded_products():
+    """Within: the cells' autocast products (``rnnjax.cell.matmul``, ``conv``) round their
+    float32 result to the 16-bit weights' dtype. Patches the names the cell modules imported;
+    clears jax's caches on entry and exit so that no trace crosses the boundary."""
+
+    def rounding(fn):
+        def wrapped(a, w, *rest):
+            out = fn(a, w, *rest)
+            half = jnp.result_type(w) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            return out.astype(w.dtype) if half and out.dtype != w.dtype else out
+
+        return wrapped
+
+    jax.clear_caches()  # no trace made before is reused inside
+    patched = []
+    for module in [m for name, m in sys.modules.items() if name.startswith("rnnjax.cells.")]:
+        for attr in ("matmul", "conv"):
+            original = getattr(rnnjax.cell, attr)
+            if getattr(module, attr, None) is original:
+                patched.append((module, attr, original))
+                setattr(module, attr, rounding(original))
+    try:
+        yield
+    finally:
+        for module, attr, original in patched:
+            setattr(module, attr, original)
+        jax.clear_caches()
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     meta = metadata(args, argv)
     start = time.perf_counter()
-    rows = [row for name in args.cells for row in run_cell(name, args)]
+    with rounded_products() if args.round_products else contextlib.nullcontext():
+        rows = [row for name in args.cells for row in run_cell(name, args)]
     meta["wall_s"] = time.perf_counter() - start
     summ = summary(rows)
     text = markdown(meta, rows, summ)

@@ -1,4 +1,4 @@
-"""Mixed precision: a cell computed in a narrow dtype, its carry kept in a wider one."""
+"""Mixed precision: a cell's parameters and products in a narrow dtype, its carry kept in a wider one."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from rnnjax.cell import Cell, PyTree, check_float_input, frozen
 
 #: The dtypes ``compute_dtype``, ``carry_dtype`` and ``output_dtype`` may name.
 FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+#: The values of ``Mixed(carry_mode=...)``.
+CARRY_MODES = ("keep", "round")
 
 
 def _float_dtype(value: Any, name: str) -> jnp.dtype:
@@ -54,34 +57,75 @@ def _more_precise(wide: jnp.dtype, narrow: jnp.dtype) -> bool:
 
 @frozen
 class Mixed(Cell):
-    r"""Run ``cell`` in ``compute_dtype`` while its parameters keep their own dtype and its
-    carry is stored in ``carry_dtype``.
+    r"""Run ``cell`` with its parameters and matrix products in ``compute_dtype`` while its
+    parameters keep their own dtype and its carry is stored -- and, by default, updated --
+    in ``carry_dtype``.
 
-    With :math:`\rho_c` the cast to ``compute_dtype``, :math:`F_c` the wrapped cell's step
-    evaluated on ``compute_dtype`` operands, :math:`\theta` the parameters (in whatever
-    dtype ``init`` gave them, float32 by default) and :math:`h_t` the carry, stored in
-    ``carry_dtype``:
+    With :math:`\rho_c` the rounding to ``compute_dtype``, :math:`\theta` the parameters (in
+    whatever dtype ``init`` gave them, float32 by default), :math:`h_t` the carry, stored in
+    ``carry_dtype`` (float32 by default), and :math:`F` the wrapped cell's step:
 
-    .. math::
+    - ``carry_mode="keep"`` (default): the step gets :math:`\rho_c(\theta)` and the carry and
+      input as they are,
 
-        (\tilde h_{t+1}, y_t) &= F_c(\rho_c(\theta), \rho_c(h_t), \rho_c(x_t)) \\
-        h_{t+1} &= h_t + (\tilde h_{t+1} - \rho_c(h_t))
-            \quad \text{(``accumulate=True``; the difference in ``carry_dtype``)} \\
-        h_{t+1} &= \tilde h_{t+1} \quad \text{(``accumulate=False``; cast to ``carry_dtype``)}
+      .. math::
 
-    and ``y_t`` is returned in ``output_dtype`` (default: ``compute_dtype``, what the step
-    produced; ask for ``jnp.float32`` to get float32 outputs).
+          (h_{t+1}, y_t) = F(\rho_c(\theta), h_t, x_t),
+
+      where every product of an activation :math:`a` (input, carry, gated carry) with a
+      16-bit weight :math:`W` is :math:`\rho_c(a)\,W` on ``compute_dtype`` operands,
+      accumulated and returned in float32 (:func:`rnnjax.cell.matmul`,
+      :func:`rnnjax.cell.conv`: the speed point of 16-bit weights on accelerators), and
+      everything elementwise -- gates, activations, the state update (LSTM
+      :math:`c_t = f_t \odot c_{t-1} + i_t \odot g_t`, GRU :math:`(1 - z_t) \odot n_t + z_t
+      \odot h_{t-1}`, minGRU's interpolation, IndRNN's :math:`u \odot h_{t-1}`) -- runs in
+      float32 / ``carry_dtype`` by type promotion, on 16-bit parameters. A carry leaf the
+      step returns in another dtype is cast to ``carry_dtype``.
+    - ``carry_mode="round"``: the whole step in ``compute_dtype``, carry included:
+
+      .. math::
+
+          (\tilde h_{t+1}, y_t) &= F(\rho_c(\theta), \rho_c(h_t), \rho_c(x_t))
+              \quad \text{(every operation in compute\_dtype)} \\
+          h_{t+1} &= h_t + (\tilde h_{t+1} - \rho_c(h_t)) \quad \text{(in carry\_dtype)}
+
+      The increment is added to the stored carry, but :math:`\tilde h_{t+1}` is already
+      rounded to ``compute_dtype``: from a zero carry, :math:`\rho_c(h_t) = h_t` at every
+      step and this is the 16-bit cell with its carry stored in float32 (up to the excess
+      precision XLA may keep inside a fused step). Its elementwise work, and the
+      activations the backward pass stores, are 16-bit.
+
+    ``y_t`` is returned in ``output_dtype`` (default: ``compute_dtype``; ask for
+    ``jnp.float32`` to get float32 outputs).
+
+    Why ``"keep"`` is the default: ``benchmarks/precision_drift.py`` (T = 10 000 steps, B = 8,
+    H = D = 64, CPU, each cell's default init; ``benchmarks/results/precision_drift.md``)
+    measured the mean relative output error from float32 with ``"keep"`` at 0.64 times
+    ``"round"``'s for bfloat16 and 0.63 times for float16 (geometric means over the nine
+    cells): 0.47-0.57 for LSTM, GRU, MGU, ConvLSTM, minGRU and minLSTM, 0.84-0.87 for
+    Elman, equal for the LRU, and for IndRNN 1.08 (bfloat16) and 0.99 (float16). Rounding
+    the products' results to ``compute_dtype`` instead of returning float32 drifted 1.4-1.8x
+    farther on the gated cells (``--round-products``). What remains is the rounding of the
+    parameters and of the products' operands: about the unit roundoff of ``compute_dtype``
+    (bfloat16 3.9e-3, float16 4.9e-4) times a small factor, not growing with T for cells
+    that contract.
 
     - Casts touch real floating leaves only. Integer and boolean leaves are left alone.
       Complex leaves (the :class:`rnnjax.LRU` state) go to the complex dtype whose parts
       hold ``compute_dtype`` -- complex64 for bfloat16, float16 and float32, complex128
       for float64 -- because XLA has no complex bfloat16 or float16; an LRU under
-      ``Mixed(bfloat16)`` therefore rounds its real parameters and inputs to bfloat16 and
-      keeps its complex state arithmetic in complex64.
-    - The accumulation applies to a carry leaf only when its stored dtype has more
-      significand bits than the dtype it is computed in; otherwise (``compute_dtype ==
-      carry_dtype``, complex64 leaves) ``h_{t+1}`` is the step's own result, so
-      ``Mixed(cell, jnp.float32, jnp.float32)`` computes exactly what ``cell`` computes.
+      ``Mixed(bfloat16)`` therefore rounds its real parameters to bfloat16 and keeps its
+      complex state arithmetic in complex64 in both modes.
+    - The autocast applies to bfloat16 and float16 weights (a product of two 16-bit
+      operands, or of float32 and float64, is the plain promoted product), and only in cells
+      whose products go through :func:`rnnjax.cell.matmul` / :func:`rnnjax.cell.conv`, as
+      rnnjax's own do. In ``"keep"`` mode a cell of yours that writes ``h @ w`` computes that
+      product in float32 instead (promotion), with the same numbers otherwise.
+      ``Mixed(cell, jnp.float32, carry_dtype=jnp.float64)`` in ``"keep"`` mode computes the
+      carry's products in float64 by promotion.
+    - With ``compute_dtype == carry_dtype`` nothing is cast and nothing accumulated:
+      ``Mixed(cell, jnp.float32, jnp.float32)`` computes exactly what ``cell`` computes, in
+      either mode.
     - Gradients reach the parameters in their own dtype: the casts are inside the step, so
       ``jax.grad`` with respect to float32 parameters is float32 and is summed over the
       time steps in float32.
@@ -89,45 +133,31 @@ class Mixed(Cell):
       the carry is always ``carry_dtype``, and the final carry :func:`rnnjax.scan` returns
       is ``carry_dtype`` too.
 
-    What ``accumulate`` can and cannot do: :math:`\tilde h_{t+1}` comes out of the step
-    rounded to ``compute_dtype``, so an increment below that dtype's resolution is lost
-    inside the step either way. If every result is rounded and the carry starts
-    representable in ``compute_dtype`` (zeros), the two updates are the same numbers:
-    :math:`\rho_c(h_t) = h_t` at every step and :math:`h_t + (\tilde h_{t+1} - h_t) =
-    \tilde h_{t+1}` (float32 forms that difference and sum of two bfloat16 or float16
-    numbers exactly). They differ where XLA keeps a step's result in more precision than
-    ``compute_dtype`` (``--xla_allow_excess_precision``, on by default; XLA:CPU does so for
-    bfloat16): then accumulating keeps the carry's low bits, and the error a step adds is
-    :math:`(J - I)\,\delta` instead of :math:`J\,\delta` for the rounding
-    :math:`\delta = \rho_c(h_t) - h_t` and the step's Jacobian :math:`J` -- smaller for
-    slowly changing states (:math:`J \approx I`), larger for fast ones (:math:`J \approx
-    0`). ``benchmarks/precision_drift.py`` (T = 10 000, CPU, bfloat16, 3 seeds) measured
-    the mean output error with ``accumulate`` at 0.98-0.995 times the plain update's for
-    LSTM, GRU, MGU, minGRU, minLSTM and ConvLSTM, 1.04 times for Elman, equal for IndRNN
-    and LRU; float16 runs were identical. A small but consistent gain: the default is
-    ``accumulate=True``.
-
     ``Mixed`` is a cell like any other: :func:`rnnjax.scan` (``method="sequential"`` or
     ``"newton"``, every ``remat``/``unroll``), :class:`rnnjax.RNN`,
     :class:`rnnjax.Bidirectional`, :class:`rnnjax.Stack`, ``jit``, ``vmap`` and ``grad``
     take it. It is not an :class:`rnnjax.LinearCell`, so ``method="associative"`` and
     ``"chunked"`` reject it even around a linear cell (they would not see its rounding).
     With ``method="newton"`` give a ``tol`` the compute dtype can meet (about ``1e-2`` for
-    bfloat16): the default follows the float32 carry, which a bfloat16 step cannot reach,
-    so Newton would run ``max_iters`` iterations and fall back to the sequential loop.
+    bfloat16): the default follows the float32 carry, which a step on bfloat16 operands
+    cannot reach, so Newton would run ``max_iters`` iterations and fall back to the
+    sequential loop.
 
     Args:
       cell: the rnnjax cell to run.
-      compute_dtype: dtype of the step's arithmetic: ``bfloat16`` (default), ``float16``,
-        ``float32`` or ``float64``.
-      carry_dtype: dtype the carry is stored and accumulated in (default ``float32``).
+      compute_dtype: dtype of the parameters and of the products' operands in the step
+        (``"keep"``) or of all its arithmetic (``"round"``): ``bfloat16`` (default),
+        ``float16``, ``float32`` or ``float64``.
+      carry_dtype: dtype the carry is stored in (default ``float32``), and updated in with
+        ``"keep"``.
       output_dtype: dtype of ``y``; ``None`` (default) for ``compute_dtype``.
-      accumulate: add the step's increment to the stored carry (default) rather than
-        replacing the carry by the step's rounded result.
+      carry_mode: ``"keep"`` (default): the step sees the carry in ``carry_dtype``;
+        ``"round"``: the carry is rounded to ``compute_dtype`` for the step and the
+        increment added to it.
 
     Raises:
       ValueError: a dtype that is not one of ``bfloat16``, ``float16``, ``float32``,
-        ``float64``.
+        ``float64``; a ``carry_mode`` other than ``"keep"`` and ``"round"``.
 
     Example:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
@@ -147,7 +177,7 @@ class Mixed(Cell):
     compute_dtype: Any = jnp.bfloat16
     carry_dtype: Any = jnp.float32
     output_dtype: Any = None
-    accumulate: bool = True
+    carry_mode: str = "keep"
 
     def __post_init__(self):
         if not isinstance(self.cell, Cell):
@@ -157,8 +187,8 @@ class Mixed(Cell):
         object.__setattr__(self, "carry_dtype", _float_dtype(self.carry_dtype, "carry_dtype"))
         if self.output_dtype is not None:
             object.__setattr__(self, "output_dtype", _float_dtype(self.output_dtype, "output_dtype"))
-        if not isinstance(self.accumulate, bool):
-            raise TypeError(f"accumulate must be True or False, got {self.accumulate!r}")
+        if not isinstance(self.carry_mode, str) or self.carry_mode not in CARRY_MODES:
+            raise ValueError(f"carry_mode={self.carry_mode!r}; expected one of {list(CARRY_MODES)}")
 
     # The wrapped cell's class attributes, per instance.
     @property
@@ -191,17 +221,25 @@ class Mixed(Cell):
         check_float_input(x)
         compute = self.compute_dtype
         stored = cast_floating(carry, self.carry_dtype)
-        rounded = cast_floating(stored, compute)
-        new, y = self.cell.step(cast_floating(params, compute), rounded, jnp.asarray(x).astype(compute))
+        params = cast_floating(params, compute)
+        if self.carry_mode == "keep":
+            # x and the carry go in as they are: the cell's products round them to the 16-bit
+            # weights (rnnjax.cell.matmul, conv) and return float32, and the elementwise update
+            # promotes to carry_dtype. Leaves a cell returns in another dtype are cast back.
+            new, y = self.cell.step(params, stored, x)
+            new = jax.tree.map(lambda s, n: n.astype(s.dtype), stored, new)
+        else:
+            rounded = cast_floating(stored, compute)
+            new, y = self.cell.step(params, rounded, jnp.asarray(x).astype(compute))
 
-        def update(s, r, n):
-            if self.accumulate and _more_precise(s.dtype, r.dtype):
-                # Add the step's increment to the stored carry instead of replacing it: the
-                # low bits of h_t that rho_c dropped for the step's arithmetic stay in the
-                # carry. (Only where n carries more than compute_dtype's bits, i.e. where
-                # XLA kept excess precision; otherwise this equals n, see the docstring.)
-                return s + (n.astype(s.dtype) - r.astype(s.dtype))
-            return n.astype(s.dtype)
+            def update(s, r, n):
+                if _more_precise(s.dtype, r.dtype):
+                    # Add the step's increment to the stored carry instead of replacing it: the
+                    # low bits of h_t that rho_c dropped for the step's arithmetic stay in the
+                    # carry. (Only where n carries more than compute_dtype's bits, i.e. where
+                    # XLA kept excess precision; otherwise this equals n, see the docstring.)
+                    return s + (n.astype(s.dtype) - r.astype(s.dtype))
+                return n.astype(s.dtype)
 
-        new = jax.tree.map(update, stored, rounded, new)
+            new = jax.tree.map(update, stored, rounded, new)
         return new, y.astype(compute if self.output_dtype is None else self.output_dtype)

@@ -1,6 +1,7 @@
 """rj.Mixed (rnnjax/precision.py): bfloat16 and float16 compute with float32 parameters and
-carry on every cell family, the float32 identity, layers, vmap, lengths, grads, errors, and
-a smoke run of benchmarks/precision_drift.py."""
+carry on every cell family, in both carry modes, the float32 identity, layers, vmap,
+lengths, grads, errors, a smoke run of benchmarks/precision_drift.py; and what it relies on
+in rnnjax/cell.py: the autocast products (matmul, conv) and 16-bit initialisation."""
 
 import functools
 import json
@@ -11,11 +12,13 @@ import numpy as np
 import pytest
 
 import rnnjax as rj
-from rnnjax.precision import cast_floating
+from rnnjax.cell import conv, matmul
+from rnnjax.precision import CARRY_MODES, cast_floating
 from tests.cases import CELL_CASES, random_case
 
 FAMILIES = ["elman", "lstm_proj_peephole", "gru", "mgu", "indrnn", "mingru", "minlstm", "lru", "convlstm"]
 COMPUTE = {"bf16": jnp.bfloat16, "f16": jnp.float16}
+HALF = [jnp.bfloat16, jnp.float16]
 STEPS = 8
 BATCH = (3,)
 
@@ -47,16 +50,18 @@ def _run(cell):
 
 
 # Tolerances, in units of the compute dtype's unit roundoff u = eps / 2 (bfloat16 2^-8,
-# float16 2^-11), for norm-wise relative errors. Each step rounds its operands and results
-# to about u relative (a dot of n terms with random signs: about sqrt(n) u of its largest
-# terms, which the norm averages down). The cells are contractive at initialisation
-# (Jacobian norm below 1), so errors from earlier steps do not grow: over T = 8 steps, plus
-# the rounding of the inputs and of the output, they add up to at most (T + 2) u = 10 u
-# (measured: 1-5 u). A gradient goes through the T steps twice (forward, then the
-# transposed Jacobians in compute dtype): 2 (T + 2) u = 20 u (measured: 0.5-3 u). The
-# LRU's gradient with respect to theta_log is the exception: its phases exp(theta_log)
-# reach 2 pi and its terms, of both signs, cancel over the steps, so its relative error
-# is larger (measured 23 u in bfloat16, 31 u in float16): 64 u for the LRU's gradients.
+# float16 2^-11), for norm-wise relative errors. Each step rounds its operands (parameters,
+# input, carry) and, with carry_mode="round", its results to about u relative (a dot of n
+# terms with random signs: about sqrt(n) u of its largest terms, which the norm averages
+# down); carry_mode="keep" rounds the operands of the products only, so the same bound holds
+# for it. The cells are contractive at initialisation (Jacobian norm below 1), so errors
+# from earlier steps do not grow: over T = 8 steps, plus the rounding of the inputs and of
+# the output, they add up to at most (T + 2) u = 10 u (measured: 1-5 u). A gradient goes
+# through the T steps twice (forward, then the transposed Jacobians): 2 (T + 2) u = 20 u
+# (measured: 0.5-3 u). The LRU's gradient with respect to theta_log is the exception: its
+# phases exp(theta_log) reach 2 pi and its terms, of both signs, cancel over the steps, so
+# its relative error is larger (measured 23 u in bfloat16, 31 u in float16): 64 u for the
+# LRU's gradients.
 def _tolerances(name, compute):
     """(outputs and carry, gradients)."""
     u = float(jnp.finfo(compute).eps) / 2
@@ -64,14 +69,22 @@ def _tolerances(name, compute):
     return steps, (64 * u if name.startswith("lru") else 2 * steps)
 
 
+@pytest.mark.parametrize("mode", CARRY_MODES)
 @pytest.mark.parametrize("compute", COMPUTE, ids=list(COMPUTE))
 @pytest.mark.parametrize("name", FAMILIES)
-def test_dtypes_and_closeness_to_float32(name, compute):
+def test_dtypes_and_closeness_to_float32(name, compute, mode):
     cell = CELL_CASES[name]
     dtype = COMPUTE[compute]
-    params, xs, _ = random_case(cell, STEPS, batch=BATCH)
-    ys, carry, grads = _run(rj.Mixed(cell, compute_dtype=dtype))(params, xs)
+    params, xs, carry0 = random_case(cell, STEPS, batch=BATCH)
+    mixed = rj.Mixed(cell, compute_dtype=dtype, carry_mode=mode)
+    ys, carry, grads = _run(mixed)(params, xs)
     ref_ys, ref_carry, ref_grads = _run(cell)(params, xs)
+
+    # One step on its own (rj.scan would cast a carry of another dtype back to the initial one).
+    new, y = jax.jit(mixed.step)(params, carry0, jnp.take(xs, 0, axis=len(BATCH)))
+    assert y.dtype == dtype
+    for leaf, ref in zip(jax.tree.leaves(new), jax.tree.leaves(ref_carry)):
+        assert leaf.dtype == _carry_dtype(ref.dtype)
 
     assert ys.dtype == dtype and ys.shape == ref_ys.shape
     for leaf, ref in zip(jax.tree.leaves(carry), jax.tree.leaves(ref_carry)):
@@ -90,12 +103,13 @@ def test_dtypes_and_closeness_to_float32(name, compute):
             assert _rel(g, ref) < grad_tol, field
 
 
+@pytest.mark.parametrize("mode", CARRY_MODES)
 @pytest.mark.parametrize("name", FAMILIES)
-def test_float32_compute_is_the_cell_itself(name):
+def test_float32_compute_is_the_cell_itself(name, mode):
     cell = CELL_CASES[name]
     params, xs, carry = random_case(cell, 5, batch=BATCH)
     lengths = jnp.array([5, 2, 0])
-    mixed = rj.Mixed(cell, compute_dtype=jnp.float32, carry_dtype=jnp.float32)
+    mixed = rj.Mixed(cell, compute_dtype=jnp.float32, carry_dtype=jnp.float32, carry_mode=mode)
     got = rj.scan(mixed, params, xs, carry, lengths=lengths)
     want = rj.scan(cell, params, xs, carry, lengths=lengths)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -103,39 +117,88 @@ def test_float32_compute_is_the_cell_itself(name):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_step_follows_the_stated_equations():
-    """Eagerly (op by op, every result rounded to its dtype): h_{t+1} = h + (F_c(rho(h)) - rho(h))
-    with accumulate, F_c(rho(h)) cast up without; y in compute dtype or output_dtype."""
+def _bf16_dot(a, w):
+    """A product on bfloat16 operands, accumulated and returned in float32."""
+    return jnp.matmul(a.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_keep_mode_follows_the_stated_equations(reset_after):
+    """Eagerly (op by op): the GRU's equations with every product on bfloat16 operands
+    accumulated in float32, the parameters rounded to bfloat16, everything else float32."""
+    cell = rj.GRU(4, reset_after=reset_after)
+    params = cell.init(jax.random.key(0), 3)
+    params = params._replace(b_x=jax.random.normal(jax.random.key(3), params.b_x.shape))
+    h = jax.random.normal(jax.random.key(1), (2, 4))  # not representable in bfloat16
+    x = jax.random.normal(jax.random.key(2), (2, 3))
+    p = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    xr, xz, xn = jnp.split(_bf16_dot(x, p.w_x) + p.b_x, 3, axis=-1)
+    if reset_after:
+        hr, hz, hn = jnp.split(_bf16_dot(h, p.w_h) + p.b_h, 3, axis=-1)
+        r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+        n = jnp.tanh(xn + r * hn)
+    else:
+        hr, hz = jnp.split(_bf16_dot(h, p.w_h[:, :8]), 2, axis=-1)
+        r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+        n = jnp.tanh(xn + _bf16_dot(r * h, p.w_h[:, 8:]))
+    want = (1.0 - z) * n + z * h
+    assert want.dtype == jnp.float32
+
+    new, y = rj.Mixed(cell, jnp.bfloat16, carry_mode="keep").step(params, h, x)
+    assert new.dtype == jnp.float32 and y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32))
+    # The float32 update keeps what a bfloat16 carry would lose: h_{t+1} is not a bfloat16 number.
+    assert not np.array_equal(np.asarray(new), np.asarray(new.astype(jnp.bfloat16), np.float32))
+
+
+def test_round_mode_follows_the_stated_equations():
+    """Eagerly (op by op, every result rounded to its dtype): h_{t+1} = h + (F_c(rho(h)) - rho(h));
+    y in compute dtype or output_dtype."""
     cell = rj.GRU(4)
     params = cell.init(jax.random.key(0), 3)
     h = jax.random.normal(jax.random.key(1), (2, 4))  # not representable in bfloat16
     x = jax.random.normal(jax.random.key(2), (2, 3))
     bf = jnp.bfloat16
     n, y = cell.step(jax.tree.map(lambda a: a.astype(bf), params), h.astype(bf), x.astype(bf))
+    assert n.dtype == bf
 
-    new, got_y = rj.Mixed(cell, bf).step(params, h, x)
+    new, got_y = rj.Mixed(cell, bf, carry_mode="round").step(params, h, x)
     assert new.dtype == jnp.float32 and got_y.dtype == bf
     np.testing.assert_array_equal(np.asarray(new), np.asarray(h + (n.astype(jnp.float32) - h.astype(bf).astype(jnp.float32))))
     np.testing.assert_array_equal(np.asarray(got_y, np.float32), np.asarray(y, np.float32))
     assert not np.array_equal(np.asarray(new), np.asarray(n, np.float32))  # the low bits of h survive
 
-    new, got_y = rj.Mixed(cell, bf, accumulate=False, output_dtype=jnp.float32).step(params, h, x)
-    np.testing.assert_array_equal(np.asarray(new), np.asarray(n, np.float32))
-    assert got_y.dtype == jnp.float32
+    new, got_y = rj.Mixed(cell, bf, carry_mode="round", output_dtype=jnp.float32).step(params, h, x)
+    assert new.dtype == jnp.float32 and got_y.dtype == jnp.float32
 
 
-def test_accumulate_and_plain_agree_from_a_representable_carry():
+def test_round_mode_from_a_zero_carry_is_the_16_bit_cell():
     """With every result rounded to bfloat16 and h_0 = 0, rho(h_t) = h_t at every step, so
-    accumulating the increment gives exactly the plain update (see the Mixed docstring)."""
+    round mode computes what the cell computes on bfloat16 params, inputs and carry (see the
+    Mixed docstring)."""
     cell = rj.Elman(4)
     params = cell.init(jax.random.key(0), 3)
     xs = jax.random.normal(jax.random.key(1), (5, 2, 3))
-    acc, plain = rj.Mixed(cell), rj.Mixed(cell, accumulate=False)
-    h_acc = h_plain = acc.init_carry((2,))
+    mixed = rj.Mixed(cell, carry_mode="round")
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    h, h16 = mixed.init_carry((2,)), cell.init_carry((2,), jnp.bfloat16)
     for x in xs:  # eager steps: no fusion keeps excess precision
-        h_acc, _ = acc.step(params, h_acc, x)
-        h_plain, _ = plain.step(params, h_plain, x)
-        np.testing.assert_array_equal(np.asarray(h_acc), np.asarray(h_plain))
+        h, _ = mixed.step(params, h, x)
+        h16, _ = cell.step(p16, h16, x.astype(jnp.bfloat16))
+        np.testing.assert_array_equal(np.asarray(h), np.asarray(h16, np.float32))
+
+
+def test_keep_mode_is_closer_to_float32_than_round_mode():
+    """What benchmarks/precision_drift.py measured (T = 10 000), on a short run: the float32
+    carry update and float32 results of the products drift less than rounding the carry."""
+    for cell in (rj.LSTM(16), rj.GRU(16), rj.MinGRU(16)):
+        params = cell.init(jax.random.key(0), 8)
+        xs = jax.random.normal(jax.random.key(1), (4, 200, 8))
+        ref = rj.scan(cell, params, xs)[0]
+        errors = {mode: _rel(rj.scan(rj.Mixed(cell, carry_mode=mode), params, xs)[0].astype(jnp.float32), ref)
+                  for mode in CARRY_MODES}
+        assert errors["keep"] < errors["round"], (cell, errors)
 
 
 def test_vmap_matches_the_batched_call():
@@ -149,20 +212,29 @@ def test_vmap_matches_the_batched_call():
             np.testing.assert_allclose(np.asarray(a, np.complex128), np.asarray(b, np.complex128), atol=1e-2)
 
 
-def test_lengths_and_reverse_freeze_the_float32_carry():
-    cell = rj.Mixed(rj.LSTM(4), jnp.float16)
+@pytest.mark.parametrize("mode", CARRY_MODES)
+def test_lengths_and_reverse_freeze_the_float32_carry(mode):
+    cell = rj.Mixed(rj.LSTM(4), jnp.float16, carry_mode=mode)
     params, xs, _ = random_case(cell, 6, batch=(3,))
     lengths = jnp.array([6, 3, 0])
+    # Sequence 1's padding replaced by other numbers: bit for bit the same results.
+    garbage = xs.at[1, 3:].set(100.0).at[2].set(-7.0)
     for reverse in (False, True):
         ys, (h, c) = rj.scan(cell, params, xs, lengths=lengths, reverse=reverse)
         assert ys.dtype == jnp.float16 and h.dtype == c.dtype == jnp.float32
         assert not np.asarray(ys[1, 3:]).any() and not np.asarray(ys[2]).any()
-        # Sequence 1 alone, cut at its length: the same outputs and final carry.
+        assert not np.asarray(h[2]).any() and not np.asarray(c[2]).any()  # length 0: the initial carry
+        for a, b in zip(jax.tree.leaves((ys, h, c)),
+                        jax.tree.leaves(rj.scan(cell, params, garbage, lengths=lengths, reverse=reverse))):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        # Sequence 1 alone, cut at its length: the same outputs and final carry, up to the
+        # float32 rounding of a batched against an unbatched product in carry_mode="keep"
+        # (measured: 1 ulp), i.e. up to one float16 rounding of the outputs.
         ys1, (h1, c1) = rj.scan(cell, params, xs[1, :3], reverse=reverse)
-        np.testing.assert_array_equal(np.asarray(ys[1, :3], np.float32), np.asarray(ys1, np.float32))
-        np.testing.assert_array_equal(np.asarray(h[1]), np.asarray(h1))
-        np.testing.assert_array_equal(np.asarray(c[1]), np.asarray(c1))
-        assert not np.asarray(h[2]).any()  # length 0: the initial carry
+        f16, f32 = float(jnp.finfo(jnp.float16).eps), float(jnp.finfo(jnp.float32).eps)
+        np.testing.assert_allclose(np.asarray(ys[1, :3], np.float32), np.asarray(ys1, np.float32), rtol=f16, atol=0)
+        np.testing.assert_allclose(np.asarray(h[1]), np.asarray(h1), rtol=4 * f32, atol=0)
+        np.testing.assert_allclose(np.asarray(c[1]), np.asarray(c1), rtol=4 * f32, atol=0)
 
 
 def test_inside_rnn_bidirectional_and_stack():
@@ -227,8 +299,9 @@ def test_bad_dtypes_raise(field, bad):
 def test_other_bad_arguments_raise():
     with pytest.raises(ValueError, match="compute_dtype=None"):
         rj.Mixed(rj.GRU(4), compute_dtype=None)
-    with pytest.raises(TypeError, match="accumulate must be True or False"):
-        rj.Mixed(rj.GRU(4), accumulate=1)
+    for bad in ("float32", True, None, "KEEP"):
+        with pytest.raises(ValueError, match=r"carry_mode=.*expected one of \['keep', 'round'\]"):
+            rj.Mixed(rj.GRU(4), carry_mode=bad)
     with pytest.raises(TypeError, match="Mixed expects an rnnjax cell"):
         rj.Mixed(rj.RNN(rj.GRU(4)))
     cell = rj.Mixed(rj.GRU(4))
@@ -245,7 +318,8 @@ def test_config_is_static_hashable_and_normalised():
     a = rj.Mixed(rj.GRU(4), "bfloat16", "float32")
     b = rj.Mixed(rj.GRU(4), jnp.bfloat16, np.float32)
     assert a == b and hash(a) == hash(b) and a.compute_dtype == jnp.dtype(jnp.bfloat16)
-    assert a != rj.Mixed(rj.GRU(4), jnp.float16)
+    assert a != rj.Mixed(rj.GRU(4), jnp.float16) and a != rj.Mixed(rj.GRU(4), carry_mode="round")
+    assert a.carry_mode == "keep"
     assert a.input_ndim == 1 and rj.Mixed(rj.ConvLSTM(2)).input_ndim == 3
     assert a.params_type is rj.GRU(4).params_type and a.output_size(3) == 4
     params = a.init(jax.random.key(0), 3)
@@ -258,8 +332,8 @@ def test_config_is_static_hashable_and_normalised():
 
 
 def test_params_keep_their_dtype_and_init_carry_ignores_dtype():
-    # (MinGRU: the orthogonal initialiser of the other cells' w_h has no bfloat16 QR on CPU.)
     assert rj.Mixed(rj.MinGRU(4)).init(jax.random.key(0), 3, jnp.bfloat16).w.dtype == jnp.bfloat16
+    assert rj.Mixed(rj.LSTM(4)).init(jax.random.key(0), 3, jnp.bfloat16).w_h.dtype == jnp.bfloat16
     cell = rj.Mixed(rj.LSTM(4))
     h, c = cell.init_carry((2,), jnp.bfloat16)
     assert h.dtype == c.dtype == jnp.float32
@@ -278,16 +352,102 @@ def test_cast_floating_touches_real_and_complex_floats_only():
 def test_drift_script_smoke(tmp_path):
     from benchmarks import precision_drift
 
-    result = precision_drift.main(["--tiny", "--cells", "gru,lru", "--variants", "bf16,bf16-noacc,f16",
+    variants = ("bf16-keep", "bf16-round", "f16-keep")
+    result = precision_drift.main(["--tiny", "--cells", "gru,lru", "--variants", ",".join(variants),
                                    "--length", "120", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "precision_drift.json").read_text())
     assert data["meta"]["options"]["length"] == 120 and data["meta"]["jax"]
     rows = {(r["cell"], r["variant"]): r for r in data["rows"]}
-    assert set(rows) == {(c, v) for c in ("gru", "lru") for v in ("bf16", "bf16-noacc", "f16")}
+    assert set(rows) == {(c, v) for c in ("gru", "lru") for v in variants}
     for r in rows.values():
         assert r["finite"] and list(r["at"]) == ["100"] and 0 < r["mean"] <= r["max"] < 1
     # float16 keeps 3 more significand bits than bfloat16: its drift is smaller.
-    assert rows[("gru", "f16")]["mean"] < rows[("gru", "bf16")]["mean"]
+    assert rows[("gru", "f16-keep")]["mean"] < rows[("gru", "bf16-keep")]["mean"]
+    assert data["summary"]["bfloat16"]["cells"] == 2 and "float16" not in data["summary"]
     md = (tmp_path / "precision_drift.md").read_text()
-    assert "| gru | bf16 |" in md and "t=100" in md and "bfloat16:" in md
+    assert "| gru | bf16-keep |" in md and "t=100" in md and "bfloat16:" in md
     assert result["files"]["md"] == tmp_path / "precision_drift.md"
+
+    # The experiment rounds the autocast products, and only while it runs.
+    out = tmp_path / "rp"
+    rounded = precision_drift.main(["--tiny", "--cells", "gru", "--variants", "bf16-keep", "--length", "120",
+                                    "--round-products", "--out", str(out)])
+    assert rounded["rows"][0]["mean"] != rows[("gru", "bf16-keep")]["mean"]
+    assert "Experiment" in (out / "precision_drift.md").read_text()
+    import rnnjax.cells.gru
+
+    assert rnnjax.cells.gru.matmul is matmul  # restored
+
+
+# -- what Mixed relies on in rnnjax/cell.py ------------------------------------------------
+
+
+def test_matmul_and_conv_are_the_plain_products_except_for_16_bit_weights():
+    ka, kw = jax.random.split(jax.random.key(0))
+    dn = ("NHWC", "HWIO", "NHWC")
+    for a_dtype, w_dtype in [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16),
+                             (jnp.float32, jnp.float16), (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.bfloat16)]:
+        a = jax.random.normal(ka, (3, 5), a_dtype)
+        w = jax.random.normal(kw, (5, 4), w_dtype)
+        img = jax.random.normal(ka, (2, 4, 4, 3), a_dtype)
+        kernel = jax.random.normal(kw, (3, 3, 3, 2), w_dtype)
+        autocast = w_dtype in HALF and a_dtype == jnp.float32
+        if autocast:  # 16-bit operands, float32 result
+            want = jnp.matmul(a.astype(w_dtype), w, preferred_element_type=jnp.float32)
+            want_conv = jax.lax.conv_general_dilated(img.astype(w_dtype), kernel, (1, 1), "SAME", dimension_numbers=dn,
+                                                     preferred_element_type=jnp.float32)
+        else:  # bit for bit the promoted product
+            want = a @ w
+            dtype = jnp.result_type(a, w)
+            want_conv = jax.lax.conv_general_dilated(img.astype(dtype), kernel.astype(dtype), (1, 1), "SAME",
+                                                     dimension_numbers=dn)
+        jitted = [(jax.jit(matmul)(a, w), jax.jit(conv, static_argnums=2)(img, kernel, dn))] if a_dtype == jnp.float32 else []
+        for got, got_conv in [(matmul(a, w), conv(img, kernel, dn)), *jitted]:
+            assert got.dtype == want.dtype == (jnp.float32 if autocast else jnp.result_type(a, w))
+            assert got_conv.dtype == want_conv.dtype
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+            np.testing.assert_array_equal(np.asarray(got_conv, np.float32), np.asarray(want_conv, np.float32))
+
+
+def test_16_bit_params_with_float32_inputs_autocast_the_products():
+    """An unwrapped cell with bfloat16 params and float32 inputs and carry: its products run on
+    bfloat16 operands, its carry stays float32."""
+    cell = rj.LSTM(4)
+    params = cell.init(jax.random.key(0), 3, jnp.bfloat16)
+    xs = jax.random.normal(jax.random.key(1), (2, 6, 3))
+    ys, (h, c) = rj.scan(cell, params, xs, carry=cell.init_carry((2,)))
+    assert ys.dtype == h.dtype == c.dtype == jnp.float32
+    ref, _ = rj.scan(cell, jax.tree.map(lambda a: a.astype(jnp.float32), params), xs)
+    assert 0 < _rel(ys, ref) < 10 * float(jnp.finfo(jnp.bfloat16).eps)
+    jaxpr = str(jax.make_jaxpr(lambda p, x: rj.scan(cell, p, x, carry=cell.init_carry((2,))))(params, xs))
+    assert "dot_general" in jaxpr and "preferred_element_type=float32" in jaxpr
+
+
+INIT_CELLS = {"lstm": rj.LSTM(5, proj_size=3, peephole=True), "gru": rj.GRU(5), "gru_reset_before": rj.GRU(5, reset_after=False),
+              "elman": rj.Elman(5), "mgu": rj.MGU(5), "convlstm": rj.ConvLSTM(4, kernel_size=3)}
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", INIT_CELLS)
+def test_16_bit_init_is_the_float32_init_rounded(name, dtype):
+    cell = INIT_CELLS[name]
+    key = jax.random.key(7)
+    got = cell.init(key, 3, dtype)
+    want = cell.init(key, 3, jnp.float32)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.dtype == dtype and g.shape == w.shape
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w.astype(dtype), np.float32))
+
+
+def test_float32_init_is_jax_initializers_own():
+    key = jax.random.key(3)
+    for ours, theirs, shape in [(rj.cell.orthogonal, jax.nn.initializers.orthogonal(), (6, 6)),
+                                (rj.cell.orthogonal, jax.nn.initializers.orthogonal(), (3, 3, 4, 4)),
+                                (rj.cell.glorot_uniform, jax.nn.initializers.glorot_uniform(), (5, 7))]:
+        got, want = ours(key, shape, jnp.float32), theirs(key, shape, jnp.float32)
+        assert got.dtype == want.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    params = rj.LSTM(4).init(key, 3)
+    np.testing.assert_array_equal(np.asarray(params.w_h[:, :4]),
+                                  np.asarray(jax.nn.initializers.orthogonal()(jax.random.split(jax.random.split(key, 3)[1], 4)[0], (4, 4))))

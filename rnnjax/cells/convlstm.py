@@ -16,6 +16,7 @@ from rnnjax.cell import (
     Initializer,
     check_float_input,
     check_positive_int,
+    conv,
     frozen,
     glorot_uniform,
     orthogonal,
@@ -166,13 +167,11 @@ class ConvLSTM(Cell):
         # equals the sum of the two; the conv wants exactly one batch axis.
         xh = jnp.concatenate([x.astype(dtype), h_prev.astype(dtype)], axis=-1)
         xh = xh.reshape((math.prod(lead), *spatial, xh.shape[-1]))
-        kernel = jnp.concatenate([params.w_x, params.w_h], axis=2).astype(dtype)
-        z = jax.lax.conv_general_dilated(
-            xh, kernel, window_strides=(1, 1), padding="SAME", dimension_numbers=_DIMENSION_NUMBERS
-        )
+        # In ``dtype`` (promoted), or in the kernel's 16-bit dtype under rj.Mixed (autocast).
+        z = conv(xh, jnp.concatenate([params.w_x, params.w_h], axis=2), _DIMENSION_NUMBERS)
         z = z.reshape((*lead, *spatial, z.shape[-1]))
         if params.b is not None:
-            z = z + params.b.astype(dtype)
+            z = z + params.b
         zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
         c = gate(zf) * c_prev.astype(dtype) + gate(zi) * act(zg)
         h = gate(zo) * act(c)

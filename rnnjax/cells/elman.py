@@ -15,6 +15,7 @@ from rnnjax.cell import (
     check_positive_int,
     frozen,
     glorot_uniform,
+    matmul,
     orthogonal,
     resolve_activation,
     zeros,
@@ -80,7 +81,7 @@ class Elman(HiddenStateCell):
     def step(self, params: ElmanParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         self.check_params(params)
         self.check_input(params, x)
-        pre = x @ params.w_x + carry @ params.w_h
+        pre = matmul(x, params.w_x) + matmul(carry, params.w_h)
         if params.b is not None:
             pre = pre + params.b
         h = resolve_activation(self.activation)(pre)

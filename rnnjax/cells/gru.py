@@ -15,6 +15,7 @@ from rnnjax.cell import (
     check_positive_int,
     frozen,
     glorot_uniform,
+    matmul,
     orthogonal,
     resolve_activation,
     stacked_init,
@@ -104,12 +105,12 @@ class GRU(HiddenStateCell):
         gate = resolve_activation(self.gate_activation)
         h_prev = carry
         hid = self.hidden_size
-        gx = x @ params.w_x
+        gx = matmul(x, params.w_x)
         if params.b_x is not None:
             gx = gx + params.b_x
         xr, xz, xn = jnp.split(gx, 3, axis=-1)
         if self.reset_after:
-            gh = h_prev @ params.w_h
+            gh = matmul(h_prev, params.w_h)
             if params.b_h is not None:
                 gh = gh + params.b_h
             hr, hz, hn = jnp.split(gh, 3, axis=-1)
@@ -117,9 +118,9 @@ class GRU(HiddenStateCell):
             z = gate(xz + hz)
             n = act(xn + r * hn)
         else:
-            hr, hz = jnp.split(h_prev @ params.w_h[:, : 2 * hid], 2, axis=-1)
+            hr, hz = jnp.split(matmul(h_prev, params.w_h[:, : 2 * hid]), 2, axis=-1)
             r = gate(xr + hr)
             z = gate(xz + hz)
-            n = act(xn + (r * h_prev) @ params.w_h[:, 2 * hid :])
+            n = act(xn + matmul(r * h_prev, params.w_h[:, 2 * hid :]))
         h = (1.0 - z) * n + z * h_prev
         return h, h

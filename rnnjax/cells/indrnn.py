@@ -16,6 +16,7 @@ from rnnjax.cell import (
     check_positive_int,
     frozen,
     glorot_uniform,
+    matmul,
     resolve_activation,
     zeros,
 )
@@ -101,7 +102,7 @@ class IndRNN(HiddenStateCell):
         u = params.u
         if self.recurrent_max_abs is not None:
             u = jnp.clip(u, -self.recurrent_max_abs, self.recurrent_max_abs)
-        pre = x @ params.w_x + u * carry
+        pre = matmul(x, params.w_x) + u * carry
         if params.b is not None:
             pre = pre + params.b
         h = resolve_activation(self.activation)(pre)

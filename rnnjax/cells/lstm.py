@@ -15,6 +15,7 @@ from rnnjax.cell import (
     check_positive_int,
     frozen,
     glorot_uniform,
+    matmul,
     orthogonal,
     resolve_activation,
     stacked_init,
@@ -126,7 +127,7 @@ class LSTM(Cell):
         act = resolve_activation(self.activation)
         gate = resolve_activation(self.gate_activation)
         h_prev, c_prev = carry
-        z = x @ params.w_x + h_prev @ params.w_h
+        z = matmul(x, params.w_x) + matmul(h_prev, params.w_h)
         if params.b is not None:
             z = z + params.b
         zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
@@ -138,5 +139,5 @@ class LSTM(Cell):
             zo = zo + params.w_peep[2] * c
         h = gate(zo) * act(c)
         if params.w_proj is not None:
-            h = h @ params.w_proj
+            h = matmul(h, params.w_proj)
         return LSTMState(h, c), h

@@ -15,6 +15,7 @@ from rnnjax.cell import (
     check_positive_int,
     frozen,
     glorot_uniform,
+    matmul,
     orthogonal,
     resolve_activation,
     stacked_init,
@@ -97,11 +98,11 @@ class MGU(HiddenStateCell):
         gate = resolve_activation(self.gate_activation)
         h_prev = carry
         hid = self.hidden_size
-        gx = x @ params.w_x
+        gx = matmul(x, params.w_x)
         if params.b is not None:
             gx = gx + params.b
         xf, xn = jnp.split(gx, 2, axis=-1)
-        f = gate(xf + h_prev @ params.w_h[:, :hid])
-        n = act(xn + (f * h_prev) @ params.w_h[:, hid:])
+        f = gate(xf + matmul(h_prev, params.w_h[:, :hid]))
+        n = act(xn + matmul(f * h_prev, params.w_h[:, hid:]))
         h = (1.0 - f) * h_prev + f * n
         return h, h

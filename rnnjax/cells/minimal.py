@@ -15,6 +15,7 @@ from rnnjax.cell import (
     check_positive_int,
     frozen,
     glorot_uniform,
+    matmul,
     stacked_init,
     zeros,
 )
@@ -70,7 +71,7 @@ class _Minimal(LinearCell, HiddenStateCell):
     def _preactivations(self, params: NamedTuple, x: jax.Array) -> list[jax.Array]:
         self.check_params(params)
         self.check_input(params, x)
-        pre = x @ params.w
+        pre = matmul(x, params.w)
         if params.b is not None:
             pre = pre + params.b
         return jnp.split(pre, self._blocks, axis=-1)
