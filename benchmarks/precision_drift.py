@@ -256,9 +256,11 @@ def rounded_products():
 
     jax.clear_caches()  # no trace made before is reused inside
     patched = []
-    for module in [m for name, m in sys.modules.items() if name.startswith("rnnjax.cells.")]:
-        for attr in ("matmul", "conv"):
-            original = getattr(rnnjax.cell, attr)
+    originals = {attr: getattr(rnnjax.cell, attr) for attr in ("matmul", "conv")}
+    # rnnjax.cell too: DenseCell.step makes the products of Elman, LSTM and GRU there.
+    modules = [rnnjax.cell] + [m for name, m in sys.modules.items() if name.startswith("rnnjax.cells.")]
+    for module in modules:
+        for attr, original in originals.items():
             if getattr(module, attr, None) is original:
                 patched.append((module, attr, original))
                 setattr(module, attr, rounding(original))

@@ -520,6 +520,8 @@ SYSTEMS: dict[str, System] = {
     "rnnjax-unroll4": Rnnjax(options=(("unroll", 4),)),
     "rnnjax-unroll16": Rnnjax(options=(("unroll", 16),)),
     "rnnjax-unroll64": Rnnjax(options=(("unroll", 64),)),
+    "rnnjax-fused": Rnnjax(options=(("backward", "fused"),), cells=("lstm", "gru", "elman"),
+                           note='rnnjax-fused: rj.scan(backward="fused"), the sequence-level backward pass (forward = rnnjax\'s)'),
     "rnnjax-assoc": Rnnjax(options=(("method", "associative"),), cells=LINEAR_CELLS),
     "rnnjax-chunked": Rnnjax(options=(("method", "chunked"),), cells=LINEAR_CELLS),
     "rnnjax-newton": Rnnjax(options=(("method", "newton"),)),
@@ -528,6 +530,8 @@ SYSTEMS: dict[str, System] = {
                           note="rnnjax-bf16: rj.Mixed(cell, compute_dtype=bfloat16): float32 params and carry, bfloat16 outputs"),
     "rnnjax-f16": Rnnjax(wrap=functools.partial(rj.Mixed, compute_dtype=jnp.float16), same_as_rnnjax=False,
                          note="rnnjax-f16: rj.Mixed(cell, compute_dtype=float16): float32 params and carry, float16 outputs"),
+    "rnnjax-shard-fused": RnnjaxShard(options=(("backward", "fused"),), cells=("lstm", "gru", "elman"),
+                                      note='rnnjax-shard-fused: rnnjax-shard with backward="fused"'),
     "rnnjax-shard": RnnjaxShard(note="rnnjax-shard: batch split over the host devices by rj.distributed.data_parallel "
                                      "(shard_map), one all-reduce of parameter gradients after the loop"),
     "rnnjax-vmap": Rnnjax(vmap=True, only_at_vmap_length=True,

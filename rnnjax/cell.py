@@ -252,6 +252,42 @@ class LinearCell(Cell):
         return h, self.readout(params, h, x)
 
 
+class DenseCell(Cell):
+    r"""A cell whose step is a function of two matrix products of its parameters
+    ``w_x`` and ``w_h``:
+
+    .. math::
+
+        (c_t, y_t) = \mathrm{update}(\theta, c_{t-1}, x_t W_x, h_{t-1} W_h),
+        \qquad h_{t-1} = \mathrm{recurrent\_input}(c_{t-1}),
+
+    with ``update`` using no other product of ``w_x`` or ``w_h``. That lets
+    ``rj.scan(..., backward="fused")`` (:mod:`rnnjax.fused`) form the gradients of ``w_x``,
+    ``w_h`` and the inputs as single products over all steps. Elman, LSTM and GRU
+    (``reset_after=True``) are dense cells; ``fusable`` says whether a configuration is.
+    """
+
+    @property
+    def fusable(self) -> bool:
+        return True
+
+    def recurrent_input(self, carry: PyTree) -> Array:
+        """The array multiplied by ``w_h``: the carry itself unless a subclass says otherwise."""
+        return carry
+
+    @abc.abstractmethod
+    def update(self, params: NamedTuple, carry: PyTree, zx: Array, zh: Array) -> tuple[PyTree, Array]:
+        """The step from ``zx = x @ w_x`` and ``zh = recurrent_input(carry) @ w_h`` (no biases
+        added); must not read ``params.w_x`` or ``params.w_h`` (they are ``None`` there)."""
+
+    def step(self, params: NamedTuple, carry: PyTree, x: Array) -> tuple[PyTree, Array]:
+        self.check_params(params)
+        self.check_input(params, x)
+        zx = matmul(x, params.w_x)
+        zh = matmul(self.recurrent_input(carry), params.w_h)
+        return self.update(params, carry, zx, zh)
+
+
 def frozen(cls):
     """Decorator: a frozen, hashable dataclass whose config is checked in ``__post_init__``."""
     return dataclasses.dataclass(frozen=True)(cls)

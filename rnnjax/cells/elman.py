@@ -10,12 +10,12 @@ import jax.numpy as jnp
 
 from rnnjax.cell import (
     Activation,
+    DenseCell,
     HiddenStateCell,
     Initializer,
     check_positive_int,
     frozen,
     glorot_uniform,
-    matmul,
     orthogonal,
     resolve_activation,
     zeros,
@@ -29,7 +29,7 @@ class ElmanParams(NamedTuple):
 
 
 @frozen
-class Elman(HiddenStateCell):
+class Elman(HiddenStateCell, DenseCell):
     r"""Elman network, the simple RNN of PyTorch's ``nn.RNN`` and Keras' ``SimpleRNN``.
 
     .. math::
@@ -78,10 +78,8 @@ class Elman(HiddenStateCell):
             b=self.bias_init(kb, (h,), dtype) if self.use_bias else None,
         )
 
-    def step(self, params: ElmanParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        self.check_params(params)
-        self.check_input(params, x)
-        pre = matmul(x, params.w_x) + matmul(carry, params.w_h)
+    def update(self, params: ElmanParams, carry: jax.Array, zx: jax.Array, zh: jax.Array) -> tuple[jax.Array, jax.Array]:
+        pre = zx + zh
         if params.b is not None:
             pre = pre + params.b
         h = resolve_activation(self.activation)(pre)

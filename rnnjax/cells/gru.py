@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from rnnjax.cell import (
     Activation,
+    DenseCell,
     HiddenStateCell,
     Initializer,
     check_positive_int,
@@ -31,7 +32,7 @@ class GRUParams(NamedTuple):
 
 
 @frozen
-class GRU(HiddenStateCell):
+class GRU(HiddenStateCell, DenseCell):
     r"""Gated recurrent unit (Cho et al. 2014).
 
     Gate order in ``w_x``, ``w_h``, ``b_x`` and ``b_h`` is ``r, z, n`` (PyTorch's; Keras
@@ -98,7 +99,14 @@ class GRU(HiddenStateCell):
             b_h=self.bias_init(kbh, (3 * h,), dtype) if with_b_h else None,
         )
 
+    @property
+    def fusable(self) -> bool:
+        # reset_after=False multiplies (r * h) by w_h's candidate block: a third product.
+        return self.reset_after
+
     def step(self, params: GRUParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.reset_after:
+            return super().step(params, carry, x)  # DenseCell: update(x @ w_x, h @ w_h)
         self.check_params(params)
         self.check_input(params, x)
         act = resolve_activation(self.activation)
@@ -109,18 +117,23 @@ class GRU(HiddenStateCell):
         if params.b_x is not None:
             gx = gx + params.b_x
         xr, xz, xn = jnp.split(gx, 3, axis=-1)
-        if self.reset_after:
-            gh = matmul(h_prev, params.w_h)
-            if params.b_h is not None:
-                gh = gh + params.b_h
-            hr, hz, hn = jnp.split(gh, 3, axis=-1)
-            r = gate(xr + hr)
-            z = gate(xz + hz)
-            n = act(xn + r * hn)
-        else:
-            hr, hz = jnp.split(matmul(h_prev, params.w_h[:, : 2 * hid]), 2, axis=-1)
-            r = gate(xr + hr)
-            z = gate(xz + hz)
-            n = act(xn + matmul(r * h_prev, params.w_h[:, 2 * hid :]))
+        hr, hz = jnp.split(matmul(h_prev, params.w_h[:, : 2 * hid]), 2, axis=-1)
+        r = gate(xr + hr)
+        z = gate(xz + hz)
+        n = act(xn + matmul(r * h_prev, params.w_h[:, 2 * hid :]))
         h = (1.0 - z) * n + z * h_prev
+        return h, h
+
+    def update(self, params: GRUParams, carry: jax.Array, zx: jax.Array, zh: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``reset_after=True`` only (see ``fusable``)."""
+        act = resolve_activation(self.activation)
+        gate = resolve_activation(self.gate_activation)
+        gx = zx if params.b_x is None else zx + params.b_x
+        gh = zh if params.b_h is None else zh + params.b_h
+        xr, xz, xn = jnp.split(gx, 3, axis=-1)
+        hr, hz, hn = jnp.split(gh, 3, axis=-1)
+        r = gate(xr + hr)
+        z = gate(xz + hz)
+        n = act(xn + r * hn)
+        h = (1.0 - z) * n + z * carry
         return h, h

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from rnnjax.cell import (
     Activation,
-    Cell,
+    DenseCell,
     Initializer,
     check_positive_int,
     frozen,
@@ -37,7 +37,7 @@ class LSTMState(NamedTuple):
 
 
 @frozen
-class LSTM(Cell):
+class LSTM(DenseCell):
     r"""Long short-term memory (Hochreiter & Schmidhuber 1997), as PyTorch's ``nn.LSTM``.
 
     Gate order in ``w_x``, ``w_h`` and ``b`` is ``i, f, g, o`` (PyTorch and Keras alike):
@@ -121,13 +121,14 @@ class LSTM(Cell):
     def input_size(self, params: LSTMParams) -> int:
         return params.w_x.shape[0]
 
-    def step(self, params: LSTMParams, carry: LSTMState, x: jax.Array) -> tuple[LSTMState, jax.Array]:
-        self.check_params(params)
-        self.check_input(params, x)
+    def recurrent_input(self, carry: LSTMState) -> jax.Array:
+        return carry.h
+
+    def update(self, params: LSTMParams, carry: LSTMState, zx: jax.Array, zh: jax.Array) -> tuple[LSTMState, jax.Array]:
         act = resolve_activation(self.activation)
         gate = resolve_activation(self.gate_activation)
-        h_prev, c_prev = carry
-        z = matmul(x, params.w_x) + matmul(h_prev, params.w_h)
+        c_prev = carry.c
+        z = zx + zh
         if params.b is not None:
             z = z + params.b
         zi, zf, zg, zo = jnp.split(z, 4, axis=-1)

@@ -1,0 +1,141 @@
+r"""The sequential loop of a dense cell with a sequence-level backward pass
+(``rj.scan(..., backward="fused")``).
+
+A dense cell (:class:`rnnjax.cell.DenseCell`: Elman, LSTM, GRU with ``reset_after``) computes its step as
+
+.. math::
+
+    (c_t, y_t) = \mathrm{update}(\theta, c_{t-1}, x_t W_x, h_{t-1} W_h),
+    \qquad h_{t-1} = \mathrm{recurrent\_input}(c_{t-1}).
+
+Autodiff of ``lax.scan`` transposes every step on its own: each backward step forms the
+outer products :math:`x_t^\top \bar z^x_t` and :math:`h_{t-1}^\top \bar z^h_t`, adds them to
+running weight gradients and multiplies :math:`\bar x_t = \bar z^x_t W_x^\top`, all inside
+the loop, on small matrices. Only :math:`\bar h_{t-1} \mathrel{+}= \bar z^h_t W_h^\top` has to
+be sequential. So the backward loop here does that and the elementwise derivatives of
+``update`` (and accumulates the gradients of the small parameters ``update`` uses: biases,
+peepholes, a projection), stores :math:`\bar z^x_t, \bar z^h_t`, and after the loop
+
+.. math::
+
+    \bar W_x = X^\top \bar Z^x, \qquad \bar W_h = H_{\mathrm{prev}}^\top \bar Z^h, \qquad
+    \bar X = \bar Z^x W_x^\top
+
+are three large matrix products over all ``T * batch`` rows, which XLA runs on every core.
+``benchmarks/custom_vjp_experiment.py`` measured it against autodiff.
+
+The forward pass is the same loop as autodiff's, storing the carries and both products.
+Gradients equal autodiff's up to float rounding (summation order). The function is a
+``jax.custom_vjp``: reverse mode to any order works, forward mode (``jax.jvp``,
+``jax.jacfwd``, ``jax.hessian``) does not; use ``backward="autodiff"`` for those.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cell import Cell, matmul
+
+PyTree = Any
+
+
+def _expand(mask: jax.Array, leaf: jax.Array) -> jax.Array:
+    return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
+
+
+def _rows(a: jax.Array) -> jax.Array:
+    """``(T, *batch, k)`` -> ``(T * prod(batch), k)``."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def fused_scan(cell: Cell, params: Any, carry: PyTree, xs_tm: jax.Array, resets_tm: jax.Array | None,
+               lengths: jax.Array | None, zero_carry: PyTree, *, reverse: bool, unroll: int | bool):
+    """``(final_carry, ys_tm)`` of the masked loop of ``rnnjax.scan._scan`` (time-major
+    ``xs_tm`` (T, *batch, D), ``resets_tm`` (T, *batch) in processing order, ``lengths``
+    clipped), differentiable by the sequence-level backward pass described above."""
+    cell.check_params(params)
+    steps = xs_tm.shape[0]
+    t_index = jnp.arange(steps)
+    resets = jnp.zeros(xs_tm.shape[:-1], bool) if resets_tm is None else resets_tm
+    if lengths is None:
+        valid = jnp.ones(xs_tm.shape[:-1], bool)
+    else:
+        valid = t_index.reshape((steps,) + (1,) * lengths.ndim) < lengths
+        valid = jnp.broadcast_to(valid, xs_tm.shape[:-1])
+    return _fused(cell, bool(reverse), unroll, params, carry, xs_tm, resets, valid, zero_carry)
+
+
+def _local(cell, rest, w_h_unused, c_prev, zx, zh, reset, valid, zero):
+    """One step without its two large products: reset, ``update``, the length mask."""
+    del w_h_unused
+    c_in = jax.tree.map(lambda z, c: jnp.where(_expand(reset, c), z, c), zero, c_prev)
+    new, y = cell.update(rest, c_in, zx, zh)
+    new = jax.tree.map(lambda n, c: jnp.where(_expand(valid, n), n.astype(c.dtype), c), new, c_prev)
+    return new, jnp.where(_expand(valid, y), y, jnp.zeros((), y.dtype))
+
+
+def _rec_in(cell, c_prev, reset, zero):
+    c_in = jax.tree.map(lambda z, c: jnp.where(_expand(reset, c), z, c), zero, c_prev)
+    return cell.recurrent_input(c_in)
+
+
+def _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
+    rest = params._replace(w_x=None, w_h=None)
+
+    def body(c, inputs):
+        x, reset, ok = inputs
+        zx = matmul(x, params.w_x)
+        zh = matmul(_rec_in(cell, c, reset, zero), params.w_h)
+        new, y = _local(cell, rest, None, c, zx, zh, reset, ok, zero)
+        return new, (y, c, zx, zh)
+
+    final, (ys, c_prevs, zxs, zhs) = jax.lax.scan(body, carry, (xs_tm, resets, valid), reverse=reverse, unroll=unroll)
+    return (final, ys), (c_prevs, zxs, zhs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
+    return _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero)[0]
+
+
+def _fused_fwd(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
+    out, (c_prevs, zxs, zhs) = _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero)
+    return out, (params, xs_tm, resets, valid, zero, c_prevs, zxs, zhs)
+
+
+def _fused_bwd(cell, reverse, unroll, res, cts):
+    params, xs_tm, resets, valid, zero, c_prevs, zxs, zhs = res
+    d_final, d_ys = cts
+    rest = params._replace(w_x=None, w_h=None)
+    w_h_t = params.w_h.T
+
+    def body(acc, inputs):
+        d_new, d_rest = acc
+        dy, c_prev, zx, zh, reset, ok = inputs
+        local = lambda r, c, a, b: _local(cell, r, None, c, a, b, reset, ok, zero)
+        _, vjp = jax.vjp(local, rest, c_prev, zx, zh)
+        dr, dc_prev, dzx, dzh = vjp((d_new, dy))
+        # The recurrent product's input: h_{t-1} = recurrent_input(reset(c_{t-1})).
+        _, vjp_in = jax.vjp(lambda c: _rec_in(cell, c, reset, zero), c_prev)
+        (dc_in,) = vjp_in(matmul(dzh, w_h_t).astype(zh.dtype))
+        dc_prev = jax.tree.map(jnp.add, dc_prev, dc_in)
+        d_rest = jax.tree.map(jnp.add, d_rest, dr)
+        return (dc_prev, d_rest), (dzx, dzh)
+
+    d_rest0 = jax.tree.map(jnp.zeros_like, rest)
+    (d_carry, d_rest), (dzxs, dzhs) = jax.lax.scan(
+        body, (d_final, d_rest0), (d_ys, c_prevs, zxs, zhs, resets, valid), reverse=not reverse, unroll=unroll
+    )
+    h_prevs = jax.vmap(lambda c, r: _rec_in(cell, c, r, zero))(c_prevs, resets)
+    d_w_x = (_rows(xs_tm).T @ _rows(dzxs)).astype(params.w_x.dtype)
+    d_w_h = (_rows(h_prevs).T @ _rows(dzhs)).astype(params.w_h.dtype)
+    d_xs = (dzxs @ params.w_x.T).astype(xs_tm.dtype)
+    d_params = d_rest._replace(w_x=d_w_x, w_h=d_w_h)
+    return d_params, d_carry, d_xs, None, None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

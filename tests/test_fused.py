@@ -1,0 +1,107 @@
+"""rj.scan(..., backward="fused") (rnnjax/fused.py): the sequence-level backward pass of
+dense cells equals autodiff's gradients, with lengths, resets, reverse, an initial carry,
+several batch axes, vmap, jit and second-order reverse mode; bad combinations are errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import rnnjax as rj
+from tests.cases import CELL_CASES, random_case
+from tests.compat import enable_x64
+
+DENSE = [name for name, cell in CELL_CASES.items() if isinstance(cell, rj.cell.DenseCell) and cell.fusable]
+STEPS = 7
+
+
+def test_the_dense_cells_are_the_three_families():
+    assert {type(CELL_CASES[n]).__name__ for n in DENSE} == {"Elman", "LSTM", "GRU"}
+
+
+@jax.jit
+def _identity(x):
+    return x
+
+
+def _loss(cell, backward, reverse):
+    def loss(params, xs, carry, lengths, resets):
+        ys, final = rj.scan(cell, params, xs, carry, lengths=lengths, resets=resets, reverse=reverse, backward=backward)
+        # Weighted so that every output and carry entry gets its own cotangent.
+        w = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)
+        return jnp.sum(w * ys) + sum(jnp.sum(jnp.sin(c)) for c in jax.tree.leaves(final))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("name", DENSE)
+def test_fused_gradients_equal_autodiff(name, reverse):
+    cell = CELL_CASES[name]
+    params, xs, carry = random_case(cell, STEPS, key=3, batch=(3,))
+    lengths = jnp.array([STEPS, 4, 0])
+    resets = jnp.zeros((3, STEPS), bool).at[:, 2].set(True).at[1, 5].set(True)
+    ref = _loss(cell, "autodiff", reverse)(params, xs, carry, lengths, resets)
+    got = _loss(cell, "fused", reverse)(params, xs, carry, lengths, resets)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=f"{name}{jax.tree_util.keystr(path)}")
+
+
+def test_fused_forward_is_the_same_loop():
+    cell = CELL_CASES["lstm_proj_peephole"]
+    params, xs, carry = random_case(cell, STEPS, key=4, batch=(2, 3))  # two batch axes
+    ys, final = rj.scan(cell, params, xs, carry, backward="fused")
+    ref_ys, ref_final = rj.scan(cell, params, xs, carry)
+    np.testing.assert_array_equal(ys, ref_ys)
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(ref_final)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_under_vmap_and_second_order():
+    cell = CELL_CASES["gru"]
+    params, xs, _ = random_case(cell, 5, key=5, batch=(4,))
+
+    def loss(p, x, backward):
+        return jnp.sum(rj.scan(cell, p, x, backward=backward)[0] ** 2)
+
+    per_example = jax.vmap(jax.grad(lambda p, x: loss(p, x, "fused")), in_axes=(None, 0))(params, xs)
+    ref = jax.vmap(jax.grad(lambda p, x: loss(p, x, "autodiff")), in_axes=(None, 0))(params, xs)
+    for a, b in zip(jax.tree.leaves(per_example), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    with enable_x64(True):
+        p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        x64 = xs[:2, :3].astype(jnp.float64)
+        check_grads(lambda p, x: loss(p, x, "fused"), (p64, x64), order=2, modes=["rev"], atol=1e-4, rtol=1e-4)
+
+
+def test_fused_inside_data_parallel_and_layers():
+    layer = rj.Stack([rj.Bidirectional(rj.RNN(rj.LSTM(4), backward="fused")), rj.RNN(rj.GRU(4), backward="fused")])
+    plain = rj.Stack([rj.Bidirectional(rj.RNN(rj.LSTM(4))), rj.RNN(rj.GRU(4))])
+    params = layer.init(jax.random.key(0), 3)
+    xs = jax.random.normal(jax.random.key(1), (4, 6, 3))
+    lengths = jnp.array([6, 3, 1, 5])
+    loss = lambda lay: jax.grad(lambda p: jnp.sum(lay.apply(p, xs, lengths=lengths)[0] ** 2))
+    mesh = jax.make_mesh((1,), ("data",))
+    with rj.distributed.data_parallel(mesh, "data"):
+        got = jax.jit(loss(layer))(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(loss(plain)(params))):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_fused_rejects_what_it_cannot_do():
+    cell = rj.MinGRU(4)
+    params = cell.init(jax.random.key(0), 3)
+    xs = jnp.ones((2, 5, 3))
+    with pytest.raises(ValueError, match=r'backward="fused" needs a dense cell .* MinGRU with this configuration is not one'):
+        rj.scan(cell, params, xs, backward="fused")
+    lstm = rj.LSTM(4)
+    lp = lstm.init(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match="does not combine with remat='sqrt'"):
+        rj.scan(lstm, lp, xs, backward="fused", remat="sqrt")
+    with pytest.raises(ValueError, match="method='newton' has its own"):
+        rj.scan(lstm, lp, xs, backward="fused", method="newton")
+    with pytest.raises(ValueError, match='backward must be "autodiff" or "fused", got \'manual\''):
+        rj.scan(lstm, lp, xs, backward="manual")
+    with pytest.raises(ValueError, match="needs a dense cell"):
+        rj.RNN(rj.LRU(4), backward="fused")
