@@ -6,6 +6,7 @@ output, Adam) three ways in one process, interleaved round by round:
 - ``1 device``: the plain step, everything on device 0;
 - ``mesh``: ``make_train_step(..., mesh=mesh)``, the batch split over the N devices and the
   recurrence run per shard under ``shard_map`` (one all-reduce of the gradients after the loop);
+- ``1 device, fused`` and ``mesh, fused``: the same with ``rj.scan(..., backward="fused")``;
 - ``jit-auto`` (the decision behind ``mesh``): the plain step with the batch placed by
   ``NamedSharding`` and XLA's automatic partitioning, which reduces the weight gradients
   inside the loop, once per step.
@@ -39,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=128, help="input and hidden size")
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--systems", default="1 device,mesh,jit-auto")
+    p.add_argument("--systems", default="1 device,1 device, fused,mesh,mesh, fused,jit-auto",
+                   help="comma-separated; the names contain ', ' (default: all five)")
     p.add_argument("--tiny", action="store_true", help="B=4 H=8 T=16, 1 repeat")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -74,20 +76,27 @@ def main(argv=None) -> dict:
     }
     optimizer = optax.adam(1e-3)
 
-    def loss_fn(p, b):
-        ys, _ = rj.scan(cell, p, b["x"])
-        return rj.train.mean_squared_error(ys, b["y"])
+    def make_loss(backward):
+        def loss_fn(p, b):
+            ys, _ = rj.scan(cell, p, b["x"], backward=backward)
+            return rj.train.mean_squared_error(ys, b["y"])
+
+        return loss_fn
+
+    loss_fn, fused_loss = make_loss("autodiff"), make_loss("fused")
 
     mesh = jax.make_mesh((n,), ("data",))
     single = rj.train.make_train_step(loss_fn, optimizer, donate=False)
-    steps = {"1 device": (single, lambda s, b: (s, b))}
+    same = lambda s, b: (s, b)
+    steps = {"1 device": (single, same),
+             "1 device, fused": (rj.train.make_train_step(fused_loss, optimizer, donate=False), same)}
     if n > 1:
-        steps["mesh"] = (rj.train.make_train_step(loss_fn, optimizer, donate=False, mesh=mesh), lambda s, b: (s, b))
+        steps["mesh"] = (rj.train.make_train_step(loss_fn, optimizer, donate=False, mesh=mesh), same)
+        steps["mesh, fused"] = (rj.train.make_train_step(fused_loss, optimizer, donate=False, mesh=mesh), same)
         auto = jax.sharding.Mesh(np.array(devices), ("data",))
         place = lambda s, b: (jax.device_put(s, NamedSharding(auto, P())), jax.device_put(b, NamedSharding(auto, P("data"))))
         steps["jit-auto"] = (rj.train.make_train_step(loss_fn, optimizer, donate=False), place)
-    wanted = [s.strip() for s in args.systems.split(",")]
-    steps = {k: v for k, v in steps.items() if k in wanted}
+    steps = {k: v for k, v in steps.items() if k in args.systems}
 
     state = rj.train.TrainState.create(params, optimizer)
     prepared, compile_s, first = {}, {}, {}

@@ -59,28 +59,32 @@ def fused_scan(cell: Cell, params: Any, carry: PyTree, xs_tm: jax.Array, resets_
     clipped), differentiable by the sequence-level backward pass described above."""
     cell.check_params(params)
     steps = xs_tm.shape[0]
-    t_index = jnp.arange(steps)
-    resets = jnp.zeros(xs_tm.shape[:-1], bool) if resets_tm is None else resets_tm
-    if lengths is None:
-        valid = jnp.ones(xs_tm.shape[:-1], bool)
-    else:
-        valid = t_index.reshape((steps,) + (1,) * lengths.ndim) < lengths
+    valid = None  # None: no mask at all (no per-step selects without lengths or resets)
+    if lengths is not None:
+        valid = jnp.arange(steps).reshape((steps,) + (1,) * lengths.ndim) < lengths
         valid = jnp.broadcast_to(valid, xs_tm.shape[:-1])
-    return _fused(cell, bool(reverse), unroll, params, carry, xs_tm, resets, valid, zero_carry)
+    return _fused(cell, bool(reverse), unroll, params, carry, xs_tm, resets_tm, valid, zero_carry)
 
 
 def _local(cell, rest, w_h_unused, c_prev, zx, zh, reset, valid, zero):
     """One step without its two large products: reset, ``update``, the length mask."""
     del w_h_unused
-    c_in = jax.tree.map(lambda z, c: jnp.where(_expand(reset, c), z, c), zero, c_prev)
-    new, y = cell.update(rest, c_in, zx, zh)
-    new = jax.tree.map(lambda n, c: jnp.where(_expand(valid, n), n.astype(c.dtype), c), new, c_prev)
+    new, y = cell.update(rest, _reset(c_prev, reset, zero), zx, zh)
+    new = jax.tree.map(lambda n, c: n.astype(c.dtype), new, c_prev)
+    if valid is None:
+        return new, y
+    new = jax.tree.map(lambda n, c: jnp.where(_expand(valid, n), n, c), new, c_prev)
     return new, jnp.where(_expand(valid, y), y, jnp.zeros((), y.dtype))
 
 
+def _reset(c_prev, reset, zero):
+    if reset is None:
+        return c_prev
+    return jax.tree.map(lambda z, c: jnp.where(_expand(reset, c), z, c), zero, c_prev)
+
+
 def _rec_in(cell, c_prev, reset, zero):
-    c_in = jax.tree.map(lambda z, c: jnp.where(_expand(reset, c), z, c), zero, c_prev)
-    return cell.recurrent_input(c_in)
+    return cell.recurrent_input(_reset(c_prev, reset, zero))
 
 
 def _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
@@ -130,7 +134,7 @@ def _fused_bwd(cell, reverse, unroll, res, cts):
     (d_carry, d_rest), (dzxs, dzhs) = jax.lax.scan(
         body, (d_final, d_rest0), (d_ys, c_prevs, zxs, zhs, resets, valid), reverse=not reverse, unroll=unroll
     )
-    h_prevs = jax.vmap(lambda c, r: _rec_in(cell, c, r, zero))(c_prevs, resets)
+    h_prevs = jax.vmap(lambda c, r: _rec_in(cell, c, r, zero), in_axes=(0, None if resets is None else 0))(c_prevs, resets)
     d_w_x = (_rows(xs_tm).T @ _rows(dzxs)).astype(params.w_x.dtype)
     d_w_h = (_rows(h_prevs).T @ _rows(dzhs)).astype(params.w_h.dtype)
     d_xs = (dzxs @ params.w_x.T).astype(xs_tm.dtype)
