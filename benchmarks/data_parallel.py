@@ -6,7 +6,7 @@ output, Adam) three ways in one process, interleaved round by round:
 - ``1 device``: the plain step, everything on device 0;
 - ``mesh``: ``make_train_step(..., mesh=mesh)``, the batch split over the N devices and the
   recurrence run per shard under ``shard_map`` (one all-reduce of the gradients after the loop);
-- ``1 device, fused`` and ``mesh, fused``: the same with ``rj.scan(..., backward="fused")``;
+- ``1 device, fused`` and ``mesh, fused``: the same with ``rj.scan(..., vjp="fused")``;
 - ``jit-auto`` (the decision behind ``mesh``): the plain step with the batch placed by
   ``NamedSharding`` and XLA's automatic partitioning, which reduces the weight gradients
   inside the loop, once per step.
@@ -76,9 +76,9 @@ def main(argv=None) -> dict:
     }
     optimizer = optax.adam(1e-3)
 
-    def make_loss(backward):
+    def make_loss(vjp):
         def loss_fn(p, b):
-            ys, _ = rj.scan(cell, p, b["x"], backward=backward)
+            ys, _ = rj.scan(cell, p, b["x"], vjp=vjp)
             return rj.train.mean_squared_error(ys, b["y"])
 
         return loss_fn

@@ -262,7 +262,7 @@ class DenseCell(Cell):
         \qquad h_{t-1} = \mathrm{recurrent\_input}(c_{t-1}),
 
     with ``update`` using no other product of ``w_x`` or ``w_h``. That lets
-    ``rj.scan(..., backward="fused")`` (:mod:`rnnjax.fused`) form the gradients of ``w_x``,
+    ``rj.scan(..., vjp="fused")`` (:mod:`rnnjax.fused`) form the gradients of ``w_x``,
     ``w_h`` and the inputs as single products over all steps. Elman, LSTM and GRU
     (``reset_after=True``) are dense cells; ``fusable`` says whether a configuration is.
     """

@@ -1,5 +1,5 @@
 r"""The sequential loop of a dense cell with a sequence-level backward pass
-(``rj.scan(..., backward="fused")``).
+(``rj.scan(..., vjp="fused")``).
 
 A dense cell (:class:`rnnjax.cell.DenseCell`: Elman, LSTM, GRU with ``reset_after``) computes its step as
 
@@ -27,7 +27,7 @@ are three large matrix products over all ``T * batch`` rows, which XLA runs on e
 The forward pass is the same loop as autodiff's, storing the carries and both products.
 Gradients equal autodiff's up to float rounding (summation order). The function is a
 ``jax.custom_vjp``: reverse mode to any order works, forward mode (``jax.jvp``,
-``jax.jacfwd``, ``jax.hessian``) does not; use ``backward="autodiff"`` for those.
+``jax.jacfwd``, ``jax.hessian``) does not; use ``vjp="autodiff"`` for those.
 """
 
 from __future__ import annotations

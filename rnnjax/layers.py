@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from rnnjax.cell import Cell, PyTree, frozen
 from rnnjax.parallel import check_options
-from rnnjax.scan import _check_backward, remat_policy, scan
+from rnnjax.scan import _check_vjp, remat_policy, scan
 
 
 @frozen
@@ -35,7 +35,7 @@ class RNN:
       unroll: steps unrolled per loop iteration; ``"auto"``: per backend, see :func:`rnnjax.scan`.
       remat: what the backward pass recomputes to save memory: ``False``, ``True`` (each
         step) or ``"sqrt"`` (sqrt(T) nested checkpoints); see :func:`rnnjax.scan`.
-      backward: ``"autodiff"`` or ``"fused"`` (dense cells: a sequence-level backward pass,
+      vjp: ``"autodiff"`` or ``"fused"`` (dense cells: a sequence-level backward pass,
         see :func:`rnnjax.scan`).
       method, chunk_size, tol, max_iters, newton, damping: how to evaluate the
         recurrence, passed to :func:`rnnjax.scan` (``"sequential"``, ``"associative"``,
@@ -62,12 +62,12 @@ class RNN:
     max_iters: int | None = None
     newton: str | None = None
     damping: float | None = None
-    backward: str = "autodiff"
+    vjp: str = "autodiff"
 
     def __post_init__(self):
         if not isinstance(self.cell, Cell):
             raise TypeError(f"RNN expects an rnnjax cell (e.g. rj.LSTM(64)), got {self.cell!r}")
-        _check_backward(self.cell, self.backward, remat_policy(self.remat), self.method)
+        _check_vjp(self.cell, self.vjp, remat_policy(self.remat), self.method)
         check_options(
             self.cell, self.method, chunk_size=self.chunk_size, tol=self.tol, max_iters=self.max_iters,
             newton=self.newton, damping=self.damping,
@@ -88,7 +88,7 @@ class RNN:
             self.cell, params, xs, carry,
             lengths=lengths, resets=resets, reverse=self.reverse, unroll=self.unroll, remat=self.remat,
             method=self.method, chunk_size=self.chunk_size, tol=self.tol, max_iters=self.max_iters,
-            newton=self.newton, damping=self.damping, backward=self.backward,
+            newton=self.newton, damping=self.damping, vjp=self.vjp,
         )
 
 

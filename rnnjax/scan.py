@@ -26,7 +26,7 @@ def scan(
     reverse: bool = False,
     unroll: int | bool | str = "auto",
     remat: bool | str = False,
-    backward: str = "autodiff",
+    vjp: str = "autodiff",
     method: str = "sequential",
     chunk_size: int | None = None,
     tol: float | None = None,
@@ -72,7 +72,7 @@ def scan(
         extra forward pass of compute.
         ``unroll`` and ``remat`` act on the sequential loop only (``method="sequential"``;
         ``unroll`` also on Newton's fallback loop).
-      backward: ``"autodiff"`` (default): the gradient is JAX's transpose of the loop.
+      vjp: ``"autodiff"`` (default): the gradient is JAX's transpose of the loop.
         ``"fused"`` (dense cells: Elman, LSTM, GRU with ``reset_after``; sequential loop, no remat): a
         sequence-level backward pass (:mod:`rnnjax.fused`) that keeps only the recurrent
         product in the backward loop and forms the weight and input gradients as three large
@@ -124,7 +124,7 @@ def scan(
         resets = _check_resets(resets, batch_shape, steps)
     unroll = resolve_unroll(unroll)
     remat = remat_policy(remat)
-    _check_backward(cell, backward, remat, method)
+    _check_vjp(cell, vjp, remat, method)
     # rnnjax.parallel builds on this module's checks, so it is imported here, not at the top.
     from rnnjax import parallel
 
@@ -137,7 +137,7 @@ def scan(
     def run(params, xs, carry, lengths, resets):
         if method == "sequential" or steps == 0:
             return _scan(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), unroll=unroll, remat=remat,
-                         backward=backward)
+                         vjp=vjp)
         if method in ("associative", "chunked"):
             size = None if method == "associative" else int(chunk_size or parallel.default_chunk_size(steps))
             return parallel._linear_jit(cell, params, xs, carry, lengths, resets, reverse=bool(reverse), chunk_size=size)
@@ -259,26 +259,26 @@ def flip_valid(x_tm: jax.Array, lengths: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x_tm, idx, axis=0)
 
 
-def _check_backward(cell: Cell, backward: str, remat: str, method: str) -> None:
-    if backward == "autodiff":
+def _check_vjp(cell: Cell, vjp: str, remat: str, method: str) -> None:
+    if vjp == "autodiff":
         return
-    if backward != "fused":
-        raise ValueError(f'backward must be "autodiff" or "fused", got {backward!r}')
+    if vjp != "fused":
+        raise ValueError(f'vjp must be "autodiff" or "fused", got {vjp!r}')
     from rnnjax.cell import DenseCell
 
     if not (isinstance(cell, DenseCell) and cell.fusable):
         raise ValueError(
-            f'backward="fused" needs a dense cell (rj.Elman, rj.LSTM, rj.GRU with reset_after=True: '
-            f'rnnjax.cell.DenseCell); {type(cell).__name__} with this configuration is not one: use backward="autodiff"'
+            f'vjp="fused" needs a dense cell (rj.Elman, rj.LSTM, rj.GRU with reset_after=True: '
+            f'rnnjax.cell.DenseCell); {type(cell).__name__} with this configuration is not one: use vjp="autodiff"'
         )
     if remat != "none":
-        raise ValueError(f'backward="fused" keeps its own residuals; it does not combine with remat={remat!r}')
+        raise ValueError(f'vjp="fused" keeps its own residuals; it does not combine with remat={remat!r}')
     if method not in ("sequential", "auto"):
-        raise ValueError(f'backward="fused" is a backward pass of the sequential loop; method={method!r} has its own')
+        raise ValueError(f'vjp="fused" is a backward pass of the sequential loop; method={method!r} has its own')
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("reverse", "unroll", "remat", "backward"))
-def _scan(cell, params, xs, carry, lengths, resets, *, reverse, unroll, remat, backward="autodiff"):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("reverse", "unroll", "remat", "vjp"))
+def _scan(cell, params, xs, carry, lengths, resets, *, reverse, unroll, remat, vjp="autodiff"):
     k = cell.input_ndim
     steps = xs.shape[-(k + 1)]
     xs_tm = jnp.moveaxis(xs, -(k + 1), 0)  # (T, *batch, *features)
@@ -317,7 +317,7 @@ def _scan(cell, params, xs, carry, lengths, resets, *, reverse, unroll, remat, b
 
     inputs = (jnp.arange(steps), xs_tm, resets_tm)
     scan_backwards = reverse and lengths is None
-    if backward == "fused":
+    if vjp == "fused":
         from rnnjax.fused import fused_scan
 
         final, ys_tm = fused_scan(cell, params, carry, xs_tm, resets_tm, lengths, zero_carry,
