@@ -220,23 +220,22 @@ def split_batch(
     inexact = [p for p in jax.tree_util.tree_leaves(params) if jnp.issubdtype(p.dtype, jnp.inexact)]
     dtype = jnp.result_type(xs.dtype, *inexact)
     vary = lambda tree: jax.tree.map(lambda a: jax.lax.pcast(a, axis, to="varying"), tree)
-    args = {"xs": xs, "carry": carry, "lengths": lengths, "resets": resets}
-    present = {k: v for k, v in args.items() if v is not None}
+    # Only the arrays given are split; None stays None inside.
+    present = {k: v for k, v in {"carry": carry, "lengths": lengths, "resets": resets}.items() if v is not None}
 
-    def local(params, present):
+    def local(params, xs, present):
         # Replicated parameters marked varying once, before the loop: their cotangent is
         # then one psum where they enter, not a reduction inside every step.
         params = vary(params)
-        a = dict(args, **present)
-        c = a["carry"]
+        c = present.get("carry")
         if c is None:
-            step_shape = a["xs"].shape[:-(cell.input_ndim + 1)] + a["xs"].shape[-cell.input_ndim:]
+            step_shape = xs.shape[:-(cell.input_ndim + 1)] + xs.shape[-cell.input_ndim:]
             c = vary(cell.init_carry(carry_batch_shape(step_shape), dtype))
-        return run(params, a["xs"], c, a["lengths"], a["resets"])
+        return run(params, xs, c, present.get("lengths"), present.get("resets"))
 
     return jax.shard_map(
-        local, mesh=dp.mesh, in_specs=(P(), P(axis)), out_specs=P(axis), axis_names=frozenset({axis}),
-    )(_place(params, dp.mesh, P()), _place(present, dp.mesh, P(axis)))
+        local, mesh=dp.mesh, in_specs=(P(), P(axis), P(axis)), out_specs=P(axis), axis_names=frozenset({axis}),
+    )(_place(params, dp.mesh, P()), _place(xs, dp.mesh, P(axis)), _place(present, dp.mesh, P(axis)))
 
 
 # ---- sequence parallelism: the time axis split over devices ----------------------------------

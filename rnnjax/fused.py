@@ -42,12 +42,9 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import Cell, matmul
+from rnnjax.scan import _expand_to as _expand
 
 PyTree = Any
-
-
-def _expand(mask: jax.Array, leaf: jax.Array) -> jax.Array:
-    return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
 
 
 def _rows(a: jax.Array) -> jax.Array:
@@ -69,9 +66,8 @@ def fused_scan(cell: Cell, params: Any, carry: PyTree, xs_tm: jax.Array, resets_
     return _fused(cell, bool(reverse), unroll, params, carry, xs_tm, resets_tm, valid, zero_carry)
 
 
-def _local(cell, rest, w_h_unused, c_prev, zx, zh, reset, valid, zero):
+def _local(cell, rest, c_prev, zx, zh, reset, valid, zero):
     """One step without its two large products: reset, ``update``, the length mask."""
-    del w_h_unused
     new, y = cell.update(rest, _reset(c_prev, reset, zero), zx, zh)
     new = jax.tree.map(lambda n, c: n.astype(c.dtype), new, c_prev)
     if valid is None:
@@ -97,7 +93,7 @@ def _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
         x, reset, ok = inputs
         zx = matmul(x, params.w_x)
         zh = matmul(_rec_in(cell, c, reset, zero), params.w_h)
-        new, y = _local(cell, rest, None, c, zx, zh, reset, ok, zero)
+        new, y = _local(cell, rest, c, zx, zh, reset, ok, zero)
         return new, (y, c, zx, zh)
 
     final, (ys, c_prevs, zxs, zhs) = jax.lax.scan(body, carry, (xs_tm, resets, valid), reverse=reverse, unroll=unroll)
@@ -123,7 +119,7 @@ def _fused_bwd(cell, reverse, unroll, res, cts):
     def body(acc, inputs):
         d_new, d_rest = acc
         dy, c_prev, zx, zh, reset, ok = inputs
-        local = lambda r, c, a, b: _local(cell, r, None, c, a, b, reset, ok, zero)
+        local = lambda r, c, a, b: _local(cell, r, c, a, b, reset, ok, zero)
         _, vjp = jax.vjp(local, rest, c_prev, zx, zh)
         dr, dc_prev, dzx, dzh = vjp((d_new, dy))
         # The recurrent product's input: h_{t-1} = recurrent_input(reset(c_{t-1})).
