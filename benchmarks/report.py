@@ -82,11 +82,18 @@ def _cell_value(rec: dict | None, field: str = "median_s") -> str:
     if field == "memory":
         b = rec.get("memory_bytes")
         return "—" if b is None else f"{b / 2**20:.3g}"
+    if field == "faults":
+        f = rec.get("page_faults_per_call")
+        return "—" if f is None else f"{f:.3g}"
     raise ValueError(field)
 
 
-def _ratio(table, cell, mode, t, other) -> str:
-    a, b = table.get(("rnnjax", cell, mode, t)), table.get((other, cell, mode, t))
+# The rnnjax configurations the time table gives ratios to PyTorch and Flax for, when measured.
+RATIO_SYSTEMS = ("rnnjax", "rnnjax-fused", "rnnjax-shard", "rnnjax-shard-fused")
+
+
+def _ratio(table, cell, mode, t, other, system="rnnjax") -> str:
+    a, b = table.get((system, cell, mode, t)), table.get((other, cell, mode, t))
     if ok(a) and ok(b):
         return f"{a['median_s'] / b['median_s']:.3g}"
     return "—"
@@ -108,18 +115,32 @@ def _points(cfg: dict, table: dict, systems: list[str]):
 
 
 def time_table(meta: dict, records: list[dict]) -> str:
-    """Rows cell × mode × T; columns each system's median ms, rnnjax/torch, rnnjax/flax."""
+    """Rows cell × mode × T; columns each system's median ms, then X/torch and X/flax for
+    every measured X of :data:`RATIO_SYSTEMS` (rnnjax always), and rnnjax's µs per step."""
     cfg = meta["config"]
     table = lookup(records)
     systems = measured(meta, records)
-    head = ["cell", "mode", "T", *systems, "rnnjax/torch", "rnnjax/flax", "rnnjax µs/step"]
+    ratios = [s for s in RATIO_SYSTEMS if s == "rnnjax" or s in systems]
+    head = ["cell", "mode", "T", *systems, *(f"{s}/{o}" for s in ratios for o in ("torch", "flax")), "rnnjax µs/step"]
     lines = _header(head)
     for cell, mode, t, recs in _points(cfg, table, systems):
         row = [CELL_NAMES.get(cell, cell), mode, str(t), *(_cell_value(r) for r in recs),
-               _ratio(table, cell, mode, t, "torch"), _ratio(table, cell, mode, t, "flax"),
+               *(_ratio(table, cell, mode, t, o, s) for s in ratios for o in ("torch", "flax")),
                f"{table[('rnnjax', cell, mode, t)]['per_step_us']:.3g}"
                if ok(table.get(("rnnjax", cell, mode, t))) else "—"]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def fault_table(meta: dict, records: list[dict]) -> str:
+    """Minor page faults per timed call (memory the process touched for the first time)."""
+    cfg = meta["config"]
+    table = lookup(records)
+    systems = measured(meta, records)
+    lines = _header(["cell", "mode", "T", *systems])
+    for cell, mode, t, recs in _points(cfg, table, systems):
+        lines.append("| " + " | ".join([CELL_NAMES.get(cell, cell), mode, str(t),
+                                        *(_cell_value(r, "faults") for r in recs)]) + " |")
     return "\n".join(lines)
 
 
@@ -143,12 +164,16 @@ def header(meta: dict) -> str:
     cfg, dev, v = meta["config"], meta["device"], meta["versions"]
     vers = ", ".join(f"{k} {x}" for k, x in v.items() if x)
     torch = f"; torch threads {meta['torch_threads']}" if meta.get("torch_threads") else ""
+    malloc = meta.get("malloc") or "default"
+    if meta.get("malloc_env"):
+        malloc += " (environment: " + " ".join(f"{k}={v}" for k, v in meta["malloc_env"].items()) + ")"
     return (
         f"# rnnjax benchmark: {dev['kind']} ({dev['platform']}, {dev['count']} device(s)), preset {meta['preset']}\n\n"
         f"- shapes: batch {cfg['batch']}, input {cfg['input_size']}, hidden {cfg['hidden_size']}, "
         f"{cfg['dtype']} (matrix products: {meta.get('matmul_precision', '?')}), batch-first (B, T, D); "
         f"same input for every system\n"
-        f"- CPUs: {meta['cpu_count']} ({meta.get('cpu_model') or '?'}){torch}; XLA_FLAGS={meta.get('xla_flags') or ''!r}\n"
+        f"- CPUs: {meta['cpu_count']} ({meta.get('cpu_model') or '?'}){torch}; XLA_FLAGS={meta.get('xla_flags') or ''!r}; "
+        f"allocator: {malloc}\n"
         f"- {vers}\n"
         f"- time: median of up to {cfg['repeats']} runs after a warm-up call (per-point counts in the JSON); "
         f"compile time excluded and reported apart; fwd+bwd = gradient of sum(outputs) w.r.t. params and inputs\n"
@@ -165,6 +190,12 @@ def markdown(meta: dict, records: list[dict], der: dict | None = None) -> str:
               "rss-delta: sampled rise of the process's resident memory during the warm-up call "
               "(approximate); torch-cuda-max-allocated: PyTorch's peak allocation.\n"),
              memory_table(meta, records), ""]
+    if any(ok(r) and r.get("page_faults_per_call") is not None for r in records):
+        parts += ["## Page faults per call\n",
+                  ("Minor page faults of the process during the timed calls, per call: memory touched "
+                   "for the first time (about 1 µs per 4 KiB page on the machine of the committed CPU "
+                   "results). Large counts mean the allocator handed out fresh pages; see --malloc.\n"),
+                  fault_table(meta, records), ""]
     if der["compile_s"]:
         cfg = meta["config"]
         parts += ["## Compile time (s: trace + lower + compile)\n",

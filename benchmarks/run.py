@@ -96,8 +96,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["fwd,fwd+bwd"],
                    help="fwd (inference) and/or fwd+bwd (gradient of sum(outputs) w.r.t. params and inputs; default both)")
     p.add_argument("--systems", nargs="+", default=None,
-                   help="from benchmarks.systems.SYSTEMS (default: rnnjax rnnjax-remat flax equinox torch "
-                        "attention, plus rnnjax-shard with --host-devices > 1, rnnjax-vmap at --vmap-length)")
+                   help="from benchmarks.systems.SYSTEMS (default: rnnjax rnnjax-fused rnnjax-remat rnnjax-remat-sqrt flax "
+                        "equinox torch attention, plus rnnjax-shard and rnnjax-shard-fused with --host-devices > 1, "
+                        "rnnjax-vmap at --vmap-length)")
     p.add_argument("--batch", type=int, help="B")
     p.add_argument("--input-size", type=int, help="D")
     p.add_argument("--hidden-size", type=int, help="H (attention: d_model)")
@@ -118,7 +119,11 @@ def parser() -> argparse.ArgumentParser:
                    help="on GPU, let JAX and PyTorch use TF32 matrix products (default: full float32 in both)")
     p.add_argument("--host-devices", type=int, default=1,
                    help="N > 1 (default 1): sets XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts "
-                        "and adds the rnnjax-shard system (batch split over N CPU devices)")
+                        "and adds the rnnjax-shard and rnnjax-shard-fused systems (batch split over N CPU devices)")
+    p.add_argument("--malloc", choices=["default", "reuse"], default="default",
+                   help="glibc's allocator for the whole process, every system alike. reuse: one arena, no mmap, "
+                        "no trimming (mallopt before JAX starts), so XLA's per-call buffers reuse memory instead of "
+                        "faulting in fresh pages; see benchmarks/README.md, 'The allocator' (default: default)")
     p.add_argument("--max-minutes", type=float, help="stop measuring after this long (0: never); rest is skipped")
     p.add_argument("--check", action="store_true",
                    help="compare every rnnjax variant's outputs/gradients with rnnjax's (one extra call each); "
@@ -158,6 +163,44 @@ def set_host_devices(n: int) -> None:
         return
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+# mallopt(3) parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# The same settings as environment variables, for a process started by hand.
+MALLOC_REUSE_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "4294967295"}
+
+
+def reuse_host_memory() -> str:
+    """Make glibc's malloc keep and reuse freed memory, for the whole process.
+
+    XLA:CPU allocates every buffer of a call (temporaries, outputs) afresh. With glibc's
+    defaults, blocks above 32 MiB are ``mmap``-ed and returned on free, and each thread
+    has its own arena that is trimmed, so every call faults its memory in again, page by
+    page (~1 µs per 4 KiB here). One arena, no ``mmap`` and no trimming keep it mapped.
+    Must run before JAX (or PyTorch) starts its threads. Returns what was done, for the
+    record; changes nothing off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc: allocator left alone"
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    done = [libc.mallopt(_M_ARENA_MAX, 1), libc.mallopt(_M_MMAP_MAX, 0), libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)]
+    if not all(done):
+        return f"mallopt failed ({done}): allocator partly default"
+    return "glibc mallopt: M_ARENA_MAX=1 M_MMAP_MAX=0 M_TRIM_THRESHOLD=2^31-1"
+
+
+def _minor_faults() -> int | None:
+    """The process's minor page faults so far (memory touched for the first time), or
+    None where ``resource`` is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _cpu_model() -> str | None:
@@ -220,6 +263,7 @@ def measure(system, prob, x, args, S, reference: dict | None = None) -> dict:
         if args.point_budget > 0:
             n = int(min(args.repeats, max(args.min_repeats, args.point_budget // max(first, 1e-9))))
         times = []
+        faults0 = _minor_faults()
         gc.disable()  # no collection inside a timed call
         try:
             for _ in range(n):
@@ -228,6 +272,7 @@ def measure(system, prob, x, args, S, reference: dict | None = None) -> dict:
                 times.append(time.perf_counter() - t0)
         finally:
             gc.enable()
+        faults = None if faults0 is None else (_minor_faults() - faults0) / n
         if reference is not None and system.same_as_rnnjax:
             leaves = _leaves(built.run())
             if "leaves" not in reference:
@@ -244,7 +289,7 @@ def measure(system, prob, x, args, S, reference: dict | None = None) -> dict:
     rec.update(median_s=med, min_s=min(times), times_s=times, repeats=n, per_step_us=med / prob.length * 1e6,
                first_call_s=first, compile_s=built.compile_s, lower_s=built.lower_s,
                memory_bytes=built.memory_bytes, memory_source=built.memory_source,
-               memory_detail=built.memory_detail, info=built.info)
+               memory_detail=built.memory_detail, info=built.info, page_faults_per_call=faults)
     return rec
 
 
@@ -252,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = resolve(parser().parse_args(argv))
     set_host_devices(args.host_devices)
+    malloc = reuse_host_memory() if args.malloc == "reuse" else "default"
     # JAX and PyTorch share one GPU: JAX allocates as it needs instead of taking 75% upfront.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -267,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     names = list(args.systems and _words(args.systems) or S.DEFAULT_SYSTEMS)
     if args.systems is None and args.host_devices > 1:
-        names.insert(1, "rnnjax-shard")
+        at = names.index("rnnjax-fused") + 1
+        names[at:at] = S.HOST_DEVICE_SYSTEMS
     if args.vmap_length and "rnnjax-vmap" not in names:
         names.append("rnnjax-vmap")
     if args.check and "rnnjax" in names:  # the reference is measured first
@@ -319,7 +366,9 @@ def main(argv: list[str] | None = None) -> dict:
         "device": {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count()},
         "versions": {"python": platform.python_version(), **S.versions()},
         "cpu_count": _cpu_count(), "cpu_model": _cpu_model(), "torch_threads": torch_threads,
-        "xla_flags": os.environ.get("XLA_FLAGS"), "git": _git(), "preset": preset,
+        "xla_flags": os.environ.get("XLA_FLAGS"),
+        "malloc": malloc, "malloc_env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))},
+        "git": _git(), "preset": preset,
         "command": "python -m benchmarks.run " + shlex.join(argv), "argv": argv,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": notes, "matmul_precision": precision,

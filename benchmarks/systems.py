@@ -520,8 +520,9 @@ SYSTEMS: dict[str, System] = {
     "rnnjax-unroll4": Rnnjax(options=(("unroll", 4),)),
     "rnnjax-unroll16": Rnnjax(options=(("unroll", 16),)),
     "rnnjax-unroll64": Rnnjax(options=(("unroll", 64),)),
-    "rnnjax-fused": Rnnjax(options=(("vjp", "fused"),), cells=("lstm", "gru", "elman"),
-                           note='rnnjax-fused: rj.scan(vjp="fused"), the sequence-level backward pass (forward = rnnjax\'s)'),
+    "rnnjax-fused": Rnnjax(options=(("vjp", "fused"),), cells=("lstm", "gru", "elman"), modes=("fwd+bwd",),
+                           note='rnnjax-fused: rj.scan(vjp="fused"), the sequence-level backward pass; fwd+bwd only '
+                                '(its forward is rnnjax\'s loop)'),
     "rnnjax-assoc": Rnnjax(options=(("method", "associative"),), cells=LINEAR_CELLS),
     "rnnjax-chunked": Rnnjax(options=(("method", "chunked"),), cells=LINEAR_CELLS),
     "rnnjax-newton": Rnnjax(options=(("method", "newton"),)),
@@ -530,8 +531,8 @@ SYSTEMS: dict[str, System] = {
                           note="rnnjax-bf16: rj.Mixed(cell, compute_dtype=bfloat16): float32 params and carry, bfloat16 outputs"),
     "rnnjax-f16": Rnnjax(wrap=functools.partial(rj.Mixed, compute_dtype=jnp.float16), same_as_rnnjax=False,
                          note="rnnjax-f16: rj.Mixed(cell, compute_dtype=float16): float32 params and carry, float16 outputs"),
-    "rnnjax-shard-fused": RnnjaxShard(options=(("vjp", "fused"),), cells=("lstm", "gru", "elman"),
-                                      note='rnnjax-shard-fused: rnnjax-shard with vjp="fused"'),
+    "rnnjax-shard-fused": RnnjaxShard(options=(("vjp", "fused"),), cells=("lstm", "gru", "elman"), modes=("fwd+bwd",),
+                                      note='rnnjax-shard-fused: rnnjax-shard with vjp="fused"; fwd+bwd only'),
     "rnnjax-shard": RnnjaxShard(note="rnnjax-shard: batch split over the host devices by rj.distributed.data_parallel "
                                      "(shard_map), one all-reduce of parameter gradients after the loop"),
     "rnnjax-vmap": Rnnjax(vmap=True, only_at_vmap_length=True,
@@ -543,7 +544,9 @@ SYSTEMS: dict[str, System] = {
     "attention": Attention(),
 }
 
-DEFAULT_SYSTEMS = ("rnnjax", "rnnjax-remat", "rnnjax-remat-sqrt", "flax", "equinox", "torch", "attention")
+DEFAULT_SYSTEMS = ("rnnjax", "rnnjax-fused", "rnnjax-remat", "rnnjax-remat-sqrt", "flax", "equinox", "torch", "attention")
+# With --host-devices N > 1 these follow rnnjax-fused in the default list.
+HOST_DEVICE_SYSTEMS = ("rnnjax-shard", "rnnjax-shard-fused")
 
 
 @functools.cache

@@ -271,6 +271,14 @@ class DenseCell(Cell):
     def fusable(self) -> bool:
         return True
 
+    @property
+    def additive(self) -> bool:
+        """Whether ``update`` reads ``zx`` and ``zh`` only through their sum ``zx + zh``
+        (Elman, LSTM; not GRU, whose candidate gate scales ``zh`` by the reset gate). Then
+        ``vjp="fused"`` keeps one ``(T, *batch, G)`` array per pass instead of two. A
+        subclass that says ``True`` must give the same result for ``update(c, zx + zh, 0)``."""
+        return False
+
     def recurrent_input(self, carry: PyTree) -> Array:
         """The array multiplied by ``w_h``: the carry itself unless a subclass says otherwise."""
         return carry

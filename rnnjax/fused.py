@@ -22,7 +22,9 @@ peepholes, a projection), stores :math:`\bar z^x_t, \bar z^h_t`, and after the l
     \bar X = \bar Z^x W_x^\top
 
 are three large matrix products over all ``T * batch`` rows, which XLA runs on every core.
-``benchmarks/custom_vjp_experiment.py`` measured it against autodiff. The backward loop
+``benchmarks/custom_vjp_experiment.py`` measured it against autodiff. For an additive cell
+(``DenseCell.additive``: Elman, LSTM) ``update`` sees only :math:`z_t = z^x_t + z^h_t`, so
+:math:`\bar z^x_t = \bar z^h_t` and each pass keeps one array of products, not two. The backward loop
 recomputes ``update`` (elementwise) through ``jax.vjp``; keeping each step's VJP residuals
 from the forward pass instead was tried and dropped: no faster (LSTM, B=32, H=128, T=1024,
 one CPU device: 234 ms either way) and 1.5x the memory of autodiff instead of 1.4x.
@@ -94,10 +96,11 @@ def _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
         zx = matmul(x, params.w_x)
         zh = matmul(_rec_in(cell, c, reset, zero), params.w_h)
         new, y = _local(cell, rest, c, zx, zh, reset, ok, zero)
-        return new, (y, c, zx, zh)
+        # An additive cell's backward needs only the sum (XLA shares it with update's own).
+        return new, (y, c, (zx + zh,) if cell.additive else (zx, zh))
 
-    final, (ys, c_prevs, zxs, zhs) = jax.lax.scan(body, carry, (xs_tm, resets, valid), reverse=reverse, unroll=unroll)
-    return (final, ys), (c_prevs, zxs, zhs)
+    final, (ys, c_prevs, zs) = jax.lax.scan(body, carry, (xs_tm, resets, valid), reverse=reverse, unroll=unroll)
+    return (final, ys), (c_prevs, zs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -106,33 +109,40 @@ def _fused(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
 
 
 def _fused_fwd(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
-    out, (c_prevs, zxs, zhs) = _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero)
-    return out, (params, xs_tm, resets, valid, zero, c_prevs, zxs, zhs)
+    out, (c_prevs, zs) = _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero)
+    return out, (params, xs_tm, resets, valid, zero, c_prevs, zs)
 
 
 def _fused_bwd(cell, reverse, unroll, res, cts):
-    params, xs_tm, resets, valid, zero, c_prevs, zxs, zhs = res
+    params, xs_tm, resets, valid, zero, c_prevs, zs = res
     d_final, d_ys = cts
     rest = params._replace(w_x=None, w_h=None)
     w_h_t = params.w_h.T
 
     def body(acc, inputs):
         d_new, d_rest = acc
-        dy, c_prev, zx, zh, reset, ok = inputs
-        local = lambda r, c, a, b: _local(cell, r, c, a, b, reset, ok, zero)
-        _, vjp = jax.vjp(local, rest, c_prev, zx, zh)
-        dr, dc_prev, dzx, dzh = vjp((d_new, dy))
+        dy, c_prev, z, reset, ok = inputs
+        if cell.additive:  # z = (zx + zh,): one cotangent serves both products
+            local = lambda r, c, a: _local(cell, r, c, a, jnp.zeros_like(a), reset, ok, zero)
+            _, vjp = jax.vjp(local, rest, c_prev, *z)
+            dr, dc_prev, dz = vjp((d_new, dy))
+            dzs = (dz,)
+        else:  # z = (zx, zh)
+            local = lambda r, c, a, b: _local(cell, r, c, a, b, reset, ok, zero)
+            _, vjp = jax.vjp(local, rest, c_prev, *z)
+            dr, dc_prev, *dzs = vjp((d_new, dy))
         # The recurrent product's input: h_{t-1} = recurrent_input(reset(c_{t-1})).
         _, vjp_in = jax.vjp(lambda c: _rec_in(cell, c, reset, zero), c_prev)
-        (dc_in,) = vjp_in(matmul(dzh, w_h_t).astype(zh.dtype))
+        (dc_in,) = vjp_in(matmul(dzs[-1], w_h_t).astype(z[-1].dtype))
         dc_prev = jax.tree.map(jnp.add, dc_prev, dc_in)
         d_rest = jax.tree.map(jnp.add, d_rest, dr)
-        return (dc_prev, d_rest), (dzx, dzh)
+        return (dc_prev, d_rest), tuple(dzs)
 
     d_rest0 = jax.tree.map(jnp.zeros_like, rest)
-    (d_carry, d_rest), (dzxs, dzhs) = jax.lax.scan(
-        body, (d_final, d_rest0), (d_ys, c_prevs, zxs, zhs, resets, valid), reverse=not reverse, unroll=unroll
+    (d_carry, d_rest), dzs = jax.lax.scan(
+        body, (d_final, d_rest0), (d_ys, c_prevs, zs, resets, valid), reverse=not reverse, unroll=unroll
     )
+    dzxs, dzhs = dzs[0], dzs[-1]
     h_prevs = jax.vmap(lambda c, r: _rec_in(cell, c, r, zero), in_axes=(0, None if resets is None else 0))(c_prevs, resets)
     d_w_x = (_rows(xs_tm).T @ _rows(dzxs)).astype(params.w_x.dtype)
     d_w_h = (_rows(h_prevs).T @ _rows(dzhs)).astype(params.w_h.dtype)

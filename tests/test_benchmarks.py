@@ -71,13 +71,15 @@ def test_suite_writes_json_markdown_and_plots(tmp_path, capsys):
 def test_host_devices_and_sharded_rnnjax_matches_unsharded(tmp_path):
     """In a fresh process: --host-devices sets XLA_FLAGS before JAX starts; the shard_map
     system (LSTM: tuple carry; LRU: complex carry; minGRU: no peer) gives rnnjax's outputs
-    and gradients; rows of cells without a peer are written too."""
+    and gradients; rows of cells without a peer are written too. --malloc reuse is set
+    (mallopt) before JAX starts and recorded."""
     script = textwrap.dedent(f"""
         import sys
         import benchmarks.run as run
         assert "jax" not in sys.modules, "benchmarks.run must not import jax at import time"
         run.main(["--tiny", "--host-devices", "2", "--systems", "rnnjax", "rnnjax-shard", "--cells", "lstm",
-                  "lru", "--lengths", "8", "--vmap-length", "0", "--check", "--no-plot", "--out", {str(tmp_path)!r}])
+                  "lru", "--lengths", "8", "--vmap-length", "0", "--check", "--no-plot", "--malloc", "reuse",
+                  "--out", {str(tmp_path)!r}])
         import jax
         assert jax.local_device_count() == 2
     """)
@@ -87,6 +89,10 @@ def test_host_devices_and_sharded_rnnjax_matches_unsharded(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     assert "--xla_force_host_platform_device_count=2" in data["meta"]["xla_flags"]
+    import platform
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert data["meta"]["malloc"].startswith("glibc mallopt: M_ARENA_MAX=1"), data["meta"]["malloc"]
+    assert all(r["page_faults_per_call"] >= 0 for r in data["records"] if r["status"] == "ok")
     shard = [r for r in data["records"] if r["system"] == "rnnjax-shard"]
     assert {(r["cell"], r["mode"]) for r in shard} == {(c, m) for c in ("lstm", "lru") for m in ("fwd", "fwd+bwd")}
     for rec in shard:

@@ -105,3 +105,17 @@ def test_fused_rejects_what_it_cannot_do():
         rj.scan(lstm, lp, xs, vjp="manual")
     with pytest.raises(ValueError, match="needs a dense cell"):
         rj.RNN(rj.LRU(4), vjp="fused")
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_additive_cells_read_only_the_sum(name):
+    # DenseCell.additive lets vjp="fused" keep zx + zh alone; the claim must hold exactly.
+    cell = CELL_CASES[name]
+    params, xs, carry = random_case(cell, steps=1)
+    x = xs[:, 0]
+    zx = rj.cell.matmul(x, params.w_x)
+    zh = rj.cell.matmul(cell.recurrent_input(carry), params.w_h)
+    split = cell.update(params, carry, zx, zh)
+    summed = cell.update(params, carry, zx + zh, jnp.zeros_like(zh))
+    same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(summed)))
+    assert same == cell.additive, f"{name}: additive={cell.additive} but update(zx + zh, 0) == update(zx, zh) is {same}"

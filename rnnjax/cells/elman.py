@@ -78,6 +78,10 @@ class Elman(HiddenStateCell, DenseCell):
             b=self.bias_init(kb, (h,), dtype) if self.use_bias else None,
         )
 
+    @property
+    def additive(self) -> bool:  # update reads zx + zh only
+        return True
+
     def update(self, params: ElmanParams, carry: jax.Array, zx: jax.Array, zh: jax.Array) -> tuple[jax.Array, jax.Array]:
         pre = zx + zh
         if params.b is not None:

@@ -121,6 +121,10 @@ class LSTM(DenseCell):
     def input_size(self, params: LSTMParams) -> int:
         return params.w_x.shape[0]
 
+    @property
+    def additive(self) -> bool:  # update reads zx + zh only
+        return True
+
     def recurrent_input(self, carry: LSTMState) -> jax.Array:
         return carry.h
 
