@@ -167,8 +167,6 @@ def set_host_devices(n: int) -> None:
 
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-# The same settings as environment variables, for a process started by hand.
-MALLOC_REUSE_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "4294967295"}
 
 
 def reuse_host_memory() -> str:
@@ -187,10 +185,10 @@ def reuse_host_memory() -> str:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not glibc: allocator left alone"
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    done = [libc.mallopt(_M_ARENA_MAX, 1), libc.mallopt(_M_MMAP_MAX, 0), libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)]
+    done = [libc.mallopt(_M_ARENA_MAX, 1), libc.mallopt(_M_MMAP_MAX, 0), libc.mallopt(_M_TRIM_THRESHOLD, -1)]
     if not all(done):
         return f"mallopt failed ({done}): allocator partly default"
-    return "glibc mallopt: M_ARENA_MAX=1 M_MMAP_MAX=0 M_TRIM_THRESHOLD=2^31-1"
+    return "glibc mallopt: M_ARENA_MAX=1 M_MMAP_MAX=0 M_TRIM_THRESHOLD=-1 (never trim)"
 
 
 def _minor_faults() -> int | None:
@@ -243,11 +241,12 @@ def _leaves(result) -> list:
     return [np.asarray(a) for a in jax.tree.leaves(result)]
 
 
-def measure(system, prob, x, args, S, reference: dict | None = None) -> dict:
+def measure(system, prob, x, args, S, reference: dict | None = None, keep: dict | None = None) -> dict:
     """Build, warm up and time one (system, problem); never raises.
 
     ``reference``: with ``--check``, rnnjax's result for this problem is stored there
-    (system "rnnjax") or compared with (systems that compute the same numbers)."""
+    (system "rnnjax") or compared with (systems that compute the same numbers).
+    ``keep``: the built system is stored there under ``"built"`` (for :func:`interleaved`)."""
     rec = {"system": None, "cell": prob.cell, "mode": prob.mode, "T": prob.length, "status": "ok"}
     try:
         built = system.build(prob, x)
@@ -257,6 +256,8 @@ def measure(system, prob, x, args, S, reference: dict | None = None) -> dict:
         return {**rec, "status": "error", "note": f"{type(e).__name__}: {str(e)[:300]}"}
     try:
         first = built.first_call()
+        if keep is not None:
+            keep["built"] = built
         for _ in range(args.warmup - 1):
             built.run()
         n = args.repeats
@@ -291,6 +292,24 @@ def measure(system, prob, x, args, S, reference: dict | None = None) -> dict:
                memory_bytes=built.memory_bytes, memory_source=built.memory_source,
                memory_detail=built.memory_detail, info=built.info, page_faults_per_call=faults)
     return rec
+
+
+def interleaved(a, b, rounds: int) -> float | None:
+    """Median time of ``b.run()`` over median time of ``a.run()``, the two called in
+    alternation (a, b, a, b, ...), so that both see the same machine state. None on error."""
+    ta, tb = [], []
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for built, times in ((a, ta), (b, tb)):
+                t0 = time.perf_counter()
+                built.run()
+                times.append(time.perf_counter() - t0)
+    except Exception:  # noqa: BLE001 -- a derived figure; the point's own records stand
+        return None
+    finally:
+        gc.enable()
+    return statistics.median(tb) / statistics.median(ta)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -391,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 prob = S.Problem(cell, mode, args.batch, t, args.input_size, args.hidden_size, args.dtype, args.seed)
                 reference = {} if args.check else None
+                kept: dict[str, dict] = {}  # rnnjax and rnnjax-vmap at --vmap-length, for interleaved()
                 for name in active:
                     system = registry[name]
                     if cell not in system.cells or mode not in system.modes:
@@ -405,9 +425,13 @@ def main(argv: list[str] | None = None) -> dict:
                         rec = {"cell": cell, "mode": mode, "T": t, "status": "skipped",
                                "note": f"--max-minutes {args.max_minutes:g} reached"}
                     else:
+                        keep = kept.setdefault(name, {}) if (t == args.vmap_length and name in
+                                                             ("rnnjax", "rnnjax-vmap")) else None
                         rec = measure(system, prob, x, args, S, reference if name == "rnnjax" or
-                                      "leaves" in (reference or {}) else None)
+                                      "leaves" in (reference or {}) else None, keep)
                     rec["system"] = name
+                    if name in kept:
+                        kept[name]["rec"] = rec
                     if system.cell_independent:
                         rec["cell"] = "*"
                     records.append(rec)
@@ -419,6 +443,12 @@ def main(argv: list[str] | None = None) -> dict:
                             f"(n={rec['repeats']}{comp})")
                     else:
                         say(f"{cell:6} {mode:7} T={t:<6} {name:14} {rec['status']}: {rec.get('note', '')}")
+                if all("built" in kept.get(n, {}) for n in ("rnnjax", "rnnjax-vmap")):
+                    ratio = interleaved(kept["rnnjax"]["built"], kept["rnnjax-vmap"]["built"], max(args.repeats, 5))
+                    kept["rnnjax-vmap"]["rec"]["vmap_over_batched_interleaved"] = ratio
+                    if ratio is not None:
+                        say(f"{cell:6} {mode:7} T={t:<6} rnnjax-vmap / rnnjax, calls interleaved: {ratio:.3f}")
+                kept.clear()
             report.write_all(meta, records, out, plot=False)  # partial results survive an interrupted run
         del x
         gc.collect()  # ~0.2 s with torch and JAX loaded: once per length, not per point
@@ -450,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nrnnjax time-per-step max/min (T >= {report.FLAT_MIN_T}): "
               + ", ".join(f"{k} {v:.2f}" for k, v in der["flatness"].items()))
     if der["vmap_over_batched"]:
-        print(f"vmap / batched at T={args.vmap_length}: "
+        print(f"vmap / batched at T={args.vmap_length} (calls interleaved): "
               + ", ".join(f"{k} {v:.2f}" for k, v in der["vmap_over_batched"].items()))
     print(f"\n{len(records)} measurements in {meta['wall_s']:.0f} s. Files:")
     for path in files.values():
