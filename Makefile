@@ -20,7 +20,7 @@ $(VENV)/.bench: $(VENV)/.installed
 	touch $@
 
 bench: $(VENV)/.bench
-	$(PY) -m benchmarks.run --quick
+	$(PY) -m benchmarks.run --quick --host-devices auto
 
 demo: $(VENV)/.installed
 	$(PY) examples/char_lm.py

@@ -117,8 +117,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=0, help="PyTorch CPU threads (0: all cores)")
     p.add_argument("--tf32", action="store_true",
                    help="on GPU, let JAX and PyTorch use TF32 matrix products (default: full float32 in both)")
-    p.add_argument("--host-devices", type=int, default=1,
-                   help="N > 1 (default 1): sets XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts "
+    p.add_argument("--host-devices", type=_host_devices, default=1,
+                   help="N > 1, or auto (the most CPU cores that divide the batch): sets XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts "
                         "and adds the rnnjax-shard and rnnjax-shard-fused systems (batch split over N CPU devices)")
     p.add_argument("--malloc", choices=["default", "reuse"], default="default",
                    help="glibc's allocator for the whole process, every system alike. reuse: one arena, no mmap, "
@@ -132,6 +132,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>-<preset>)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     return p
+
+
+def _host_devices(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {n}")
+    return n
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -152,6 +164,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     except KeyError as e:
         raise SystemExit(f"unknown mode {e.args[0]!r}; expected fwd or fwd+bwd") from None
     args.min_repeats = max(1, min(args.min_repeats, args.repeats))
+    if args.host_devices == "auto":  # every core, as long as each gets an equal part of the batch
+        args.host_devices = max(n for n in range(1, _cpu_count() + 1) if args.batch % n == 0)
     if args.vmap_length and args.vmap_length not in args.lengths:
         args.vmap_length = min(args.lengths, key=lambda t: abs(t - args.vmap_length))
     return args
