@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
                     else:
                         say(f"{cell:6} {mode:7} T={t:<6} {name:14} {rec['status']}: {rec.get('note', '')}")
                 if all("built" in kept.get(n, {}) for n in ("rnnjax", "rnnjax-vmap")):
-                    ratio = interleaved(kept["rnnjax"]["built"], kept["rnnjax-vmap"]["built"], max(args.repeats, 5))
+                    ratio = interleaved(kept["rnnjax"]["built"], kept["rnnjax-vmap"]["built"], max(2 * args.repeats, 11))
                     kept["rnnjax-vmap"]["rec"]["vmap_over_batched_interleaved"] = ratio
                     if ratio is not None:
                         say(f"{cell:6} {mode:7} T={t:<6} rnnjax-vmap / rnnjax, calls interleaved: {ratio:.3f}")
