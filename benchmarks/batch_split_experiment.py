@@ -5,6 +5,9 @@ XLA:CPU run them on both cores? (It did not: forward equal, forward+backward slo
 
 Measured here (2-core CPU, jax 0.10.2, LSTM B=32 D=H=128 T=1024, median of 7):
 base 55.3 ms, split2 51.7, split4 51.9; forward+backward base 202, split2 308, split4 390.
+Two separate rj.scan calls over the batch halves (two independent while loops in one
+program; 2026-11-27): forward 47.8 -> 56.0 ms, forward+backward 193 -> 343 ms. XLA:CPU runs
+the two loops one after the other, so host devices (shard_map) remain the way to both cores.
 """
 import time, jax, jax.numpy as jnp, numpy as np
 import rnnjax as rj
