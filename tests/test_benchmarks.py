@@ -28,6 +28,15 @@ def test_presets_hold_the_target_shapes():
         run.resolve(run.parser().parse_args(["--cells", "transformer"]))
 
 
+@pytest.mark.parametrize("cores, batch, expected", [(2, 32, 2), (3, 32, 2), (16, 12, 12), (1, 7, 1), (6, 7, 1)])
+def test_host_devices_auto_takes_the_most_cores_that_divide_the_batch(monkeypatch, cores, batch, expected):
+    monkeypatch.setattr(run, "_cpu_count", lambda: cores)
+    args = run.resolve(run.parser().parse_args(["--host-devices", "auto", "--batch", str(batch)]))
+    assert args.host_devices == expected
+    with pytest.raises(SystemExit):
+        run.parser().parse_args(["--host-devices", "0"])
+
+
 def test_suite_writes_json_markdown_and_plots(tmp_path, capsys):
     systems = ["rnnjax", "rnnjax-remat", "flax", "attention", *OPTIONAL]
     cells, modes, lengths = ["lstm"], ["fwd", "fwd+bwd"], [8]
@@ -54,6 +63,9 @@ def test_suite_writes_json_markdown_and_plots(tmp_path, capsys):
         assert got[("attention", "*", mode, 8)]["status"] == "ok"
     assert ("rnnjax-remat", "lstm", "fwd", 8) not in got  # remat's forward is rnnjax's
     assert set(data["derived"]["vmap_over_batched"]) == {f"lstm {m}" for m in modes}
+    for mode in modes:  # the ratio comes from the two compiled calls run in alternation
+        ratio = got[("rnnjax-vmap", "lstm", mode, 8)]["vmap_over_batched_interleaved"]
+        assert ratio > 0 and data["derived"]["vmap_over_batched"][f"lstm {mode}"] == ratio
 
     md = (tmp_path / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| cell | mode | T |"))
