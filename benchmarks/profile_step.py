@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.run import set_host_devices
+from benchmarks.run import _minor_faults, reuse_host_memory, set_host_devices
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][\w\-]*)\(", re.MULTILINE)
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", re.MULTILINE)
@@ -76,8 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hlo", type=Path, help="write the optimised HLO text here")
     p.add_argument("--trace", type=Path, help="write a jax.profiler trace here and sum time per XLA op")
     p.add_argument("--host-devices", type=int, default=1)
+    p.add_argument("--malloc", choices=["default", "reuse"], default="default",
+                   help="reuse: glibc keeps freed memory, as benchmarks.run --malloc reuse")
     args = p.parse_args(argv)
     set_host_devices(args.host_devices)
+    malloc = reuse_host_memory() if args.malloc == "reuse" else "default"
 
     import jax
     import numpy as np
@@ -92,15 +95,19 @@ def main(argv: list[str] | None = None) -> None:
     built = system.build(prob, x)
     built.run()
     times = []
+    faults0 = _minor_faults()
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         built.run()
         times.append(time.perf_counter() - t0)
+    faults = None if faults0 is None else (_minor_faults() - faults0) / args.repeats
     med = statistics.median(times)
     print(f"{args.system} {args.cell} {args.mode} B={args.batch} T={args.length} D={args.input_size} "
           f"H={args.hidden_size} {args.dtype} on {jax.devices()[0].device_kind}")
     print(f"compile {built.compile_s:.3f} s (lower {built.lower_s:.3f} s); median {med * 1e3:.3f} ms "
           f"= {med / args.length * 1e6:.2f} us/step over {args.repeats} runs")
+    if faults is not None:
+        print(f"page faults per call {faults:.0f} (allocator: {malloc})")
     try:
         cost = built.compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
