@@ -34,7 +34,8 @@ more fresh buffer per call (page faults per call 50 000 -> 67 000 under glibc's 
 overwriting the hoisted buffer with ``zx + zh`` in place, step by step, kept the faults
 but not the gain (184.0 vs 186.5 ms).
 
-The forward pass is the same loop as autodiff's, storing the carries and both products.
+The forward pass is the same loop as autodiff's, storing the carries and both products
+(their sum for an additive cell).
 Gradients equal autodiff's up to float rounding (summation order). The function is a
 ``jax.custom_vjp``: reverse mode to any order works, forward mode (``jax.jvp``,
 ``jax.jacfwd``, ``jax.hessian``) does not; use ``vjp="autodiff"`` for those.
