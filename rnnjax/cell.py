@@ -271,13 +271,14 @@ class DenseCell(Cell):
     def fusable(self) -> bool:
         return True
 
-    @property
-    def additive(self) -> bool:
-        """Whether ``update`` reads ``zx`` and ``zh`` only through their sum ``zx + zh``
-        (Elman, LSTM; not GRU, whose candidate gate scales ``zh`` by the reset gate). Then
-        ``vjp="fused"`` keeps one ``(T, *batch, G)`` array per pass instead of two. A
-        subclass that says ``True`` must give the same result for ``update(c, zx + zh, 0)``."""
-        return False
+    def summed_columns(self, width: int) -> int:
+        """How many leading columns of the ``width``-column products ``update`` reads only
+        through their sum ``zx + zh``: all for Elman and LSTM, the reset and update gates'
+        ``2 * hidden_size`` for GRU (its candidate scales ``zh`` by the reset gate), 0 by
+        default. ``vjp="fused"`` keeps those columns once per pass instead of twice. A
+        subclass must give the same result when those columns arrive summed in ``zx`` and
+        zeroed in ``zh``."""
+        return 0
 
     def recurrent_input(self, carry: PyTree) -> Array:
         """The array multiplied by ``w_h``: the carry itself unless a subclass says otherwise."""

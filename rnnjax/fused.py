@@ -22,9 +22,10 @@ peepholes, a projection), stores :math:`\bar z^x_t, \bar z^h_t`, and after the l
     \bar X = \bar Z^x W_x^\top
 
 are three large matrix products over all ``T * batch`` rows, which XLA runs on every core.
-``benchmarks/custom_vjp_experiment.py`` measured it against autodiff. For an additive cell
-(``DenseCell.additive``: Elman, LSTM) ``update`` sees only :math:`z_t = z^x_t + z^h_t`, so
-:math:`\bar z^x_t = \bar z^h_t` and each pass keeps one array of products, not two. The backward loop
+``benchmarks/custom_vjp_experiment.py`` measured it against autodiff. Where ``update``
+reads columns of the products only through :math:`z^x_t + z^h_t`
+(``DenseCell.summed_columns``: all of them for Elman and LSTM, the two gates of GRU), the
+two cotangents of those columns are equal, so each pass keeps those columns once. The backward loop
 recomputes ``update`` (elementwise) through ``jax.vjp``; keeping each step's VJP residuals
 from the forward pass instead was tried and dropped: no faster (LSTM, B=32, H=128, T=1024,
 one CPU device: 234 ms either way) and 1.5x the memory of autodiff instead of 1.4x.
@@ -35,7 +36,7 @@ overwriting the hoisted buffer with ``zx + zh`` in place, step by step, kept the
 but not the gain (184.0 vs 186.5 ms).
 
 The forward pass is the same loop as autodiff's, storing the carries and both products
-(their sum for an additive cell).
+(the summed columns once).
 Gradients equal autodiff's up to float rounding (summation order). The function is a
 ``jax.custom_vjp``: reverse mode to any order works, forward mode (``jax.jvp``,
 ``jax.jacfwd``, ``jax.hessian``) does not; use ``vjp="autodiff"`` for those.
@@ -94,6 +95,40 @@ def _rec_in(cell, c_prev, reset, zero):
     return cell.recurrent_input(_reset(c_prev, reset, zero))
 
 
+def _kept(zx, zh, k):
+    """What a step keeps of its products for the backward pass, given that ``update`` reads
+    their first ``k`` columns only as ``zx + zh`` (``DenseCell.summed_columns``):
+    ``(zx, zh)``; ``(zx + zh,)`` when ``k`` is every column; else
+    ``(zx[:k] + zh[:k], zx[k:], zh[k:])`` (columns on the last axis)."""
+    if k == 0:
+        return zx, zh
+    summed = zx[..., :k] + zh[..., :k]
+    return (summed,) if k == zx.shape[-1] else (summed, zx[..., k:], zh[..., k:])
+
+
+def _products(kept):
+    """``(zx, zh)`` that ``update`` treats as the originals: the summed columns in ``zx``,
+    zeros in ``zh``. Also the inverse map for cotangents: :func:`_cotangents`."""
+    if len(kept) == 2:
+        return kept
+    if len(kept) == 1:
+        return kept[0], jnp.zeros_like(kept[0])
+    summed, ax, ah = kept
+    return jnp.concatenate([summed, ax], -1), jnp.concatenate([jnp.zeros_like(summed), ah], -1)
+
+
+def _cotangents(d_kept):
+    """Column blocks ``[(cotangent, columns)]`` of ``zx``'s and of ``zh``'s cotangent, from
+    the cotangents of the kept arrays (a summed column's cotangent is both products')."""
+    if len(d_kept) == 2:
+        return [(d_kept[0], slice(None))], [(d_kept[1], slice(None))]
+    if len(d_kept) == 1:
+        return [(d_kept[0], slice(None))], [(d_kept[0], slice(None))]
+    ds, dax, dah = d_kept
+    k = ds.shape[-1]
+    return [(ds, slice(None, k)), (dax, slice(k, None))], [(ds, slice(None, k)), (dah, slice(k, None))]
+
+
 def _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
     rest = params._replace(w_x=None, w_h=None)
 
@@ -102,8 +137,8 @@ def _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
         zx = matmul(x, params.w_x)
         zh = matmul(_rec_in(cell, c, reset, zero), params.w_h)
         new, y = _local(cell, rest, c, zx, zh, reset, ok, zero)
-        # An additive cell's backward needs only the sum (XLA shares it with update's own).
-        return new, (y, c, (zx + zh,) if cell.additive else (zx, zh))
+        # Summed columns are kept once (XLA shares the sum with update's own).
+        return new, (y, c, _kept(zx, zh, cell.summed_columns(zx.shape[-1])))
 
     final, (ys, c_prevs, zs) = jax.lax.scan(body, carry, (xs_tm, resets, valid), reverse=reverse, unroll=unroll)
     return (final, ys), (c_prevs, zs)
@@ -127,32 +162,27 @@ def _fused_bwd(cell, reverse, unroll, res, cts):
 
     def body(acc, inputs):
         d_new, d_rest = acc
-        dy, c_prev, z, reset, ok = inputs
-        if cell.additive:  # z = (zx + zh,): one cotangent serves both products
-            local = lambda r, c, a: _local(cell, r, c, a, jnp.zeros_like(a), reset, ok, zero)
-            _, vjp = jax.vjp(local, rest, c_prev, *z)
-            dr, dc_prev, dz = vjp((d_new, dy))
-            dzs = (dz,)
-        else:  # z = (zx, zh)
-            local = lambda r, c, a, b: _local(cell, r, c, a, b, reset, ok, zero)
-            _, vjp = jax.vjp(local, rest, c_prev, *z)
-            dr, dc_prev, *dzs = vjp((d_new, dy))
+        dy, c_prev, kept, reset, ok = inputs
+        local = lambda r, c, *k: _local(cell, r, c, *_products(k), reset, ok, zero)
+        _, vjp = jax.vjp(local, rest, c_prev, *kept)
+        dr, dc_prev, *d_kept = vjp((d_new, dy))
         # The recurrent product's input: h_{t-1} = recurrent_input(reset(c_{t-1})).
+        dzh = jnp.concatenate([d for d, _ in _cotangents(d_kept)[1]], -1)
         _, vjp_in = jax.vjp(lambda c: _rec_in(cell, c, reset, zero), c_prev)
-        (dc_in,) = vjp_in(matmul(dzs[-1], w_h_t).astype(z[-1].dtype))
+        (dc_in,) = vjp_in(matmul(dzh, w_h_t).astype(kept[-1].dtype))
         dc_prev = jax.tree.map(jnp.add, dc_prev, dc_in)
         d_rest = jax.tree.map(jnp.add, d_rest, dr)
-        return (dc_prev, d_rest), tuple(dzs)
+        return (dc_prev, d_rest), tuple(d_kept)
 
     d_rest0 = jax.tree.map(jnp.zeros_like, rest)
-    (d_carry, d_rest), dzs = jax.lax.scan(
+    (d_carry, d_rest), d_kept = jax.lax.scan(
         body, (d_final, d_rest0), (d_ys, c_prevs, zs, resets, valid), reverse=not reverse, unroll=unroll
     )
-    dzxs, dzhs = dzs[0], dzs[-1]
+    x_blocks, h_blocks = _cotangents(d_kept)
     h_prevs = jax.vmap(lambda c, r: _rec_in(cell, c, r, zero), in_axes=(0, None if resets is None else 0))(c_prevs, resets)
-    d_w_x = (_rows(xs_tm).T @ _rows(dzxs)).astype(params.w_x.dtype)
-    d_w_h = (_rows(h_prevs).T @ _rows(dzhs)).astype(params.w_h.dtype)
-    d_xs = (dzxs @ params.w_x.T).astype(xs_tm.dtype)
+    d_w_x = jnp.concatenate([_rows(xs_tm).T @ _rows(d) for d, _ in x_blocks], -1).astype(params.w_x.dtype)
+    d_w_h = jnp.concatenate([_rows(h_prevs).T @ _rows(d) for d, _ in h_blocks], -1).astype(params.w_h.dtype)
+    d_xs = sum(d @ params.w_x[:, cols].T for d, cols in x_blocks).astype(xs_tm.dtype)
     d_params = d_rest._replace(w_x=d_w_x, w_h=d_w_h)
     return d_params, d_carry, d_xs, None, None, None
 

@@ -108,14 +108,22 @@ def test_fused_rejects_what_it_cannot_do():
 
 
 @pytest.mark.parametrize("name", DENSE)
-def test_additive_cells_read_only_the_sum(name):
-    # DenseCell.additive lets vjp="fused" keep zx + zh alone; the claim must hold exactly.
+def test_summed_columns_are_read_only_as_a_sum(name):
+    # DenseCell.summed_columns lets vjp="fused" keep those columns once; the claim must hold
+    # exactly, and the next column must not have the property (the claim is the largest).
     cell = CELL_CASES[name]
     params, xs, carry = random_case(cell, steps=1)
-    x = xs[:, 0]
-    zx = rj.cell.matmul(x, params.w_x)
+    zx = rj.cell.matmul(xs[:, 0], params.w_x)
     zh = rj.cell.matmul(cell.recurrent_input(carry), params.w_h)
-    split = cell.update(params, carry, zx, zh)
-    summed = cell.update(params, carry, zx + zh, jnp.zeros_like(zh))
-    same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(summed)))
-    assert same == cell.additive, f"{name}: additive={cell.additive} but update(zx + zh, 0) == update(zx, zh) is {same}"
+    width = zx.shape[-1]
+    k = cell.summed_columns(width)
+    assert 0 < k <= width
+
+    def moved(cols):  # the first `cols` columns summed into zx, zeroed in zh
+        return cell.update(params, carry, zx.at[:, :cols].add(zh[:, :cols]), zh.at[:, :cols].set(0.0))
+
+    exact = lambda a, b: all(bool(jnp.array_equal(u, v)) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    reference = cell.update(params, carry, zx, zh)
+    assert exact(moved(k), reference), f"{name}: update changes when its {k} summed columns arrive summed"
+    if k < width:
+        assert not exact(moved(k + 1), reference), f"{name}: column {k} is read only as a sum too"

@@ -78,9 +78,8 @@ class Elman(HiddenStateCell, DenseCell):
             b=self.bias_init(kb, (h,), dtype) if self.use_bias else None,
         )
 
-    @property
-    def additive(self) -> bool:  # update reads zx + zh only
-        return True
+    def summed_columns(self, width: int) -> int:  # update reads zx + zh only
+        return width
 
     def update(self, params: ElmanParams, carry: jax.Array, zx: jax.Array, zh: jax.Array) -> tuple[jax.Array, jax.Array]:
         pre = zx + zh

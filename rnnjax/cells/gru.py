@@ -124,16 +124,23 @@ class GRU(HiddenStateCell, DenseCell):
         h = (1.0 - z) * n + z * h_prev
         return h, h
 
+    def summed_columns(self, width: int) -> int:  # r and z read zx + zh; the candidate does not
+        return 2 * self.hidden_size
+
     def update(self, params: GRUParams, carry: jax.Array, zx: jax.Array, zh: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``reset_after=True`` only (see ``fusable``)."""
         act = resolve_activation(self.activation)
         gate = resolve_activation(self.gate_activation)
-        gx = zx if params.b_x is None else zx + params.b_x
-        gh = zh if params.b_h is None else zh + params.b_h
-        xr, xz, xn = jnp.split(gx, 3, axis=-1)
-        hr, hz, hn = jnp.split(gh, 3, axis=-1)
-        r = gate(xr + hr)
-        z = gate(xz + hz)
+        hid = self.hidden_size
+        # The gates' pre-activation sums the products first and the biases after, so it is
+        # a function of zx + zh alone (summed_columns); the candidate keeps them apart.
+        pre = zx[..., : 2 * hid] + zh[..., : 2 * hid]
+        for b in (params.b_x, params.b_h):
+            if b is not None:
+                pre = pre + b[: 2 * hid]
+        xn = zx[..., 2 * hid :] if params.b_x is None else zx[..., 2 * hid :] + params.b_x[2 * hid :]
+        hn = zh[..., 2 * hid :] if params.b_h is None else zh[..., 2 * hid :] + params.b_h[2 * hid :]
+        r, z = jnp.split(gate(pre), 2, axis=-1)
         n = act(xn + r * hn)
         h = (1.0 - z) * n + z * carry
         return h, h

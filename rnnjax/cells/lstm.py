@@ -121,9 +121,8 @@ class LSTM(DenseCell):
     def input_size(self, params: LSTMParams) -> int:
         return params.w_x.shape[0]
 
-    @property
-    def additive(self) -> bool:  # update reads zx + zh only
-        return True
+    def summed_columns(self, width: int) -> int:  # update reads zx + zh only
+        return width
 
     def recurrent_input(self, carry: LSTMState) -> jax.Array:
         return carry.h
