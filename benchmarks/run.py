@@ -118,8 +118,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tf32", action="store_true",
                    help="on GPU, let JAX and PyTorch use TF32 matrix products (default: full float32 in both)")
     p.add_argument("--host-devices", type=_host_devices, default=1,
-                   help="N > 1, or auto (the most CPU cores that divide the batch): sets XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts "
-                        "and adds the rnnjax-shard and rnnjax-shard-fused systems (batch split over N CPU devices)")
+                   help="N > 1, or auto (the most CPU cores that divide the batch): sets "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts and adds the "
+                        "rnnjax-shard and rnnjax-shard-fused systems (batch split over N CPU devices)")
     p.add_argument("--malloc", choices=["default", "reuse"], default="default",
                    help="glibc's allocator for the whole process, every system alike. reuse: one arena, no mmap, "
                         "no trimming (mallopt before JAX starts), so XLA's per-call buffers reuse memory instead of "
@@ -400,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"python": platform.python_version(), **S.versions()},
         "cpu_count": _cpu_count(), "cpu_model": _cpu_model(), "torch_threads": torch_threads,
         "xla_flags": os.environ.get("XLA_FLAGS"),
-        "malloc": malloc, "malloc_env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))},
+        "malloc": malloc,  # and any allocator settings the process was started with:
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))},
         "git": _git(), "preset": preset,
         "command": "python -m benchmarks.run " + shlex.join(argv), "argv": argv,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
