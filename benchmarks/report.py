@@ -188,7 +188,8 @@ def markdown(meta: dict, records: list[dict], der: dict | None = None) -> str:
     parts = [header(meta), "## Time per batch of sequences (ms, median)\n",
              "Ratios below 1 mean rnnjax is faster.\n", time_table(meta, records), "",
              "## Peak memory (MiB)\n",
-             ("xla-memory-analysis: argument + output + temp bytes of the compiled executable; "
+             ("xla-memory-analysis: argument + output + temp bytes of the compiled executable "
+              "(-per-device: one device's share of a program sharded over several); "
               "rss-delta: sampled rise of the process's resident memory during the warm-up call "
               "(approximate); torch-cuda-max-allocated: PyTorch's peak allocation.\n"),
              memory_table(meta, records), ""]
@@ -221,62 +222,102 @@ def markdown(meta: dict, records: list[dict], der: dict | None = None) -> str:
     return "\n".join(parts)
 
 
-def _grid(meta, records, field, ylabel, path, title, systems=None, labels=None):
+def _draw(ax, cfg, table, systems, cell, mode, field, labels=None) -> bool:
+    """One log-log panel: ``field(record)`` vs T for every system; whether anything was drawn."""
+    drawn = False
+    for k, system in enumerate(systems):
+        pts = [(t, table[(system, cell, mode, t)]) for t in cfg["lengths"] if ok(table.get((system, cell, mode, t)))]
+        pts = [(t, field(r)) for t, r in pts if field(r) is not None and field(r) > 0]
+        if not pts:
+            continue
+        style = "--" if system == "attention" else ("-" if system.startswith("rnnjax") else ":")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3,
+                label=(labels or {}).get(system, system), color=f"C{k}")
+        drawn = True
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return drawn
+
+
+def _figure(rows: int, cols: int):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.2 * rows), squeeze=False, sharex=True)
+    return plt, fig, axes
+
+
+def _save(plt, fig, path, title):
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _grid(meta, records, field, ylabel, path, title, systems=None, labels=None):
+    """One panel per (cell, mode): rows cells, columns modes."""
     cfg = meta["config"]
     table = lookup(records)
     systems = systems or measured(meta, records)
     cells, modes = cfg["cells"], cfg["modes"]
-    fig, axes = plt.subplots(len(cells), len(modes), figsize=(5.2 * len(modes), 3.2 * len(cells)),
-                             squeeze=False, sharex=True)
+    plt, fig, axes = _figure(len(cells), len(modes))
     drawn = False
     for i, cell in enumerate(cells):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
-            for k, system in enumerate(systems):
-                pts = [(t, table[(system, cell, mode, t)]) for t in cfg["lengths"]
-                       if ok(table.get((system, cell, mode, t)))]
-                pts = [(t, field(r)) for t, r in pts if field(r) is not None and field(r) > 0]
-                if not pts:
-                    continue
-                style = "--" if system == "attention" else ("-" if system.startswith("rnnjax") else ":")
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3,
-                        label=(labels or {}).get(system, system), color=f"C{k}")
-                drawn = True
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.grid(True, which="both", alpha=0.3)
+            drawn |= _draw(ax, cfg, table, systems, cell, mode, field, labels)
             ax.set_title(f"{CELL_NAMES.get(cell, cell)} {mode}", fontsize=10)
             if j == 0:
                 ax.set_ylabel(ylabel)
             if i == len(cells) - 1:
                 ax.set_xlabel("sequence length T")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path, title)
     return drawn
 
 
+def _time_and_memory(meta, records, path, title, mem_labels):
+    """One row per (cell, mode): time per batch vs T, and beside it peak memory vs T."""
+    cfg = meta["config"]
+    table = lookup(records)
+    systems = measured(meta, records)
+    rows = [(c, m) for c in cfg["cells"] for m in cfg["modes"]]
+    plt, fig, axes = _figure(len(rows), 2)
+    for i, (cell, mode) in enumerate(rows):
+        name = f"{CELL_NAMES.get(cell, cell)} {mode}"
+        _draw(axes[i][0], cfg, table, systems, cell, mode, lambda r: r["median_s"] * 1e3)
+        _draw(axes[i][1], cfg, table, systems, cell, mode, _memory_mib, mem_labels)
+        axes[i][0].set(title=f"{name}: time", ylabel="ms per batch (median)")
+        axes[i][1].set(title=f"{name}: peak memory", ylabel="MiB")
+    for ax in axes[-1]:
+        ax.set_xlabel("sequence length T")
+    _save(plt, fig, path, title)
+
+
+def _memory_mib(rec: dict) -> float | None:
+    return None if rec.get("memory_bytes") is None else rec["memory_bytes"] / 2**20
+
+
 def plots(meta: dict, records: list[dict], out: Path) -> list[Path]:
-    """time.png (ms per batch vs T), memory.png (MiB vs T), compile.png (s vs T)."""
+    """time_memory.png (per cell and mode: ms per batch vs T beside peak MiB vs T), and the
+    same figures one grid each: time.png, memory.png, plus compile.png (s vs T)."""
     cfg = meta["config"]
     dev = meta["device"]["kind"]
     sub = f"{dev}, B={cfg['batch']}, D={cfg['input_size']}, H={cfg['hidden_size']}, {cfg['dtype']}"
     mem_src = {r["system"]: r["memory_source"] for r in records if ok(r) and r.get("memory_source")}
-    paths = [out / "time.png", out / "memory.png", out / "compile.png"]
-    _grid(meta, records, lambda r: r["median_s"] * 1e3, "ms per batch (median)", paths[0],
+    mem_labels = {s: f"{s} ({m})" for s, m in mem_src.items() if m != "xla-memory-analysis"}
+    paths = [out / "time_memory.png", out / "time.png", out / "memory.png", out / "compile.png"]
+    _time_and_memory(meta, records, paths[0], f"Time and peak memory vs T ({sub}; memory: XLA memory "
+                     "analysis unless labelled)", mem_labels)
+    _grid(meta, records, lambda r: r["median_s"] * 1e3, "ms per batch (median)", paths[1],
           f"Time per batch of sequences vs T ({sub})")
-    _grid(meta, records, lambda r: None if r.get("memory_bytes") is None else r["memory_bytes"] / 2**20,
-          "peak MiB", paths[1], f"Peak memory vs T, XLA memory analysis unless labelled ({sub})",
-          labels={s: f"{s} ({m})" for s, m in mem_src.items() if m != "xla-memory-analysis"})
-    _grid(meta, records, lambda r: r.get("compile_s"), "compile s", paths[2],
+    _grid(meta, records, _memory_mib, "peak MiB", paths[2],
+          f"Peak memory vs T, XLA memory analysis unless labelled ({sub})", labels=mem_labels)
+    _grid(meta, records, lambda r: r.get("compile_s"), "compile s", paths[3],
           f"Compile time (trace + lower + compile) vs T ({sub})")
     return paths
 

@@ -7,7 +7,7 @@
 Every system gets the same input (batch-first ``(B, T, D)``, same dtype, same device),
 is built once per (cell, mode, T), compiled ahead of time (compile time reported apart),
 warmed up once, and timed as the median of ``--repeats`` calls that wait for their
-result. Output: ``results.json``, ``results.md`` and ``time.png``/``memory.png``/
+result. Output: ``results.json``, ``results.md``, ``time_memory.png`` and ``time.png``/``memory.png``/
 ``compile.png`` under ``--out``; the time table is printed at the end.
 
 This module imports JAX only inside :func:`main`, after ``--host-devices`` has set

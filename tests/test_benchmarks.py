@@ -74,10 +74,10 @@ def test_suite_writes_json_markdown_and_plots(tmp_path, capsys):
         assert f"| LSTM | {mode} | 8 |" in md
     assert header in out and str(tmp_path / "results.json") in out  # table and paths printed
 
-    for name in ("time", "memory", "compile"):
+    for name in ("time_memory", "time", "memory", "compile"):
         png = tmp_path / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    assert set(result["files"]) >= {"json", "md", "time", "memory", "compile"}
+    assert set(result["files"]) >= {"json", "md", "time_memory", "time", "memory", "compile"}
 
 
 def test_host_devices_and_sharded_rnnjax_matches_unsharded(tmp_path):
