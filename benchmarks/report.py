@@ -134,32 +134,31 @@ def time_table(meta: dict, records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def fault_table(meta: dict, records: list[dict]) -> str:
-    """Minor page faults per timed call (memory the process touched for the first time)."""
+def _value_table(meta: dict, records: list[dict], field: str, label=lambda system: system) -> str:
+    """Rows cell × mode × T, one column per measured system: ``_cell_value(record, field)``."""
     cfg = meta["config"]
     table = lookup(records)
     systems = measured(meta, records)
-    lines = _header(["cell", "mode", "T", *systems])
+    lines = _header(["cell", "mode", "T", *(label(s) for s in systems)])
     for cell, mode, t, recs in _points(cfg, table, systems):
         lines.append("| " + " | ".join([CELL_NAMES.get(cell, cell), mode, str(t),
-                                        *(_cell_value(r, "faults") for r in recs)]) + " |")
+                                        *(_cell_value(r, field) for r in recs)]) + " |")
     return "\n".join(lines)
 
 
+def fault_table(meta: dict, records: list[dict]) -> str:
+    """Minor page faults per timed call (memory the process touched for the first time)."""
+    return _value_table(meta, records, "faults")
+
+
 def memory_table(meta: dict, records: list[dict]) -> str:
-    cfg = meta["config"]
-    table = lookup(records)
-    systems = measured(meta, records)
+    """Peak MiB; each column names its memory source."""
     sources = {}
     for r in records:
         if ok(r) and r.get("memory_source"):
             sources.setdefault(r["system"], set()).add(r["memory_source"])
-    head = ["cell", "mode", "T"] + [f"{s} ({'/'.join(sorted(sources.get(s, {'n/a'})))})" for s in systems]
-    lines = _header(head)
-    for cell, mode, t, recs in _points(cfg, table, systems):
-        row = [CELL_NAMES.get(cell, cell), mode, str(t), *(_cell_value(r, "memory") for r in recs)]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    return _value_table(meta, records, "memory",
+                        lambda s: f"{s} ({'/'.join(sorted(sources.get(s, {'n/a'})))})")
 
 
 def header(meta: dict) -> str:

@@ -108,7 +108,7 @@ def _kept(zx, zh, k):
 
 def _products(kept):
     """``(zx, zh)`` that ``update`` treats as the originals: the summed columns in ``zx``,
-    zeros in ``zh``. Also the inverse map for cotangents: :func:`_cotangents`."""
+    zeros in ``zh``. :func:`_cotangents` maps the kept arrays' cotangents back."""
     if len(kept) == 2:
         return kept
     if len(kept) == 1:
