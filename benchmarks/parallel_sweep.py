@@ -13,7 +13,7 @@ and ``--preset gpu`` (benchmarks/gpu_parallel.sh). Then
 
     python benchmarks/parallel_sweep.py --auto-table benchmarks/results/cpu_auto.json
 
-prints the ``_AUTO_TABLE`` entry for rnnjax/parallel.py derived from the measurements, and
+prints the auto table entry for rnnjax/tuning.py derived from the measurements, and
 how far from the fastest method the table's choice is at every measured point.
 
 A cell is ``name`` or ``name:hidden`` (mingru, minlstm, lru, gru, lstm, elman, mgu, indrnn).
@@ -41,6 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import rnnjax as rj
+from rnnjax import tuning
+
+if not __package__:  # run as a file (python benchmarks/parallel_sweep.py): `benchmarks` is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import timing  # noqa: E402
 
 CELLS = {
     "mingru": rj.MinGRU,
@@ -53,8 +58,11 @@ CELLS = {
     "indrnn": rj.IndRNN,
 }
 
+METHODS = ("sequential", "associative", "chunked", "newton", "auto")  # rj.scan's method names
+DEFAULT_NEWTON = rj.Newton().variant  # the variant rj.Newton() and so "auto" run
+
 PRESETS = {
-    # The measurement behind _AUTO_TABLE["cpu"]: < 6 min on 2 cores (budget-s stops it early
+    # The measurement behind rnnjax.tuning.auto_table("cpu"): < 6 min on 2 cores (budget-s stops it early
     # if the machine is slower; what was measured is still written).
     "cpu-auto": dict(
         cells="mingru,lru,gru:16", methods="sequential,associative,chunked,newton",
@@ -134,25 +142,21 @@ def configs(cell, methods, chunk_sizes, newton_variants, newton_linear):
 
 def auto_label(cell, steps):
     """The label of the configuration "auto" runs (default options)."""
-    method = rj.parallel.choose_method(cell, steps)
+    method = tuning.choose_method(cell, steps)
     if method == "chunked":
-        return f"chunked(C={rj.parallel.default_chunk_size(steps)})", method, {}
+        return f"chunked(C={tuning.default_chunk_size(steps)})", method, {}
     if method == "newton":
-        return f"newton({rj.parallel.DEFAULT_NEWTON})", method, {}
+        return f"newton({DEFAULT_NEWTON})", method, {}
     return method, method, {}
 
 
-def time_fn(fn, args, repeats):
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return compile_s, times
+def method_value(method: str, opts: dict):
+    """The ``rj.scan`` method value of a configuration (``opts`` as :func:`configs` gives)."""
+    if method == "chunked":
+        return rj.Chunked(size=opts.get("chunk_size"))
+    if method == "newton":
+        return rj.Newton(opts["newton"])
+    return {"sequential": rj.Sequential, "associative": rj.Associative, "auto": rj.Auto}[method]()
 
 
 def measure(cell, method, opts, steps, args, dtype, mode):
@@ -162,7 +166,7 @@ def measure(cell, method, opts, steps, args, dtype, mode):
     xs = jax.random.normal(kx, (args.batch, steps, input_size), dtype)
 
     def forward(p, x):
-        return rj.scan(cell, p, x, method=method, **opts)
+        return rj.scan(cell, p, x, method=method_value(method, opts))
 
     def loss(p, x):
         ys, carry = forward(p, x)
@@ -171,8 +175,8 @@ def measure(cell, method, opts, steps, args, dtype, mode):
                            for c in jax.tree.leaves(carry))
 
     fn = forward if mode == "fwd" else jax.grad(loss)
-    compile_s, times = time_fn(fn, (params, xs), args.repeats)
-    row = dict(compile_s=compile_s, times_s=times, median_s=statistics.median(times))
+    result = timing.measure(timing.compile_ahead(fn, params, xs), args.repeats)
+    row = dict(compile_s=result.compile_s, times_s=result.times_s, median_s=result.median_s)
     if method == "newton" and mode == "fwd":
         info = jax.jit(lambda p, x: rj.parallel.newton_scan(cell, p, x, **opts)[2])(params, xs)
         row["newton"] = dict(iterations=int(info.iterations), converged=bool(info.converged),
@@ -192,7 +196,7 @@ def metadata(args):
         rnnjax=rj.__version__, numpy=np.__version__, python=platform.python_version(),
         machine=platform.machine(), cpu_count=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""),
         options={k: v for k, v in vars(args).items() if k != "auto_table"},
-        auto_table=rj.parallel._AUTO_TABLE.get(rj.parallel._backend_key(None)),
+        auto_table=tuning.auto_table(),
     )
 
 
@@ -201,8 +205,8 @@ def sweep(args, save=lambda rows: None, rows=None):
     lengths = [int(t) for t in str(args.T).split(",")]
     methods = args.methods.split(",")
     for m in methods:
-        if m not in rj.parallel.METHODS:
-            raise SystemExit(f"unknown method {m!r}; expected some of {list(rj.parallel.METHODS)}")
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; expected some of {list(METHODS)}")
     chunk_sizes = str(args.chunk_sizes).split(",")
     variants = args.newton_variants.split(",")
     modes = args.modes.split(",")
@@ -218,7 +222,7 @@ def sweep(args, save=lambda rows: None, rows=None):
     for steps in lengths:
         save(rows)  # what is measured so far survives a kill
         for spec, cell in cells:
-            kind = rj.parallel.cell_kind(cell)
+            kind = tuning.cell_kind(cell)
             if kind == "nonlinear" and steps > args.nonlinear_max_T:
                 continue
             base = dict(cell=spec, kind=kind, T=steps, batch=args.batch, hidden=getattr(cell, "hidden_size", None),
@@ -379,7 +383,7 @@ def auto_table(paths):
                     ratios.append(r["median_s"] / min(same))
             score[label] = math.exp(statistics.mean(map(math.log, ratios))) if ratios else math.inf
         chunk_choice = min(score, key=score.get)
-    default_newton = f"newton({rj.parallel.DEFAULT_NEWTON})"
+    default_newton = f"newton({DEFAULT_NEWTON})"
 
     def candidate(r):  # the table's method name for a row, or None if "auto" cannot run it
         if r["method"] == "chunked":
@@ -420,7 +424,7 @@ def main(argv=None):
     if args.auto_table:
         backend, table, worst = auto_table(args.auto_table)
         key = "cpu" if backend == "cpu" else "gpu"
-        print(f"# from {' '.join(args.auto_table)}; paste into rnnjax/parallel.py:")
+        print(f"# from {' '.join(args.auto_table)}; paste into rnnjax/tuning.py:")
         print(f'_AUTO_TABLE["{key}"] = {{')
         for kind in ("log_linear", "linear", "nonlinear"):
             print(f'    "{kind}": {table[kind]!r},')

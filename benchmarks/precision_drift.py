@@ -49,6 +49,10 @@ import numpy as np
 import rnnjax as rj
 import rnnjax.cell
 
+if not __package__:  # run as a file (python benchmarks/precision_drift.py): `benchmarks` is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import timing  # noqa: E402
+
 CONV_SPATIAL = (4, 4)  # ConvLSTM frames (H, W); its width is capped by --conv-hidden
 
 CELLS = {
@@ -135,9 +139,7 @@ def run_cell(name: str, args) -> list[dict]:
     xs = jax.random.normal(kx, shape, jnp.float32)
 
     def run(c):
-        t0 = time.perf_counter()
-        ys, carry = jax.block_until_ready(rj.scan(c, params, xs))
-        seconds = time.perf_counter() - t0
+        (ys, carry), seconds = timing.timed_call(timing.blocking(rj.scan, c, params, xs))  # compile included
         ys = np.moveaxis(np.asarray(ys.astype(jnp.float32), np.float64), 1, 0)  # (T, B, ...)
         return ys, carry_vector(carry), seconds, jax.tree.map(lambda a: str(a.dtype), carry)
 

@@ -17,12 +17,11 @@ import collections
 import gzip
 import json
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
-from benchmarks.run import _minor_faults, reuse_host_memory, set_host_devices
+from benchmarks import timing
+from benchmarks.run import reuse_host_memory, set_host_devices
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][\w\-]*)\(", re.MULTILINE)
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", re.MULTILINE)
@@ -94,14 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     x = np.random.default_rng(0).standard_normal((args.batch, args.length, args.input_size)).astype(np.float32)
     built = system.build(prob, x)
     built.run()
-    times = []
-    faults0 = _minor_faults()
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        built.run()
-        times.append(time.perf_counter() - t0)
-    faults = None if faults0 is None else (_minor_faults() - faults0) / args.repeats
-    med = statistics.median(times)
+    faults0 = timing.minor_faults()
+    times = timing.time_calls(built.run, args.repeats)
+    faults = None if faults0 is None else (timing.minor_faults() - faults0) / args.repeats
+    med = timing.median(times)
     print(f"{args.system} {args.cell} {args.mode} B={args.batch} T={args.length} D={args.input_size} "
           f"H={args.hidden_size} {args.dtype} on {jax.devices()[0].device_kind}")
     print(f"compile {built.compile_s:.3f} s (lower {built.lower_s:.3f} s); median {med * 1e3:.3f} ms "

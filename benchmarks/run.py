@@ -23,11 +23,12 @@ import os
 import platform
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import timing
 
 # Presets. Default shapes are those of the speed targets: B=32, D=H=128, float32.
 # quick: T=64..2048 forward, 64..1024 forward+backward (the backward at 2048 would double
@@ -206,16 +207,6 @@ def reuse_host_memory() -> str:
     return "glibc mallopt: M_ARENA_MAX=1 M_MMAP_MAX=0 M_TRIM_THRESHOLD=-1 (never trim)"
 
 
-def _minor_faults() -> int | None:
-    """The process's minor page faults so far (memory touched for the first time), or
-    None where ``resource`` is missing (Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def _cpu_model() -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -278,17 +269,9 @@ def measure(system, prob, x, args, S, reference: dict | None = None, keep: dict 
         n = args.repeats
         if args.point_budget > 0:
             n = int(min(args.repeats, max(args.min_repeats, args.point_budget // max(first, 1e-9))))
-        times = []
-        faults0 = _minor_faults()
-        gc.disable()  # no collection inside a timed call
-        try:
-            for _ in range(n):
-                t0 = time.perf_counter()
-                built.run()
-                times.append(time.perf_counter() - t0)
-        finally:
-            gc.enable()
-        faults = None if faults0 is None else (_minor_faults() - faults0) / n
+        faults0 = timing.minor_faults()
+        times = timing.time_calls(built.run, n)
+        faults = None if faults0 is None else (timing.minor_faults() - faults0) / n
         if reference is not None and system.same_as_rnnjax:
             leaves = _leaves(built.run())
             if "leaves" not in reference:
@@ -301,7 +284,7 @@ def measure(system, prob, x, args, S, reference: dict | None = None, keep: dict 
                      in zip(leaves, reference["leaves"]) if a.size), default=0.0)
     except Exception as e:  # noqa: BLE001
         return {**rec, "status": "error", "note": f"{type(e).__name__}: {str(e)[:300]}"}
-    med = statistics.median(times)
+    med = timing.median(times)
     rec.update(median_s=med, min_s=min(times), times_s=times, repeats=n, per_step_us=med / prob.length * 1e6,
                first_call_s=first, compile_s=built.compile_s, lower_s=built.lower_s,
                memory_bytes=built.memory_bytes, memory_source=built.memory_source,
@@ -312,19 +295,11 @@ def measure(system, prob, x, args, S, reference: dict | None = None, keep: dict 
 def interleaved(a, b, rounds: int) -> float | None:
     """Median time of ``b.run()`` over median time of ``a.run()``, the two called in
     alternation (a, b, a, b, ...), so that both see the same machine state. None on error."""
-    ta, tb = [], []
-    gc.disable()
     try:
-        for _ in range(rounds):
-            for built, times in ((a, ta), (b, tb)):
-                t0 = time.perf_counter()
-                built.run()
-                times.append(time.perf_counter() - t0)
+        times = timing.time_interleaved({"a": a.run, "b": b.run}, rounds)
     except Exception:  # noqa: BLE001 -- a derived figure; the point's own records stand
         return None
-    finally:
-        gc.enable()
-    return statistics.median(tb) / statistics.median(ta)
+    return timing.median(times["b"]) / timing.median(times["a"])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,20 +8,18 @@ what compiling it cost and how much memory it needs. Every JAX system is jit-com
 ahead of time (``lower().compile()``, timed apart) and the compiled executable is what
 runs.
 
-Add a variant with one line, e.g. ``SYSTEMS["rnnjax-unroll4"] = Rnnjax(options={"unroll": 4})``;
-options are passed to ``rj.scan`` as they are. A system that cannot run a problem (peer
-not installed, no such cell, too much memory, an option this rnnjax lacks) raises
-:class:`Skip` with a note, and the suite goes on.
+Add a variant with one line, e.g. ``SYSTEMS["rnnjax-unroll4"] = Rnnjax(method=rj.Sequential(unroll=4))``;
+the method value is passed to ``rj.scan`` as it is. A system that cannot run a problem (peer
+not installed, no such cell, too much memory) raises :class:`Skip` with a note, and the
+suite goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rnnjax as rj
+from benchmarks import timing
 
 CELLS = ("lstm", "gru", "elman", "mingru", "lru")
 MODES = ("fwd", "fwd+bwd")
@@ -72,12 +71,10 @@ class Built:
 
     def first_call(self) -> float:
         """The warm-up call: its time (and, for eager systems, the memory it needed)."""
-        t0 = time.perf_counter()
         if self.probe_memory is not None and self.memory_bytes is None:
-            self.memory_bytes, self.memory_source = self.probe_memory(self.run)
-        else:
-            self.run()
-        return time.perf_counter() - t0
+            (self.memory_bytes, self.memory_source), seconds = timing.timed_call(lambda: self.probe_memory(self.run))
+            return seconds
+        return timing.timed_call(self.run)[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,19 +129,11 @@ def compile_jax(apply: Callable, params: Any, x: jax.Array, mode: str, jit_kwarg
         fn = jax.grad(lambda p, xs: loss(apply(p, xs)), argnums=(0, 1))
     else:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    t0 = time.perf_counter()
-    lowered = jax.jit(fn, **(jit_kwargs or {})).lower(params, x)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    mem, detail = xla_memory(compiled)
-
-    def run():
-        return jax.block_until_ready(compiled(params, x))
-
-    return Built(run, compile_s=t2 - t0, lower_s=t1 - t0, memory_bytes=mem,
+    compiled = timing.compile_ahead(fn, params, x, **(jit_kwargs or {}))
+    mem, detail = xla_memory(compiled.executable)
+    return Built(compiled.run, compile_s=compiled.compile_s, lower_s=compiled.lower_s, memory_bytes=mem,
                  memory_source="xla-memory-analysis" if mem is not None else None, memory_detail=detail,
-                 compiled=compiled)
+                 compiled=compiled.executable)
 
 
 _PARAMS: dict[tuple, Any] = {}
@@ -181,35 +170,27 @@ def rnnjax_cell(name: str, hidden_size: int) -> rj.Cell:
     return cells[name]()
 
 
-def scan_accepts(option: str) -> bool:
-    return option in inspect.signature(rj.scan).parameters
-
-
 # --------------------------------------------------------------------------- rnnjax
 
 
 @dataclasses.dataclass(frozen=True)
 class Rnnjax(System):
-    """``rj.scan(cell, params, xs, **options)``; ``vmap``: over single sequences instead;
+    """``rj.scan(cell, params, xs, method=method)``; ``vmap``: over single sequences instead;
     ``wrap``: scan ``wrap(cell)`` (e.g. ``rj.Mixed``) with the cell's own parameters."""
 
-    options: tuple[tuple[str, Any], ...] = ()
+    method: Any = "sequential"  # a method value, or its name for the default value
     vmap: bool = False
     wrap: Callable[[rj.Cell], rj.Cell] | None = None
     same_as_rnnjax: bool = True
 
     def build(self, prob, x):
-        opts = dict(self.options)
-        missing = [k for k in opts if not scan_accepts(k)]
-        if missing:
-            raise Skip(f"rj.scan has no {', '.join(missing)}= option in this rnnjax")
         cell = rnnjax_cell(prob.cell, prob.hidden_size)
         params = rnnjax_params(cell, prob)
         if self.wrap is not None:
             cell = self.wrap(cell)
 
         def apply(p, xs):
-            return rj.scan(cell, p, xs, **opts)[0]
+            return rj.scan(cell, p, xs, method=self.method)[0]
 
         if self.vmap:
             apply = jax.vmap(apply, in_axes=(None, 0))
@@ -226,7 +207,7 @@ class RnnjaxShard(System):
     loop instead of one per step.
     """
 
-    options: tuple[tuple[str, Any], ...] = ()
+    method: Any = "sequential"  # as Rnnjax's
     same_as_rnnjax: bool = True
 
     def unavailable(self):
@@ -240,7 +221,6 @@ class RnnjaxShard(System):
         from jax.sharding import Mesh, NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        opts = dict(self.options)
         devices = jax.local_devices()
         n = len(devices)
         if n < 2:
@@ -253,7 +233,7 @@ class RnnjaxShard(System):
 
         def apply(p, xs):
             with rj.distributed.data_parallel(mesh, "batch"):
-                return rj.scan(cell, p, xs, **opts)[0]
+                return rj.scan(cell, p, xs, method=self.method)[0]
 
         xs = jax.device_put(jnp.asarray(x, prob.jax_dtype), NamedSharding(mesh, P("batch")))
         params = jax.device_put(params, NamedSharding(mesh, P()))
@@ -515,26 +495,30 @@ class Attention(System):
 #: Every system the suite knows; ``--systems`` picks from these. One line per variant.
 SYSTEMS: dict[str, System] = {
     "rnnjax": Rnnjax(note="rnnjax: rj.scan(cell, params, xs)"),
-    "rnnjax-remat": Rnnjax(options=(("remat", True),), modes=("fwd+bwd",),
-                           note="rnnjax-remat: rj.scan(remat=True), fwd+bwd only (forward is rnnjax's)"),
-    "rnnjax-remat-sqrt": Rnnjax(options=(("remat", "sqrt"),), modes=("fwd+bwd",),
-                                note='rnnjax-remat-sqrt: rj.scan(remat="sqrt"), sqrt(T) nested checkpoints, fwd+bwd only'),
-    "rnnjax-unroll4": Rnnjax(options=(("unroll", 4),)),
-    "rnnjax-unroll16": Rnnjax(options=(("unroll", 16),)),
-    "rnnjax-unroll64": Rnnjax(options=(("unroll", 64),)),
-    "rnnjax-fused": Rnnjax(options=(("vjp", "fused"),), cells=("lstm", "gru", "elman"), modes=("fwd+bwd",),
-                           note='rnnjax-fused: rj.scan(vjp="fused"), the sequence-level backward pass; fwd+bwd only '
-                                '(its forward is rnnjax\'s loop)'),
-    "rnnjax-assoc": Rnnjax(options=(("method", "associative"),), cells=LINEAR_CELLS),
-    "rnnjax-chunked": Rnnjax(options=(("method", "chunked"),), cells=LINEAR_CELLS),
-    "rnnjax-newton": Rnnjax(options=(("method", "newton"),)),
-    "rnnjax-auto": Rnnjax(options=(("method", "auto"),)),
+    "rnnjax-remat": Rnnjax(method=rj.Sequential(remat="step"), modes=("fwd+bwd",),
+                           note='rnnjax-remat: rj.scan(method=rj.Sequential(remat="step")), fwd+bwd only '
+                                "(forward is rnnjax's)"),
+    "rnnjax-remat-sqrt": Rnnjax(method=rj.Sequential(remat="sqrt"), modes=("fwd+bwd",),
+                                note='rnnjax-remat-sqrt: rj.scan(method=rj.Sequential(remat="sqrt")), sqrt(T) nested '
+                                     "checkpoints, fwd+bwd only"),
+    "rnnjax-unroll4": Rnnjax(method=rj.Sequential(unroll=4)),
+    "rnnjax-unroll16": Rnnjax(method=rj.Sequential(unroll=16)),
+    "rnnjax-unroll64": Rnnjax(method=rj.Sequential(unroll=64)),
+    "rnnjax-fused": Rnnjax(method=rj.Sequential(gradient="fused"), cells=("lstm", "gru", "elman"), modes=("fwd+bwd",),
+                           note='rnnjax-fused: rj.scan(method=rj.Sequential(gradient="fused")), the sequence-level '
+                                "backward pass; fwd+bwd only (its forward is rnnjax's loop)"),
+    "rnnjax-assoc": Rnnjax(method=rj.Associative(), cells=LINEAR_CELLS),
+    "rnnjax-chunked": Rnnjax(method=rj.Chunked(), cells=LINEAR_CELLS),
+    "rnnjax-newton": Rnnjax(method=rj.Newton()),
+    "rnnjax-auto": Rnnjax(method=rj.Auto()),
     "rnnjax-bf16": Rnnjax(wrap=functools.partial(rj.Mixed, compute_dtype=jnp.bfloat16), same_as_rnnjax=False,
                           note="rnnjax-bf16: rj.Mixed(cell, compute_dtype=bfloat16): float32 params and carry, bfloat16 outputs"),
     "rnnjax-f16": Rnnjax(wrap=functools.partial(rj.Mixed, compute_dtype=jnp.float16), same_as_rnnjax=False,
                          note="rnnjax-f16: rj.Mixed(cell, compute_dtype=float16): float32 params and carry, float16 outputs"),
-    "rnnjax-shard-fused": RnnjaxShard(options=(("vjp", "fused"),), cells=("lstm", "gru", "elman"), modes=("fwd+bwd",),
-                                      note='rnnjax-shard-fused: rnnjax-shard with vjp="fused"; fwd+bwd only'),
+    "rnnjax-shard-fused": RnnjaxShard(method=rj.Sequential(gradient="fused"), cells=("lstm", "gru", "elman"),
+                                      modes=("fwd+bwd",),
+                                      note='rnnjax-shard-fused: rnnjax-shard with rj.Sequential(gradient="fused"); '
+                                           "fwd+bwd only"),
     "rnnjax-shard": RnnjaxShard(note="rnnjax-shard: batch split over the host devices by rj.distributed.data_parallel "
                                      "(shard_map), one all-reduce of parameter gradients after the loop"),
     "rnnjax-vmap": Rnnjax(vmap=True, only_at_vmap_length=True,

@@ -13,9 +13,10 @@ from rnnjax import inspect
 from rnnjax import interop
 from rnnjax import parallel
 from rnnjax import train
-from rnnjax.cell import Cell, LinearCell
+from rnnjax.cell import Cell, DenseCell, LinearCell
 from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM
 from rnnjax.layers import RNN, Bidirectional, Stack
+from rnnjax.methods import Associative, Auto, Chunked, Method, Newton, Sequential
 from rnnjax.precision import Mixed
 from rnnjax.scan import scan
 
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Cell",
     "LinearCell",
+    "DenseCell",
     "Elman",
     "LSTM",
     "GRU",
@@ -38,6 +40,12 @@ __all__ = [
     "Stack",
     "Mixed",
     "scan",
+    "Method",
+    "Sequential",
+    "Associative",
+    "Chunked",
+    "Newton",
+    "Auto",
     "distributed",
     "inspect",
     "interop",

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import Cell, PyTree, frozen
-from rnnjax.parallel import check_options
-from rnnjax.scan import _check_vjp, remat_policy, scan
+from rnnjax.methods import Method, Sequential, as_method
+from rnnjax.scan import scan
+from rnnjax.sequence import check_reverse, zero_past
 
 
 @frozen
@@ -32,20 +33,15 @@ class RNN:
     Args:
       cell: any rnnjax cell.
       reverse: run each sequence backwards over its valid part (see :func:`rnnjax.scan`).
-      unroll: steps unrolled per loop iteration; ``"auto"``: per backend, see :func:`rnnjax.scan`.
-      remat: what the backward pass recomputes to save memory: ``False``, ``True`` (each
-        step) or ``"sqrt"`` (sqrt(T) nested checkpoints); see :func:`rnnjax.scan`.
-      vjp: ``"autodiff"`` or ``"fused"`` (dense cells: a sequence-level backward pass,
-        see :func:`rnnjax.scan`).
-      method, chunk_size, tol, max_iters, newton, damping: how to evaluate the
-        recurrence, passed to :func:`rnnjax.scan` (``"sequential"``, ``"associative"``,
-        ``"chunked"``, ``"newton"`` or ``"auto"``; checked when the layer is built).
+      method: how to evaluate the recurrence: a method value (``rj.Sequential()``,
+        ``rj.Associative()``, ``rj.Chunked()``, ``rj.Newton()``, ``rj.Auto()``) or its name;
+        checked against the cell when the layer is built.
 
     Params are the cell's; the carry is the cell's final carry.
 
     Example:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
-      >>> layer = rj.RNN(rj.LSTM(8))
+      >>> layer = rj.RNN(rj.LSTM(8), method=rj.Sequential(gradient="fused"))
       >>> params = layer.init(jax.random.key(0), input_size=3)
       >>> ys, (h, c) = layer.apply(params, jnp.ones((2, 5, 3)), lengths=jnp.array([5, 2]))
       >>> ys.shape, h.shape
@@ -54,24 +50,14 @@ class RNN:
 
     cell: Cell
     reverse: bool = False
-    unroll: int | str = "auto"
-    remat: bool | str = False
-    method: str = "sequential"
-    chunk_size: int | None = None
-    tol: float | None = None
-    max_iters: int | None = None
-    newton: str | None = None
-    damping: float | None = None
-    vjp: str = "autodiff"
+    method: Method | str = Sequential()
 
     def __post_init__(self):
         if not isinstance(self.cell, Cell):
             raise TypeError(f"RNN expects an rnnjax cell (e.g. rj.LSTM(64)), got {self.cell!r}")
-        _check_vjp(self.cell, self.vjp, remat_policy(self.remat), self.method)
-        check_options(
-            self.cell, self.method, chunk_size=self.chunk_size, tol=self.tol, max_iters=self.max_iters,
-            newton=self.newton, damping=self.damping,
-        )
+        object.__setattr__(self, "reverse", check_reverse(self.reverse))
+        object.__setattr__(self, "method", as_method(self.method))
+        self.method.check(self.cell)
 
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> NamedTuple:
         return self.cell.init(key, input_size, dtype)
@@ -84,12 +70,8 @@ class RNN:
 
     def apply(self, params, xs, *, lengths=None, resets=None, carry=None, key=None):
         del key  # a single recurrent layer has no randomness
-        return scan(
-            self.cell, params, xs, carry,
-            lengths=lengths, resets=resets, reverse=self.reverse, unroll=self.unroll, remat=self.remat,
-            method=self.method, chunk_size=self.chunk_size, tol=self.tol, max_iters=self.max_iters,
-            newton=self.newton, damping=self.damping, vjp=self.vjp,
-        )
+        return scan(self.cell, params, xs, carry, lengths=lengths, resets=resets, reverse=self.reverse,
+                    method=self.method)
 
 
 class BidirectionalParams(NamedTuple):
@@ -245,16 +227,10 @@ class Stack:
             if self.residual and ys.shape == xs.shape:
                 ys = ys + xs.astype(ys.dtype)
                 if lengths is not None:
-                    ys = _zero_past(ys, lengths, xs.ndim - jnp.ndim(lengths) - 1)
+                    ys = zero_past(ys, lengths, xs.ndim - jnp.ndim(lengths) - 1)
             if i < n - 1 and drop_key is not None and self.dropout > 0:
                 keep = jax.random.bernoulli(drop_key, 1.0 - self.dropout, ys.shape)
                 ys = jnp.where(keep, ys / (1.0 - self.dropout), jnp.zeros((), ys.dtype))
             xs = ys
         return xs, tuple(carries)
 
-
-def _zero_past(ys: jax.Array, lengths: jax.Array, feature_ndim: int) -> jax.Array:
-    """Zero the steps of ``ys`` (``(*batch, T, *features)``) at or past ``lengths``."""
-    steps = ys.shape[lengths.ndim]
-    valid = jnp.arange(steps) < lengths[..., None]  # (*batch, T)
-    return jnp.where(valid.reshape(valid.shape + (1,) * feature_ndim), ys, jnp.zeros((), ys.dtype))

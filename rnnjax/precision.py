@@ -133,12 +133,12 @@ class Mixed(Cell):
       the carry is always ``carry_dtype``, and the final carry :func:`rnnjax.scan` returns
       is ``carry_dtype`` too.
 
-    ``Mixed`` is a cell like any other: :func:`rnnjax.scan` (``method="sequential"`` or
-    ``"newton"``, every ``remat``/``unroll``), :class:`rnnjax.RNN`,
+    ``Mixed`` is a cell like any other: :func:`rnnjax.scan` (``rj.Sequential(...)`` with any
+    ``remat``/``unroll``, or ``rj.Newton(...)``), :class:`rnnjax.RNN`,
     :class:`rnnjax.Bidirectional`, :class:`rnnjax.Stack`, ``jit``, ``vmap`` and ``grad``
-    take it. It is not an :class:`rnnjax.LinearCell`, so ``method="associative"`` and
-    ``"chunked"`` reject it even around a linear cell (they would not see its rounding).
-    With ``method="newton"`` give a ``tol`` the compute dtype can meet (about ``1e-2`` for
+    take it. It is not an :class:`rnnjax.LinearCell`, so ``rj.Associative()`` and
+    ``rj.Chunked()`` reject it even around a linear cell (they would not see its rounding).
+    With ``rj.Newton()`` give a ``tol`` the compute dtype can meet (about ``1e-2`` for
     bfloat16): the default follows the float32 carry, which a step on bfloat16 operands
     cannot reach, so Newton would run ``max_iters`` iterations and fall back to the
     sequential loop.

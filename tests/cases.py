@@ -7,7 +7,6 @@ costs several compilations.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import rnnjax as rj
 
@@ -56,11 +55,3 @@ def random_case(cell, steps, key=0, dtype=jnp.float32, batch=(3,)):
     x0 = jnp.take(xs, 0, axis=len(batch)) if steps else jnp.zeros(step_shape(cell, batch), dtype)
     carry = jax.tree.map(lambda c: c + jnp.asarray(0.3, c.dtype), cell.carry_for(x0, dtype))
     return params, xs, carry
-
-
-def assert_tree_close(a, b, atol=1e-5, rtol=1e-5):
-    """Same structure, dtypes and shapes, values within tolerance."""
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert jnp.result_type(x) == jnp.result_type(y) and x.shape == y.shape
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)

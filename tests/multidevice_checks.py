@@ -14,6 +14,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -23,6 +24,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import rnnjax as rj  # noqa: E402
+
+# Run as a script, this file has tests/ on sys.path, not the repository root that holds `tests`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import assert_trees_close, max_abs_diff  # noqa: E402
 
 RESULTS: dict[str, dict] = {}
 F32 = dict(rtol=2e-5, atol=2e-6)  # float32 rounding: the gradient sums run in another order
@@ -40,16 +45,6 @@ def check(name):
         return fn
 
     return wrap
-
-
-def assert_close(a, b, what, **tol):
-    tol = tol or F32
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=f"{what}{jax.tree_util.keystr(path)}", **tol)
-
-
-def max_diff(a, b):
-    return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 compiles = []
@@ -106,25 +101,25 @@ REF_STATE, REF_METRICS = two_steps(rj.train.make_train_step(loss_fn, OPT, donate
 def _():
     step = rj.train.make_train_step(loss_fn, OPT, donate=False, mesh=MESH)
     state, metrics = two_steps(step)
-    assert_close(state.params, REF_STATE.params, "params")
-    assert_close(state.opt_state, REF_STATE.opt_state, "opt_state")
-    assert_close(metrics, REF_METRICS, "metrics")
+    assert_trees_close(state.params, REF_STATE.params, err_msg="params", **F32)
+    assert_trees_close(state.opt_state, REF_STATE.opt_state, err_msg="opt_state", **F32)
+    assert_trees_close(metrics, REF_METRICS, err_msg="metrics", **F32)
     specs = {tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(state.params)}
     assert specs == {()}, f"parameters not replicated: {specs}"
-    return f"max |param diff| {max_diff(state.params, REF_STATE.params):.2e} after 2 Adam steps"
+    return f"max |param diff| {max_abs_diff(state.params, REF_STATE.params):.2e} after 2 Adam steps"
 
 
 @check("train_step_data_and_model_axes_equals_single_device")
 def _():
     step = rj.train.make_train_step(loss_fn, OPT, donate=False, mesh=MESH_2D, model_axis="model")
     state, metrics = two_steps(step)
-    assert_close(state.params, REF_STATE.params, "params")
-    assert_close(metrics, REF_METRICS, "metrics")
+    assert_trees_close(state.params, REF_STATE.params, err_msg="params", **F32)
+    assert_trees_close(metrics, REF_METRICS, err_msg="metrics", **F32)
     w = state.params[0].w_h  # (16, 64): hidden units split over "model"
     assert tuple(w.sharding.spec) == (None, "model"), w.sharding
     mu = state.opt_state[0].mu[0].w_h
     assert tuple(mu.sharding.spec) == (None, "model"), mu.sharding
-    return f"max |param diff| {max_diff(state.params, REF_STATE.params):.2e}; w_h spec {w.sharding.spec}"
+    return f"max |param diff| {max_abs_diff(state.params, REF_STATE.params):.2e}; w_h spec {w.sharding.spec}"
 
 
 def loop_all_reduces(hlo: str) -> dict[str, int]:
@@ -168,10 +163,10 @@ def _():
     state = rj.train.TrainState.create(PARAMS, OPT)
     a, ca, ma = ref(state, carry, BATCH)
     b, cb, mb = dp(state, carry, BATCH)
-    assert_close(b.params, a.params, "params")
-    assert_close(cb, ca, "carry")
-    assert_close(mb, ma, "metrics")
-    return f"max |param diff| {max_diff(a.params, b.params):.2e} after 3 chunk updates"
+    assert_trees_close(b.params, a.params, err_msg="params", **F32)
+    assert_trees_close(cb, ca, err_msg="carry", **F32)
+    assert_trees_close(mb, ma, err_msg="metrics", **F32)
+    return f"max |param diff| {max_abs_diff(a.params, b.params):.2e} after 3 chunk updates"
 
 
 @check("remat_policies_same_gradients_data_parallel")
@@ -183,7 +178,7 @@ def _():
 
     def grads(remat, mesh):
         def loss(p, x):
-            ys, (h, c) = rj.scan(cell, p, x, lengths=lengths, remat=remat)
+            ys, (h, c) = rj.scan(cell, p, x, lengths=lengths, method=rj.Sequential(remat=remat))
             return jnp.sum(ys ** 2) + jnp.sum(c)
 
         f = jax.jit(jax.grad(loss, argnums=(0, 1)))
@@ -192,12 +187,12 @@ def _():
         with rj.distributed.data_parallel(mesh, "data"):
             return f(params, xs)
 
-    ref = grads("none", None)
+    ref = grads(None, None)
     out = []
-    for remat in ("none", "step", "sqrt"):
+    for remat in (None, "step", "sqrt"):
         g = grads(remat, MESH)
-        assert_close(g, ref, f"remat={remat} grads")
-        out.append(f"{remat}: {max_diff(g, ref):.1e}")
+        assert_trees_close(g, ref, err_msg=f"remat={remat} grads", **F32)
+        out.append(f"{remat}: {max_abs_diff(g, ref):.1e}")
     return "max |grad diff| vs single device, no remat: " + ", ".join(out)
 
 
@@ -211,8 +206,8 @@ def _():
     ref = module.apply(variables, xs)
     with rj.distributed.data_parallel(MESH, "data"):
         out = jax.jit(module.apply)(variables, xs)
-    assert_close(out, ref, "flax output")
-    return f"max |diff| {max_diff(out, ref):.1e}"
+    assert_trees_close(out, ref, err_msg="flax output", **F32)
+    return f"max |diff| {max_abs_diff(out, ref):.1e}"
 
 
 @check("bad_input_errors_before_compiling")
@@ -235,7 +230,7 @@ def _():
     msgs.append(raises_before_compiling(
         lambda: rj.distributed.sequence_scan(mingru, mingru_p, x64, mesh=SEQ, axis="time"), "'time'", "('seq',)"))
     msgs.append(raises_before_compiling(
-        lambda: rj.distributed.sequence_scan(gru, gru_p, x64, mesh=SEQ, axis="seq", method="associative"), "linear cell"))
+        lambda: rj.distributed.sequence_scan(gru, gru_p, x64, mesh=SEQ, axis="seq", method="associative"), "linear recurrence"))
     return "\n".join(msgs)
 
 
@@ -278,10 +273,10 @@ for i, (name, (cell, method)) in enumerate(SEQ_CASES.items()):
         for reverse in (False, True):
             kw = dict(lengths=lengths, resets=resets, reverse=reverse)
             ref = rj.scan(cell, params, xs, **kw)
-            got = rj.distributed.sequence_scan(cell, params, xs, mesh=SEQ, axis="seq", method=method,
-                                               newton="deer" if method == "newton" else None, **kw)
-            assert_close(got, ref, f"reverse={reverse} ", rtol=1e-5, atol=1e-5)
-            out.append(f"reverse={reverse}: {max_diff(got, ref):.1e}")
+            got = rj.distributed.sequence_scan(cell, params, xs, mesh=SEQ, axis="seq",
+                                               method=rj.Newton("deer") if method == "newton" else method, **kw)
+            assert_trees_close(got, ref, err_msg=f"reverse={reverse} ", rtol=1e-5, atol=1e-5)
+            out.append(f"reverse={reverse}: {max_abs_diff(got, ref):.1e}")
 
         if name not in GRADIENT_CASES:  # gradients: the same solver as above; four cells keep the suite fast
             return "max |diff| " + ", ".join(out)
@@ -295,8 +290,8 @@ for i, (name, (cell, method)) in enumerate(SEQ_CASES.items()):
             params, xs, lambda p, x: rj.distributed.sequence_scan(cell, p, x, mesh=SEQ, axis="seq", method=method,
                                                                   lengths=lengths, resets=resets))
         scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref_g))
-        assert_close(got_g, ref_g, "grad ", rtol=1e-4, atol=1e-4 * scale)
-        out.append(f"grad: {max_diff(got_g, ref_g):.1e} (largest |grad| {scale:.1e})")
+        assert_trees_close(got_g, ref_g, err_msg="grad ", rtol=1e-4, atol=1e-4 * scale)
+        out.append(f"grad: {max_abs_diff(got_g, ref_g):.1e} (largest |grad| {scale:.1e})")
         return "max |diff| " + ", ".join(out)
 
 

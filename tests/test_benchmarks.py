@@ -8,9 +8,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
 
-from benchmarks import run
+from benchmarks import run, timing
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONAL = [name for name in ("equinox", "torch") if importlib.util.find_spec(name) is not None]
@@ -112,3 +113,39 @@ def test_host_devices_and_sharded_rnnjax_matches_unsharded(tmp_path):
         assert rec["max_abs_diff_vs_rnnjax"] < 1e-5, rec
     md = (tmp_path / "results.md").read_text()
     assert "| LRU | fwd+bwd | 8 |" in md and "rnnjax-shard" in md
+
+
+def test_timing_interleaves_calls_warms_up_and_times_compilation_apart():
+    calls = []
+    runs = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    results = timing.compare(runs, rounds=3, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-ups first, then rounds in alternation
+    for result in results.values():
+        assert len(result.times_s) == 3 and result.first_s >= 0 and result.compile_s is None
+        assert result.min_s <= result.median_s
+    assert len(timing.time_calls(runs["a"], 4)) == 4 and calls.count("a") == 9
+
+    compiled = timing.compile_ahead(lambda x, y: x * y, jnp.arange(3.0), 2.0)
+    assert compiled.compile_s >= compiled.lower_s > 0
+    assert compiled.run().tolist() == [0.0, 2.0, 4.0]
+    result = timing.measure(compiled, repeats=2)
+    assert result.compile_s == compiled.compile_s and len(result.times_s) == 2
+    assert timing.minor_faults() is None or timing.minor_faults() >= 0
+
+
+EXPERIMENTS = {  # module -> (smallest arguments, a line its output must hold)
+    "batch_split_experiment": (["--batch", "4", "--hidden", "8", "--length", "8", "--repeats", "1"], "split4 bwd"),
+    "custom_vjp_experiment": (["--batch", "4", "--hidden", "8", "--length", "8", "--repeats", "1"], "custom"),
+    "hoist_experiment": (["--length", "4", "--repeats", "1"], "hoisted  fwd+bwd"),
+    "layout_experiment": (["elman", "4"], "batch_major"),
+    "data_parallel": (["--tiny", "--out", "{tmp}/data_parallel"], "| 1 device, fused |"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_decision_scripts_run_at_their_smallest_sizes(name, tmp_path, capsys):
+    argv, expected = EXPERIMENTS[name]
+    module = importlib.import_module(f"benchmarks.experiments.{name}")
+    module.main([a.format(tmp=tmp_path) for a in argv])
+    assert expected in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""rnnjax.checkpoint (as rj.train.save_checkpoint / restore_checkpoint): round trips, resuming
+"""rnnjax.train.checkpoint (as rj.train.save_checkpoint / restore_checkpoint): round trips, resuming
 bit for bit, interrupted saves, mismatching models, and bad input that writes nothing."""
 
 import functools

@@ -16,6 +16,9 @@ from jax.sharding import PartitionSpec as P
 import rnnjax as rj
 from rnnjax.flax import linen as rjl
 from tests.flax_cases import CASES, EXPECTED_PARAMS, LENGTHS, RESETS, XS, D
+from tests.helpers import assert_trees_close
+
+EXACT = dict(atol=0.0, rtol=0)
 
 
 class Probe(nn.Module):
@@ -40,12 +43,6 @@ def shapes(tree):
     return jax.tree.map(jnp.shape, tree)
 
 
-def assert_trees_equal(a, b, atol=0.0):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_module_equals_core(name):
     layer, core = CASES[name], as_core(CASES[name])
@@ -55,16 +52,16 @@ def test_module_equals_core(name):
     assert shapes(variables["params"]) == EXPECTED_PARAMS[name]
     params = model.core_params(variables)
     # Init is the core's, from the one key the module draws with make_rng("params").
-    assert_trees_equal(params, core.init(first_key(key), D))
+    assert_trees_close(params, core.init(first_key(key), D), **EXACT)
 
     ys, carry = core.apply(params, XS, lengths=LENGTHS, resets=RESETS)
     got = model.apply(variables, XS, lengths=LENGTHS, resets=RESETS, return_carry=True)
-    assert_trees_equal(got, (ys, carry))  # eager: the very same operations
+    assert_trees_close(got, (ys, carry), **EXACT)  # eager: the very same operations
     jitted = jax.jit(partial(model.apply, return_carry=True))(variables, XS, LENGTHS, RESETS)
-    assert_trees_equal(jitted, (ys, carry), atol=1e-6)
+    assert_trees_close(jitted, (ys, carry), atol=1e-6, rtol=0)
     # A given carry is passed on: continuing from the final carry.
     ys2, _ = core.apply(params, XS, carry=carry)
-    assert_trees_equal(model.apply(variables, XS, carry=carry), ys2)
+    assert_trees_close(model.apply(variables, XS, carry=carry), ys2, **EXACT)
 
 
 def test_stack_dropout_uses_the_dropout_rng():
@@ -75,15 +72,15 @@ def test_stack_dropout_uses_the_dropout_rng():
     key = jax.random.key(7)
     ys = model.apply(variables, XS, deterministic=False, rngs={"dropout": key})
     expected, _ = layer.apply(params, XS, key=first_key(key, "dropout"))
-    assert_trees_equal(ys, expected)
+    assert_trees_close(ys, expected, **EXACT)
     assert not np.allclose(ys, model.apply(variables, XS, deterministic=True))
     with pytest.raises(ValueError, match="has dropout: pass deterministic=True"):
         model.apply(variables, XS)
     # The attribute is the default; without dropout the flag is not needed.
-    assert_trees_equal(rjl.Recurrent(layer, deterministic=True).apply(variables, XS), layer.apply(params, XS)[0])
+    assert_trees_close(rjl.Recurrent(layer, deterministic=True).apply(variables, XS), layer.apply(params, XS)[0], **EXACT)
     gru = rjl.Recurrent(rj.GRU(4))
     gru_vars = gru.init(jax.random.key(0), XS)
-    assert_trees_equal(gru.apply(gru_vars, XS, deterministic=False), gru.apply(gru_vars, XS))
+    assert_trees_close(gru.apply(gru_vars, XS, deterministic=False), gru.apply(gru_vars, XS), **EXACT)
 
 
 class Tagger(nn.Module):
@@ -156,13 +153,13 @@ def test_step_cell_in_flax_rnn_and_nn_scan():
                       in_axes=1, out_axes=1)
     scanned = Scanned(cell)
     carry = scanned.initialize_carry(jax.random.key(0), XS[:, 0].shape)
-    assert_trees_equal(carry, cell.init_carry((2,)))
+    assert_trees_close(carry, cell.init_carry((2,)), **EXACT)
     variables = scanned.init(jax.random.key(0), carry, XS)
     assert shapes(variables["params"]) == {"w_x": (3, 12), "w_h": (4, 12), "b_x": (12,), "b_h": (12,)}
     params = rjl.to_core_params(cell, variables)
     h, ys = scanned.apply(variables, carry, XS)
     expected, last = rj.scan(cell, params, XS)
-    assert_trees_equal((ys, h), (expected, last), atol=1e-6)
+    assert_trees_close((ys, h), (expected, last), atol=1e-6, rtol=0)
     assert rjl.StepCell(rj.ConvLSTM(2)).num_feature_axes == 3
 
 
@@ -171,10 +168,10 @@ def test_core_params_round_trip_and_import():
     params = layer.init(jax.random.key(4), D)  # e.g. weights from rj.interop.from_torch
     tree = rjl.from_core_params(layer, params)
     assert shapes(tree) == EXPECTED_PARAMS["bigru"]
-    assert_trees_equal(rjl.to_core_params(layer, tree), params)
-    assert_trees_equal(rjl.to_core_params(layer, {"params": tree}), params)
+    assert_trees_close(rjl.to_core_params(layer, tree), params, **EXACT)
+    assert_trees_close(rjl.to_core_params(layer, {"params": tree}), params, **EXACT)
     ys = rjl.Recurrent(layer).apply({"params": tree}, XS, lengths=LENGTHS)
-    assert_trees_equal(ys, layer.apply(params, XS, lengths=LENGTHS)[0])
+    assert_trees_close(ys, layer.apply(params, XS, lengths=LENGTHS)[0], **EXACT)
 
 
 def test_serialization_round_trip():
@@ -183,8 +180,8 @@ def test_serialization_round_trip():
     data = serialization.to_bytes(variables)
     template = model.init(jax.random.key(9), XS)
     restored = serialization.from_bytes(template, data)
-    assert_trees_equal(restored, variables)
-    assert_trees_equal(model.apply(restored, XS), model.apply(variables, XS))
+    assert_trees_close(restored, variables, **EXACT)
+    assert_trees_close(model.apply(restored, XS), model.apply(variables, XS), **EXACT)
 
 
 def test_partitioning_metadata():
@@ -197,8 +194,8 @@ def test_partitioning_metadata():
     assert specs["backward"]["w_h"] == P("model", None) and specs["forward"]["w_h"] == P()
     assert isinstance(variables["params"]["forward"]["w_x"], nn.Partitioned)
     plain = rjl.Recurrent(layer).init(jax.random.key(0), XS)
-    assert_trees_equal(model.core_params(variables), rjl.to_core_params(layer, plain))
-    assert_trees_equal(model.apply(variables, XS), rjl.Recurrent(layer).apply(plain, XS))
+    assert_trees_close(model.core_params(variables), rjl.to_core_params(layer, plain), **EXACT)
+    assert_trees_close(model.apply(variables, XS), rjl.Recurrent(layer).apply(plain, XS), **EXACT)
     # A callable (path, shape) -> names, and boxed trees from core params.
     by_rank = rjl.Recurrent(rj.Elman(4), param_partitioning=lambda path, shape: ("data", "model")[-len(shape):])
     specs = nn.get_partition_spec(by_rank.init(jax.random.key(0), XS))["params"]

@@ -13,6 +13,9 @@ from jax.sharding import PartitionSpec as P
 import rnnjax as rj
 from rnnjax.flax import nnx as rjn
 from tests.flax_cases import CASES, EXPECTED_PARAMS, LENGTHS, RESETS, XS, D
+from tests.helpers import assert_trees_close
+
+EXACT = dict(atol=0.0, rtol=0)
 
 
 def as_core(layer):
@@ -29,12 +32,6 @@ def pure(state):
     return state.to_pure_dict()
 
 
-def assert_trees_equal(a, b, atol=0.0):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
-
-
 @nnx.jit(static_argnames="return_carry")
 def run(model, xs, lengths=None, resets=None, carry=None, return_carry=False):
     return model(xs, lengths, resets, carry, return_carry=return_carry, deterministic=True)
@@ -48,15 +45,15 @@ def test_module_equals_core(name):
     assert shapes(pure(nnx.state(model, nnx.Param))) == EXPECTED_PARAMS[name]
     params = model.core_params()
     # Init is the core's, from the one key rngs.params() gives.
-    assert_trees_equal(params, core.init(nnx.Rngs(params=key).params(), D))
-    assert_trees_equal(rjn.to_core_params(layer, nnx.state(model, nnx.Param)), params)
+    assert_trees_close(params, core.init(nnx.Rngs(params=key).params(), D), **EXACT)
+    assert_trees_close(rjn.to_core_params(layer, nnx.state(model, nnx.Param)), params, **EXACT)
 
     ys, carry = core.apply(params, XS, lengths=LENGTHS, resets=RESETS)
     got = model(XS, lengths=LENGTHS, resets=RESETS, return_carry=True)
-    assert_trees_equal(got, (ys, carry))  # eager: the very same operations
-    assert_trees_equal(run(model, XS, LENGTHS, RESETS, return_carry=True), (ys, carry), atol=1e-6)
+    assert_trees_close(got, (ys, carry), **EXACT)  # eager: the very same operations
+    assert_trees_close(run(model, XS, LENGTHS, RESETS, return_carry=True), (ys, carry), atol=1e-6, rtol=0)
     ys2, _ = core.apply(params, XS, carry=carry)  # a given carry is passed on
-    assert_trees_equal(model(XS, carry=carry), ys2)
+    assert_trees_close(model(XS, carry=carry), ys2, **EXACT)
 
 
 def test_stack_dropout_streams():
@@ -65,20 +62,20 @@ def test_stack_dropout_streams():
     params = model.core_params()
     clean, _ = layer.apply(params, XS)
     key = jax.random.key(7)
-    assert_trees_equal(model(XS, rngs=key), layer.apply(params, XS, key=key)[0])
-    assert_trees_equal(model(XS, rngs=nnx.Rngs(dropout=key)),
-                       layer.apply(params, XS, key=nnx.Rngs(dropout=key).dropout())[0])
+    assert_trees_close(model(XS, rngs=key), layer.apply(params, XS, key=key)[0], **EXACT)
+    assert_trees_close(model(XS, rngs=nnx.Rngs(dropout=key)),
+                       layer.apply(params, XS, key=nnx.Rngs(dropout=key).dropout())[0], **EXACT)
     # Training mode by default (as nnx.Dropout): the kept stream advances between calls.
     first, second = model(XS), model(XS)
     assert not np.allclose(first, clean) and not np.allclose(first, second)
     model.eval()
-    assert_trees_equal(model(XS), clean)
-    assert_trees_equal(model(XS, deterministic=False, rngs=key), layer.apply(params, XS, key=key)[0])
+    assert_trees_close(model(XS), clean, **EXACT)
+    assert_trees_close(model(XS, deterministic=False, rngs=key), layer.apply(params, XS, key=key)[0], **EXACT)
     # Without a dropout or default stream the call must bring one.
     no_stream = rjn.Recurrent(layer, D, rngs=nnx.Rngs(params=0))
     with pytest.raises(ValueError, match="has dropout and no random stream"):
         no_stream(XS)
-    assert_trees_equal(no_stream(XS, rngs=key), layer.apply(no_stream.core_params(), XS, key=key)[0])
+    assert_trees_close(no_stream(XS, rngs=key), layer.apply(no_stream.core_params(), XS, key=key)[0], **EXACT)
 
 
 def test_train_in_a_larger_model_with_optax():
@@ -150,14 +147,14 @@ def test_core_params_round_trip_and_load():
     model = rjn.Recurrent(layer, D, rngs=nnx.Rngs(0))
     params = layer.init(jax.random.key(4), D)  # e.g. weights from rj.interop.from_torch
     tree = rjn.from_core_params(layer, params)
-    assert_trees_equal(rjn.to_core_params(layer, tree), params)
+    assert_trees_close(rjn.to_core_params(layer, tree), params, **EXACT)
     model.load_core_params(params)
-    assert_trees_equal(model.core_params(), params)
-    assert_trees_equal(pure(nnx.state(model, nnx.Param)), tree)
-    assert_trees_equal(model(XS, lengths=LENGTHS), layer.apply(params, XS, lengths=LENGTHS)[0])
+    assert_trees_close(model.core_params(), params, **EXACT)
+    assert_trees_close(pure(nnx.state(model, nnx.Param)), tree, **EXACT)
+    assert_trees_close(model(XS, lengths=LENGTHS), layer.apply(params, XS, lengths=LENGTHS)[0], **EXACT)
     other = rjn.Recurrent(layer, D, rngs=nnx.Rngs(1))
     nnx.update(other, nnx.State(tree))  # the pure dict loads through nnx too
-    assert_trees_equal(other.core_params(), params)
+    assert_trees_close(other.core_params(), params, **EXACT)
     with pytest.raises(ValueError, match=r"'forward/w_x' has shape \(5, 12\); expected \(3, 12\)"):
         model.load_core_params(layer.init(jax.random.key(0), 5))
     with pytest.raises(ValueError, match="params have structure"):
@@ -168,18 +165,18 @@ def test_split_merge_and_serialization_round_trip():
     model = rjn.Recurrent(CASES["lru"], D, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     merged = nnx.merge(graphdef, state)
-    assert_trees_equal(merged(XS), model(XS))
+    assert_trees_close(merged(XS), model(XS), **EXACT)
     # The functional API under plain jax.jit.
     ys, h = jax.jit(lambda state, xs: nnx.merge(graphdef, state)(xs, return_carry=True))(state, XS)
-    assert_trees_equal((ys, h), rj.scan(CASES["lru"], model.core_params(), XS), atol=1e-6)
+    assert_trees_close((ys, h), rj.scan(CASES["lru"], model.core_params(), XS), atol=1e-6, rtol=0)
     data = serialization.to_bytes(pure(nnx.state(model)))
     other = rjn.Recurrent(CASES["lru"], D, rngs=nnx.Rngs(1))
     target = nnx.state(other)
     restored = serialization.from_bytes(pure(target), data)
     nnx.replace_by_pure_dict(target, restored)
     nnx.update(other, target)
-    assert_trees_equal(other.core_params(), model.core_params())
-    assert_trees_equal(other(XS), model(XS))
+    assert_trees_close(other.core_params(), model.core_params(), **EXACT)
+    assert_trees_close(other(XS), model(XS), **EXACT)
 
 
 def test_partitioning_metadata():
@@ -193,7 +190,7 @@ def test_partitioning_metadata():
     assert specs["forward"]["w_x"] == P(None, "model") and specs["backward"]["w_x"] == P(None, "model")
     assert specs["backward"]["w_h"] == P("model", None) and specs["forward"]["w_h"] == P()
     plain = rjn.Recurrent(layer, D, rngs=nnx.Rngs(0))
-    assert_trees_equal(model.core_params(), plain.core_params())
+    assert_trees_close(model.core_params(), plain.core_params(), **EXACT)
     model.load_core_params(layer.init(jax.random.key(1), D))  # loading keeps the metadata
     assert pure(nnx.get_partition_spec(nnx.state(model, nnx.Param)))["forward"]["w_x"] == P(None, "model")
     with pytest.raises(ValueError, match=r"\('model',\) for 'forward/w_x' of shape \(3, 12\); expected 2 axis names"):

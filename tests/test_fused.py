@@ -1,4 +1,4 @@
-"""rj.scan(..., vjp="fused") (rnnjax/fused.py): the sequence-level backward pass of
+"""rj.Sequential(gradient="fused") (rnnjax/engines/fused.py): the sequence-level backward pass of
 dense cells equals autodiff's gradients, with lengths, resets, reverse, an initial carry,
 several batch axes, vmap, jit and second-order reverse mode; bad combinations are errors."""
 
@@ -26,8 +26,10 @@ def _identity(x):
 
 
 def _loss(cell, vjp, reverse):
+    method = rj.Sequential(gradient=vjp)
+
     def loss(params, xs, carry, lengths, resets):
-        ys, final = rj.scan(cell, params, xs, carry, lengths=lengths, resets=resets, reverse=reverse, vjp=vjp)
+        ys, final = rj.scan(cell, params, xs, carry, lengths=lengths, resets=resets, reverse=reverse, method=method)
         # Weighted so that every output and carry entry gets its own cotangent.
         w = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)
         return jnp.sum(w * ys) + sum(jnp.sum(jnp.sin(c)) for c in jax.tree.leaves(final))
@@ -51,7 +53,7 @@ def test_fused_gradients_equal_autodiff(name, reverse):
 def test_fused_forward_is_the_same_loop():
     cell = CELL_CASES["lstm_proj_peephole"]
     params, xs, carry = random_case(cell, STEPS, key=4, batch=(2, 3))  # two batch axes
-    ys, final = rj.scan(cell, params, xs, carry, vjp="fused")
+    ys, final = rj.scan(cell, params, xs, carry, method=rj.Sequential(gradient="fused"))
     ref_ys, ref_final = rj.scan(cell, params, xs, carry)
     np.testing.assert_array_equal(ys, ref_ys)
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(ref_final)):
@@ -63,7 +65,7 @@ def test_fused_under_vmap_and_second_order():
     params, xs, _ = random_case(cell, 5, key=5, batch=(4,))
 
     def loss(p, x, vjp):
-        return jnp.sum(rj.scan(cell, p, x, vjp=vjp)[0] ** 2)
+        return jnp.sum(rj.scan(cell, p, x, method=rj.Sequential(gradient=vjp))[0] ** 2)
 
     per_example = jax.vmap(jax.grad(lambda p, x: loss(p, x, "fused")), in_axes=(None, 0))(params, xs)
     ref = jax.vmap(jax.grad(lambda p, x: loss(p, x, "autodiff")), in_axes=(None, 0))(params, xs)
@@ -76,7 +78,8 @@ def test_fused_under_vmap_and_second_order():
 
 
 def test_fused_inside_data_parallel_and_layers():
-    layer = rj.Stack([rj.Bidirectional(rj.RNN(rj.LSTM(4), vjp="fused")), rj.RNN(rj.GRU(4), vjp="fused")])
+    fused = rj.Sequential(gradient="fused")
+    layer = rj.Stack([rj.Bidirectional(rj.RNN(rj.LSTM(4), method=fused)), rj.RNN(rj.GRU(4), method=fused)])
     plain = rj.Stack([rj.Bidirectional(rj.RNN(rj.LSTM(4))), rj.RNN(rj.GRU(4))])
     params = layer.init(jax.random.key(0), 3)
     xs = jax.random.normal(jax.random.key(1), (4, 6, 3))
@@ -93,18 +96,17 @@ def test_fused_rejects_what_it_cannot_do():
     cell = rj.MinGRU(4)
     params = cell.init(jax.random.key(0), 3)
     xs = jnp.ones((2, 5, 3))
-    with pytest.raises(ValueError, match=r'vjp="fused" needs a dense cell .* MinGRU with this configuration is not one'):
-        rj.scan(cell, params, xs, vjp="fused")
-    lstm = rj.LSTM(4)
-    lp = lstm.init(jax.random.key(0), 3)
+    fused = rj.Sequential(gradient="fused")
+    with pytest.raises(ValueError, match=r"gradient='fused' needs a dense cell .* MinGRU with this configuration is not one"):
+        rj.scan(cell, params, xs, method=fused)
     with pytest.raises(ValueError, match="does not combine with remat='sqrt'"):
-        rj.scan(lstm, lp, xs, vjp="fused", remat="sqrt")
-    with pytest.raises(ValueError, match="method='newton' has its own"):
-        rj.scan(lstm, lp, xs, vjp="fused", method="newton")
-    with pytest.raises(ValueError, match='vjp must be "autodiff" or "fused", got \'manual\''):
-        rj.scan(lstm, lp, xs, vjp="manual")
+        rj.Sequential(gradient="fused", remat="sqrt")
+    with pytest.raises(ValueError, match=r"gradient must be one of \('autodiff', 'fused'\), got 'manual'"):
+        rj.Sequential(gradient="manual")
     with pytest.raises(ValueError, match="needs a dense cell"):
-        rj.RNN(rj.LRU(4), vjp="fused")
+        rj.RNN(rj.LRU(4), method=fused)
+    with pytest.raises(ValueError, match="needs a dense cell"):
+        rj.RNN(rj.GRU(4, reset_after=False), method=fused)
 
 
 @pytest.mark.parametrize("name", DENSE)

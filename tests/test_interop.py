@@ -229,6 +229,32 @@ def test_to_torch_state_dict_of_a_single_layer():
     assert sd["weight_hh_l0"].shape == (16, 2) and sd["weight_hr_l0_reverse"].shape == (2, 4)
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_to_torch_state_dict_tensors_are_pytorch_tensors():
+    """The lazy ``import torch`` in rnnjax/interop/torch.py reaches PyTorch, not that module."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    kw = dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True, proj_size=2, batch_first=True)
+    module = torch.nn.LSTM(**kw)
+    layer, params = interop.from_torch(module)
+    sd = interop.to_torch_state_dict(layer, params)
+    assert all(type(v) is torch.Tensor and v.dtype == torch.float32 for v in sd.values())
+    fresh = torch.nn.LSTM(**kw)
+    fresh.load_state_dict(sd)
+    xs = np.random.default_rng(0).standard_normal((2, 5, 3)).astype(np.float32)
+    with torch.no_grad():
+        want, (h_n, c_n) = fresh(torch.from_numpy(xs))
+    ys, carries = layer.apply(params, jnp.asarray(xs))
+    assert_close(ys, want.numpy(), "outputs")
+    got_h, got_c = interop.torch_final_state(layer, carries)
+    assert_close(got_h, h_n.numpy(), "h_n")
+    assert_close(got_c, c_n.numpy(), "c_n")
+    half = interop.to_torch_state_dict(layer, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
+    assert all(v.dtype == torch.bfloat16 for v in half.values())
+    layer16, params16 = interop.from_torch(module.to(torch.bfloat16))
+    assert layer16 == layer and all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params16))
+
+
 # -- Keras -------------------------------------------------------------------------
 
 

@@ -9,21 +9,18 @@ from jax.test_util import check_grads
 import rnnjax as rj
 from rnnjax.layers import BidirectionalParams
 from tests.compat import enable_x64
+from tests.helpers import assert_trees_close
 
 XS = jax.random.normal(jax.random.key(1), (3, 7, 4))
 LENGTHS = jnp.array([7, 4, 0])
-
-
-def close(a, b, atol=1e-6):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
+F32 = dict(atol=1e-6, rtol=1e-5)  # float32 rounding
 
 
 def test_rnn_delegates_to_scan():
-    layer = rj.RNN(rj.GRU(5), reverse=True, remat=True)
+    layer = rj.RNN(rj.GRU(5), reverse=True, method=rj.Sequential(remat="step"))
     params = layer.init(jax.random.key(0), 4)
-    close(layer.apply(params, XS, lengths=LENGTHS),
-          rj.scan(layer.cell, params, XS, lengths=LENGTHS, reverse=True))
+    assert_trees_close(layer.apply(params, XS, lengths=LENGTHS),
+                       rj.scan(layer.cell, params, XS, lengths=LENGTHS, reverse=True), **F32)
     assert layer.output_size(4) == 5
 
 
@@ -35,8 +32,8 @@ def test_bidirectional_is_forward_and_reverse_scans_merged():
     ys, (cf, cb) = layer.apply(params, XS, lengths=LENGTHS)
     yf, rf = rj.scan(rj.LSTM(5), params.forward, XS, lengths=LENGTHS)
     yb, rb = rj.scan(rj.LSTM(5), params.backward, XS, lengths=LENGTHS, reverse=True)
-    close(ys, jnp.concatenate([yf, yb], -1))
-    close((cf, cb), (rf, rb))
+    assert_trees_close(ys, jnp.concatenate([yf, yb], -1), **F32)
+    assert_trees_close((cf, cb), (rf, rb), **F32)
     assert layer.output_size(4) == 10
 
 
@@ -45,8 +42,8 @@ def test_bidirectional_over_padded_data_equals_unpadded():
     params = layer.init(jax.random.key(0), 4)
     ys, carries = layer.apply(params, XS, lengths=LENGTHS)
     ref_ys, ref_carries = layer.apply(params, XS[1, :4])
-    close(ys[1, :4], ref_ys)
-    close(jax.tree.map(lambda c: c[1], carries), ref_carries)
+    assert_trees_close(ys[1, :4], ref_ys, **F32)
+    assert_trees_close(jax.tree.map(lambda c: c[1], carries), ref_carries, **F32)
     assert not np.any(np.asarray(ys[1, 4:]))
 
 
@@ -59,7 +56,7 @@ def test_bidirectional_merges(merge, expect):
     params = layer.init(jax.random.key(0), 4)
     yf, _ = rj.scan(rj.Elman(5), params.forward, XS)
     yb, _ = rj.scan(rj.Elman(5), params.backward, XS, reverse=True)
-    close(layer.apply(params, XS)[0], expect(yf, yb))
+    assert_trees_close(layer.apply(params, XS)[0], expect(yf, yb), **F32)
 
 
 def test_stack_chains_layers_and_carries():
@@ -69,8 +66,8 @@ def test_stack_chains_layers_and_carries():
     ys, carries = stack.apply(params, XS, lengths=LENGTHS)
     y0, c0 = layers[0].apply(params[0], XS, lengths=LENGTHS)
     y1, c1 = layers[1].apply(params[1], y0, lengths=LENGTHS)
-    close(ys, y1)
-    close(carries, (c0, c1))
+    assert_trees_close(ys, y1, **F32)
+    assert_trees_close(carries, (c0, c1), **F32)
     assert stack.output_size(4) == 6 and ys.shape == (3, 7, 6)
     # Handing the carries back continues the sequences (a forward-only stack).
     forward = rj.Stack([rj.RNN(rj.GRU(5)), rj.RNN(rj.LSTM(6))])
@@ -78,15 +75,15 @@ def test_stack_chains_layers_and_carries():
     ys_a, carry_a = forward.apply(params, XS[:, :3])
     ys_b, carry_b = forward.apply(params, XS[:, 3:], carry=carry_a)
     ys_full, carry_full = forward.apply(params, XS)
-    close(jnp.concatenate([ys_a, ys_b], axis=1), ys_full, atol=1e-5)
-    close(carry_b, carry_full, atol=1e-5)
+    assert_trees_close(jnp.concatenate([ys_a, ys_b], axis=1), ys_full, atol=1e-5, rtol=1e-5)
+    assert_trees_close(carry_b, carry_full, atol=1e-5, rtol=1e-5)
 
 
 def test_stack_dropout_needs_a_key_and_keeps_padding_zero():
     stack = rj.Stack([rj.RNN(rj.GRU(8)), rj.RNN(rj.GRU(8))], dropout=0.5)
     plain = rj.Stack([rj.RNN(rj.GRU(8)), rj.RNN(rj.GRU(8))])
     params = stack.init(jax.random.key(0), 4)
-    close(stack.apply(params, XS, lengths=LENGTHS), plain.apply(params, XS, lengths=LENGTHS))
+    assert_trees_close(stack.apply(params, XS, lengths=LENGTHS), plain.apply(params, XS, lengths=LENGTHS), **F32)
     ys1, _ = stack.apply(params, XS, lengths=LENGTHS, key=jax.random.key(1))
     ys2, _ = stack.apply(params, XS, lengths=LENGTHS, key=jax.random.key(2))
     ys0, _ = plain.apply(params, XS, lengths=LENGTHS)
@@ -98,7 +95,7 @@ def test_stack_dropout_needs_a_key_and_keeps_padding_zero():
     _, drop_key = jax.random.split(k0)
     keep = jax.random.bernoulli(drop_key, 0.5, y0.shape)
     y1, _ = stack.layers[1].apply(params[1], jnp.where(keep, y0 * 2, 0), lengths=LENGTHS)
-    close(ys1, y1)
+    assert_trees_close(ys1, y1, **F32)
 
 
 def test_stack_residual_adds_inputs_where_sizes_match():
@@ -110,7 +107,7 @@ def test_stack_residual_adds_inputs_where_sizes_match():
         out, _ = layer.apply(p, y, lengths=LENGTHS)
         y = out + y if out.shape == y.shape else out
     mask = (jnp.arange(7) < LENGTHS[:, None])[..., None]
-    close(ys, jnp.where(mask, y, 0))
+    assert_trees_close(ys, jnp.where(mask, y, 0), **F32)
     assert not np.any(np.asarray(ys[2]))
 
 
@@ -120,7 +117,7 @@ def test_layers_vmap_jit_and_gradients():
     f = jax.jit(lambda p, x, n: stack.apply(p, x, lengths=n))
     batched = f(params, XS, LENGTHS)
     single = jax.vmap(lambda x, n: stack.apply(params, x, lengths=n))(XS, LENGTHS)
-    close(single, batched)
+    assert_trees_close(single, batched, **F32)
     f(params, XS * 2, LENGTHS + 0)
     assert f._cache_size() == 1
     with enable_x64(True):

@@ -1,4 +1,4 @@
-"""Newton's methods (rj.parallel.newton_scan, rj.scan(method="newton")): DEER, quasi-DEER,
+"""Newton's methods (rj.parallel.newton_scan, rj.scan(method=rj.Newton(...))): DEER, quasi-DEER,
 ELK and quasi-ELK against the sequential driver, convergence and fallback, gradients by
 the implicit function theorem, bad options.
 
@@ -14,19 +14,19 @@ from jax.test_util import check_grads
 
 import rnnjax as rj
 from rnnjax import parallel
-from tests.cases import CELL_CASES, INPUT_SIZE, assert_tree_close, random_case, seq_shape
+from rnnjax.engines.elk import elk_step, solve_small
+from tests.cases import CELL_CASES, INPUT_SIZE, random_case, seq_shape
 from tests.compat import enable_x64
+from tests.helpers import assert_trees_close
 
 STEPS = 6
 LENGTHS = jnp.array([6, 4, 0])
 RESETS = jnp.zeros((3, STEPS), bool).at[0, 2].set(True).at[1, 1].set(True).at[1, 3].set(True).at[2, 4].set(True)
+F32 = dict(atol=1e-5, rtol=1e-5, check_dtypes=True)  # float32 rounding; the same dtypes and shapes
 
 
 def data(cell, key=0, dtype=jnp.float32, batch=(3,), steps=STEPS):
     return random_case(cell, steps, key, dtype, batch)
-
-
-close = assert_tree_close
 
 
 # DEER and quasi-DEER over every cell but ConvLSTM (whose flattened state is a whole
@@ -44,7 +44,7 @@ def test_newton_matches_sequential(name, variant, reverse):
     ys, final, info = rj.parallel.newton_scan(cell, params, xs, carry, newton=variant, **kw)
     assert bool(info.converged) and 0 <= int(info.iterations) <= parallel.DEFAULT_MAX_ITERS
     assert float(info.residual) <= 1e-5
-    close((ys, final), rj.scan(cell, params, xs, carry, **kw))
+    assert_trees_close((ys, final), rj.scan(cell, params, xs, carry, **kw), **F32)
     assert not np.any(np.asarray(ys[1, 4:])) and not np.any(np.asarray(ys[2]))
 
 
@@ -64,7 +64,7 @@ def test_newton_converges_on_a_trained_like_gru(variant, max_steps):
     cell, params, xs = trained_like_gru()
     ys, h, info = rj.parallel.newton_scan(cell, params, xs, newton=variant)
     assert bool(info.converged) and int(info.iterations) <= max_steps, info
-    close((ys, h), rj.scan(cell, params, xs))
+    assert_trees_close((ys, h), rj.scan(cell, params, xs), **F32)
 
 
 def chaotic_elman(steps=64):
@@ -79,13 +79,13 @@ def test_newton_falls_back_to_sequential_when_it_does_not_converge():
     expected = rj.scan(cell, params, xs)
     ys, h, info = rj.parallel.newton_scan(cell, params, xs, newton="deer", max_iters=1)
     assert not bool(info.converged) and int(info.iterations) == 1 and float(info.residual) > 1e-5
-    close((ys, h), expected, atol=1e-6)
+    assert_trees_close((ys, h), expected, atol=1e-6, rtol=1e-5, check_dtypes=True)
     # Whatever happens with the default budget, the answer is never a wrong iterate.
     ys, h, info = rj.parallel.newton_scan(cell, params, xs, newton="quasi-deer", max_iters=5)
     assert not bool(info.converged)
-    close((ys, h), expected, atol=1e-6)
+    assert_trees_close((ys, h), expected, atol=1e-6, rtol=1e-5, check_dtypes=True)
     # rj.scan gives the same values, without the info.
-    close(rj.scan(cell, params, xs, method="newton", newton="deer", max_iters=1), expected, atol=1e-6)
+    assert_trees_close(rj.scan(cell, params, xs, method=rj.Newton("deer", max_iters=1)), expected, atol=1e-6, rtol=1e-5, check_dtypes=True)
 
 
 def test_elk_step_is_the_damped_least_squares_solution():
@@ -112,14 +112,14 @@ def test_elk_step_is_the_damped_least_squares_solution():
         F[0, 0] = Jm[0] @ h0[0] + u[0, 0]
         Jx = J if full else np.diagonal(J, axis1=-2, axis2=-1)
         with enable_x64(True):
-            got = jax.jit(parallel._elk_step, static_argnums=(4, 5))(Jx, u, F, guess, damping, full)
+            got = jax.jit(elk_step, static_argnums=(4, 5))(Jx, u, F, guess, damping, full)
         np.testing.assert_allclose(np.asarray(got[:, 0]), best, atol=1e-10)
 
 
 def test_small_solver_pivots():
     a = jnp.array([[[0.0, 2.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0]]])  # needs a row swap
     b = jnp.array([[[2.0], [1.0], [3.0]]])
-    np.testing.assert_allclose(parallel._solve_small(a, b)[0, :, 0], [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(solve_small(a, b)[0, :, 0], [1.0, 1.0, 1.0])
 
 
 # ---- gradients: implicit function theorem at the solution ----
@@ -132,15 +132,15 @@ def test_check_grads_and_equal_to_sequential_gradients(name, variant):
         params, xs, carry = data(cell, key=2, dtype=jnp.float64, batch=(2,), steps=4)
         kw = dict(lengths=jnp.array([4, 3]), resets=jnp.zeros((2, 4), bool).at[0, 2].set(True), reverse=True)
 
-        def loss(p, x, c, method="newton"):
-            extra = dict(newton=variant) if method == "newton" else {}
-            ys, final = rj.scan(cell, p, x, c, method=method, **extra, **kw)
+        def loss(p, x, c, method=rj.Newton(variant)):
+            ys, final = rj.scan(cell, p, x, c, method=method, **kw)
             return jnp.sum(ys**2) + sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(final))
 
         # jax.grad through a while_loop would raise: the gradient comes from the custom VJP.
         loss = jax.jit(loss, static_argnames="method")  # one compilation for check_grads' calls
         got = jax.grad(loss, argnums=(0, 1, 2))(params, xs, carry)
-        close(got, jax.grad(lambda *a: loss(*a, method="sequential"), argnums=(0, 1, 2))(params, xs, carry), atol=1e-9)
+        want = jax.grad(lambda *a: loss(*a, method="sequential"), argnums=(0, 1, 2))(params, xs, carry)
+        assert_trees_close(got, want, atol=1e-9, rtol=1e-5, check_dtypes=True)
         check_grads(loss, (params, xs, carry), order=1, modes=["rev"])
 
 
@@ -152,8 +152,8 @@ def test_gradients_after_fallbacks_equal_sequential_gradients():
         ys, h = rj.scan(cell, p, xs, **kw)
         return jnp.sum(ys**2) + jnp.sum(h**2)
 
-    got = jax.grad(lambda p: loss(p, method="newton", newton="quasi-deer", max_iters=1))(params)
-    close(got, jax.grad(loss)(params), atol=1e-4, rtol=1e-4)
+    got = jax.grad(lambda p: loss(p, method=rj.Newton("quasi-deer", max_iters=1)))(params)
+    assert_trees_close(got, jax.grad(loss)(params), atol=1e-4, rtol=1e-4, check_dtypes=True)
 
 
 # ---- batching, jit ----
@@ -164,8 +164,8 @@ def test_vmap_and_jit_equal_the_batched_call():
     params, xs, carry = data(cell, key=3)
     run = lambda x, c, n, r: rj.scan(cell, params, x, c, lengths=n, resets=r, method="newton")
     expected = run(xs, carry, LENGTHS, RESETS)
-    close(jax.vmap(run)(xs, carry, LENGTHS, RESETS), expected, atol=1e-5)
-    close(jax.jit(run)(xs, carry, LENGTHS, RESETS), expected, atol=1e-6)
+    assert_trees_close(jax.vmap(run)(xs, carry, LENGTHS, RESETS), expected, atol=1e-5, rtol=1e-5, check_dtypes=True)
+    assert_trees_close(jax.jit(run)(xs, carry, LENGTHS, RESETS), expected, atol=1e-6, rtol=1e-5, check_dtypes=True)
 
 
 # ---- bad options ----
@@ -179,8 +179,8 @@ def test_vmap_and_jit_equal_the_batched_call():
         (dict(tol=float("nan")), "tol must be a positive finite number, got nan"),
         (dict(max_iters=0), "max_iters must be a positive int, got 0"),
         (dict(max_iters=2.0), "max_iters must be a positive int, got 2.0"),
-        (dict(newton="newton"), r"unknown newton variant 'newton'; expected one of \['deer', 'quasi-deer', 'elk', 'quasi-elk'\]"),
-        (dict(newton="deer", damping=1.0), "damping applies to newton='elk' or 'quasi-elk'; got newton='deer'"),
+        (dict(newton="newton"), r"unknown Newton variant 'newton'; expected one of \['deer', 'quasi-deer', 'elk', 'quasi-elk'\]"),
+        (dict(newton="deer", damping=1.0), "damping applies to the variants 'elk' and 'quasi-elk'; got 'deer'"),
         (dict(newton="elk", damping=0.0), "damping must be a positive finite number, got 0.0"),
     ],
     ids=lambda v: None if isinstance(v, dict) else "",
@@ -189,9 +189,8 @@ def test_bad_newton_options_raise_a_clear_error(kwargs, message):
     cell = rj.GRU(4)
     params = cell.init(jax.random.key(0), INPUT_SIZE)
     xs = jnp.ones((2, 5, INPUT_SIZE))
+    options = {"variant" if k == "newton" else k: v for k, v in kwargs.items()}
     with pytest.raises(ValueError, match=message):
-        rj.scan(cell, params, xs, method="newton", **kwargs)
+        rj.Newton(**options)
     with pytest.raises(ValueError, match=message):
         jax.jit(lambda x: rj.parallel.newton_scan(cell, params, x, **kwargs))(xs)
-    with pytest.raises(ValueError, match=message):
-        rj.RNN(cell, method="newton", **kwargs)

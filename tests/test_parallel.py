@@ -1,5 +1,5 @@
-"""rnnjax/parallel.py's linear methods ("associative", "chunked"), "auto", the options'
-checks and rj.RNN's pass-through. Newton's methods are in tests/test_newton.py.
+"""The linear methods (rj.Associative, rj.Chunked; rnnjax/engines/linear.py), rj.Auto, the
+method values' checks and rj.RNN's pass-through. Newton's methods are in tests/test_newton.py.
 
 Every method is compared with the sequential driver (itself checked against a plain loop
 in tests/test_cells.py) on the same call: lengths, resets, reverse and a non-zero initial
@@ -17,34 +17,34 @@ import pytest
 from jax.test_util import check_grads
 
 import rnnjax as rj
-from rnnjax import parallel
-from tests.cases import CELL_CASES, INPUT_SIZE, assert_tree_close, random_case
+from rnnjax import parallel, tuning
+from rnnjax.engines.affine import DIAG, solve_affine
+from tests.cases import CELL_CASES, INPUT_SIZE, random_case
 from tests.compat import enable_x64
+from tests.helpers import assert_trees_close
 
 LINEAR = sorted(name for name, cell in CELL_CASES.items() if isinstance(cell, rj.LinearCell))
 STEPS = 7
 LENGTHS = jnp.array([7, 4, 0])
 # Boundaries inside, at the edge of, and past a length; sequence 1 has two in a row.
 RESETS = jnp.zeros((3, STEPS), bool).at[0, 3].set(True).at[1, 1].set(True).at[1, 2].set(True).at[1, 5].set(True)
+F32 = dict(atol=1e-5, rtol=1e-5, check_dtypes=True)  # float32 rounding; the same dtypes and shapes
 
 
 def data(cell, key=0, dtype=jnp.float32, batch=(3,), steps=STEPS):
     return random_case(cell, steps, key, dtype, batch)
 
 
-close = assert_tree_close
-
-
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("method, chunk_size", [("associative", None), ("chunked", 3)], ids=["associative", "chunked"])
+@pytest.mark.parametrize("method", [rj.Associative(), rj.Chunked(3)], ids=["associative", "chunked"])
 @pytest.mark.parametrize("name", LINEAR)
-def test_linear_methods_match_sequential(name, method, chunk_size, reverse):
+def test_linear_methods_match_sequential(name, method, reverse):
     cell = CELL_CASES[name]
     params, xs, carry = data(cell)
     kw = dict(lengths=LENGTHS, resets=RESETS, reverse=reverse)
     expected = rj.scan(cell, params, xs, carry, **kw)
-    ys, final = rj.scan(cell, params, xs, carry, method=method, chunk_size=chunk_size, **kw)
-    close((ys, final), expected)
+    ys, final = rj.scan(cell, params, xs, carry, method=method, **kw)
+    assert_trees_close((ys, final), expected, **F32)
     assert not np.any(np.asarray(ys[1, 4:])) and not np.any(np.asarray(ys[2]))
 
 
@@ -54,17 +54,17 @@ def test_linear_methods_without_masks_and_in_one_chunk(name):
     params, xs, _ = data(cell, key=1)
     for reverse in (False, True):
         expected = rj.scan(cell, params, xs, reverse=reverse)
-        close(rj.scan(cell, params, xs, reverse=reverse, method="associative"), expected)
+        assert_trees_close(rj.scan(cell, params, xs, reverse=reverse, method="associative"), expected, **F32)
     # chunk_size >= T: one chunk, a plain sequential pass over the coefficients.
-    close(rj.scan(cell, params, xs, method="chunked", chunk_size=16), rj.scan(cell, params, xs))
+    assert_trees_close(rj.scan(cell, params, xs, method=rj.Chunked(16)), rj.scan(cell, params, xs), **F32)
 
 
 def test_long_float32_sequence_in_log_space_stays_close():
     cell = rj.MinGRU(4)
     params, xs, _ = data(cell, key=2, batch=(2,), steps=2048)
     expected = rj.scan(cell, params, xs)
-    close(rj.scan(cell, params, xs, method="associative"), expected, atol=2e-5)
-    close(rj.scan(cell, params, xs, method="chunked", chunk_size=64), expected, atol=2e-5)
+    assert_trees_close(rj.scan(cell, params, xs, method="associative"), expected, atol=2e-5, rtol=1e-5, check_dtypes=True)
+    assert_trees_close(rj.scan(cell, params, xs, method=rj.Chunked(64)), expected, atol=2e-5, rtol=1e-5, check_dtypes=True)
 
 
 def test_associative_combines_earlier_then_later():
@@ -76,7 +76,7 @@ def test_associative_combines_earlier_then_later():
         h = a[t] * h + b[t]
         expected.append(h)
     for chunk in (None, 3):
-        states = parallel._solve_affine(parallel.DIAG, (a, b), jnp.array([0.7]), chunk)
+        states = solve_affine(DIAG, (a, b), jnp.array([0.7]), chunk)
         np.testing.assert_allclose(states, jnp.stack(expected), rtol=1e-6)
 
 
@@ -102,37 +102,38 @@ def test_check_grads_and_equal_to_sequential_gradients(name, method):
 
         def loss(p, x, c, method=method):
             ys, h = rj.scan(cell, p, x, c, lengths=lengths, resets=resets, reverse=True,
-                            method=method, chunk_size=2 if method == "chunked" else None)
+                            method=rj.Chunked(2) if method == "chunked" else method)
             return jnp.sum(ys**2) + jnp.sum(jnp.abs(h) ** 2)
 
         loss = jax.jit(loss, static_argnames="method")  # one compilation for check_grads' calls
         check_grads(loss, (params, xs, carry), order=1, modes=["rev"])
         got = jax.grad(loss, argnums=(0, 1, 2))(params, xs, carry)
-        close(got, jax.grad(lambda *a: loss(*a, method="sequential"), argnums=(0, 1, 2))(params, xs, carry), atol=1e-10)
+        want = jax.grad(lambda *a: loss(*a, method="sequential"), argnums=(0, 1, 2))(params, xs, carry)
+        assert_trees_close(got, want, atol=1e-10, rtol=1e-5, check_dtypes=True)
 
 
 def test_vmap_over_single_sequences_equals_batched_call():
     cell = CELL_CASES["minlstm"]
     params, xs, carry = data(cell, key=4)
     run = lambda x, c, n, r: rj.scan(cell, params, x, c, lengths=n, resets=r, reverse=True, method="associative")
-    close(jax.vmap(run)(xs, carry, LENGTHS, RESETS), run(xs, carry, LENGTHS, RESETS), atol=1e-6)
+    assert_trees_close(jax.vmap(run)(xs, carry, LENGTHS, RESETS), run(xs, carry, LENGTHS, RESETS), atol=1e-6, rtol=1e-5, check_dtypes=True)
 
 
 def test_jit_with_traced_lengths_equals_concrete():
     cell = CELL_CASES["mingru"]
     params, xs, carry = data(cell, key=5)
-    f = jax.jit(lambda n: rj.scan(cell, params, xs, carry, lengths=n, method="chunked", chunk_size=2))
-    close(f(LENGTHS), rj.scan(cell, params, xs, carry, lengths=LENGTHS), atol=1e-5)
+    f = jax.jit(lambda n: rj.scan(cell, params, xs, carry, lengths=n, method=rj.Chunked(2)))
+    assert_trees_close(f(LENGTHS), rj.scan(cell, params, xs, carry, lengths=LENGTHS), atol=1e-5, rtol=1e-5, check_dtypes=True)
 
 
 def test_zero_steps_and_dtypes_follow_the_sequential_driver():
     cell = CELL_CASES["mingru"]
     params, xs, carry = data(cell, steps=0)
-    close(rj.scan(cell, params, xs, carry, method="associative"), rj.scan(cell, params, xs, carry))
+    assert_trees_close(rj.scan(cell, params, xs, carry, method="associative"), rj.scan(cell, params, xs, carry), **F32)
     # bfloat16 inputs with float32 params compute in float32, as the sequential driver does.
     params, xs, _ = data(cell, key=6)
-    close(rj.scan(cell, params, xs.astype(jnp.bfloat16), method="associative"),
-          rj.scan(cell, params, xs.astype(jnp.bfloat16)))
+    assert_trees_close(rj.scan(cell, params, xs.astype(jnp.bfloat16), method="associative"),
+                       rj.scan(cell, params, xs.astype(jnp.bfloat16)), **F32)
 
 
 # ---- a diagonal linear cell built by a user from their own a, b ----
@@ -173,7 +174,7 @@ def test_a_users_linear_cell_runs_in_parallel():
     kw = dict(lengths=LENGTHS, resets=RESETS, reverse=True)
     expected = rj.scan(cell, params, xs, carry, **kw)
     for method in ("associative", "chunked"):
-        close(rj.scan(cell, params, xs, carry, method=method, **kw), expected)
+        assert_trees_close(rj.scan(cell, params, xs, carry, method=method, **kw), expected, **F32)
 
 
 # ---- "auto" ----
@@ -183,12 +184,12 @@ def test_auto_on_cpu_runs_what_the_table_says(monkeypatch):
     cell = CELL_CASES["mingru"]
     params, xs, carry = data(cell)
     assert parallel.choose_method(cell, STEPS, backend="cpu") == "sequential"
-    close(rj.scan(cell, params, xs, carry, method="auto", lengths=LENGTHS), rj.scan(cell, params, xs, carry, lengths=LENGTHS))
+    assert_trees_close(rj.scan(cell, params, xs, carry, method="auto", lengths=LENGTHS), rj.scan(cell, params, xs, carry, lengths=LENGTHS), **F32)
     assert parallel.cell_kind(rj.GRU(3)) == "nonlinear" and parallel.cell_kind(rj.LRU(3)) == "linear"
     assert parallel.cell_kind(rj.MinLSTM(3, candidate="identity")) == "linear"
     # Another table: associative from T=4 on, for log-space cells only.
-    table = dict(parallel._AUTO_TABLE["cpu"], log_linear=((0, "sequential"), (4, "associative")))
-    monkeypatch.setitem(parallel._AUTO_TABLE, "cpu", table)
+    table = dict(tuning.AUTO_TABLE["cpu"], log_linear=((0, "sequential"), (4, "associative")))
+    monkeypatch.setitem(tuning.AUTO_TABLE, "cpu", table)
     assert parallel.choose_method(cell, 3, backend="cpu") == "sequential"
     assert parallel.choose_method(cell, 4, backend="cpu") == "associative"
     assert parallel.choose_method(rj.LRU(3), 4, backend="cpu") == "sequential"
@@ -197,7 +198,7 @@ def test_auto_on_cpu_runs_what_the_table_says(monkeypatch):
 
 
 def test_every_table_row_names_a_method_the_cell_kind_can_run():
-    for backend, table in parallel._AUTO_TABLE.items():
+    for backend, table in tuning.AUTO_TABLE.items():
         for kind in ("log_linear", "linear", "nonlinear"):
             rows = table[kind]
             assert rows[0][0] == 0 and list(rows) == sorted(rows), (backend, kind)
@@ -211,14 +212,15 @@ def test_every_table_row_names_a_method_the_cell_kind_can_run():
 
 
 def test_rnn_and_bidirectional_pass_the_method_to_scan():
-    layer = rj.RNN(rj.MinGRU(5), method="chunked", chunk_size=2)
+    layer = rj.RNN(rj.MinGRU(5), method=rj.Chunked(2))
     params = layer.init(jax.random.key(0), INPUT_SIZE)
     xs = jax.random.normal(jax.random.key(1), (3, STEPS, INPUT_SIZE))
-    close(layer.apply(params, xs, lengths=LENGTHS),
-          rj.scan(layer.cell, params, xs, lengths=LENGTHS, method="chunked", chunk_size=2), atol=0)
+    assert_trees_close(layer.apply(params, xs, lengths=LENGTHS),
+                       rj.scan(layer.cell, params, xs, lengths=LENGTHS, method=rj.Chunked(2)), atol=0, rtol=1e-5, check_dtypes=True)
     bidir = rj.Bidirectional(layer)
-    assert bidir.backward.method == "chunked" and bidir.backward.reverse
-    with pytest.raises(ValueError, match="method='associative' needs a cell with a linear recurrence"):
+    assert bidir.backward.method == rj.Chunked(2) and bidir.backward.reverse
+    assert rj.RNN(rj.MinGRU(5), method="chunked").method == rj.Chunked()
+    with pytest.raises(ValueError, match=r"rj.Associative\(\) needs a cell with a linear recurrence"):
         rj.RNN(rj.GRU(5), method="associative")
 
 
@@ -234,18 +236,16 @@ XS = jnp.ones((2, 5, INPUT_SIZE))
 @pytest.mark.parametrize(
     "cell, kwargs, message",
     [
-        (MINGRU, dict(method="fast"), r"unknown method 'fast'; expected one of \['sequential', 'associative', 'chunked', 'newton', 'auto'\]"),
+        (MINGRU, dict(method="fast"), re.escape(
+            "unknown method 'fast'; expected a method value such as rj.Sequential() or one of "
+            "['sequential', 'associative', 'chunked', 'newton', 'auto']")),
         (GRU, dict(method="associative"), re.escape(
-            "method='associative' needs a cell with a linear recurrence (an rj.LinearCell such as MinGRU, "
-            "MinLSTM, LRU); GRU is not; use method='newton' or 'sequential'")),
-        (GRU, dict(method="chunked"), "method='chunked' needs a cell with a linear recurrence"),
-        (MINGRU, dict(method="chunked", chunk_size=0), "chunk_size must be a positive int, got 0"),
-        (MINGRU, dict(method="chunked", chunk_size=2.5), "chunk_size must be a positive int, got 2.5"),
-        (MINGRU, dict(method="chunked", chunk_size=True), "chunk_size must be a positive int, got True"),
-        (MINGRU, dict(method="associative", chunk_size=4), r"chunk_size applies to method='chunked' \(or 'auto'\); got method='associative'"),
-        (MINGRU, dict(tol=1e-3), r"tol applies to method='newton' \(or 'auto'\); got method='sequential'"),
-        (MINGRU, dict(method="associative", max_iters=3), "max_iters applies to method='newton'"),
-        (MINGRU, dict(method="chunked", newton="deer"), "newton applies to method='newton'"),
+            "rj.Associative() needs a cell with a linear recurrence (an rj.LinearCell such as MinGRU, "
+            "MinLSTM, LRU); GRU is not one. Methods that can run it: rj.Sequential(), rj.Newton(), rj.Auto()")),
+        (GRU, dict(method="chunked"), r"rj.Chunked\(\) needs a cell with a linear recurrence"),
+        (MINGRU, dict(method=rj.Chunked), "unknown method <class"),
+        (MINGRU, dict(chunk_size=4), r"chunk_size= is now method=rj.Chunked\(size=...\)"),
+        (MINGRU, dict(tol=1e-3), r"tol= is now method=rj.Newton\(tol=...\)"),
     ],
     ids=lambda v: None if isinstance(v, dict) else "",
 )

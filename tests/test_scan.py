@@ -6,17 +6,14 @@ import numpy as np
 import pytest
 
 import rnnjax as rj
-from rnnjax.scan import flip_valid
+from rnnjax.sequence import flip_valid
+from tests.helpers import assert_trees_close
 
 LSTM = rj.LSTM(6)
 PARAMS = LSTM.init(jax.random.key(0), 3)
 XS = jax.random.normal(jax.random.key(1), (2, 3, 7, 3))  # batch shape (2, 3), T = 7
 LENGTHS = jnp.array([[7, 0, 3], [1, 5, 7]])
-
-
-def close(a, b, atol=1e-6):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
+F32 = dict(atol=1e-6, rtol=1e-5)  # float32 rounding
 
 
 def test_lengths_freeze_carry_and_zero_outputs_for_two_batch_axes():
@@ -25,18 +22,18 @@ def test_lengths_freeze_carry_and_zero_outputs_for_two_batch_axes():
         for j in range(3):
             n = int(LENGTHS[i, j])
             ref_ys, ref_carry = rj.scan(LSTM, PARAMS, XS[i, j, :n])
-            close(ys[i, j, :n], ref_ys)
+            assert_trees_close(ys[i, j, :n], ref_ys, **F32)
             assert not np.any(np.asarray(ys[i, j, n:]))
-            close(jax.tree.map(lambda c: c[i, j], carry), ref_carry)
+            assert_trees_close(jax.tree.map(lambda c: c[i, j], carry), ref_carry, **F32)
     # Length 0 keeps the initial carry, whatever it is.
     start = jax.tree.map(lambda c: c + 0.5, LSTM.init_carry((2, 3)))
     _, carry = rj.scan(LSTM, PARAMS, XS, start, lengths=LENGTHS)
-    close(jax.tree.map(lambda c: c[0, 1], carry), jax.tree.map(lambda c: c[0, 1], start))
+    assert_trees_close(jax.tree.map(lambda c: c[0, 1], carry), jax.tree.map(lambda c: c[0, 1], start), **F32)
 
 
 def test_lengths_traced_under_jit_equal_concrete():
     f = jax.jit(lambda n: rj.scan(LSTM, PARAMS, XS, lengths=n))
-    close(f(LENGTHS), rj.scan(LSTM, PARAMS, XS, lengths=LENGTHS))
+    assert_trees_close(f(LENGTHS), rj.scan(LSTM, PARAMS, XS, lengths=LENGTHS), **F32)
 
 
 def test_reverse_runs_each_sequence_backwards_over_its_valid_part():
@@ -44,14 +41,14 @@ def test_reverse_runs_each_sequence_backwards_over_its_valid_part():
     for i, j in [(0, 0), (0, 2), (1, 0), (1, 1)]:
         n = int(LENGTHS[i, j])
         flipped_ys, ref_carry = rj.scan(LSTM, PARAMS, XS[i, j, :n][::-1])
-        close(ys[i, j, :n], flipped_ys[::-1])
+        assert_trees_close(ys[i, j, :n], flipped_ys[::-1], **F32)
         assert not np.any(np.asarray(ys[i, j, n:]))
-        close(jax.tree.map(lambda c: c[i, j], carry), ref_carry)
+        assert_trees_close(jax.tree.map(lambda c: c[i, j], carry), ref_carry, **F32)
     # Without lengths, reverse is the plain reversed scan.
     ys, carry = rj.scan(LSTM, PARAMS, XS, reverse=True)
     ref_ys, ref_carry = rj.scan(LSTM, PARAMS, XS[..., ::-1, :])
-    close(ys, ref_ys[..., ::-1, :])
-    close(carry, ref_carry)
+    assert_trees_close(ys, ref_ys[..., ::-1, :], **F32)
+    assert_trees_close(carry, ref_carry, **F32)
 
 
 def test_flip_valid_is_an_involution_that_keeps_padding():
@@ -69,15 +66,15 @@ def test_resets_start_a_fresh_sequence():
     ys, carry = rj.scan(LSTM, PARAMS, xs, resets=resets)
     # Sequence 0: a fresh start at step 4.
     tail_ys, tail_carry = rj.scan(LSTM, PARAMS, xs[0, 4:])
-    close(ys[0, 4:], tail_ys)
-    close(jax.tree.map(lambda c: c[0], carry), tail_carry)
+    assert_trees_close(ys[0, 4:], tail_ys, **F32)
+    assert_trees_close(jax.tree.map(lambda c: c[0], carry), tail_carry, **F32)
     head_ys, _ = rj.scan(LSTM, PARAMS, xs[0, :4])
-    close(ys[0, :4], head_ys)
+    assert_trees_close(ys[0, :4], head_ys, **F32)
     # Sequence 1: three packed segments [0, 2), [2, 5), [5, 7).
     for a, b in [(0, 2), (2, 5), (5, 7)]:
-        close(ys[1, a:b], rj.scan(LSTM, PARAMS, xs[1, a:b])[0])
+        assert_trees_close(ys[1, a:b], rj.scan(LSTM, PARAMS, xs[1, a:b])[0], **F32)
     # Sequence 2: no reset, the plain scan.
-    close(ys[2], rj.scan(LSTM, PARAMS, xs[2])[0])
+    assert_trees_close(ys[2], rj.scan(LSTM, PARAMS, xs[2])[0], **F32)
 
 
 def test_reverse_resets_keep_the_same_segment_boundaries():
@@ -87,11 +84,11 @@ def test_reverse_resets_keep_the_same_segment_boundaries():
     ys, carry = rj.scan(LSTM, PARAMS, xs, lengths=lengths, resets=resets, reverse=True)
     for a, b in [(0, 2), (2, 5), (5, 7)]:
         seg_ys, seg_carry = rj.scan(LSTM, PARAMS, xs[1, a:b], reverse=True)
-        close(ys[1, a:b], seg_ys)
+        assert_trees_close(ys[1, a:b], seg_ys, **F32)
         if a == 0:  # the backward pass ends on the first segment
-            close(jax.tree.map(lambda c: c[1], carry), seg_carry)
+            assert_trees_close(jax.tree.map(lambda c: c[1], carry), seg_carry, **F32)
     # Sequence 2 has length 3, so its reset at step 3 is padding and changes nothing.
-    close(ys[2, :3], rj.scan(LSTM, PARAMS, xs[2, :3], reverse=True)[0])
+    assert_trees_close(ys[2, :3], rj.scan(LSTM, PARAMS, xs[2, :3], reverse=True)[0], **F32)
 
 
 def test_reset_and_length_together():
@@ -100,10 +97,10 @@ def test_reset_and_length_together():
     lengths = jnp.array([5, 4, 7])
     ys, carry = rj.scan(LSTM, PARAMS, xs, lengths=lengths, resets=resets)
     seg_ys, seg_carry = rj.scan(LSTM, PARAMS, xs[0, 2:5])
-    close(ys[0, 2:5], seg_ys)
-    close(jax.tree.map(lambda c: c[0], carry), seg_carry)
+    assert_trees_close(ys[0, 2:5], seg_ys, **F32)
+    assert_trees_close(jax.tree.map(lambda c: c[0], carry), seg_carry, **F32)
     # The reset of sequence 1 lies past its length: its final carry is the unreset one.
-    close(jax.tree.map(lambda c: c[1], carry), rj.scan(LSTM, PARAMS, xs[1, :4])[1])
+    assert_trees_close(jax.tree.map(lambda c: c[1], carry), rj.scan(LSTM, PARAMS, xs[1, :4])[1], **F32)
 
 
 def test_remat_and_unroll_give_same_values_and_gradients():
@@ -112,13 +109,14 @@ def test_remat_and_unroll_give_same_values_and_gradients():
         return jnp.sum(ys**2) + jnp.sum(c**2)
 
     base = jax.value_and_grad(loss)(PARAMS)
-    close(jax.value_and_grad(lambda p: loss(p, remat=True))(PARAMS), base, atol=1e-5)
-    close(jax.value_and_grad(lambda p: loss(p, unroll=4))(PARAMS), base, atol=1e-5)
-    close(jax.value_and_grad(lambda p: loss(p, unroll=16))(PARAMS), base, atol=1e-5)  # GPU's "auto"
+    assert_trees_close(jax.value_and_grad(lambda p: loss(p, method=rj.Sequential(remat="step")))(PARAMS), base, atol=1e-5, rtol=1e-5)
+    assert_trees_close(jax.value_and_grad(lambda p: loss(p, method=rj.Sequential(unroll=4)))(PARAMS), base, atol=1e-5, rtol=1e-5)
+    assert_trees_close(jax.value_and_grad(lambda p: loss(p, method=rj.Sequential(unroll=16)))(PARAMS), base, atol=1e-5, rtol=1e-5)  # GPU's "auto"
 
 
 def test_unroll_auto_is_decided_per_backend():
-    from rnnjax.scan import AUTO_UNROLL, resolve_unroll
+    from rnnjax.methods import resolve_unroll
+    from rnnjax.tuning import AUTO_UNROLL
 
     assert resolve_unroll("auto", backend="cpu") == AUTO_UNROLL["cpu"] == 1
     assert resolve_unroll("auto", backend="gpu") == resolve_unroll("auto", backend="cuda") == AUTO_UNROLL["gpu"]
@@ -128,6 +126,40 @@ def test_unroll_auto_is_decided_per_backend():
         resolve_unroll("fast")
 
 
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: rj.Sequential(unroll=0), "unroll must be a positive int"),
+        (lambda: rj.Sequential(remat="log"), r"remat must be one of \(None, 'step', 'sqrt'\), got 'log'"),
+        (lambda: rj.Sequential(remat=True), r"remat must be one of \(None, 'step', 'sqrt'\), got True"),
+        (lambda: rj.Sequential(gradient="manual"), r"gradient must be one of \('autodiff', 'fused'\)"),
+        (lambda: rj.Sequential(gradient="fused", remat="sqrt"), "does not combine with remat='sqrt'"),
+        (lambda: rj.Chunked(size=0), "size must be a positive int"),
+        (lambda: rj.Newton("newtonian"), "unknown Newton variant 'newtonian'"),
+        (lambda: rj.Newton(tol=-1.0), "tol must be a positive finite number"),
+        (lambda: rj.Newton(max_iters=0), "max_iters must be a positive int"),
+        (lambda: rj.Newton("deer", damping=1.0), "damping applies to the variants 'elk' and 'quasi-elk'"),
+        (lambda: rj.Newton("elk", damping=float("inf")), "damping must be a positive finite number"),
+    ],
+)
+def test_method_values_check_their_options_when_built(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_method_values_are_hashable_and_strings_name_their_defaults():
+    from rnnjax.methods import as_method
+
+    assert {rj.Sequential(), rj.Sequential()} == {rj.Sequential()}
+    assert as_method("newton") == rj.Newton() and as_method("chunked") == rj.Chunked()
+    # A method that cannot run a cell names the ones that can, in rj.scan and in rj.RNN.
+    with pytest.raises(ValueError, match=r"rj.Associative\(\) needs a cell with a linear recurrence .* GRU is not one. "
+                                         r"Methods that can run it: rj.Sequential\(\), rj.Newton\(\), rj.Auto\(\)"):
+        rj.RNN(rj.GRU(3), method=rj.Associative())
+    with pytest.raises(ValueError, match=r"rj.Chunked\(\) needs a cell with a linear recurrence"):
+        rj.scan(LSTM, PARAMS, XS, method="chunked")
+
+
 @pytest.mark.parametrize("steps", [1, 4, 7])  # 4: 2 blocks of 2; 7: padded to 3 blocks of 3
 @pytest.mark.parametrize("reverse", [False, True])
 def test_every_remat_policy_gives_the_same_values_and_gradients(steps, reverse):
@@ -135,15 +167,16 @@ def test_every_remat_policy_gives_the_same_values_and_gradients(steps, reverse):
     resets = jnp.zeros((2, 3, steps), bool).at[0, :, steps // 2].set(True)
 
     def loss(p, xs, remat):
-        ys, (h, c) = rj.scan(LSTM, p, xs, lengths=lengths, resets=resets, reverse=reverse, remat=remat)
+        ys, (h, c) = rj.scan(LSTM, p, xs, lengths=lengths, resets=resets, reverse=reverse,
+                             method=rj.Sequential(remat=remat))
         return jnp.sum(ys**2) + jnp.sum(c**2) + jnp.sum(jnp.sin(h))
 
-    base = jax.value_and_grad(loss, argnums=(0, 1))(PARAMS, xs, False)
-    for remat in ("none", "step", True, "sqrt"):
-        close(jax.value_and_grad(loss, argnums=(0, 1))(PARAMS, xs, remat), base, atol=1e-5)
+    base = jax.value_and_grad(loss, argnums=(0, 1))(PARAMS, xs, None)
+    for remat in ("step", "sqrt"):
+        assert_trees_close(jax.value_and_grad(loss, argnums=(0, 1))(PARAMS, xs, remat), base, atol=1e-5, rtol=1e-5)
     # Without lengths too (the reverse pass then runs lax.scan backwards).
-    no_lengths = lambda p, remat: jnp.sum(rj.scan(LSTM, p, xs, reverse=reverse, remat=remat)[0] ** 2)
-    close(jax.grad(no_lengths)(PARAMS, "sqrt"), jax.grad(no_lengths)(PARAMS, False), atol=1e-5)
+    no_lengths = lambda p, remat: jnp.sum(rj.scan(LSTM, p, xs, reverse=reverse, method=rj.Sequential(remat=remat))[0] ** 2)
+    assert_trees_close(jax.grad(no_lengths)(PARAMS, "sqrt"), jax.grad(no_lengths)(PARAMS, None), atol=1e-5, rtol=1e-5)
 
 
 def test_sqrt_remat_keeps_activation_memory_sublinear():
@@ -155,15 +188,15 @@ def test_sqrt_remat_keeps_activation_memory_sublinear():
 
     def temp_bytes(remat, steps):
         xs = jnp.ones((4, steps, 8))
-        grad = jax.jit(jax.grad(lambda p: rj.scan(cell, p, xs, remat=remat)[1].c.sum()))
+        grad = jax.jit(jax.grad(lambda p: rj.scan(cell, p, xs, method=rj.Sequential(remat=remat))[1].c.sum()))
         analysis = grad.lower(params).compile().memory_analysis()
         if analysis is None:
             pytest.skip("this backend gives no memory analysis")
         return analysis.temp_size_in_bytes
 
-    step, sqrt = temp_bytes(True, 4096), temp_bytes("sqrt", 4096)
+    step, sqrt = temp_bytes("step", 4096), temp_bytes("sqrt", 4096)
     assert 3 * sqrt < step, (step, sqrt)
-    assert temp_bytes(True, 1024) * 3.5 < step  # per step: grows like T (x4 here)
+    assert temp_bytes("step", 1024) * 3.5 < step  # per step: grows like T (x4 here)
     assert temp_bytes("sqrt", 1024) * 3 > sqrt  # sqrt: grows far slower (x2 for sqrt(T))
 
 
@@ -173,11 +206,11 @@ def test_remat_stores_fewer_residuals():
     xs = jnp.ones((4, 64, 16))
 
     def residual_bytes(remat):
-        f = lambda p: rj.scan(big, p, xs, remat=remat)[0].sum()
+        f = lambda p: rj.scan(big, p, xs, method=rj.Sequential(remat=remat))[0].sum()
         _, vjp = jax.vjp(f, p)
         return sum(leaf.nbytes for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "nbytes"))
 
-    assert residual_bytes(True) < residual_bytes(False)
+    assert residual_bytes("step") < residual_bytes(None)
 
 
 def test_streaming_steps_equal_scan():
@@ -188,13 +221,13 @@ def test_streaming_steps_equal_scan():
         carry, y = step(PARAMS, carry, XS[:, :, t])
         outs.append(y)
     ys, final = rj.scan(LSTM, PARAMS, XS)
-    close(jnp.stack(outs, axis=-2), ys)
-    close(carry, final)
+    assert_trees_close(jnp.stack(outs, axis=-2), ys, **F32)
+    assert_trees_close(carry, final, **F32)
     # And scanning in two chunks, handing over the carry, equals one scan.
     ys1, c1 = rj.scan(LSTM, PARAMS, XS[..., :3, :])
     ys2, c2 = rj.scan(LSTM, PARAMS, XS[..., 3:, :], c1)
-    close(jnp.concatenate([ys1, ys2], axis=-2), ys)
-    close(c2, final)
+    assert_trees_close(jnp.concatenate([ys1, ys2], axis=-2), ys, **F32)
+    assert_trees_close(c2, final, **F32)
 
 
 def test_given_carry_dtype_is_kept():
@@ -221,8 +254,10 @@ def test_given_carry_dtype_is_kept():
         (dict(carry=jnp.zeros((2, 3, 6))), ValueError, "carry has structure"),
         (dict(carry=rj.LSTM(6).init_carry((3,))), ValueError, r"carry has a leaf of shape \(3, 6\); expected \(2, 3, 6\)"),
         (dict(carry=rj.LSTM(6).init_carry((2, 3, 1))), ValueError, r"expected \(2, 3, 6\)"),
-        (dict(unroll=0), ValueError, "unroll must be a positive int"),
-        (dict(remat="log"), ValueError, r"remat must be False, True or one of \('none', 'step', 'sqrt'\), got 'log'"),
+        (dict(reverse="yes"), TypeError, "reverse must be a bool, got 'yes'"),
+        (dict(method="fastest"), ValueError, r"unknown method 'fastest'; expected a method value such as rj.Sequential\(\)"),
+        (dict(unroll=4), TypeError, r"unroll= is now method=rj.Sequential\(unroll=...\)"),
+        (dict(vjp="fused"), TypeError, r"vjp= is now method=rj.Sequential\(gradient='fused'\)"),
         (dict(params=rj.GRU(6).init(jax.random.key(0), 3)), TypeError, "params is a GRUParams; expected LSTMParams"),
         (dict(params=rj.LSTM(6).init(jax.random.key(0), 4)), ValueError, r"xs has shape \(2, 3, 7, 3\); expected \(\.\.\., T, 4\)"),
         (dict(params=rj.LSTM(5).init(jax.random.key(0), 3)), ValueError, r"params.w_x has shape \(3, 20\); expected \(3, 24\) for LSTM\(hidden_size=6"),

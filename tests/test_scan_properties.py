@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import rnnjax as rj
+from tests.helpers import assert_trees_close
 
 BATCH, STEPS, FEATURES = 3, 6, 2
 CELLS = {"gru": rj.GRU(4), "lstm": rj.LSTM(4, proj_size=3)}
 PARAMS = {name: cell.init(jax.random.key(0), FEATURES) for name, cell in CELLS.items()}
 XS = np.asarray(jax.random.normal(jax.random.key(1), (BATCH, STEPS, FEATURES)))
+F32 = dict(atol=1e-6, rtol=1e-6)  # float32 rounding
 
 PROPERTY = settings(max_examples=50, deadline=None, derandomize=True)
 cell_names = st.sampled_from(sorted(CELLS))
@@ -33,11 +35,6 @@ def run(name, reverse):
 
 def no_resets(steps):
     return jnp.zeros((BATCH, steps), bool)
-
-
-def assert_close(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-6)
 
 
 @st.composite
@@ -56,8 +53,8 @@ def test_padding_past_lengths_changes_nothing(name, lengths, xs_padded, reverse)
     xs_padded = xs_padded.copy()
     xs_padded[:, :STEPS] = garbage
     ys_padded, carry_padded = run(name, reverse)(xs_padded, lengths, no_resets(xs_padded.shape[1]))
-    assert_close(ys_padded[:, :STEPS], ys)
-    assert_close(carry_padded, carry)
+    assert_trees_close(ys_padded[:, :STEPS], ys, **F32)
+    assert_trees_close(carry_padded, carry, **F32)
     # Outputs past a length are exactly zero.
     past = np.arange(xs_padded.shape[1])[None, :] >= lengths[:, None]
     assert not np.any(np.asarray(ys_padded)[past])
@@ -70,11 +67,11 @@ def test_each_sequence_equals_its_unpadded_self(name, lengths, reverse):
     cell, params = CELLS[name], PARAMS[name]
     for b, n in enumerate(lengths):
         if n == 0:
-            assert_close(jax.tree.map(lambda c: c[b], carry), cell.init_carry())
+            assert_trees_close(jax.tree.map(lambda c: c[b], carry), cell.init_carry(), **F32)
             continue
         ref_ys, ref_carry = rj.scan(cell, params, XS[b, :n], reverse=reverse)
-        assert_close(ys[b, :n], ref_ys)
-        assert_close(jax.tree.map(lambda c: c[b], carry), ref_carry)
+        assert_trees_close(ys[b, :n], ref_ys, **F32)
+        assert_trees_close(jax.tree.map(lambda c: c[b], carry), ref_carry, **F32)
 
 
 @PROPERTY
@@ -87,10 +84,10 @@ def test_reset_at_k_equals_a_fresh_sequence_from_k(name, k, lengths):
     for b, n in enumerate(lengths):
         if n <= k:  # the reset lies in padding: as if there were none
             ref_ys, ref_carry = rj.scan(cell, params, XS[b, :n]) if n else (ys[b, :0], cell.init_carry())
-            assert_close(jax.tree.map(lambda c: c[b], carry), ref_carry)
+            assert_trees_close(jax.tree.map(lambda c: c[b], carry), ref_carry, **F32)
             continue
         fresh_ys, fresh_carry = rj.scan(cell, params, XS[b, k:n])
-        assert_close(ys[b, k:n], fresh_ys)
-        assert_close(jax.tree.map(lambda c: c[b], carry), fresh_carry)
+        assert_trees_close(ys[b, k:n], fresh_ys, **F32)
+        assert_trees_close(jax.tree.map(lambda c: c[b], carry), fresh_carry, **F32)
         if k:
-            assert_close(ys[b, :k], rj.scan(cell, params, XS[b, :k])[0])
+            assert_trees_close(ys[b, :k], rj.scan(cell, params, XS[b, :k])[0], **F32)

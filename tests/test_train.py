@@ -12,21 +12,14 @@ import optax
 import pytest
 
 import rnnjax as rj
+from tests.helpers import assert_trees_close
 
 T = rj.train
 B, STEPS, D, H, C = 3, 8, 3, 4, 5
 CELL = rj.GRU(H)
 LENGTHS = jnp.array([8, 6, 3])
-
-
-def close(a, b, atol=1e-6, rtol=1e-5):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
-
-
-def equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+F32 = dict(atol=1e-6, rtol=1e-5)  # float32 rounding
+EXACT = dict(atol=0, rtol=0)
 
 
 # Test data from numpy: no JAX compilation for random numbers.
@@ -109,19 +102,19 @@ def unpadded(values, lengths):
 def test_softmax_cross_entropy_integer_labels_is_the_mean_over_real_steps():
     loss = T.softmax_cross_entropy(LOGITS, PADDED_LABELS, LENS2)
     ref = optax.softmax_cross_entropy_with_integer_labels(unpadded(LOGITS, LENS2), unpadded(LABELS, LENS2)).mean()
-    close(loss, ref)
+    assert_trees_close(loss, ref, **F32)
     # without lengths: every step counts
-    close(T.softmax_cross_entropy(LOGITS, LABELS), optax.softmax_cross_entropy_with_integer_labels(LOGITS, LABELS).mean())
+    assert_trees_close(T.softmax_cross_entropy(LOGITS, LABELS), optax.softmax_cross_entropy_with_integer_labels(LOGITS, LABELS).mean(), **F32)
     # under jit with traced lengths: the same number
-    close(jax.jit(T.softmax_cross_entropy)(LOGITS, PADDED_LABELS, LENS2), ref)
+    assert_trees_close(jax.jit(T.softmax_cross_entropy)(LOGITS, PADDED_LABELS, LENS2), ref, **F32)
 
 
 def test_softmax_cross_entropy_probability_labels():
     onehot = jax.nn.one_hot(LABELS, C)
-    close(T.softmax_cross_entropy(LOGITS, onehot, LENS2), T.softmax_cross_entropy(LOGITS, LABELS, LENS2))
+    assert_trees_close(T.softmax_cross_entropy(LOGITS, onehot, LENS2), T.softmax_cross_entropy(LOGITS, LABELS, LENS2), **F32)
     probs = jax.nn.softmax(RNG.normal(size=LOGITS.shape).astype(np.float32))
     ref = optax.softmax_cross_entropy(unpadded(LOGITS, LENS2), unpadded(probs, LENS2)).mean()
-    close(T.softmax_cross_entropy(LOGITS, probs, LENS2), ref)
+    assert_trees_close(T.softmax_cross_entropy(LOGITS, probs, LENS2), ref, **F32)
 
 
 def test_padding_changes_neither_the_loss_nor_the_gradient():
@@ -129,8 +122,8 @@ def test_padding_changes_neither_the_loss_nor_the_gradient():
     garbage = jnp.where(mask, LOGITS, 1e4 * RNG.normal(size=LOGITS.shape).astype(np.float32))
     f = jax.jit(jax.value_and_grad(T.softmax_cross_entropy))
     (v1, g1), (v2, g2) = f(LOGITS, PADDED_LABELS, LENS2), f(garbage, PADDED_LABELS, LENS2)
-    close(v1, v2)
-    close(g1, g2)
+    assert_trees_close(v1, v2, **F32)
+    assert_trees_close(g1, g2, **F32)
     assert not np.any(np.asarray(g1 * ~mask))  # no gradient reaches padded steps
     g_mse = jax.jit(jax.grad(T.mean_squared_error))(LOGITS, jnp.zeros_like(LOGITS), LENS2)
     assert not np.any(np.asarray(g_mse * ~mask))
@@ -150,7 +143,7 @@ def test_no_real_step_gives_zero_and_finite_gradients():
 def test_bfloat16_logits_give_a_float32_loss():
     loss = T.softmax_cross_entropy(LOGITS.astype(jnp.bfloat16), LABELS)
     assert loss.dtype == jnp.float32
-    close(loss, T.softmax_cross_entropy(LOGITS, LABELS), atol=0.05, rtol=0.05)
+    assert_trees_close(loss, T.softmax_cross_entropy(LOGITS, LABELS), atol=0.05, rtol=0.05)
 
 
 def test_last_step_takes_each_sequences_last_real_output():
@@ -164,7 +157,7 @@ def test_last_step_takes_each_sequences_last_real_output():
     np.testing.assert_array_equal(T.last_step(ys), ys[..., -1, :])
     # on rj.scan's outputs it is the final hidden state
     ys, h = rj.scan(CELL, init_params()["rnn"], make_batch()["x"], lengths=LENGTHS)
-    close(T.last_step(ys, LENGTHS), h)
+    assert_trees_close(T.last_step(ys, LENGTHS), h, **F32)
 
 
 def test_last_step_cross_entropy_against_the_gathered_logits():
@@ -176,18 +169,18 @@ def test_last_step_cross_entropy_against_the_gathered_logits():
     ref = optax.softmax_cross_entropy_with_integer_labels(
         np.stack([logits[i, j, t] for i, j, t in picks]), np.stack([classes[i, j] for i, j, _ in picks])
     ).mean()
-    close(loss, ref)
-    close(T.last_step_cross_entropy(LOGITS, jax.nn.one_hot(labels, C), LENS2), ref)
+    assert_trees_close(loss, ref, **F32)
+    assert_trees_close(T.last_step_cross_entropy(LOGITS, jax.nn.one_hot(labels, C), LENS2), ref, **F32)
     ref_all = optax.softmax_cross_entropy_with_integer_labels(LOGITS[..., -1, :], labels).mean()
-    close(T.last_step_cross_entropy(LOGITS, labels), ref_all)
+    assert_trees_close(T.last_step_cross_entropy(LOGITS, labels), ref_all, **F32)
 
 
 def test_mean_squared_error_over_real_steps_and_features():
     targets = RNG.normal(size=LOGITS.shape).astype(np.float32)
     loss = T.mean_squared_error(LOGITS, targets, LENS2)
     ref = np.mean((np.asarray(unpadded(LOGITS, LENS2)) - np.asarray(unpadded(targets, LENS2))) ** 2)
-    close(loss, ref)
-    close(T.mean_squared_error(LOGITS, targets), np.mean((np.asarray(LOGITS) - np.asarray(targets)) ** 2))
+    assert_trees_close(loss, ref, **F32)
+    assert_trees_close(T.mean_squared_error(LOGITS, targets), np.mean((np.asarray(LOGITS) - np.asarray(targets)) ** 2), **F32)
 
 
 LOSS_ERRORS = [
@@ -251,11 +244,11 @@ def test_train_step_is_the_clipped_optax_update_of_the_loss_gradient():
     for _ in range(2):
         state, metrics = train_step()(state, batch)
         params, opt_state, loss, norm = manual_update(params, opt_state, batch)
-        close(metrics["loss"], loss)
-        close(metrics["grad_norm"], norm)  # before clipping
+        assert_trees_close(metrics["loss"], loss, **F32)
+        assert_trees_close(metrics["grad_norm"], norm, **F32)  # before clipping
         assert float(norm) > CLIP  # the clipping was active
-        close(state.params, params)
-        close(state.opt_state, opt_state)
+        assert_trees_close(state.params, params, **F32)
+        assert_trees_close(state.opt_state, opt_state, **F32)
     assert int(state.step) == 2 and state.step.dtype == jnp.int32
 
 
@@ -279,7 +272,7 @@ def test_train_step_with_aux_metrics_and_without_donation():
     state = fresh_state()
     _, metrics = T.make_train_step(loss_fn, OPT, has_aux=True, donate=False)(state, make_batch())
     assert sorted(metrics) == ["bits", "grad_norm", "loss"]
-    close(metrics["bits"], metrics["loss"] / np.log(2.0))
+    assert_trees_close(metrics["bits"], metrics["loss"] / np.log(2.0), **F32)
     assert not state.params["out"].is_deleted()
 
 
@@ -322,9 +315,9 @@ def test_tbptt_with_one_chunk_equals_the_full_train_step_exactly():
         s_full, m_full = train_step()(s_full, batch)
         s_tb, carry_out, m_tb = tbptt_step(STEPS + 5)(s_tb, carry, batch)  # K > T
         if i == 0:  # the final carry of the sequence under the params before the update
-            close(carry_out, rj.scan(CELL, init_params()["rnn"], batch["x"], lengths=LENGTHS)[1])
-    equal(s_tb, s_full)
-    equal(m_tb, m_full)
+            assert_trees_close(carry_out, rj.scan(CELL, init_params()["rnn"], batch["x"], lengths=LENGTHS)[1], **F32)
+    assert_trees_close(s_tb, s_full, **EXACT)
+    assert_trees_close(m_tb, m_full, **EXACT)
     # K == T is the same program
     programs = [tbptt_step(k).lower(s_tb, carry, batch).as_text() for k in (STEPS, STEPS + 5)]
     assert programs[0] == programs[1]
@@ -343,11 +336,11 @@ def test_tbptt_gradients_stop_at_chunk_boundaries():
     p1 = SGD_UPDATE(p0, g0)
     (l1, c2), g1 = VALUE_AND_GRAD(p1, c1, chunk(1))
     p2 = SGD_UPDATE(p1, g1)
-    close(state.params, p2)
-    close(carry, c2)
+    assert_trees_close(state.params, p2, **F32)
+    assert_trees_close(carry, c2, **F32)
     assert int(state.step) == 2
     # the loss metric weights chunks by their real steps (4 + 4 + 3 = 11, then 4 + 2 + 0 = 6)
-    close(metrics["loss"], (11 * l0 + 6 * l1) / 17)
+    assert_trees_close(metrics["loss"], (11 * l0 + 6 * l1) / 17, **F32)
     # Had the gradient flowed into chunk 0 through the carry, the second update would differ.
     g1_full = jax.jit(jax.grad(lambda p: chunk_loss(p, chunk_loss(p, c0, chunk(0))[1], chunk(1))[0]))(p1)
     p2_full = SGD_UPDATE(p1, g1_full)
@@ -358,14 +351,14 @@ def test_tbptt_forward_hands_the_carry_over_and_reports_the_whole_sequence_loss(
     batch = make_batch(lengths=jnp.array([8, 5, 0]))
     state, carry, metrics = tbptt_step(2, FROZEN)(fresh_state(FROZEN), CELL.init_carry((B,)), batch)
     full_loss_jit = jax.jit(full_loss)
-    close(metrics["loss"], full_loss_jit(init_params(), batch))
-    close(carry, rj.scan(CELL, init_params()["rnn"], batch["x"], lengths=batch["lengths"])[1])
+    assert_trees_close(metrics["loss"], full_loss_jit(init_params(), batch), **F32)
+    assert_trees_close(carry, rj.scan(CELL, init_params()["rnn"], batch["x"], lengths=batch["lengths"])[1], **F32)
     assert int(state.step) == 4
     # padding: T=8 in chunks of 3 -> 9 steps, lengths added for a batch without them
     batch = make_batch(lengths=None)
     state, carry, metrics = tbptt_step(3, FROZEN, pad=True)(fresh_state(FROZEN), CELL.init_carry((B,)), batch)
-    close(metrics["loss"], full_loss_jit(init_params(), batch))
-    close(carry, rj.scan(CELL, init_params()["rnn"], batch["x"])[1])
+    assert_trees_close(metrics["loss"], full_loss_jit(init_params(), batch), **F32)
+    assert_trees_close(carry, rj.scan(CELL, init_params()["rnn"], batch["x"])[1], **F32)
     assert int(state.step) == 3
 
 
@@ -375,7 +368,7 @@ def test_tbptt_chunks_without_real_steps_make_no_update():
     first = {"x": batch["x"][:, :4], "y": batch["y"][:, :4], "lengths": batch["lengths"]}
     _, grads = VALUE_AND_GRAD(init_params(), CELL.init_carry((B,)), first)
     assert int(s_tb.step) == 1
-    close(s_tb.params, SGD_UPDATE(init_params(), grads))
+    assert_trees_close(s_tb.params, SGD_UPDATE(init_params(), grads), **F32)
 
 
 def test_tbptt_folds_keys_per_chunk_and_compiles_one_loop():
@@ -387,7 +380,7 @@ def test_tbptt_folds_keys_per_chunk_and_compiles_one_loop():
     key = jax.random.key(42)
     batch = {**make_batch(lengths=None), "key": key}
     _, _, metrics = step(fresh_state(FROZEN), CELL.init_carry((B,)), batch)
-    close(metrics["u"], (jax.random.uniform(key) + jax.random.uniform(jax.random.fold_in(key, 1))) / 2)
+    assert_trees_close(metrics["u"], (jax.random.uniform(key) + jax.random.uniform(jax.random.fold_in(key, 1))) / 2, **F32)
     # the chunks run in a loop: the program does not grow with T
     carry = CELL.init_carry((B,))
     sizes = [
@@ -434,7 +427,7 @@ def test_fit_equals_a_plain_loop_and_prints_nothing_when_silent(capsys):
     for batch in batches:
         ref, metrics = train_step()(ref, batch)
         losses.append(float(metrics["loss"]))
-    equal(state, ref)
+    assert_trees_close(state, ref, **EXACT)
     assert history["step"] == [1, 2, 3, 4, 5]
     np.testing.assert_array_equal(history["loss"], losses)
     assert len(history["grad_norm"]) == 5
@@ -458,7 +451,7 @@ def test_fit_with_a_callable_steps_eval_and_progress():
                            log_every=2, file=file, on_log=records.append)
     assert calls == list(range(7)) and int(state.step) == 7
     assert history["eval_step"] == [3, 6, 7]
-    close(history["eval_loss"][-1], eval_fn(state)["loss"])
+    assert_trees_close(history["eval_loss"][-1], eval_fn(state)["loss"], **F32)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 6, 7]  # every 2 steps, evaluations, the end
     assert np.isclose(records[1]["loss"], history["loss"][1])  # the mean since the previous log point
     text = file.getvalue()
@@ -489,8 +482,8 @@ def test_fit_threads_a_tbptt_carry_and_stops_cleanly_on_interrupt():
     ref, carry = fresh_state(SGD), CELL.init_carry((B,))
     for batch in batches:
         ref, carry, _ = step(ref, carry, batch)
-    equal(state, ref)
-    equal(history["carry"], carry)
+    assert_trees_close(state, ref, **EXACT)
+    assert_trees_close(history["carry"], carry, **EXACT)
     assert history["step"] == [1, 2, 3] and int(state.step) == 6  # 2 chunk updates per batch
 
     def interrupted():

@@ -8,20 +8,18 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rnnjax.cell import (
     Activation,
     Cell,
     Initializer,
-    check_float_input,
-    check_positive_int,
     conv,
     frozen,
     glorot_uniform,
     orthogonal,
     resolve_activation,
 )
+from rnnjax.checks import check_float_input, check_positive_int, is_int
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -105,7 +103,7 @@ class ConvLSTM(Cell):
     def __post_init__(self):
         check_positive_int(self.hidden_size, "hidden_size")
         k = self.kernel_size
-        if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+        if is_int(k):
             k = (k, k)
         if not isinstance(k, (tuple, list)) or len(k) != 2:
             raise ValueError(f"kernel_size must be a positive int or a pair of them, got {self.kernel_size!r}")

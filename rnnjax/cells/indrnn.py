@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import field
 from typing import Any, NamedTuple
 
@@ -13,13 +12,13 @@ from rnnjax.cell import (
     Activation,
     HiddenStateCell,
     Initializer,
-    check_positive_int,
     frozen,
     glorot_uniform,
     matmul,
     resolve_activation,
     zeros,
 )
+from rnnjax.checks import check_positive_int, check_positive_number
 
 
 class IndRNNParams(NamedTuple):
@@ -80,11 +79,7 @@ class IndRNN(HiddenStateCell):
     def __post_init__(self):
         check_positive_int(self.hidden_size, "hidden_size")
         resolve_activation(self.activation)
-        m = self.recurrent_max_abs
-        if m is not None and (
-            isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0
-        ):
-            raise ValueError(f"recurrent_max_abs must be a positive finite number or None, got {m!r}")
+        check_positive_number(self.recurrent_max_abs, "recurrent_max_abs", optional=True)
 
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> IndRNNParams:
         check_positive_int(input_size, "input_size")

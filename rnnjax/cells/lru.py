@@ -8,7 +8,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import LinearCell, check_positive_int, compute_dtype, frozen
+from rnnjax.cell import LinearCell, compute_dtype, frozen
+from rnnjax.checks import check_finite_number, check_positive_int
 
 
 class LRUParams(NamedTuple):
@@ -91,9 +92,7 @@ class LRU(LinearCell):
     def __post_init__(self):
         check_positive_int(self.hidden_size, "hidden_size")
         for name in ("r_min", "r_max", "max_phase"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            check_finite_number(getattr(self, name), name)
         if not 0 <= self.r_min < self.r_max <= 1:
             raise ValueError(
                 f"r_min={self.r_min!r} and r_max={self.r_max!r} must satisfy 0 <= r_min < r_max <= 1"

@@ -79,6 +79,10 @@ class _Minimal(LinearCell, HiddenStateCell):
     def _candidate(self, pre: jax.Array) -> jax.Array:
         return g(pre) if self.candidate == "g" else pre
 
+    @property
+    def log_space(self) -> bool:
+        return self.candidate == "g"
+
     def _check_log_space(self) -> None:
         if self.candidate != "g":
             raise ValueError(

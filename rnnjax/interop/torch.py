@@ -1,25 +1,20 @@
-"""Weights in and out of PyTorch (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``) and Keras
-(``SimpleRNN``, ``LSTM``, ``GRU``, ``Bidirectional``).
+"""Weights in and out of PyTorch's ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU``.
 
-Neither torch nor keras is imported by this module: the ``from_*`` functions read
-attributes, ``state_dict()``, ``get_config()`` and ``get_weights()``, and
-:func:`to_torch_state_dict` imports torch only when asked for tensors.
+torch is imported only by ``to_torch_state_dict(..., tensors=True)``; the ``from_*``
+functions read attributes and ``state_dict()``, so a duck-typed object works too.
 
 Conventions:
 
 - Layers take batch-first inputs ``(*batch, T, D)``; transpose PyTorch's time-major
   ``(T, B, D)`` data (``batch_first=False``) with ``jnp.swapaxes(xs, 0, 1)``.
-- Weight matrices are stored ``(in, out)``, transposed from PyTorch's ``(out, in)``; Keras
-  already stores ``(in, out)``.
-- Gate order is PyTorch's: LSTM ``i, f, g, o`` (Keras' too); GRU ``r, z, n`` (Keras'
-  ``z, r, h`` is reordered on import).
+- Weight matrices are stored ``(in, out)``, transposed from PyTorch's ``(out, in)``.
+  Gate order is PyTorch's: LSTM ``i, f, g, o``; GRU ``r, z, n``.
 - rnnjax's Elman and LSTM cells have one bias ``b``: import sums PyTorch's
   ``b_ih + b_hh``; export writes ``bias_ih = b`` and ``bias_hh = 0``. GRU keeps both
   (``b_x``, ``b_h``).
-- ``lengths`` in ``apply`` reproduces PyTorch's packed sequences
-  (``pack_padded_sequence``; outputs are zeros past each length, as
-  ``pad_packed_sequence`` pads them) and Keras' right-padding masks; the backward
-  direction runs over each sequence's own valid part in both.
+- ``lengths`` in ``apply`` reproduces packed sequences (``pack_padded_sequence``;
+  outputs are zeros past each length, as ``pad_packed_sequence`` pads them); the
+  backward direction runs over each sequence's own valid part.
 
 Example:
   >>> import numpy as np, jax.numpy as jnp, rnnjax as rj
@@ -39,7 +34,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -50,36 +45,10 @@ from rnnjax.cell import ACTIVATIONS, check_positive_int
 from rnnjax.cells.elman import Elman, ElmanParams
 from rnnjax.cells.gru import GRU, GRUParams
 from rnnjax.cells.lstm import LSTM, LSTMParams, LSTMState
+from rnnjax.interop.weights import GATE_BLOCKS, to_jax, to_numpy
 from rnnjax.layers import RNN, Bidirectional, BidirectionalParams, Stack
 
-__all__ = [
-    "from_torch",
-    "from_torch_state_dict",
-    "torch_final_state",
-    "to_torch_state_dict",
-    "from_keras",
-    "from_keras_config",
-]
-
-
-# -- shared helpers ------------------------------------------------------------------
-
-
-def _to_numpy(value: Any, name: str) -> np.ndarray:
-    """A numpy array from a numpy array, jax array or torch tensor (bfloat16 included)."""
-    if hasattr(value, "detach"):
-        tensor = value.detach().cpu()
-        if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16; go through float32
-            return tensor.float().numpy().astype(jnp.bfloat16)
-        value = tensor.numpy()
-    array = np.asarray(value)
-    if not jnp.issubdtype(array.dtype, jnp.floating):
-        raise TypeError(f"{name} has dtype {array.dtype}; expected floating-point weights")
-    return array
-
-
-def _jnp(array: np.ndarray) -> jax.Array:
-    return jnp.asarray(np.ascontiguousarray(array))
+__all__ = ["from_torch", "from_torch_state_dict", "torch_final_state", "to_torch_state_dict"]
 
 
 def _activation_name(activation: Any) -> str | None:
@@ -92,10 +61,11 @@ def _activation_name(activation: Any) -> str | None:
     return None
 
 
-# -- PyTorch -------------------------------------------------------------------------
+def _contiguous(array: Any) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(array))
+
 
 _TORCH_MODES = ("RNN_TANH", "RNN_RELU", "RNN", "LSTM", "GRU")
-_GATES = {Elman: 1, LSTM: 4, GRU: 3}
 
 
 def _torch_cell(mode: str, hidden_size: int, bias: bool, proj_size: int, nonlinearity: str):
@@ -116,7 +86,7 @@ def _torch_cell(mode: str, hidden_size: int, bias: bool, proj_size: int, nonline
 def _torch_shapes(cell, input_size: int, num_layers: int, num_dirs: int) -> dict[str, tuple[int, ...]]:
     """PyTorch's state_dict keys, in PyTorch's order, with their shapes."""
     hid = cell.hidden_size
-    gh = _GATES[type(cell)] * hid
+    gh = GATE_BLOCKS[type(cell)] * hid
     proj = getattr(cell, "proj_size", None)
     out = proj or hid
     shapes = {}
@@ -134,16 +104,16 @@ def _torch_shapes(cell, input_size: int, num_layers: int, num_dirs: int) -> dict
 
 
 def _cell_params_from_torch(cell, sd: Mapping[str, np.ndarray], tag: str):
-    w_x = _jnp(sd[f"weight_ih_{tag}"].T)
-    w_h = _jnp(sd[f"weight_hh_{tag}"].T)
+    w_x = to_jax(sd[f"weight_ih_{tag}"].T)
+    w_h = to_jax(sd[f"weight_hh_{tag}"].T)
     b_ih = sd.get(f"bias_ih_{tag}")
     b_hh = sd.get(f"bias_hh_{tag}")
     if isinstance(cell, GRU):
-        return GRUParams(w_x, w_h, None if b_ih is None else _jnp(b_ih), None if b_hh is None else _jnp(b_hh))
-    b = None if b_ih is None else _jnp(b_ih + b_hh)
+        return GRUParams(w_x, w_h, None if b_ih is None else to_jax(b_ih), None if b_hh is None else to_jax(b_hh))
+    b = None if b_ih is None else to_jax(b_ih + b_hh)
     if isinstance(cell, LSTM):
         w_hr = sd.get(f"weight_hr_{tag}")
-        return LSTMParams(w_x, w_h, b, None, None if w_hr is None else _jnp(w_hr.T))
+        return LSTMParams(w_x, w_h, b, None, None if w_hr is None else to_jax(w_hr.T))
     return ElmanParams(w_x, w_h, b)
 
 
@@ -192,7 +162,7 @@ def from_torch_state_dict(
     cell = _torch_cell(mode, hidden_size, bool(bias), int(proj_size), nonlinearity)
     num_dirs = 2 if bidirectional else 1
     expected = _torch_shapes(cell, input_size, num_layers, num_dirs)
-    sd = {k: _to_numpy(v, k) for k, v in state_dict.items()}
+    sd = {k: to_numpy(v, k) for k, v in state_dict.items()}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
@@ -326,17 +296,16 @@ def _torch_signature(cell: Any, where: str) -> tuple:
 
 
 def _cell_params_to_torch(cell, p, tag: str, out: dict) -> None:
-    np_ = lambda a: np.ascontiguousarray(np.asarray(a))
-    out[f"weight_ih_{tag}"] = np_(np.asarray(p.w_x).T)
-    out[f"weight_hh_{tag}"] = np_(np.asarray(p.w_h).T)
+    out[f"weight_ih_{tag}"] = _contiguous(np.asarray(p.w_x).T)
+    out[f"weight_hh_{tag}"] = _contiguous(np.asarray(p.w_h).T)
     if cell.use_bias:
         if isinstance(cell, GRU):
-            out[f"bias_ih_{tag}"], out[f"bias_hh_{tag}"] = np_(p.b_x), np_(p.b_h)
+            out[f"bias_ih_{tag}"], out[f"bias_hh_{tag}"] = _contiguous(p.b_x), _contiguous(p.b_h)
         else:
-            b = np_(p.b)
+            b = _contiguous(p.b)
             out[f"bias_ih_{tag}"], out[f"bias_hh_{tag}"] = b, np.zeros_like(b)
     if isinstance(cell, LSTM) and cell.proj_size:
-        out[f"weight_hr_{tag}"] = np_(np.asarray(p.w_proj).T)
+        out[f"weight_hr_{tag}"] = _contiguous(np.asarray(p.w_proj).T)
 
 
 def to_torch_state_dict(layer: Any, params: Any, *, tensors: bool = True) -> dict:
@@ -410,7 +379,7 @@ def to_torch_state_dict(layer: Any, params: Any, *, tensors: bool = True) -> dic
         out_size = dirs[0][0].output_size(0)
     if not tensors:
         return out
-    import torch  # imported here so that rnnjax never needs torch
+    import torch  # PyTorch (an absolute import, not this module), lazily: rnnjax never needs torch
 
     def tensor(a: np.ndarray):
         if a.dtype == jnp.bfloat16:
@@ -418,208 +387,3 @@ def to_torch_state_dict(layer: Any, params: Any, *, tensors: bool = True) -> dic
         return torch.from_numpy(a.copy())
 
     return {k: tensor(v) for k, v in out.items()}
-
-
-# -- Keras ---------------------------------------------------------------------------
-
-
-def _leaky_relu_keras(x):
-    return jax.nn.leaky_relu(x, negative_slope=0.2)  # Keras' default slope
-
-
-# Keras activation names -> rnnjax activations with the same definition.
-_KERAS_ACTIVATIONS: dict[str, Any] = {
-    **{name: name for name in ("tanh", "sigmoid", "relu", "hard_sigmoid", "hard_tanh", "elu", "selu",
-                               "gelu", "silu", "hard_silu", "mish", "relu6", "softplus", "softsign",
-                               "exponential", "linear")},
-    "swish": "silu",
-    "hard_swish": "hard_silu",
-    "leaky_relu": _leaky_relu_keras,
-}
-
-_KERAS_RNNS = {"SimpleRNN": (Elman, 1), "LSTM": (LSTM, 4), "GRU": (GRU, 3)}
-_KERAS_CLASSES = (*_KERAS_RNNS, "Bidirectional")
-_KERAS_MERGES = {"concat": "concat", "sum": "sum", "mul": "mul", "ave": "mean"}
-
-
-def _keras_activation(identifier: Any, field: str) -> Any:
-    if identifier is None:
-        return "linear"
-    if isinstance(identifier, dict) and isinstance(identifier.get("config"), str):
-        identifier = identifier["config"]  # a serialized built-in function
-    if isinstance(identifier, str) and identifier in _KERAS_ACTIVATIONS:
-        return _KERAS_ACTIVATIONS[identifier]
-    raise ValueError(
-        f"{field}={identifier!r} has no rnnjax equivalent; supported Keras activations: "
-        f"{sorted(_KERAS_ACTIVATIONS)}"
-    )
-
-
-def _unwrap_keras(config: Mapping[str, Any], class_name: str | None) -> tuple[dict, str | None]:
-    """``(layer config, class name)`` from ``get_config()`` or a serialized ``{class_name, config}``."""
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a dict from keras_layer.get_config(); got {type(config).__name__}")
-    if "class_name" in config and isinstance(config.get("config"), Mapping):
-        return dict(config["config"]), class_name or config["class_name"]
-    return dict(config), class_name
-
-
-def _keras_rnn(cfg: dict, class_name: str | None, weights: list, where: str) -> tuple[RNN, Any, int]:
-    """``(RNN layer, cell params, number of weights used)`` for a SimpleRNN/LSTM/GRU config."""
-    if class_name is not None and class_name not in _KERAS_RNNS:
-        raise ValueError(f"{where} is a Keras {class_name}; supported: {list(_KERAS_CLASSES)}")
-    if cfg.get("stateful", False):
-        raise ValueError(
-            f"{where} has stateful=True; rnnjax keeps no state between calls: pass the previous "
-            f"final carry as apply(..., carry=...) instead"
-        )
-    if "units" not in cfg:
-        raise ValueError(f"{where}: config has no 'units'; expected keras_layer.get_config() of SimpleRNN, LSTM or GRU")
-    units = int(cfg["units"])
-    use_bias = bool(cfg.get("use_bias", True))
-    n = 3 if use_bias else 2
-    if len(weights) < n:
-        raise ValueError(f"{where} needs {n} weight arrays (kernel, recurrent_kernel{', bias' if use_bias else ''}); got {len(weights)}")
-    kernel, recurrent = (_to_numpy(w, f"{where} weights[{j}]") for j, w in enumerate(weights[:2]))
-    if kernel.ndim != 2 or kernel.shape[1] % units or kernel.shape[1] // units not in (1, 3, 4):
-        raise ValueError(f"{where}: kernel has shape {kernel.shape}; expected (input_size, k * {units}) with k = 1, 3 or 4")
-    gates = kernel.shape[1] // units
-    inferred = {g: name for name, (_, g) in _KERAS_RNNS.items()}[gates]
-    if class_name is not None and class_name != inferred:
-        raise ValueError(f"{where} is a {class_name} but its kernel has shape {kernel.shape}, that of a {inferred}")
-    class_name = inferred
-    gu = gates * units
-    if recurrent.shape != (units, gu):
-        raise ValueError(f"{where}: recurrent_kernel has shape {recurrent.shape}; expected {(units, gu)} for {class_name}(units={units})")
-    bias = None
-    if use_bias:
-        bias = _to_numpy(weights[2], f"{where} weights[2]")
-        expected_bias = (2, gu) if class_name == "GRU" and cfg.get("reset_after", True) else (gu,)
-        if bias.shape != expected_bias:
-            raise ValueError(f"{where}: bias has shape {bias.shape}; expected {expected_bias} for {class_name}(units={units})")
-    act = _keras_activation(cfg.get("activation", "tanh"), f"{where} activation")
-    if class_name == "SimpleRNN":
-        cell = Elman(units, activation=act, use_bias=use_bias)
-        params = ElmanParams(_jnp(kernel), _jnp(recurrent), None if bias is None else _jnp(bias))
-    elif class_name == "LSTM":
-        gate = _keras_activation(cfg.get("recurrent_activation", "sigmoid"), f"{where} recurrent_activation")
-        cell = LSTM(units, use_bias=use_bias, activation=act, gate_activation=gate)
-        params = LSTMParams(_jnp(kernel), _jnp(recurrent), None if bias is None else _jnp(bias), None, None)
-    else:
-        gate = _keras_activation(cfg.get("recurrent_activation", "sigmoid"), f"{where} recurrent_activation")
-        reset_after = bool(cfg.get("reset_after", True))
-        cell = GRU(units, reset_after=reset_after, use_bias=use_bias, activation=act, gate_activation=gate)
-
-        def rzn(a):  # Keras' gate blocks z, r, h -> r, z, n on the last axis
-            z, r, h = np.split(a, 3, axis=-1)
-            return _jnp(np.concatenate([r, z, h], axis=-1))
-
-        b_x = b_h = None
-        if bias is not None:
-            b_x, b_h = (rzn(bias[0]), rzn(bias[1])) if reset_after else (rzn(bias), None)
-        params = GRUParams(rzn(kernel), rzn(recurrent), b_x, b_h)
-    return RNN(cell, reverse=bool(cfg.get("go_backwards", False))), params, n
-
-
-def from_keras_config(config: Mapping[str, Any], weights: Sequence[Any], *, class_name: str | None = None) -> tuple[Any, Any]:
-    """Build ``(layer, params)`` from a Keras layer's ``get_config()`` and ``get_weights()``.
-
-    Supports ``SimpleRNN``, ``LSTM``, ``GRU`` (``reset_after`` True or False) and
-    ``Bidirectional`` around them. The class comes from ``class_name``, from a serialized
-    ``{"class_name", "config"}`` dict, or else from the kernel's shape (``units`` times
-    1, 4 or 3 columns); a Bidirectional config is recognised by its ``layer`` entry.
-
-    Returns:
-      ``rj.RNN(cell)`` and the cell's params for a plain layer (``rj.RNN(cell,
-      reverse=True)`` for ``go_backwards=True``); ``rj.Bidirectional`` and
-      ``BidirectionalParams`` for the wrapper, ``merge_mode`` concat/sum/mul/ave mapped to
-      ``"concat"``/``"sum"``/``"mul"``/``"mean"``. ``activation`` and
-      ``recurrent_activation`` become ``activation`` and ``gate_activation``; GRU gates
-      are reordered from Keras' ``z, r, h`` to ``r, z, n``, and a ``reset_after`` bias
-      ``(2, 3H)`` splits into ``b_x`` and ``b_h``.
-
-    Differences to know:
-      - Outputs stay aligned with the inputs. A Keras layer with ``go_backwards=True``
-        returns its outputs in reversed time order: ``keras_ys == ys[..., ::-1, :]``.
-      - A mask of right padding is ``lengths=mask.sum(-1)``. Outputs past a length are
-        zeros (as in ``Bidirectional``; a plain Keras layer repeats the last output
-        there). The backward direction runs over each sequence's valid part, as Keras.
-      - Keras' ``return_sequences=False`` output is the final carry's ``h`` (merged over
-        the two directions), not ``ys[..., -1, :]``; ``return_state`` states are the
-        final carry.
-      - ``dropout`` and ``recurrent_dropout`` are ignored (they act in training only),
-        as is ``unroll``.
-
-    Raises:
-      ValueError: ``stateful=True``; ``merge_mode=None``; a forward layer with
-        ``go_backwards=True`` inside Bidirectional; an activation with no rnnjax
-        equivalent; other classes; weights of the wrong number or shape.
-
-    Example:
-      >>> import numpy as np, rnnjax as rj
-      >>> config = {"units": 4, "activation": "tanh", "recurrent_activation": "sigmoid",
-      ...           "use_bias": True, "reset_after": True}  # keras.layers.GRU(4).get_config()
-      >>> weights = [np.ones((3, 12)), np.ones((4, 12)), np.ones((2, 12))]  # .get_weights()
-      >>> layer, params = rj.interop.from_keras_config(config, weights)
-      >>> type(layer.cell).__name__, params.w_x.shape, params.b_h.shape
-      ('GRU', (3, 12), (12,))
-    """
-    cfg, cls = _unwrap_keras(config, class_name)
-    weights = list(weights)
-    if cls == "Bidirectional" or (cls is None and "layer" in cfg):
-        return _keras_bidirectional(cfg, weights)
-    layer, params, used = _keras_rnn(cfg, cls, weights, "layer")
-    if used != len(weights):
-        raise ValueError(f"got {len(weights)} weight arrays; the layer's config needs {used}")
-    return layer, params
-
-
-def _keras_bidirectional(cfg: dict, weights: list) -> tuple[Bidirectional, BidirectionalParams]:
-    if cfg.get("merge_mode", "concat") is None:
-        raise ValueError(
-            "Bidirectional with merge_mode=None returns the two directions separately; rnnjax's "
-            "Bidirectional returns merged outputs. Convert a merge_mode='concat' layer and split "
-            "ys[..., :units] (forward) from ys[..., units:] (backward)"
-        )
-    merge = cfg.get("merge_mode", "concat")
-    if merge not in _KERAS_MERGES:
-        raise ValueError(f"Bidirectional merge_mode={merge!r}; supported: {list(_KERAS_MERGES)} and None")
-    if "layer" not in cfg:
-        raise ValueError("Bidirectional config has no 'layer' entry; expected keras_layer.get_config()")
-    fwd_cfg, fwd_cls = _unwrap_keras(cfg["layer"], None)
-    if cfg.get("backward_layer") is not None:
-        bwd_cfg, bwd_cls = _unwrap_keras(cfg["backward_layer"], None)
-    else:
-        bwd_cfg, bwd_cls = dict(fwd_cfg, go_backwards=not fwd_cfg.get("go_backwards", False)), fwd_cls
-    if fwd_cfg.get("go_backwards", False) or not bwd_cfg.get("go_backwards", False):
-        raise ValueError(
-            "Bidirectional needs a forward layer with go_backwards=False and a backward layer with "
-            "go_backwards=True; Keras' other arrangement returns outputs in reversed time order"
-        )
-    fwd, fp, n = _keras_rnn(fwd_cfg, fwd_cls, weights, "Bidirectional forward layer")
-    bwd, bp, m = _keras_rnn(bwd_cfg, bwd_cls, weights[n:], "Bidirectional backward layer")
-    if n + m != len(weights):
-        raise ValueError(f"got {len(weights)} weight arrays; the Bidirectional config needs {n + m}")
-    return Bidirectional(fwd, bwd, merge=_KERAS_MERGES[merge]), BidirectionalParams(fp, bp)
-
-
-def from_keras(layer: Any) -> tuple[Any, Any]:
-    """Build ``(layer, params)`` from a built Keras ``SimpleRNN``, ``LSTM``, ``GRU`` or
-    ``Bidirectional`` layer: :func:`from_keras_config` of ``layer.get_config()`` and
-    ``layer.get_weights()``; see there for the conventions.
-
-    Raises:
-      TypeError: another class (checked by class name, subclasses included).
-      ValueError: the layer has no weights yet (call or build it first), or a config
-        rnnjax cannot reproduce.
-    """
-    names = [c.__name__ for c in type(layer).__mro__]
-    cls = next((n for n in names if n in _KERAS_CLASSES), None)
-    if cls is None or not callable(getattr(layer, "get_config", None)):
-        raise TypeError(
-            f"from_keras expects a Keras SimpleRNN, LSTM, GRU or Bidirectional layer; got {type(layer).__name__}"
-        )
-    weights = layer.get_weights()
-    if not weights:
-        raise ValueError(f"the {type(layer).__name__} layer has no weights yet; call it on an input (or build it) first")
-    return from_keras_config(layer.get_config(), weights, class_name=cls)

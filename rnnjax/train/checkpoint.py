@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from rnnjax.checks import check_nonnegative_int, check_positive_int, is_int
+
 PyTree = Any
 
 __all__ = ["checkpoint_steps", "restore_checkpoint", "save_checkpoint"]
@@ -188,10 +190,8 @@ def save_checkpoint(
         step = state.step
     if isinstance(step, (jax.Array, np.ndarray, np.generic)) and np.ndim(step) == 0 and np.issubdtype(np.asarray(step).dtype, np.integer):
         step = int(step)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+    check_nonnegative_int(step, "step")
+    check_positive_int(keep, "keep", optional=True)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
     existing = checkpoint_steps(path)
@@ -204,7 +204,7 @@ def save_checkpoint(
     import orbax.checkpoint as ocp
 
     with _quiet_orbax():
-        manager = _manager(path, keep=keep)
+        manager = _manager(path, keep=None if keep is None else int(keep))
         try:
             saved = manager.save(step, args=ocp.args.StandardSave(state), force=True)
             manager.wait_until_finished()
@@ -240,7 +240,7 @@ def restore_checkpoint(directory: str | os.PathLike, like_state: PyTree, step: i
         raise FileNotFoundError(f"no checkpoint in {path}")
     if step is None:
         step = steps[-1]
-    elif isinstance(step, bool) or not isinstance(step, (int, np.integer)) or int(step) not in steps:
+    elif not is_int(step) or int(step) not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step!r} in {path}; it has steps {steps}")
     step = int(step)
     model = _leaf_specs(like_state)

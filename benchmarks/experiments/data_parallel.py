@@ -1,21 +1,23 @@
-"""Data parallelism on one multi-core CPU: the training step over N host devices.
+"""Decision script: data parallelism on one multi-core CPU, the training step over N host
+devices under ``shard_map`` (what ``mesh=`` does) against XLA's automatic partitioning.
 
 Times ``rj.train.make_train_step`` for an LSTM language-model-like step (MSE on every
-output, Adam) three ways in one process, interleaved round by round:
+output, Adam) five ways in one process, interleaved round by round:
 
 - ``1 device``: the plain step, everything on device 0;
 - ``mesh``: ``make_train_step(..., mesh=mesh)``, the batch split over the N devices and the
   recurrence run per shard under ``shard_map`` (one all-reduce of the gradients after the loop);
-- ``1 device, fused`` and ``mesh, fused``: the same with ``rj.scan(..., vjp="fused")``;
+- ``1 device, fused`` and ``mesh, fused``: the same with
+  ``rj.scan(..., method=rj.Sequential(gradient="fused"))``;
 - ``jit-auto`` (the decision behind ``mesh``): the plain step with the batch placed by
   ``NamedSharding`` and XLA's automatic partitioning, which reduces the weight gradients
   inside the loop, once per step.
 
-It checks that the three give the same parameters after one step (float32 rounding) and
-writes JSON and Markdown (``--out``, default ``benchmarks/results/data_parallel_<devices>``).
+It checks that all give the same parameters after one step (float32 rounding) and
+writes JSON and Markdown (``--out``, default ``benchmarks/results/data_parallel_<cell>_<devices>dev``).
 
-    python -m benchmarks.data_parallel --host-devices 2          # this machine: 2 cores
-    python -m benchmarks.data_parallel --host-devices 2 --tiny   # seconds, numbers meaningless
+    python -m benchmarks.experiments.data_parallel --host-devices 2          # this machine: 2 cores
+    python -m benchmarks.experiments.data_parallel --host-devices 2 --tiny   # seconds, numbers meaningless
 
 ``--host-devices N`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX
 is imported (the library itself never sets it).
@@ -28,8 +30,9 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
+
+from benchmarks import timing
 
 
 def parse_args(argv=None):
@@ -76,9 +79,9 @@ def main(argv=None) -> dict:
     }
     optimizer = optax.adam(1e-3)
 
-    def make_loss(vjp):
+    def make_loss(gradient):
         def loss_fn(p, b):
-            ys, _ = rj.scan(cell, p, b["x"], vjp=vjp)
+            ys, _ = rj.scan(cell, p, b["x"], method=rj.Sequential(gradient=gradient))
             return rj.train.mean_squared_error(ys, b["y"])
 
         return loss_fn
@@ -99,25 +102,19 @@ def main(argv=None) -> dict:
     steps = {k: v for k, v in steps.items() if k in args.systems}
 
     state = rj.train.TrainState.create(params, optimizer)
-    prepared, compile_s, first = {}, {}, {}
+    # Not compiled ahead: the mesh step places its arguments in Python on every call, and that
+    # is part of what is timed. The first call (compile included) is timed apart.
+    runs, compile_s, first = {}, {}, {}
     for name, (step, place) in steps.items():
-        s, b = place(state, batch)
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(step(s, b))
-        compile_s[name] = time.perf_counter() - t0
-        prepared[name] = (step, s, b)
+        runs[name] = timing.blocking(step, *place(state, batch))
+        out, compile_s[name] = timing.timed_call(runs[name])
         first[name] = out[0].params
     ref = first["1 device"] if "1 device" in first else next(iter(first.values()))
     max_diff = {
         name: max(float(jnp.max(jnp.abs(jnp.asarray(a) - jnp.asarray(r)))) for a, r in zip(jax.tree.leaves(p), jax.tree.leaves(ref)))
         for name, p in first.items()
     }
-    times = {name: [] for name in prepared}
-    for _ in range(args.repeats):  # interleaved: drift on a shared machine hits every system alike
-        for name, (step, s, b) in prepared.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(step(s, b))
-            times[name].append(time.perf_counter() - t0)
+    times = timing.time_interleaved(runs, args.repeats)  # drift on a shared machine hits every system alike
     median = {name: float(np.median(t)) for name, t in times.items()}
     base = median.get("1 device")
     rows = [

@@ -7,10 +7,11 @@ and the elementwise gate derivatives in the loop, stores ``dz`` for every step, 
 the loop forms ``dW_x = X^T dZ``, ``dW_h = H_prev^T dZ``, ``db = sum dZ`` and ``dX = dZ W_x^T``
 as single large matrix products (which XLA:CPU runs on every core).
 
-    python -m benchmarks.custom_vjp_experiment                 # 1 device
-    python -m benchmarks.custom_vjp_experiment --host-devices 2  # also the batch split over 2
+    python -m benchmarks.experiments.custom_vjp_experiment                 # 1 device
+    python -m benchmarks.experiments.custom_vjp_experiment --host-devices 2  # also the batch split over 2
 
 Prints median ms over interleaved repeats and the largest gradient difference.
+Figures: ``benchmarks/experiments/DECISIONS.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
+
+from benchmarks import timing
 
 
 def main(argv=None):
@@ -117,20 +119,14 @@ def main(argv=None):
 
             fns[f"{name} x{len(devices)}"] = grad_of(sharded)
     args_for = lambda name: (params_sh, xs_sh) if " x" in name else (params, xs)
-    compiled = {n: jax.jit(f).lower(*args_for(n)).compile() for n, f in fns.items()}
-    ref = compiled["autodiff"](params, xs)
+    compiled = {n: timing.compile_ahead(f, *args_for(n)) for n, f in fns.items()}
+    ref = compiled["autodiff"].run()
     for n, f in compiled.items():
-        out = f(*args_for(n))
+        out = f.run()
         diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
         print(f"{n:16s} max |grad diff| vs autodiff {diff:.1e}")
-    times = {n: [] for n in compiled}
-    for _ in range(args.repeats):
-        for n, f in compiled.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args_for(n)))
-            times[n].append(time.perf_counter() - t0)
-    for n, t in times.items():
-        print(f"{n:16s} {1e3 * np.median(t):8.1f} ms (median of {len(t)})")
+    for n, t in timing.compare(compiled, args.repeats).items():
+        print(f"{n:16s} {1e3 * t.median_s:8.1f} ms (median of {len(t.times_s)})")
 
 
 if __name__ == "__main__":

@@ -1,45 +1,30 @@
-r"""The sequential loop of a dense cell with a sequence-level backward pass
-(``rj.scan(..., vjp="fused")``).
+r"""The sequential engine of a dense cell with a sequence-level backward pass
+(``rj.Sequential(gradient="fused")``).
 
-A dense cell (:class:`rnnjax.cell.DenseCell`: Elman, LSTM, GRU with ``reset_after``) computes its step as
+A dense cell (:class:`rnnjax.cell.DenseCell`) computes its step as
 
 .. math::
 
     (c_t, y_t) = \mathrm{update}(\theta, c_{t-1}, x_t W_x, h_{t-1} W_h),
     \qquad h_{t-1} = \mathrm{recurrent\_input}(c_{t-1}).
 
-Autodiff of ``lax.scan`` transposes every step on its own: each backward step forms the
-outer products :math:`x_t^\top \bar z^x_t` and :math:`h_{t-1}^\top \bar z^h_t`, adds them to
-running weight gradients and multiplies :math:`\bar x_t = \bar z^x_t W_x^\top`, all inside
-the loop, on small matrices. Only :math:`\bar h_{t-1} \mathrel{+}= \bar z^h_t W_h^\top` has to
-be sequential. So the backward loop here does that and the elementwise derivatives of
-``update`` (and accumulates the gradients of the small parameters ``update`` uses: biases,
-peepholes, a projection), stores :math:`\bar z^x_t, \bar z^h_t`, and after the loop
+Only :math:`\bar h_{t-1} \mathrel{+}= \bar z^h_t W_h^\top` has to be sequential in the backward
+pass. So the backward loop does that and the elementwise derivatives of ``update`` (and
+accumulates the gradients of the small parameters ``update`` uses), stores
+:math:`\bar z^x_t, \bar z^h_t`, and after the loop
 
 .. math::
 
     \bar W_x = X^\top \bar Z^x, \qquad \bar W_h = H_{\mathrm{prev}}^\top \bar Z^h, \qquad
     \bar X = \bar Z^x W_x^\top
 
-are three large matrix products over all ``T * batch`` rows, which XLA runs on every core.
-``benchmarks/custom_vjp_experiment.py`` measured it against autodiff. Where ``update``
-reads columns of the products only through :math:`z^x_t + z^h_t`
-(``DenseCell.summed_columns``: all of them for Elman and LSTM, the two gates of GRU), the
-two cotangents of those columns are equal, so each pass keeps those columns once. The backward loop
-recomputes ``update`` (elementwise) through ``jax.vjp``; keeping each step's VJP residuals
-from the forward pass instead was tried and dropped: no faster (LSTM, B=32, H=128, T=1024,
-one CPU device: 234 ms either way) and 1.5x the memory of autodiff instead of 1.4x.
-Hoisting ``X W_x`` out of the forward loop (one large product) was tried too and was slower:
-LSTM T=1024, one device, 184 -> 216 ms, because the hoisted ``(T, B, 4H)`` array is one
-more fresh buffer per call (page faults per call 50 000 -> 67 000 under glibc's defaults);
-overwriting the hoisted buffer with ``zx + zh`` in place, step by step, kept the faults
-but not the gain (184.0 vs 186.5 ms).
-
-The forward pass is the same loop as autodiff's, storing the carries and both products
-(the summed columns once).
-Gradients equal autodiff's up to float rounding (summation order). The function is a
-``jax.custom_vjp``: reverse mode to any order works, forward mode (``jax.jvp``,
-``jax.jacfwd``, ``jax.hessian``) does not; use ``vjp="autodiff"`` for those.
+are three large matrix products over all ``T * batch`` rows. Where ``update`` reads columns
+only through :math:`z^x_t + z^h_t` (``DenseCell.summed_columns``) their two cotangents are
+equal, so each pass keeps those columns once. The forward pass is the sequential loop,
+storing the carries and the products. Gradients equal autodiff's up to float rounding. It is
+a ``jax.custom_vjp``: reverse mode to any order works, forward mode (``jax.jvp``,
+``jax.jacfwd``) does not. Measured by ``benchmarks/experiments/custom_vjp_experiment.py``;
+variants tried and dropped are in ``benchmarks/experiments/DECISIONS.md``.
 """
 
 from __future__ import annotations
@@ -51,9 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import Cell, matmul
-from rnnjax.scan import _expand_to as _expand
-
-PyTree = Any
+from rnnjax.sequence import TimeMajor, mask_step, reset_carry
 
 
 def _rows(a: jax.Array) -> jax.Array:
@@ -61,38 +44,22 @@ def _rows(a: jax.Array) -> jax.Array:
     return a.reshape(-1, a.shape[-1])
 
 
-def fused_scan(cell: Cell, params: Any, carry: PyTree, xs_tm: jax.Array, resets_tm: jax.Array | None,
-               lengths: jax.Array | None, zero_carry: PyTree, *, reverse: bool, unroll: int | bool):
-    """``(final_carry, ys_tm)`` of the masked loop of ``rnnjax.scan._scan`` (time-major
-    ``xs_tm`` (T, *batch, D), ``resets_tm`` (T, *batch) in processing order, ``lengths``
-    clipped), differentiable by the sequence-level backward pass described above."""
+def run(cell: Cell, params: Any, seqs: TimeMajor, *, unroll: int | bool):
+    """``(ys_tm, final, None)`` of the sequential engine, differentiable by the
+    sequence-level backward pass described above."""
     cell.check_params(params)
-    steps = xs_tm.shape[0]
-    valid = None  # None: no mask at all (no per-step selects without lengths or resets)
-    if lengths is not None:
-        valid = jnp.arange(steps).reshape((steps,) + (1,) * lengths.ndim) < lengths
-        valid = jnp.broadcast_to(valid, xs_tm.shape[:-1])
-    return _fused(cell, bool(reverse), unroll, params, carry, xs_tm, resets_tm, valid, zero_carry)
+    final, ys = _fused(cell, seqs.backwards, unroll, params, seqs.carry, seqs.xs, seqs.resets, seqs.valid, seqs.zero)
+    return ys, final, None
 
 
 def _local(cell, rest, c_prev, zx, zh, reset, valid, zero):
     """One step without its two large products: reset, ``update``, the length mask."""
-    new, y = cell.update(rest, _reset(c_prev, reset, zero), zx, zh)
-    new = jax.tree.map(lambda n, c: n.astype(c.dtype), new, c_prev)
-    if valid is None:
-        return new, y
-    new = jax.tree.map(lambda n, c: jnp.where(_expand(valid, n), n, c), new, c_prev)
-    return new, jnp.where(_expand(valid, y), y, jnp.zeros((), y.dtype))
-
-
-def _reset(c_prev, reset, zero):
-    if reset is None:
-        return c_prev
-    return jax.tree.map(lambda z, c: jnp.where(_expand(reset, c), z, c), zero, c_prev)
+    new, y = cell.update(rest, reset_carry(c_prev, reset, zero), zx, zh)
+    return mask_step(new, y, c_prev, valid)
 
 
 def _rec_in(cell, c_prev, reset, zero):
-    return cell.recurrent_input(_reset(c_prev, reset, zero))
+    return cell.recurrent_input(reset_carry(c_prev, reset, zero))
 
 
 def _kept(zx, zh, k):

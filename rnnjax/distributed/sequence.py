@@ -1,0 +1,96 @@
+"""Sequence parallelism: one long sequence split over a mesh axis along time."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+from jax.sharding import Mesh
+
+from rnnjax.cell import Cell, LinearCell, PyTree
+from rnnjax.distributed.mesh import automatic_axes, check_mesh_axis, require_shard_map
+from rnnjax.engines.affine import SequenceSharding
+from rnnjax.methods import Associative, Auto, Method, Newton, as_method
+from rnnjax.scan import evaluate
+from rnnjax.sequence import validate
+
+
+def sequence_scan(
+    cell: Cell,
+    params: PyTree,
+    xs: jax.Array,
+    carry: PyTree | None = None,
+    *,
+    mesh: Mesh,
+    axis: str = "seq",
+    lengths: jax.Array | None = None,
+    resets: jax.Array | None = None,
+    reverse: bool = False,
+    method: Method | str = "auto",
+) -> tuple[jax.Array, PyTree]:
+    r""":func:`rnnjax.scan` with the time axis split over ``mesh``'s ``axis``.
+
+    ``method=rj.Associative()`` (linear cells, :class:`rnnjax.LinearCell`): each device
+    composes its shard's affine maps :math:`h \mapsto a_t h + b_t` into one; the devices
+    exchange these summaries (one ``all_gather``) and each runs its shard from the state its
+    predecessors produce (:class:`rnnjax.engines.affine.SequenceSharding`).
+    ``method=rj.Newton("deer" | "quasi-deer")`` (any cell): Newton's method with the cell
+    evaluated on every device's shard and each linear solve split as above; gradients by the
+    implicit function theorem, solved the same way. ``"auto"``: associative for linear
+    cells, ``rj.Newton()`` otherwise.
+
+    ``T`` need not divide by the number of devices (the last shard is padded with identity
+    steps) but must be at least that number. ``lengths``, ``resets``, ``reverse`` and the
+    returned ``(ys, final_carry)`` mean what they mean in :func:`rnnjax.scan`; the numbers
+    equal the single-device parallel method's up to float rounding. The result lives on
+    the mesh; call it under ``jax.jit`` (it is jit-compiled anyway) with ``xs`` placed by
+    ``NamedSharding(mesh, P(None, axis))`` for a batch, or pass any array.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> mesh = jax.make_mesh((1,), ("seq",))
+      >>> cell = rj.MinGRU(8)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> xs = jax.random.normal(jax.random.key(1), (2, 64, 3))
+      >>> ys, h = rj.distributed.sequence_scan(cell, params, xs, mesh=mesh, axis="seq")
+      >>> bool(jnp.allclose(ys, rj.scan(cell, params, xs)[0], atol=1e-5))
+      True
+    """
+    require_shard_map()
+    n = check_mesh_axis(mesh, axis)
+    xs, carry, lengths, resets = validate(cell, params, xs, carry, lengths, resets)
+    steps = xs.shape[-(cell.input_ndim + 1)]
+    if steps < n:
+        raise ValueError(
+            f"xs has {steps} time steps (shape {xs.shape}), fewer than the {n} devices of mesh axis "
+            f"{axis!r}: every device needs at least one step; use a smaller mesh axis or rj.scan"
+        )
+    method = as_method(method)
+    if isinstance(method, Auto):
+        method = Associative() if isinstance(cell, LinearCell) else Newton()
+    if not isinstance(method, (Associative, Newton)):
+        raise ValueError(
+            f"sequence_scan runs rj.Associative() or rj.Newton() (or rj.Auto() for either), got {method!r}"
+        )
+    if isinstance(method, Newton) and method.variant not in ("deer", "quasi-deer"):
+        raise ValueError(
+            f"rj.Newton({method.variant!r}): sequence_scan runs 'deer' and 'quasi-deer' (ELK's Kalman "
+            "smoother is not split over devices)"
+        )
+    method.check(cell)
+    sharded = TimeSharded(method, SequenceSharding(automatic_axes(mesh), axis))
+    ys, final, _ = evaluate(cell, params, xs, carry, lengths, resets, reverse, sharded)
+    return ys, final
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeSharded(Method):
+    """``method`` (``Associative`` or ``Newton``) with every affine solve split over time."""
+
+    name: ClassVar[str] = "time-sharded"
+    method: Associative | Newton
+    sharding: SequenceSharding
+
+    def run(self, cell, params, seqs):
+        return self.method.run(cell, params, seqs, time_sharding=self.sharding)

@@ -1,0 +1,177 @@
+r"""Affine recurrences :math:`s_t = A_t s_{t-1} + c_t` as monoids, solved in parallel.
+
+An element ``(A, c)`` is the map :math:`s \mapsto A s + c`; ``combine(earlier, later)``
+composes two maps and ``apply`` runs a composed map on a state. Three algebras: elementwise
+(:data:`DIAG`, diagonal ``A``, real or complex), full matrices (:data:`FULL`, ``A`` of shape
+``(..., n, n)``) and log space (:func:`log_monoid`) for positive diagonal recurrences. The
+linear and Newton engines solve every recurrence with :func:`solve_affine`: one associative
+scan, chunks, or the time axis split over devices (:class:`SequenceSharding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from rnnjax.distributed.mesh import place
+
+Array = jax.Array
+PyTree = Any
+
+
+class Monoid(NamedTuple):
+    """The operations of one algebra of affine maps."""
+
+    combine: Callable[[Any, Any], Any]
+    identity: Callable[[Any], Any]  # an element shaped like the argument, the identity map
+    apply: Callable[[Any, Array], Array]
+
+
+def _diag_combine(e1, e2):
+    a1, b1 = e1
+    a2, b2 = e2
+    return a1 * a2, a2 * b1 + b2
+
+
+def mv(m: Array, v: Array) -> Array:
+    return jnp.einsum("...ij,...j->...i", m, v)
+
+
+def _full_combine(e1, e2):
+    a1, b1 = e1
+    a2, b2 = e2
+    return a2 @ a1, mv(a2, b1) + b2
+
+
+def _log_combine(e1, e2):
+    la1, lb1 = e1
+    la2, lb2 = e2
+    return la1 + la2, jnp.logaddexp(la2 + lb1, lb2)
+
+
+DIAG = Monoid(
+    _diag_combine,
+    lambda e: (jnp.ones_like(e[0]), jnp.zeros_like(e[1])),
+    lambda e, h: e[0] * h + e[1],
+)
+FULL = Monoid(
+    _full_combine,
+    lambda e: (jnp.broadcast_to(jnp.eye(e[0].shape[-1], dtype=e[0].dtype), e[0].shape), jnp.zeros_like(e[1])),
+    lambda e, h: mv(e[0], h) + e[1],
+)
+
+
+def log_monoid(neg: float) -> Monoid:
+    # ``neg`` stands for log 0: finite, so that logaddexp's derivative gives exactly zero
+    # weight to terms a reset or a frozen step removed (with -inf it gives them weight).
+    return Monoid(
+        _log_combine,
+        lambda e: (jnp.zeros_like(e[0]), jnp.full_like(e[1], neg)),
+        lambda e, h: jnp.exp(e[0]) * h + jnp.exp(e[1]),
+    )
+
+
+def solve_affine(monoid: Monoid, elems: Any, h0: Array, chunk_size: int | None = None,
+                 time_sharding: SequenceSharding | None = None) -> Array:
+    """All states ``s_t`` (time axis 0) of the recurrence ``elems`` started from ``h0``.
+
+    ``chunk_size=None``: one associative scan over T. Otherwise chunks of ``chunk_size``
+    steps: a sequential scan over the C positions of all chunks at once gives each chunk's
+    local prefix maps, an associative scan over the chunks' total maps gives each chunk's
+    starting state, and one elementwise pass applies the local maps to those starts.
+    ``time_sharding`` (a :class:`SequenceSharding`): the same with one
+    chunk per device.
+    """
+    if time_sharding is not None:
+        return time_sharding.solve(monoid, elems, h0)
+    steps = jax.tree_util.tree_leaves(elems)[0].shape[0]
+    if chunk_size is None or chunk_size >= steps:
+        if chunk_size is not None:  # one chunk: a plain sequential scan
+            return _sequential_affine(monoid, elems, h0)
+        prefix = jax.lax.associative_scan(monoid.combine, elems)
+        return monoid.apply(prefix, h0)
+    size = chunk_size
+    chunks = -(-steps // size)
+    pad = chunks * size - steps
+    elems = _pad_identity(monoid, elems, pad)  # cut off below
+    # (chunks * C, ...) -> (C, chunks, ...): the sequential scan runs over positions in a chunk.
+    elems = jax.tree.map(lambda e: jnp.swapaxes(e.reshape((chunks, size) + e.shape[1:]), 0, 1), elems)
+
+    def body(acc, e):
+        acc = monoid.combine(acc, e)
+        return acc, acc
+
+    start = monoid.identity(jax.tree.map(lambda e: e[0], elems))
+    totals, local = jax.lax.scan(body, start, elems)
+    across = jax.lax.associative_scan(monoid.combine, totals)  # (chunks, ...) inclusive
+    starts = jnp.concatenate([h0[None], monoid.apply(jax.tree.map(lambda e: e[:-1], across), h0)], axis=0)
+    states = monoid.apply(local, starts[None])  # (C, chunks, ...)
+    states = jnp.swapaxes(states, 0, 1).reshape((chunks * size,) + states.shape[2:])
+    return states[:steps]
+
+
+def _sequential_affine(monoid: Monoid, elems: Any, h0: Array) -> Array:
+    def body(h, e):
+        h = monoid.apply(e, h)
+        return h, h
+
+    return jax.lax.scan(body, h0, elems)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSharding:
+    """The time axis split over ``mesh``'s ``axis`` (``rj.distributed.sequence_scan``).
+
+    Hashable, so it is static configuration of the parallel engines, which call
+    :meth:`solve` for every affine recurrence and :meth:`constrain` on time-major arrays.
+    """
+
+    mesh: Mesh
+    axis: str
+
+    @property
+    def shards(self) -> int:
+        return int(self.mesh.shape[self.axis])
+
+    def constrain(self, x: Array) -> Array:
+        """Ask XLA to split a time-major array's axis 0 over the devices (when it divides)."""
+        if x.shape[0] % self.shards:
+            return x
+        return place(x, self.mesh, P(self.axis))
+
+    def solve(self, monoid: Monoid, elems: PyTree, h0: Array) -> Array:
+        """All states ``s_t`` (time axis 0) of ``elems`` from ``h0``, the time axis split over
+        the devices: local prefix maps on each device, an ``all_gather`` of each shard's total
+        map, then each shard runs from the state the shards before it produce."""
+        steps = jax.tree_util.tree_leaves(elems)[0].shape[0]
+        elems = _pad_identity(monoid, elems, -steps % self.shards)
+        axis = self.axis
+
+        def local(elems, h0):
+            prefix = jax.lax.associative_scan(monoid.combine, elems)  # this shard's prefix maps
+            total = jax.tree.map(lambda e: e[-1:], prefix)
+            totals = jax.tree.map(lambda e: jax.lax.all_gather(e, axis, axis=0, tiled=True), total)
+            upto = jax.lax.associative_scan(monoid.combine, totals)  # (n, ...) inclusive over shards
+            i = jax.lax.axis_index(axis)
+            before = jax.tree.map(lambda e: e[jnp.maximum(i - 1, 0)], upto)
+            start = jnp.where(i == 0, h0, monoid.apply(before, h0))
+            return monoid.apply(prefix, start[None])
+
+        states = jax.shard_map(
+            local, mesh=self.mesh, in_specs=(P(axis), P()), out_specs=P(axis), axis_names=frozenset({axis}),
+        )(place(elems, self.mesh, P(axis)), place(h0, self.mesh, P()))
+        return states[:steps]
+
+
+def _pad_identity(monoid: Monoid, elems: PyTree, pad: int) -> PyTree:
+    """``elems`` followed by ``pad`` identity maps (they leave the state as it is)."""
+    if not pad:
+        return elems
+    ident = monoid.identity(jax.tree.map(lambda e: jnp.broadcast_to(e[:1], (pad,) + e.shape[1:]), elems))
+    return jax.tree.map(lambda e, i: jnp.concatenate([e, i], axis=0), elems, ident)

@@ -1,0 +1,257 @@
+r"""The Newton engine: any cell's states solved over the whole sequence at once (DEER,
+quasi-DEER, ELK), with a sequential fallback when the iteration does not converge.
+
+The states :math:`s_{1..T}` (each carry flattened to a real vector of size ``n``,
+:class:`rnnjax.carry.CarryLayout`) are the fixed point of :math:`s_t = f(s_{t-1}, x_t)`. From
+:math:`s^{(0)} = 0`, each iteration linearises every step around the current guess,
+:math:`J_t = \partial f / \partial s\,(s^{(k)}_{t-1}, x_t)`, and solves the linear recurrence
+
+.. math::
+
+    s_t = J_t s_{t-1} + f(s^{(k)}_{t-1}, x_t) - J_t s^{(k)}_{t-1}
+
+with an associative scan (Lim et al. 2023). ``"deer"`` uses full Jacobians, ``"quasi-deer"``
+their diagonals (Gonzalez et al. 2024), ``"elk"``/``"quasi-elk"`` damped steps
+(:mod:`rnnjax.engines.elk`). Gradients come from the implicit function theorem at the
+solution: the adjoint :math:`\lambda_t = \bar s_t + J_{t+1}^\top \lambda_{t+1}` is a reverse
+linear recurrence solved the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.carry import CarryLayout
+from rnnjax.cell import Cell
+from rnnjax.engines.affine import DIAG, FULL, SequenceSharding, mv, solve_affine
+from rnnjax.engines.elk import elk_step
+from rnnjax.sequence import TimeMajor
+
+Array = jax.Array
+
+VARIANTS = ("deer", "quasi-deer", "elk", "quasi-elk")
+# Convergence threshold on max |s_t - f(s_{t-1}, x_t)| when tol=None, by the state's dtype:
+# well above where float32 rounding leaves the residual of a bounded state (2e-7 for a
+# GRU over T=4096 after DEER converged), well below the accuracy models need.
+DEFAULT_TOL = {2: 2e-2, 4: 1e-5, 8: 1e-10}  # itemsize -> tol (2: bfloat16, float16)
+
+
+class NewtonInfo(NamedTuple):
+    r"""What a Newton solve did (scalars over the whole batch).
+
+    Attributes:
+      iterations: ``()`` int32, Newton steps taken (each one parallel linear solve).
+      converged: ``()`` bool, whether ``residual <= tol`` within ``max_iters`` steps.
+        ``False`` means the returned values are the sequential driver's (the fallback).
+      residual: ``()`` float, :math:`\max_{t,i} |s_{t,i} - f(s_{t-1}, x_t)_i|` at the last
+        iterate, over the real-valued flattened carry (complex parts count separately).
+    """
+
+    iterations: Array
+    converged: Array
+    residual: Array
+
+
+def run(cell: Cell, params: Any, seqs: TimeMajor, *, variant: str, tol: float | None, max_iters: int,
+        damping: float | None, unroll: int | bool, time_sharding: SequenceSharding | None = None):
+    """``(ys_tm, final, info)`` by Newton's method (``variant`` one of :data:`VARIANTS`);
+    ``T >= 1``."""
+    fwd, back = seqs.forwards()
+    steps = fwd.steps
+    batch_shape = fwd.batch_shape
+    nb = len(batch_shape)
+    batch = math.prod(batch_shape)
+    features = fwd.xs.shape[1 + nb :]
+    carry = fwd.carry
+    # One sequence's carry: its leaves without the batch axes (ConvLSTM keeps (H, W)).
+    layout = CarryLayout(jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape[nb:], c.dtype), carry))
+    if tol is None:
+        tol = DEFAULT_TOL.get(jnp.dtype(layout.real).itemsize, 1e-5)
+    x_p = fwd.xs.reshape((steps, batch) + features)
+    r_p = jnp.zeros((steps, batch), bool) if fwd.resets is None else fwd.resets.reshape(steps, batch)
+    v_p = jnp.ones((steps, batch), bool) if fwd.valid is None else fwd.valid.reshape(steps, batch)
+    if time_sharding is not None:
+        x_p, r_p, v_p = (time_sharding.constrain(a) for a in (x_p, r_p, v_p))
+    carry_b = jax.tree.map(lambda c: c.reshape((batch,) + c.shape[nb:]), carry)
+    h0 = jax.vmap(layout.flatten)(carry_b)  # (B, n)
+
+    step = _step_fn(cell, layout)
+    solve = _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll, time_sharding)
+    states, iterations, converged, residual = solve(params, x_p, h0, r_p, v_p)
+    prev = jnp.concatenate([h0[None], states[:-1]], axis=0)
+    new, ys = jax.vmap(jax.vmap(step, (None, 0, 0, 0, 0)), (None, 0, 0, 0, 0))(params, prev, x_p, r_p, v_p)
+    final = jax.vmap(layout.unflatten)(new[-1])
+    final = jax.tree.map(lambda f, c: f.reshape(c.shape), final, carry)
+    ys = back(ys.reshape((steps,) + batch_shape + ys.shape[2:]))
+    return ys, final, NewtonInfo(iterations, converged, residual)
+
+
+def _step_fn(cell: Cell, layout: CarryLayout):
+    """The step on flattened states, with resets and lengths folded in:
+    ``(params, s_prev (n,), x, reset (), valid ()) -> (s (n,), y)``."""
+
+    def step(params, s_prev, x, reset, valid):
+        # Zeros are the flattened cell.init_carry. (Built here: a traced array closed over
+        # by the custom_vjp below would leak.)
+        s_in = jnp.where(reset, jnp.zeros_like(s_prev), s_prev)
+        new, y = cell.step(params, layout.unflatten(s_in), x)
+        s = layout.flatten(new)
+        s = jnp.where(valid, s, s_prev)
+        y = jnp.where(valid, y, jnp.zeros((), y.dtype))
+        return s, y
+
+    return step
+
+
+def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll, time_sharding=None):
+    """``solve(params, X, h0, R, V) -> (S, iterations, converged, residual)`` with ``S``
+    (T, B, n) the states after each step, differentiable by the implicit function theorem."""
+    full = variant in ("deer", "elk")
+    elk = variant in ("elk", "quasi-elk")
+    step = _step_fn(cell, layout)
+    batched = (None, 0, 0, 0, 0)
+
+    def values(params, prev, X, R, V):
+        return jax.vmap(jax.vmap(lambda *a: step(*a)[0], batched), batched)(params, prev, X, R, V)
+
+    def jacobians(params, prev, X, R, V):
+        """``(J, F)``: J (T, B, n, n) or its diagonal (T, B, n), and F = f(prev)."""
+
+        def one(p, s, x, r, v):
+            out = lambda s: (step(p, s, x, r, v)[0],) * 2
+            jac, val = jax.jacfwd(out, has_aux=True)(s)
+            return (jac if full else jnp.diagonal(jac)), val
+
+        return jax.vmap(jax.vmap(one, batched), batched)(params, prev, X, R, V)
+
+    def shift(S, h0):
+        return jnp.concatenate([h0[None], S[:-1]], axis=0)
+
+    def sequential(params, X, h0, R, V):
+        one = jax.vmap(lambda p, s, x, r, v: step(p, s, x, r, v)[0], (None, 0, 0, 0, 0))
+
+        def body(s, inputs):
+            s = one(params, s, *inputs)
+            return s, s
+
+        return jax.lax.scan(body, h0, (X, R, V), unroll=unroll)[1]
+
+    def forward(params, X, h0, R, V):
+        S = jnp.zeros(X.shape[:2] + (layout.n,), layout.real)
+        F = values(params, shift(S, h0), X, R, V)
+        lam = jnp.asarray(damping if elk else 0.0, layout.real)
+        init = (jnp.int32(0), S, F, jnp.max(jnp.abs(S - F)), lam, jnp.sum(jnp.square(S - F)))
+
+        def cond(state):
+            k, _, _, r, _, _ = state
+            return (k < max_iters) & (r > tol) & jnp.isfinite(r)
+
+        def body(state):
+            k, S, F, r, lam, merit = state
+            prev = shift(S, h0)
+            J, F = jacobians(params, prev, X, R, V)
+            u = F - (mv(J, prev) if full else J * prev)
+            if not elk:
+                S_new = solve_affine(FULL if full else DIAG, (J, u), h0, None, time_sharding)
+                F_new = values(params, shift(S_new, h0), X, R, V)
+                return k + 1, S_new, F_new, jnp.max(jnp.abs(S_new - F_new)), lam, merit
+            S_new = elk_step(J, u, F, S, lam, full)
+            F_new = values(params, shift(S_new, h0), X, R, V)
+            merit_new = jnp.sum(jnp.square(S_new - F_new))
+            # Levenberg-Marquardt: keep a step that lowers the merit and trust the model more
+            # next time; otherwise stay and damp ten times harder.
+            accept = merit_new < merit
+            pick = lambda new, old: jnp.where(accept, new, old)
+            lam = jnp.clip(jnp.where(accept, lam / 10, lam * 10), 1e-12, 1e12).astype(lam.dtype)
+            r_new = jnp.max(jnp.abs(S_new - F_new))
+            return k + 1, pick(S_new, S), pick(F_new, F), pick(r_new, r), lam, pick(merit_new, merit)
+
+        k, S, F, residual, _, _ = jax.lax.while_loop(cond, body, init)
+        converged = residual <= tol
+        S = jax.lax.cond(converged, lambda: F, lambda: sequential(params, X, h0, R, V))
+        return S, k, converged, residual
+
+    @jax.custom_vjp
+    def solve(params, X, h0, R, V):
+        return forward(params, X, h0, R, V)
+
+    def solve_fwd(params, X, h0, R, V):
+        out = forward(params, X, h0, R, V)
+        return out, (params, X, h0, R, V, out[0])
+
+    def solve_bwd(res, cts):
+        params, X, h0, R, V, S = res
+        S_bar = cts[0]
+        prev = shift(S, h0)
+        if full:
+            J, _ = jacobians(params, prev, X, R, V)
+            lam = _adjoint_full(J, S_bar, time_sharding)
+        else:
+            lam = _adjoint_quasi(lambda: jacobians(params, prev, X, R, V)[0], params, prev, X, R, V, S_bar)
+        _, vjp = jax.vjp(lambda p, x, s: values(p, s, x, R, V), params, X, prev)
+        p_bar, x_bar, prev_bar = vjp(lam)
+        return p_bar, x_bar, prev_bar[0], None, None
+
+    def _adjoint_quasi(diag_fn, params, prev, X, R, V, S_bar):
+        """lambda_t = S_bar_t + J_{t+1}^T lambda_{t+1}, by iterations whose linear part keeps
+        only diag(J): lambda <- reverse-solve(D, S_bar + shift(J^T lambda - D lambda))."""
+        D = diag_fn()
+        D_next = jnp.concatenate([D[1:], jnp.zeros_like(D[:1])], axis=0)
+        _, vjp_s = jax.vjp(lambda s: values(params, s, X, R, V), prev)
+
+        def jt(lam):  # (J_{t+1}^T lambda_{t+1}) at t; zero at the last step
+            q = vjp_s(lam)[0]
+            return jnp.concatenate([q[1:], jnp.zeros_like(q[:1])], axis=0)
+
+        def reverse_solve(rhs):
+            elems = (jnp.flip(D_next, 0), jnp.flip(rhs, 0))
+            return jnp.flip(solve_affine(DIAG, elems, jnp.zeros_like(rhs[0]), None, time_sharding), 0)
+
+        lam = reverse_solve(S_bar)
+        q = jt(lam)
+        scale = lambda lam: 1.0 + jnp.max(jnp.abs(lam))
+        r = jnp.max(jnp.abs(lam - S_bar - q))
+
+        def cond(state):
+            k, lam, _, r = state
+            return (k < max_iters) & (r > tol * scale(lam)) & jnp.isfinite(r)
+
+        def body(state):
+            k, lam, q, _ = state
+            lam = reverse_solve(S_bar + q - D_next * jnp.concatenate([lam[1:], jnp.zeros_like(lam[:1])], axis=0))
+            q = jt(lam)
+            return k + 1, lam, q, jnp.max(jnp.abs(lam - S_bar - q))
+
+        _, lam, _, r = jax.lax.while_loop(cond, body, (jnp.int32(0), lam, q, r))
+        ok = r <= tol * scale(lam)
+        return jax.lax.cond(ok, lambda: lam, lambda: _adjoint_sequential(params, prev, X, R, V, S_bar))
+
+    def _adjoint_sequential(params, prev, X, R, V, S_bar):
+        one = jax.vmap(lambda p, s, x, r, v: step(p, s, x, r, v)[0], (None, 0, 0, 0, 0))
+        nxt = lambda a: jnp.concatenate([a[1:], a[-1:]], axis=0)
+        has_next = jnp.arange(S_bar.shape[0]) < S_bar.shape[0] - 1
+
+        def body(lam_next, inputs):
+            s_bar, s, x, r, v, more = inputs
+            _, vjp = jax.vjp(lambda s: one(params, s, x, r, v), s)
+            lam = s_bar + jnp.where(more, vjp(lam_next)[0], 0.0)
+            return lam, lam
+
+        inputs = (S_bar, nxt(prev), nxt(X), nxt(R), nxt(V), has_next)
+        return jax.lax.scan(body, jnp.zeros_like(S_bar[0]), inputs, reverse=True, unroll=unroll)[1]
+
+    solve.defvjp(solve_fwd, solve_bwd)
+    return solve
+
+
+def _adjoint_full(J: Array, S_bar: Array, time_sharding=None) -> Array:
+    """lambda_t = S_bar_t + J_{t+1}^T lambda_{t+1}, lambda_T = S_bar_T, by a reverse scan."""
+    M = jnp.concatenate([jnp.swapaxes(J[1:], -1, -2), jnp.zeros_like(J[:1])], axis=0)
+    lam = solve_affine(FULL, (jnp.flip(M, 0), jnp.flip(S_bar, 0)), jnp.zeros_like(S_bar[0]), None, time_sharding)
+    return jnp.flip(lam, 0)
+
+

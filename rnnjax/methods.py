@@ -1,0 +1,258 @@
+"""Method values: how :func:`rnnjax.scan` evaluates a recurrence.
+
+Each method is a small frozen, hashable value that checks its options when it is built and
+says which cells it can run (:meth:`Method.check`), in the style of optax's gradient
+transformations::
+
+    rj.Sequential(unroll="auto", remat=None, gradient="autodiff")   # any cell
+    rj.Associative()                  # LinearCell: one associative scan, O(log T) depth
+    rj.Chunked(size=None)             # LinearCell: sequential in chunks, associative across
+    rj.Newton("quasi-deer", tol=None, max_iters=50, damping=None)   # any cell, in parallel
+    rj.Auto()                         # one of the above per backend, cell kind and T
+
+The strings ``"sequential"``, ``"associative"``, ``"chunked"``, ``"newton"`` and ``"auto"``
+stand for each method's default value. Every method gives the sequential method's outputs
+and final carry, with the same meaning of ``lengths``, ``resets`` and ``reverse``, within
+float rounding (linear methods: within ``1e-5`` in float32 for moderate ``T``; Newton:
+within about ``tol / (1 - rho)`` for a cell contracting at rate ``rho``).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+from rnnjax import tuning
+from rnnjax.cell import Cell, DenseCell, LinearCell
+from rnnjax.checks import check_positive_int, check_positive_number, is_int
+from rnnjax.engines import fused, linear, newton, sequential
+from rnnjax.sequence import TimeMajor
+
+REMAT = (None, "step", "sqrt")
+GRADIENTS = ("autodiff", "fused")
+
+
+def _frozen(cls):
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+class Method(abc.ABC):
+    """How to evaluate a recurrence. Subclasses are frozen dataclasses."""
+
+    name: ClassVar[str]
+
+    def check(self, cell: Cell) -> None:
+        """Raise ``ValueError`` if this method cannot run ``cell``, naming the methods that can."""
+
+    def resolve(self, cell: Cell, steps: int, backend: str | None = None) -> Method:
+        """The concrete method to run for ``cell`` over ``steps`` steps (itself, but for Auto)."""
+        del cell, steps, backend
+        return self
+
+    @abc.abstractmethod
+    def run(self, cell: Cell, params: Any, seqs: TimeMajor):
+        """``(ys_tm, final_carry, info)`` on the canonical form (:mod:`rnnjax.engines`).
+        ``Associative`` and ``Newton`` also take ``time_sharding`` (a
+        :class:`rnnjax.engines.affine.SequenceSharding`, from ``rj.distributed.sequence_scan``)."""
+
+
+def _methods_for(cell: Cell) -> str:
+    names = ["rj.Sequential()", "rj.Newton()", "rj.Auto()"]
+    if isinstance(cell, LinearCell):
+        names[1:1] = ["rj.Associative()", "rj.Chunked()"]
+    return ", ".join(names)
+
+
+def _check_linear(method: Method, cell: Cell) -> None:
+    if not isinstance(cell, LinearCell):
+        raise ValueError(
+            f"rj.{type(method).__name__}() needs a cell with a linear recurrence (an rj.LinearCell such as "
+            f"MinGRU, MinLSTM, LRU); {type(cell).__name__} is not one. Methods that can run it: "
+            f"{_methods_for(cell)}"
+        )
+
+
+def _check_unroll(unroll: Any) -> None:
+    if isinstance(unroll, str) and unroll == "auto":
+        return
+    if not (unroll is True or (is_int(unroll) and unroll >= 1)):
+        raise ValueError(f'unroll must be a positive int, True or "auto", got {unroll!r}')
+
+
+def resolve_unroll(unroll: int | bool | str, backend: str | None = None) -> int | bool:
+    """``unroll`` with ``"auto"`` replaced by the measured value for ``backend``
+    (:data:`rnnjax.tuning.AUTO_UNROLL`: 1 on CPU, 16 on GPU), decided when traced."""
+    _check_unroll(unroll)
+    return tuning.auto_unroll(backend) if isinstance(unroll, str) else unroll
+
+
+@_frozen
+class Sequential(Method):
+    """``jax.lax.scan`` over the steps: T dependent steps, any cell.
+
+    Args:
+      unroll: steps per loop iteration (``jax.lax.scan``'s ``unroll``), or ``"auto"``: the
+        measured best for the backend (1 on CPU, 16 on GPU; :mod:`rnnjax.tuning`).
+      remat: what the backward pass recomputes instead of storing: ``None`` (nothing;
+        O(T) activations), ``"step"`` (each step from its carry), ``"sqrt"`` (nested
+        checkpoints over about sqrt(T) blocks: O(sqrt(T)) activation memory for about one
+        extra forward pass).
+      gradient: ``"autodiff"`` (JAX's transpose of the loop) or ``"fused"``: for dense
+        cells (:class:`rnnjax.cell.DenseCell`: Elman, LSTM, GRU with ``reset_after``), a
+        sequence-level backward pass that keeps only the recurrent product in the loop
+        (:mod:`rnnjax.engines.fused`); same gradients up to float rounding, and no forward
+        mode (``jax.jvp``) through it. It keeps its own residuals, so it takes no ``remat``.
+
+    Example:
+      >>> import rnnjax as rj
+      >>> rj.Sequential(remat="sqrt")
+      Sequential(unroll='auto', remat='sqrt', gradient='autodiff')
+      >>> rj.Sequential(remat="step", gradient="fused")
+      Traceback (most recent call last):
+        ...
+      ValueError: gradient='fused' keeps its own residuals; it does not combine with remat='step'
+    """
+
+    name: ClassVar[str] = "sequential"
+    unroll: int | bool | str = "auto"
+    remat: str | None = None
+    gradient: str = "autodiff"
+
+    def __post_init__(self):
+        _check_unroll(self.unroll)
+        if self.remat not in REMAT:
+            raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
+        if self.gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
+        if self.gradient == "fused" and self.remat is not None:
+            raise ValueError(f"gradient='fused' keeps its own residuals; it does not combine with remat={self.remat!r}")
+
+    def check(self, cell: Cell) -> None:
+        if self.gradient == "fused" and not (isinstance(cell, DenseCell) and cell.fusable):
+            raise ValueError(
+                f"gradient='fused' needs a dense cell (rj.Elman, rj.LSTM, rj.GRU with reset_after=True: "
+                f"rnnjax.cell.DenseCell); {type(cell).__name__} with this configuration is not one: use "
+                "rj.Sequential(gradient='autodiff')"
+            )
+
+    def run(self, cell, params, seqs):
+        unroll = resolve_unroll(self.unroll)
+        if self.gradient == "fused":
+            return fused.run(cell, params, seqs, unroll=unroll)
+        return sequential.run(cell, params, seqs, unroll=unroll, remat=self.remat)
+
+
+@_frozen
+class Associative(Method):
+    """``jax.lax.associative_scan`` over the ``(a_t, b_t)`` of an :class:`rnnjax.LinearCell`
+    (MinGRU, MinLSTM, LRU, yours): O(log T) depth; gradients by parallel scans too."""
+
+    name: ClassVar[str] = "associative"
+
+    def check(self, cell: Cell) -> None:
+        _check_linear(self, cell)
+
+    def run(self, cell, params, seqs, time_sharding=None):
+        return linear.run(cell, params, seqs, chunk_size=None, time_sharding=time_sharding)
+
+
+@_frozen
+class Chunked(Method):
+    """A :class:`rnnjax.LinearCell` sequentially within chunks of ``size`` steps (all
+    chunks at once) and associatively across the chunks' summaries.
+
+    Args:
+      size: steps per chunk; ``None``: the per-backend default
+        (:func:`rnnjax.tuning.default_chunk_size`).
+    """
+
+    name: ClassVar[str] = "chunked"
+    size: int | None = None
+
+    def __post_init__(self):
+        if self.size is not None:
+            check_positive_int(self.size, "size")
+
+    def check(self, cell: Cell) -> None:
+        _check_linear(self, cell)
+
+    def run(self, cell, params, seqs):
+        size = self.size or tuning.default_chunk_size(seqs.steps)
+        return linear.run(cell, params, seqs, chunk_size=int(size))
+
+
+@_frozen
+class Newton(Method):
+    """Any cell by Newton iterations over all states at once, with a sequential fallback
+    when they do not converge (:mod:`rnnjax.engines.newton`;
+    :func:`rnnjax.parallel.newton_scan` also returns the iteration counts).
+
+    Args:
+      variant: ``"deer"`` (full Jacobians), ``"quasi-deer"`` (their diagonals), ``"elk"``
+        or ``"quasi-elk"`` (damped, Levenberg-Marquardt steps).
+      tol: convergence threshold on :math:`\\max_{t,i}|s_t - f(s_{t-1}, x_t)|`; ``None``:
+        ``1e-5`` for float32 states, ``1e-10`` for float64, ``2e-2`` for 16-bit.
+      max_iters: Newton steps before falling back to the sequential loop.
+      damping: ELK's initial damping (``"elk"``, ``"quasi-elk"`` only); ``None``: 1.
+    """
+
+    name: ClassVar[str] = "newton"
+    variant: str = "quasi-deer"
+    tol: float | None = None
+    max_iters: int = 50
+    damping: float | None = None
+
+    def __post_init__(self):
+        if self.variant not in newton.VARIANTS:
+            raise ValueError(f"unknown Newton variant {self.variant!r}; expected one of {list(newton.VARIANTS)}")
+        if self.tol is not None:
+            check_positive_number(self.tol, "tol")
+        check_positive_int(self.max_iters, "max_iters")
+        if self.damping is not None:
+            check_positive_number(self.damping, "damping")
+            if self.variant not in ("elk", "quasi-elk"):
+                raise ValueError(f"damping applies to the variants 'elk' and 'quasi-elk'; got {self.variant!r}")
+
+    def run(self, cell, params, seqs, time_sharding=None):
+        damping = self.damping
+        if damping is None and self.variant in ("elk", "quasi-elk"):
+            damping = 1.0
+        tol = None if self.tol is None else float(self.tol)
+        return newton.run(cell, params, seqs, variant=self.variant, tol=tol, max_iters=int(self.max_iters),
+                          damping=None if damping is None else float(damping), unroll=resolve_unroll("auto"),
+                          time_sharding=time_sharding)
+
+
+@_frozen
+class Auto(Method):
+    """One of the methods above, per backend, cell kind and ``T``, from the measured table in
+    :mod:`rnnjax.tuning`; on CPU the sequential loop.
+
+    Example:
+      >>> import rnnjax as rj
+      >>> rj.Auto().resolve(rj.MinGRU(8), 4096, backend="gpu")
+      Associative()
+    """
+
+    name: ClassVar[str] = "auto"
+
+    def resolve(self, cell: Cell, steps: int, backend: str | None = None) -> Method:
+        return as_method(tuning.choose_method(cell, steps, backend))
+
+    def run(self, cell, params, seqs):
+        return self.resolve(cell, seqs.steps).run(cell, params, seqs)
+
+
+BY_NAME: dict[str, type[Method]] = {m.name: m for m in (Sequential, Associative, Chunked, Newton, Auto)}
+
+
+def as_method(method: Any) -> Method:
+    """A method value from a value or one of the names in :data:`BY_NAME`."""
+    if isinstance(method, Method):
+        return method
+    if isinstance(method, str) and method in BY_NAME:
+        return BY_NAME[method]()
+    raise ValueError(
+        f"unknown method {method!r}; expected a method value such as rj.Sequential() or one of {list(BY_NAME)}"
+    )

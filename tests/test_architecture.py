@@ -1,0 +1,113 @@
+"""The layering of DESIGN.md, checked on the source: rnnjax's import graph is a DAG, no
+function-local import of an rnnjax module hides a cycle, no module reaches into another
+package's private names, and modules stay small."""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "rnnjax"
+MAX_LINES = 450
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(path: pathlib.Path):
+    """``(node, imported module, names, at module level)`` for every import of an rnnjax module."""
+    tree = ast.parse(path.read_text(), str(path))
+    top_level = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("rnnjax"):
+                    yield node, alias.name, [], id(node) in top_level
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rnnjax") and not node.level:
+            names = [alias.name for alias in node.names]
+            # ``from rnnjax.pkg import sub``: an edge to the submodule where there is one.
+            subs = [f"{node.module}.{n}" for n in names if f"{node.module}.{n}" in MODULES]
+            for target in subs or [node.module]:
+                yield node, target, names, id(node) in top_level
+
+
+def graph() -> dict[str, set[str]]:
+    edges = {name: set() for name in MODULES}
+    for name, path in MODULES.items():
+        for _, target, _, _ in imports(path):
+            if target in MODULES and target != name:
+                edges[name].add(target)
+    return edges
+
+
+def test_the_import_graph_has_no_cycle():
+    edges, state, stack = graph(), {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == "open":
+                cycle = stack[stack.index(nxt):] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+
+
+def test_the_cycle_check_finds_a_cycle(monkeypatch):
+    """The check above can fail: a graph with a cycle is reported."""
+    fake = {"a": {"b"}, "b": {"c"}, "c": {"a"}}
+    monkeypatch.setitem(globals(), "graph", lambda: fake)
+    with pytest.raises(pytest.fail.Exception, match="import cycle: a -> b -> c -> a"):
+        test_the_import_graph_has_no_cycle()
+
+
+def test_engines_import_neither_the_front_door_nor_each_others_privates():
+    edges = graph()
+    for name, targets in edges.items():
+        if name.startswith("rnnjax.engines"):
+            assert not targets & {"rnnjax.scan", "rnnjax.methods", "rnnjax.layers", "rnnjax"}, (name, targets)
+    assert "rnnjax.distributed.sequence" not in edges["rnnjax.distributed.data"]
+
+
+def test_no_function_local_import_of_an_rnnjax_module():
+    local = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in MODULES.values()
+             for node, _, _, top in imports(path) if not top]
+    assert not local, local
+
+
+def test_no_module_imports_another_packages_private_names():
+    offenders = []
+    sources = list(MODULES.values()) + sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "benchmarks").rglob("*.py"))
+    for path in sources:
+        own = module_name(path).rsplit(".", 1)[0] if path.is_relative_to(PACKAGE) else None
+        for node, target, names, _ in imports(path):
+            for n in names:
+                private = n.startswith("_") and not n.startswith("__")
+                # Within one package (e.g. rnnjax.flax) private helpers may be shared.
+                if private and not (own and target.startswith(own)):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {n} from {target}")
+            if any(part.startswith("_") and not part.startswith("__") for part in target.split(".")):
+                if not (own and target.startswith(own)):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {target}")
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_modules_stay_small(name):
+    lines = MODULES[name].read_text().count("\n")
+    assert lines < MAX_LINES, f"{MODULES[name].relative_to(ROOT)} has {lines} lines; split it by concept"
