@@ -149,3 +149,12 @@ def test_decision_scripts_run_at_their_smallest_sizes(name, tmp_path, capsys):
     module = importlib.import_module(f"benchmarks.experiments.{name}")
     module.main([a.format(tmp=tmp_path) for a in argv])
     assert expected in capsys.readouterr().out
+
+
+def test_compare_hlo_ignores_names_and_locations_but_not_instructions():
+    from benchmarks.experiments.compare_hlo import normalised
+
+    a = 'ENTRY %main.12 {\n  %dot.3 = f32[2,2] dot(%p.1, %p.2), metadata={op_name="a" stack_frame_id=4}\n}'
+    b = 'ENTRY %main.7 {\n  %dot.9 = f32[2,2] dot(%q.5, %q.6), metadata={op_name="b" stack_frame_id=8}\n}'
+    c = b.replace("dot(", "add(")
+    assert normalised(a) == normalised(b) != normalised(c)

@@ -244,8 +244,6 @@ XS = jnp.ones((2, 5, INPUT_SIZE))
             "MinLSTM, LRU); GRU is not one. Methods that can run it: rj.Sequential(), rj.Newton(), rj.Auto()")),
         (GRU, dict(method="chunked"), r"rj.Chunked\(\) needs a cell with a linear recurrence"),
         (MINGRU, dict(method=rj.Chunked), "unknown method <class"),
-        (MINGRU, dict(chunk_size=4), r"chunk_size= is now method=rj.Chunked\(size=...\)"),
-        (MINGRU, dict(tol=1e-3), r"tol= is now method=rj.Newton\(tol=...\)"),
     ],
     ids=lambda v: None if isinstance(v, dict) else "",
 )
