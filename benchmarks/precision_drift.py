@@ -22,7 +22,7 @@ two modes' mean output errors (keep / round; < 1: keep is closer to float32).
     python benchmarks/precision_drift.py --round-products --variants bf16-keep,f16-keep --out /tmp/rp
 
 ``--round-products`` is an experiment on the library's internals: it makes the autocast
-products of ``carry_mode="keep"`` (``rnnjax.cell.matmul`` and ``conv``: 16-bit weights, a
+products of ``carry_mode="keep"`` (``rnnjax.ops.matmul`` and ``conv``: 16-bit weights, a
 wider operand) return the 16-bit dtype instead of float32, to measure what their float32
 result buys.
 
@@ -48,6 +48,7 @@ import numpy as np
 
 import rnnjax as rj
 import rnnjax.cell
+import rnnjax.ops
 
 if not __package__:  # run as a file (python benchmarks/precision_drift.py): `benchmarks` is in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -244,7 +245,7 @@ def metadata(args, argv) -> dict:
 
 @contextlib.contextmanager
 def rounded_products():
-    """Within: the cells' autocast products (``rnnjax.cell.matmul``, ``conv``) round their
+    """Within: the cells' autocast products (``rnnjax.ops.matmul``, ``conv``) round their
     float32 result to the 16-bit weights' dtype. Patches the names the cell modules imported;
     clears jax's caches on entry and exit so that no trace crosses the boundary."""
 
@@ -258,7 +259,7 @@ def rounded_products():
 
     jax.clear_caches()  # no trace made before is reused inside
     patched = []
-    originals = {attr: getattr(rnnjax.cell, attr) for attr in ("matmul", "conv")}
+    originals = {attr: getattr(rnnjax.ops, attr) for attr in ("matmul", "conv")}
     # rnnjax.cell too: DenseCell.step makes the products of Elman, LSTM and GRU there.
     modules = [rnnjax.cell] + [m for name, m in sys.modules.items() if name.startswith("rnnjax.cells.")]
     for module in modules:

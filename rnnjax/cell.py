@@ -28,20 +28,9 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-# Re-exported: cells and user code import these checks and building blocks from here.
+# Re-exported: cells and user code import these checks from here.
 from rnnjax.checks import check_float_input, check_positive_int  # noqa: F401
-from rnnjax.ops import (  # noqa: F401
-    ACTIVATIONS,
-    Activation,
-    Initializer,
-    conv,
-    glorot_uniform,
-    matmul,
-    orthogonal,
-    resolve_activation,
-    stacked_init,
-    zeros,
-)
+from rnnjax.ops import matmul
 
 Array = jax.Array
 PyTree = Any

@@ -74,8 +74,8 @@ class Mixed(Cell):
 
       where every product of an activation :math:`a` (input, carry, gated carry) with a
       16-bit weight :math:`W` is :math:`\rho_c(a)\,W` on ``compute_dtype`` operands,
-      accumulated and returned in float32 (:func:`rnnjax.cell.matmul`,
-      :func:`rnnjax.cell.conv`: the speed point of 16-bit weights on accelerators), and
+      accumulated and returned in float32 (:func:`rnnjax.ops.matmul`,
+      :func:`rnnjax.ops.conv`: the speed point of 16-bit weights on accelerators), and
       everything elementwise -- gates, activations, the state update (LSTM
       :math:`c_t = f_t \odot c_{t-1} + i_t \odot g_t`, GRU :math:`(1 - z_t) \odot n_t + z_t
       \odot h_{t-1}`, minGRU's interpolation, IndRNN's :math:`u \odot h_{t-1}`) -- runs in
@@ -118,7 +118,7 @@ class Mixed(Cell):
       complex state arithmetic in complex64 in both modes.
     - The autocast applies to bfloat16 and float16 weights (a product of two 16-bit
       operands, or of float32 and float64, is the plain promoted product), and only in cells
-      whose products go through :func:`rnnjax.cell.matmul` / :func:`rnnjax.cell.conv`, as
+      whose products go through :func:`rnnjax.ops.matmul` / :func:`rnnjax.ops.conv`, as
       rnnjax's own do. In ``"keep"`` mode a cell of yours that writes ``h @ w`` computes that
       product in float32 instead (promotion), with the same numbers otherwise.
       ``Mixed(cell, jnp.float32, carry_dtype=jnp.float64)`` in ``"keep"`` mode computes the
@@ -224,7 +224,7 @@ class Mixed(Cell):
         params = cast_floating(params, compute)
         if self.carry_mode == "keep":
             # x and the carry go in as they are: the cell's products round them to the 16-bit
-            # weights (rnnjax.cell.matmul, conv) and return float32, and the elementwise update
+            # weights (rnnjax.ops.matmul, conv) and return float32, and the elementwise update
             # promotes to carry_dtype. Leaves a cell returns in another dtype are cast back.
             new, y = self.cell.step(params, stored, x)
             new = jax.tree.map(lambda s, n: n.astype(s.dtype), stored, new)

@@ -126,7 +126,6 @@ def evaluate(cell: Cell, params: Any, xs: jax.Array, carry: PyTree | None, lengt
 def _concrete(method: Method, cell: Cell, steps: int) -> Method:
     """The method that runs: checked against ``cell``, ``Auto`` resolved, and the sequential
     loop when there are no steps."""
-    method.check(cell)
     method = method.resolve(cell, steps)
     method.check(cell)
     return method if steps or isinstance(method, Sequential) else Sequential()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import rnnjax as rj
-from rnnjax.cell import ACTIVATIONS, resolve_activation, stacked_init
+from rnnjax.ops import ACTIVATIONS, resolve_activation, stacked_init
 
 
 class LeakyParams(NamedTuple):

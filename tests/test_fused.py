@@ -115,8 +115,8 @@ def test_summed_columns_are_read_only_as_a_sum(name):
     # exactly, and the next column must not have the property (the claim is the largest).
     cell = CELL_CASES[name]
     params, xs, carry = random_case(cell, steps=1)
-    zx = rj.cell.matmul(xs[:, 0], params.w_x)
-    zh = rj.cell.matmul(cell.recurrent_input(carry), params.w_h)
+    zx = rj.ops.matmul(xs[:, 0], params.w_x)
+    zh = rj.ops.matmul(cell.recurrent_input(carry), params.w_h)
     width = zx.shape[-1]
     k = cell.summed_columns(width)
     assert 0 < k <= width

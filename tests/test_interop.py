@@ -15,7 +15,7 @@ import pytest
 
 import rnnjax as rj
 from rnnjax import interop
-from rnnjax.cell import ACTIVATIONS
+from rnnjax.ops import ACTIVATIONS
 from rnnjax.layers import BidirectionalParams
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

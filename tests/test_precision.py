@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import rnnjax as rj
-from rnnjax.cell import conv, matmul
+from rnnjax.ops import conv, matmul
 from rnnjax.precision import CARRY_MODES, cast_floating
 from tests.cases import CELL_CASES, random_case
 from tests.helpers import assert_trees_close
@@ -441,9 +441,9 @@ def test_16_bit_init_is_the_float32_init_rounded(name, dtype):
 
 def test_float32_init_is_jax_initializers_own():
     key = jax.random.key(3)
-    for ours, theirs, shape in [(rj.cell.orthogonal, jax.nn.initializers.orthogonal(), (6, 6)),
-                                (rj.cell.orthogonal, jax.nn.initializers.orthogonal(), (3, 3, 4, 4)),
-                                (rj.cell.glorot_uniform, jax.nn.initializers.glorot_uniform(), (5, 7))]:
+    for ours, theirs, shape in [(rj.ops.orthogonal, jax.nn.initializers.orthogonal(), (6, 6)),
+                                (rj.ops.orthogonal, jax.nn.initializers.orthogonal(), (3, 3, 4, 4)),
+                                (rj.ops.glorot_uniform, jax.nn.initializers.glorot_uniform(), (5, 7))]:
         got, want = ours(key, shape, jnp.float32), theirs(key, shape, jnp.float32)
         assert got.dtype == want.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

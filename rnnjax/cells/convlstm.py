@@ -9,16 +9,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import (
-    Activation,
-    Cell,
-    Initializer,
-    conv,
-    frozen,
-    glorot_uniform,
-    orthogonal,
-    resolve_activation,
-)
+from rnnjax.cell import Cell, frozen
+from rnnjax.ops import Activation, Initializer, conv, glorot_uniform, orthogonal, resolve_activation
 from rnnjax.checks import check_float_input, check_positive_int, is_int
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")

@@ -8,18 +8,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import (
-    Activation,
-    DenseCell,
-    HiddenStateCell,
-    Initializer,
-    check_positive_int,
-    frozen,
-    glorot_uniform,
-    orthogonal,
-    resolve_activation,
-    zeros,
-)
+from rnnjax.cell import DenseCell, HiddenStateCell, check_positive_int, frozen
+from rnnjax.ops import Activation, Initializer, glorot_uniform, orthogonal, resolve_activation, zeros
 
 
 class ElmanParams(NamedTuple):

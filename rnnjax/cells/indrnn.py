@@ -8,16 +8,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import (
-    Activation,
-    HiddenStateCell,
-    Initializer,
-    frozen,
-    glorot_uniform,
-    matmul,
-    resolve_activation,
-    zeros,
-)
+from rnnjax.cell import HiddenStateCell, frozen
+from rnnjax.ops import Activation, Initializer, glorot_uniform, matmul, resolve_activation, zeros
 from rnnjax.checks import check_positive_int, check_positive_number
 
 

@@ -8,12 +8,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import (
+from rnnjax.cell import DenseCell, check_positive_int, frozen
+from rnnjax.ops import (
     Activation,
-    DenseCell,
     Initializer,
-    check_positive_int,
-    frozen,
     glorot_uniform,
     matmul,
     orthogonal,

@@ -8,17 +8,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import (
-    HiddenStateCell,
-    Initializer,
-    LinearCell,
-    check_positive_int,
-    frozen,
-    glorot_uniform,
-    matmul,
-    stacked_init,
-    zeros,
-)
+from rnnjax.cell import HiddenStateCell, LinearCell, check_positive_int, frozen
+from rnnjax.ops import Initializer, glorot_uniform, matmul, stacked_init, zeros
 
 CANDIDATES = ("g", "identity")
 

@@ -35,7 +35,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import Cell, matmul
+from rnnjax.cell import Cell
+from rnnjax.ops import matmul
 from rnnjax.sequence import TimeMajor, mask_step, reset_carry
 
 

@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.cell import ACTIVATIONS, check_positive_int
+from rnnjax.cell import check_positive_int
+from rnnjax.ops import ACTIVATIONS
 from rnnjax.cells.elman import Elman, ElmanParams
 from rnnjax.cells.gru import GRU, GRUParams
 from rnnjax.cells.lstm import LSTM, LSTMParams, LSTMState
