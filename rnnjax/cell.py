@@ -108,6 +108,12 @@ class Cell(abc.ABC):
                 f"(build it with cell.init_carry(batch_shape))"
             )
         for got, exp in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(expected)):
+            if not jnp.issubdtype(jnp.result_type(got), jnp.inexact):
+                # An integer carry would truncate the state at every step.
+                raise TypeError(
+                    f"{name} has a leaf of dtype {jnp.result_type(got)}; expected a floating dtype "
+                    f"such as {exp.dtype} for {type(self).__name__} (build it with cell.init_carry(batch_shape))"
+                )
             if jnp.issubdtype(exp.dtype, jnp.complexfloating) and not jnp.issubdtype(
                 jnp.result_type(got), jnp.complexfloating
             ):
@@ -133,6 +139,11 @@ class Cell(abc.ABC):
             )
         expected = _param_shapes(self, self.input_size(params))
         for field, got, exp in zip(expected_type._fields, params, expected):
+            if got is not None and not jnp.issubdtype(jnp.result_type(got), jnp.inexact):
+                raise TypeError(
+                    f"params.{field} has dtype {jnp.result_type(got)}; expected a floating dtype such "
+                    f"as {exp.dtype} (from {type(self).__name__}.init)"
+                )
             got_shape = None if got is None else tuple(jnp.shape(got))
             exp_shape = None if exp is None else tuple(exp.shape)
             if got_shape != exp_shape:

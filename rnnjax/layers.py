@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import Cell, PyTree, frozen
+from rnnjax.checks import is_real_number
 from rnnjax.methods import Method, Sequential, as_method
-from rnnjax.scan import scan
+from rnnjax.scan import check_no_replaced_options, scan
 from rnnjax.sequence import check_reverse, zero_past
 
 
@@ -51,6 +52,13 @@ class RNN:
     cell: Cell
     reverse: bool = False
     method: Method | str = Sequential()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RNN:
+        # An old option (unroll=, vjp=, ...) names its method value instead of Python's bare
+        # "unexpected keyword argument".
+        fields = {f.name for f in dataclasses.fields(cls)}
+        check_no_replaced_options({k: v for k, v in kwargs.items() if k not in fields}, "rj.RNN")
+        return super().__new__(cls)
 
     def __post_init__(self):
         if not isinstance(self.cell, Cell):
@@ -126,6 +134,7 @@ class Bidirectional:
             raise ValueError(f"unknown merge {self.merge!r}; expected a callable or one of {sorted(_MERGES)}")
 
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> BidirectionalParams:
+        self.output_size(input_size)  # a merge other than concat needs equal sizes: say so now
         kf, kb = jax.random.split(key)
         return BidirectionalParams(self.forward.init(kf, input_size, dtype), self.backward.init(kb, input_size, dtype))
 
@@ -134,7 +143,10 @@ class Bidirectional:
         if self.merge == "concat":
             return f + b
         if f != b:
-            raise ValueError(f"merge={self.merge!r} needs equal output sizes, got forward {f} and backward {b}")
+            raise ValueError(
+                f"merge={self.merge!r} needs equal output sizes, got forward {f} and backward {b}; "
+                f"use merge='concat' or layers of one size"
+            )
         return f
 
     def init_carry(self, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> tuple:
@@ -149,6 +161,11 @@ class Bidirectional:
         cf, cb = (None, None) if carry is None else carry
         yf, cf = self.forward.apply(params.forward, xs, lengths=lengths, resets=resets, carry=cf, key=kf)
         yb, cb = self.backward.apply(params.backward, xs, lengths=lengths, resets=resets, carry=cb, key=kb)
+        if self.merge != "concat" and not callable(self.merge) and yf.shape != yb.shape:
+            raise ValueError(
+                f"merge={self.merge!r} needs equal output sizes, got forward {yf.shape[-1]} and "
+                f"backward {yb.shape[-1]}; use merge='concat' or layers of one size"
+            )
         merge = self.merge if callable(self.merge) else _MERGES[self.merge]
         return merge(yf, yb), (cf, cb)
 
@@ -189,7 +206,7 @@ class Stack:
                 raise TypeError(f"Stack.layers[{i}] is a cell; wrap it as rj.RNN({layer!r})")
             if not (hasattr(layer, "init") and hasattr(layer, "apply")):
                 raise TypeError(f"Stack.layers[{i}] must be a layer such as rj.RNN(cell), got {layer!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not is_real_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     def _sizes(self, input_size: int) -> list[int]:

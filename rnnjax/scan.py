@@ -106,7 +106,7 @@ def scan(
     method = _concrete(method, cell, xs.shape[-(cell.input_ndim + 1)])
 
     def run(params, xs, carry, lengths, resets):
-        return _evaluate(cell, method, reverse, params, xs, carry, lengths, resets)[:2]
+        return _run(cell, method, reverse, params, xs, carry, lengths, resets)[:2]
 
     split = current_data_parallel()
     if split is not None:  # inside rj.distributed.data_parallel: one loop per batch shard
@@ -120,7 +120,7 @@ def evaluate(cell: Cell, params: Any, xs: jax.Array, carry: PyTree | None, lengt
     engine's report too: ``(ys, final_carry, info)`` (``info`` is ``None`` but for Newton).
     It ignores :func:`rnnjax.distributed.data_parallel`."""
     method = _concrete(method, cell, xs.shape[-(cell.input_ndim + 1)])
-    return _evaluate(cell, method, bool(reverse), params, xs, carry, lengths, resets)
+    return _run(cell, method, bool(reverse), params, xs, carry, lengths, resets)
 
 
 def _concrete(method: Method, cell: Cell, steps: int) -> Method:
@@ -129,6 +129,21 @@ def _concrete(method: Method, cell: Cell, steps: int) -> Method:
     method = method.resolve(cell, steps)
     method.check(cell)
     return method if steps or isinstance(method, Sequential) else Sequential()
+
+
+def _run(cell: Cell, method: Method, reverse: bool, *arrays: Any) -> tuple[jax.Array, PyTree, Any]:
+    """:func:`_evaluate`, with JAX's bare error for forward mode through a ``custom_vjp``
+    (the fused gradient, Newton's implicit one) turned into one that names the fix."""
+    try:
+        return _evaluate(cell, method, reverse, *arrays)
+    except TypeError as err:
+        if "forward-mode" not in str(err):
+            raise
+        raise TypeError(
+            f"method={method!r} computes its gradient with a jax.custom_vjp, which has no forward mode: "
+            f"jax.jvp, jax.jacfwd and jax.linearize cannot go through it (jax.grad and jax.hessian can); "
+            f"use method=rj.Sequential() for forward-mode derivatives"
+        ) from err
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

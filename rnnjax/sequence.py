@@ -54,8 +54,12 @@ def check_xs(cell: Cell, params: Any, xs: Any) -> Array:
 
 
 def check_lengths(lengths: Any, batch_shape: tuple[int, ...], steps: int, of: str = "xs") -> Array:
-    """``lengths`` as an integer array of shape ``batch_shape`` (the batch shape of ``of``),
-    every value in ``[0, steps]`` when concrete."""
+    """``lengths`` as an int32 array of shape ``batch_shape`` (the batch shape of ``of``),
+    every value in ``[0, steps]`` when concrete.
+
+    int32 whatever the given integer dtype: arithmetic with ``T`` in a narrow or unsigned
+    type would wrap (``T = 300`` is 44 in ``uint8``, ``0 - 1`` is 255).
+    """
     if not hasattr(lengths, "dtype"):
         lengths = np.asarray(lengths)
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
@@ -70,7 +74,7 @@ def check_lengths(lengths: Any, batch_shape: tuple[int, ...], steps: int, of: st
         if values.size and (values.min() < 0 or values.max() > steps):
             bad = values[(values < 0) | (values > steps)].ravel()[0]
             raise ValueError(f"lengths has the value {bad}; expected every length in [0, T={steps}]")
-    return jnp.asarray(lengths)
+    return jnp.asarray(lengths).astype(jnp.int32)
 
 
 def check_resets(resets: Any, batch_shape: tuple[int, ...], steps: int) -> Array:
@@ -231,6 +235,9 @@ def canonical(cell: Cell, params: Any, xs: Array, carry: PyTree | None, lengths:
         # int32 before clipping: T must not be cast into a narrow integer type.
         lengths = jnp.clip(lengths.astype(jnp.int32), 0, steps)
         valid = time < lengths
+        # Padding never reaches a cell: a NaN there would give 0 * NaN = NaN in the backward
+        # pass of the masked step even though the forward pass ignores it.
+        xs_tm = jnp.where(valid.reshape(valid.shape + (1,) * k), xs_tm, jnp.zeros((), xs_tm.dtype))
     resets_tm = None if resets is None else jnp.moveaxis(resets, -1, 0)
     if reverse and resets_tm is not None:
         # A boundary before step t means the backward pass starts afresh after step t.

@@ -202,6 +202,8 @@ def test_bad_input():
         rjn.Recurrent(nnx.Linear(3, 3, rngs=nnx.Rngs(0)), D, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="Recurrent.layer must be an rnnjax cell"):
         rjn.Recurrent(rj.LSTM, D, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="input_size must be a positive int, got 3.5"):
+        rjn.Recurrent(rj.GRU(4), 3.5, rngs=nnx.Rngs(0))  # not silently 3
     model = rjn.Recurrent(rj.GRU(4), D, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"xs has shape \(2, 6, 5\); expected \(\.\.\., T, 3\) for input_size=3 of GRU"):
         model(jnp.ones((2, 6, 5)))

@@ -285,6 +285,30 @@ def test_horizon_batch_axes_vmap_and_jit_agree():
     np.testing.assert_allclose(batched.state[1, 0, 0], 2.0, rtol=1e-6)  # length 1: ||I_4||_F
 
 
+def test_padding_never_reaches_the_inspected_cell():
+    # NaN/Inf past a length changes neither the horizon, the trajectory nor the exponents
+    # (their derivatives would be 0 * NaN if the padding reached the cell).
+    cell = rj.LSTM(3)
+    params, xs, _ = random_case(cell, 5, batch=(2,))
+    lengths = jnp.array([5, 2])
+    dirty = xs.at[1, 2:].set(jnp.nan).at[1, 4].set(jnp.inf)
+    clean = xs.at[1, 2:].set(0.0)
+    for fn in (lambda x: INSPECT.jacobian_horizon(cell, params, x, lengths=lengths),
+               lambda x: INSPECT.state_trajectory(cell, params, x, lengths=lengths),
+               lambda x: INSPECT.lyapunov_exponents(cell, params, x, k=2, lengths=lengths)):
+        got, want = fn(dirty), fn(clean)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert np.isfinite(np.asarray(a)).all()
+            np.testing.assert_array_equal(a, b)
+
+
+def test_horizon_of_no_steps_is_empty():
+    cell = rj.GRU(4)
+    params = cell.init(jax.random.key(0), 3)
+    horizon = INSPECT.jacobian_horizon(cell, params, jnp.ones((2, 0, 3)))
+    assert horizon.state.shape == horizon.saliency.shape == (2, 0)
+
+
 # ---- integrated gradients ---------------------------------------------------------------------------
 
 

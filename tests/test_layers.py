@@ -140,10 +140,20 @@ def test_bad_layer_input_is_rejected():
         rj.RNN(object())
     with pytest.raises(ValueError, match="dropout must be in"):
         rj.Stack([rj.RNN(rj.GRU(3))], dropout=1.0)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got '0.5'"):
+        rj.Stack([rj.RNN(rj.GRU(3))], dropout="0.5")
+    with pytest.raises(TypeError, match=r"unroll= is now method=rj.Sequential\(unroll=...\)"):
+        rj.RNN(rj.GRU(3), unroll=0)
+    with pytest.raises(TypeError, match=r"rj.RNN got unexpected keyword arguments \['speed'\]"):
+        rj.RNN(rj.GRU(3), speed=1)
+    with pytest.raises(TypeError, match="reverse must be a bool, got 'yes'"):
+        rj.RNN(rj.GRU(3), reverse="yes")
     with pytest.raises(ValueError, match="unknown merge 'avg'"):
         rj.Bidirectional(rj.RNN(rj.GRU(3)), merge="avg")
     with pytest.raises(ValueError, match="needs equal output sizes"):
         rj.Bidirectional(rj.RNN(rj.GRU(3)), rj.RNN(rj.GRU(4), reverse=True), merge="sum").output_size(2)
+    with pytest.raises(ValueError, match="merge='sum' needs equal output sizes, got forward 3 and backward 4"):
+        rj.Bidirectional(rj.RNN(rj.GRU(3)), rj.RNN(rj.GRU(4), reverse=True), merge="sum").init(jax.random.key(0), 2)
     stack = rj.Stack([rj.RNN(rj.GRU(3)), rj.RNN(rj.GRU(3))])
     params = stack.init(jax.random.key(0), 4)
     with pytest.raises(TypeError, match="params must be a tuple of 2"):

@@ -226,14 +226,14 @@ def test_lengths_and_reverse_freeze_the_float32_carry(mode):
         for a, b in zip(jax.tree.leaves((ys, h, c)),
                         jax.tree.leaves(rj.scan(cell, params, garbage, lengths=lengths, reverse=reverse))):
             np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-        # Sequence 1 alone, cut at its length: the same outputs and final carry, up to the
-        # float32 rounding of a batched against an unbatched product in carry_mode="keep"
-        # (measured: 1 ulp), i.e. up to one float16 rounding of the outputs.
+        # Sequence 1 alone, cut at its length, is another compiled program (other shapes, so
+        # other kernels and fusions, which differ between processors). Both runs approximate the
+        # same exact values to within the bound of test_dtypes_and_closeness_to_float32,
+        # (steps + 2) u of norm-wise relative error each, so they differ by at most twice that.
         ys1, (h1, c1) = rj.scan(cell, params, xs[1, :3], reverse=reverse)
-        f16, f32 = float(jnp.finfo(jnp.float16).eps), float(jnp.finfo(jnp.float32).eps)
-        np.testing.assert_allclose(np.asarray(ys[1, :3], np.float32), np.asarray(ys1, np.float32), rtol=f16, atol=0)
-        np.testing.assert_allclose(np.asarray(h[1]), np.asarray(h1), rtol=4 * f32, atol=0)
-        np.testing.assert_allclose(np.asarray(c[1]), np.asarray(c1), rtol=4 * f32, atol=0)
+        bound = 2 * (3 + 2) * float(jnp.finfo(jnp.float16).eps) / 2
+        for got, want in ((ys[1, :3].astype(jnp.float32), ys1.astype(jnp.float32)), (h[1], h1), (c[1], c1)):
+            assert _rel(got, want) < bound, (reverse, _rel(got, want), bound)
 
 
 def test_inside_rnn_bidirectional_and_stack():

@@ -254,6 +254,12 @@ def test_given_carry_dtype_is_kept():
         (dict(carry=jnp.zeros((2, 3, 6))), ValueError, "carry has structure"),
         (dict(carry=rj.LSTM(6).init_carry((3,))), ValueError, r"carry has a leaf of shape \(3, 6\); expected \(2, 3, 6\)"),
         (dict(carry=rj.LSTM(6).init_carry((2, 3, 1))), ValueError, r"expected \(2, 3, 6\)"),
+        (dict(carry=LSTM.init_carry((2, 3), jnp.int32)), TypeError,
+         "carry has a leaf of dtype int32; expected a floating dtype such as float32"),
+        (dict(carry=LSTM.init_carry((2, 3))._replace(c=jnp.zeros((2, 3, 6), bool))), TypeError,
+         "carry has a leaf of dtype bool; expected a floating dtype"),
+        (dict(params=PARAMS._replace(w_h=PARAMS.w_h.astype(jnp.int32))), TypeError,
+         "params.w_h has dtype int32; expected a floating dtype such as float32"),
         (dict(reverse="yes"), TypeError, "reverse must be a bool, got 'yes'"),
         (dict(method="fastest"), ValueError, r"unknown method 'fastest'; expected a method value such as rj.Sequential\(\)"),
         (dict(unroll=4), TypeError, r"unroll= is now method=rj.Sequential\(unroll=...\)"),
@@ -287,7 +293,51 @@ def test_unknown_activation_name_is_rejected():
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
 def test_bad_sizes_are_rejected(bad):
+    with pytest.raises(ValueError, match="proj_size must be a positive int"):
+        rj.LSTM(4, proj_size=bad)
     with pytest.raises(ValueError, match="hidden_size must be a positive int"):
         rj.GRU(bad)
     with pytest.raises(ValueError, match="input_size must be a positive int"):
         rj.GRU(4).init(jax.random.key(0), bad)
+
+
+def test_narrow_integer_lengths_mean_what_int32_lengths_mean():
+    # T = 300 does not fit in uint8 (it would wrap to 44), nor does 0 - 1 for a length-0
+    # sequence: every place that mixes lengths with T computes in int32.
+    cell = rj.Elman(2)
+    params = cell.init(jax.random.key(0), 1)
+    xs = jax.random.normal(jax.random.key(1), (3, 300, 1))
+    lengths = np.array([200, 0, 255])
+    for reverse in (False, True):
+        want = rj.scan(cell, params, xs, lengths=jnp.asarray(lengths, jnp.int32), reverse=reverse)
+        for dtype in (jnp.uint8, jnp.int8, jnp.uint16, jnp.int16):
+            narrow = lengths.clip(max=jnp.iinfo(dtype).max).astype(dtype)
+            if (narrow != lengths).any():
+                continue
+            got = rj.scan(cell, params, xs, lengths=jnp.asarray(narrow), reverse=reverse)
+            assert_trees_close(got, want, atol=0, rtol=0)
+    ys = np.asarray(want[0])
+    assert (ys[0, :200] != 0).all() and not ys[0, 200:].any() and not ys[1].any()
+    last = rj.train.last_step(want[0], jnp.asarray(lengths, jnp.uint8))
+    np.testing.assert_array_equal(last, ys[[0, 1, 2], [199, 0, 254]] * np.array([[1], [0], [1]]))
+
+
+def test_forward_mode_through_a_custom_vjp_method_names_the_fix():
+    cell = rj.GRU(3)
+    params = cell.init(jax.random.key(0), 2)
+    xs = jax.random.normal(jax.random.key(1), (4, 2))
+    loss = lambda method: (lambda x: jnp.sum(rj.scan(cell, params, x, method=method)[0] ** 2))
+    for method in (rj.Sequential(gradient="fused"), rj.Newton()):
+        with pytest.raises(TypeError, match=r"has no forward mode.*use method=rj.Sequential\(\) for forward-mode"):
+            jax.jvp(loss(method), (xs,), (xs,))
+    # Reverse mode to second order works: forward-over-reverse jax.hessian through the fused
+    # gradient equals autodiff's (float32 rounding of two different programs).
+    assert_trees_close(jax.hessian(loss(rj.Sequential(gradient="fused")))(xs),
+                       jax.hessian(loss(rj.Sequential()))(xs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("proj_size", [4, 5])
+def test_lstm_projection_must_reduce_the_hidden_size(proj_size):
+    # As PyTorch (proj_size must be smaller than hidden_size).
+    with pytest.raises(ValueError, match=f"proj_size={proj_size} must be smaller than hidden_size=4"):
+        rj.LSTM(4, proj_size=proj_size)

@@ -1,9 +1,14 @@
-"""rnnjax.train: masked losses against unpadded references, train steps against hand-written
-optax updates, truncated BPTT against full BPTT and a manual chunk-by-chunk computation,
-fit against a plain loop, and bad input."""
+"""rnnjax.train: train steps against hand-written optax updates, truncated BPTT against full
+BPTT and a manual chunk-by-chunk computation, fit against a plain loop, padding that holds
+NaN, donated states, errors in the middle of fit, and bad input. (Losses: test_losses.py.)"""
 
 import functools
 import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -75,155 +80,6 @@ def fresh_state(optimizer=OPT):
     return T.TrainState.create(PARAMS, optimizer)  # copies PARAMS: donation leaves them alone
 
 
-# ---- losses -------------------------------------------------------------------------------
-
-
-def test_sequence_mask():
-    mask = T.sequence_mask(jnp.array([[0, 2], [4, 1]]), 3)
-    np.testing.assert_array_equal(mask, [[[0, 0, 0], [1, 1, 0]], [[1, 1, 1], [1, 0, 0]]])
-    assert mask.dtype == jnp.bool_
-
-
-# two batch axes, a length 0 and a full length; labels -1 at padding
-RNG = np.random.default_rng(3)
-LOGITS = jnp.asarray(RNG.normal(size=(2, 2, 6, C)), jnp.float32)
-LABELS = jnp.asarray(RNG.integers(0, C, (2, 2, 6)), jnp.int32)
-LENS2 = jnp.array([[6, 0], [2, 5]])
-PADDED_LABELS = jnp.where(T.sequence_mask(LENS2, 6), LABELS, -1)
-
-
-def unpadded(values, lengths):
-    """Concatenate the real steps of every sequence: (*batch, T, ...) -> (N, ...), in numpy."""
-    values = np.asarray(values)
-    flat = values.reshape((-1,) + values.shape[np.ndim(lengths) :])
-    return np.concatenate([flat[i, :n] for i, n in enumerate(np.asarray(lengths).ravel())])
-
-
-def test_softmax_cross_entropy_integer_labels_is_the_mean_over_real_steps():
-    loss = T.softmax_cross_entropy(LOGITS, PADDED_LABELS, LENS2)
-    ref = optax.softmax_cross_entropy_with_integer_labels(unpadded(LOGITS, LENS2), unpadded(LABELS, LENS2)).mean()
-    assert_trees_close(loss, ref, **F32)
-    # without lengths: every step counts
-    assert_trees_close(T.softmax_cross_entropy(LOGITS, LABELS), optax.softmax_cross_entropy_with_integer_labels(LOGITS, LABELS).mean(), **F32)
-    # under jit with traced lengths: the same number
-    assert_trees_close(jax.jit(T.softmax_cross_entropy)(LOGITS, PADDED_LABELS, LENS2), ref, **F32)
-
-
-def test_softmax_cross_entropy_probability_labels():
-    onehot = jax.nn.one_hot(LABELS, C)
-    assert_trees_close(T.softmax_cross_entropy(LOGITS, onehot, LENS2), T.softmax_cross_entropy(LOGITS, LABELS, LENS2), **F32)
-    probs = jax.nn.softmax(RNG.normal(size=LOGITS.shape).astype(np.float32))
-    ref = optax.softmax_cross_entropy(unpadded(LOGITS, LENS2), unpadded(probs, LENS2)).mean()
-    assert_trees_close(T.softmax_cross_entropy(LOGITS, probs, LENS2), ref, **F32)
-
-
-def test_padding_changes_neither_the_loss_nor_the_gradient():
-    mask = T.sequence_mask(LENS2, 6)[..., None]
-    garbage = jnp.where(mask, LOGITS, 1e4 * RNG.normal(size=LOGITS.shape).astype(np.float32))
-    f = jax.jit(jax.value_and_grad(T.softmax_cross_entropy))
-    (v1, g1), (v2, g2) = f(LOGITS, PADDED_LABELS, LENS2), f(garbage, PADDED_LABELS, LENS2)
-    assert_trees_close(v1, v2, **F32)
-    assert_trees_close(g1, g2, **F32)
-    assert not np.any(np.asarray(g1 * ~mask))  # no gradient reaches padded steps
-    g_mse = jax.jit(jax.grad(T.mean_squared_error))(LOGITS, jnp.zeros_like(LOGITS), LENS2)
-    assert not np.any(np.asarray(g_mse * ~mask))
-
-
-def test_no_real_step_gives_zero_and_finite_gradients():
-    zero = jnp.zeros((2, 2), jnp.int32)
-    for fn, labels in [
-        (T.softmax_cross_entropy, LABELS),
-        (T.last_step_cross_entropy, LABELS[..., 0]),
-        (T.mean_squared_error, LOGITS + 1.0),
-    ]:
-        value, grad = jax.jit(jax.value_and_grad(fn))(LOGITS, labels, zero)
-        assert float(value) == 0.0 and np.all(np.isfinite(grad))
-
-
-def test_bfloat16_logits_give_a_float32_loss():
-    loss = T.softmax_cross_entropy(LOGITS.astype(jnp.bfloat16), LABELS)
-    assert loss.dtype == jnp.float32
-    assert_trees_close(loss, T.softmax_cross_entropy(LOGITS, LABELS), atol=0.05, rtol=0.05)
-
-
-def test_last_step_takes_each_sequences_last_real_output():
-    ys = RNG.normal(size=(2, 2, 6, 3)).astype(np.float32)
-    out = np.asarray(T.last_step(ys, LENS2))
-    for i in range(2):
-        for j in range(2):
-            n = int(LENS2[i, j])
-            expected = ys[i, j, n - 1] if n else np.zeros(3)
-            np.testing.assert_array_equal(out[i, j], expected)
-    np.testing.assert_array_equal(T.last_step(ys), ys[..., -1, :])
-    # on rj.scan's outputs it is the final hidden state
-    ys, h = rj.scan(CELL, init_params()["rnn"], make_batch()["x"], lengths=LENGTHS)
-    assert_trees_close(T.last_step(ys, LENGTHS), h, **F32)
-
-
-def test_last_step_cross_entropy_against_the_gathered_logits():
-    labels = LABELS[..., 0]
-    loss = T.last_step_cross_entropy(LOGITS, labels, LENS2)
-    # the length-0 sequence (0, 1) is left out
-    logits, classes = np.asarray(LOGITS), np.asarray(labels)
-    picks = [(0, 0, 5), (1, 0, 1), (1, 1, 4)]
-    ref = optax.softmax_cross_entropy_with_integer_labels(
-        np.stack([logits[i, j, t] for i, j, t in picks]), np.stack([classes[i, j] for i, j, _ in picks])
-    ).mean()
-    assert_trees_close(loss, ref, **F32)
-    assert_trees_close(T.last_step_cross_entropy(LOGITS, jax.nn.one_hot(labels, C), LENS2), ref, **F32)
-    ref_all = optax.softmax_cross_entropy_with_integer_labels(LOGITS[..., -1, :], labels).mean()
-    assert_trees_close(T.last_step_cross_entropy(LOGITS, labels), ref_all, **F32)
-
-
-def test_mean_squared_error_over_real_steps_and_features():
-    targets = RNG.normal(size=LOGITS.shape).astype(np.float32)
-    loss = T.mean_squared_error(LOGITS, targets, LENS2)
-    ref = np.mean((np.asarray(unpadded(LOGITS, LENS2)) - np.asarray(unpadded(targets, LENS2))) ** 2)
-    assert_trees_close(loss, ref, **F32)
-    assert_trees_close(T.mean_squared_error(LOGITS, targets), np.mean((np.asarray(LOGITS) - np.asarray(targets)) ** 2), **F32)
-
-
-LOSS_ERRORS = [
-    (T.softmax_cross_entropy, (LOGITS, LABELS[..., :5]), ValueError,
-     r"labels has shape \(2, 2, 5\); expected \(2, 2, 6\) \(integer class indices\) or \(2, 2, 6, 5\)"),
-    (T.softmax_cross_entropy, (LOGITS, LABELS > 2), TypeError, "labels has dtype bool; expected integer class indices"),
-    (T.softmax_cross_entropy, (LOGITS, jnp.ones((2, 2, 6, 4))), ValueError, r"labels has shape \(2, 2, 6, 4\)"),
-    (T.softmax_cross_entropy, (LOGITS, LABELS, jnp.array([6, 6])), ValueError,
-     r"lengths has shape \(2,\); expected \(2, 2\), the batch shape of logits of shape \(2, 2, 6, 5\)"),
-    (T.softmax_cross_entropy, (LOGITS, LABELS, jnp.full((2, 2), 3.0)), TypeError, "lengths has dtype float32; expected an integer"),
-    (T.softmax_cross_entropy, (LABELS, LABELS), TypeError, "logits has dtype int32; expected a floating dtype"),
-    (T.softmax_cross_entropy, (jnp.ones(5), jnp.ones(5)), ValueError, r"logits has shape \(5,\); expected \(\*batch, T, C\)"),
-    (T.last_step_cross_entropy, (LOGITS, LABELS), ValueError, r"labels has shape \(2, 2, 6\); expected \(2, 2\) .* or \(2, 2, 5\)"),
-    (T.last_step_cross_entropy, (LOGITS, LABELS[..., 0], jnp.array([1, 2, 3])), ValueError, r"lengths has shape \(3,\); expected \(2, 2\)"),
-    (T.last_step, (jnp.ones((2, 0, 3)),), ValueError, r"ys has shape \(2, 0, 3\); expected \(\*batch, T, F\) with T >= 1"),
-    (T.mean_squared_error, (LOGITS, LOGITS[..., :3]), ValueError, r"targets has shape \(2, 2, 6, 3\); expected \(2, 2, 6, 5\)"),
-    (T.mean_squared_error, (LOGITS, LABELS[..., None]), TypeError, "targets has dtype int32; expected a floating dtype"),
-    (T.sequence_mask, (jnp.array([1.0]), 3), TypeError, "lengths has dtype float32"),
-]
-
-
-@pytest.mark.parametrize("fn, args, error, message", LOSS_ERRORS, ids=lambda v: getattr(v, "__name__", ""))
-def test_loss_bad_input_raises_a_clear_error_at_trace_time(fn, args, error, message):
-    with pytest.raises(error, match=message):
-        fn(*args)
-    with pytest.raises(error, match=message):
-        jax.jit(lambda: fn(*args))()
-
-
-@pytest.mark.parametrize(
-    "fn, args, message",
-    [
-        (T.softmax_cross_entropy, (LOGITS, LABELS, jnp.full((2, 2), 7)), r"lengths has the value 7; expected every length in \[0, T=6\]"),
-        (T.mean_squared_error, (LOGITS, LOGITS, jnp.full((2, 2), -1)), r"lengths has the value -1"),
-        (T.softmax_cross_entropy, (LOGITS, LABELS.at[1, 1, 0].set(C)), r"labels has the value 5 at a real step; expected class indices in \[0, C=5\)"),
-        (T.last_step_cross_entropy, (LOGITS, LABELS[..., 0].at[0, 0].set(-1)), r"labels has the value -1 at a real step"),
-    ],
-)
-def test_concrete_out_of_range_values_are_rejected(fn, args, message):
-    with pytest.raises(ValueError, match=message):
-        fn(*args)
-
-
 # ---- make_train_step ----------------------------------------------------------------------
 
 
@@ -264,6 +120,22 @@ def test_train_step_donates_the_state_and_compiles_once():
     assert step._cache_size() == compiled
 
 
+DONATED = r"state\.step has been deleted: it was donated to a train step at a previous call .*use the state that step \(or rj\.train\.fit\) returned"
+
+
+def test_a_donated_state_passed_again_is_refused_naming_the_array():
+    state = fresh_state()
+    train_step()(state, make_batch())
+    with pytest.raises(ValueError, match=DONATED):
+        train_step()(state, make_batch())
+    with pytest.raises(ValueError, match=DONATED):
+        T.fit(train_step(), state, [make_batch()], progress=False)
+    # over a mesh the check comes before the state is placed (nothing compiles)
+    mesh_step = T.make_train_step(full_loss, OPT, mesh=jax.make_mesh((1,), ("data",)))
+    with pytest.raises(ValueError, match=DONATED):
+        mesh_step(state, make_batch())
+
+
 def test_train_step_with_aux_metrics_and_without_donation():
     def loss_fn(p, batch):
         loss = full_loss(p, batch)
@@ -302,6 +174,77 @@ def test_train_step_rejects_bad_arguments_and_states():
         step((init_params(), OPT.init(init_params())), make_batch())
     with pytest.raises(ValueError, match="state.opt_state has structure .* expected .* from optimizer.init"):
         step(fresh_state(optax.sgd(0.1)), make_batch())
+
+
+def test_an_out_of_range_label_makes_the_step_loss_nan():
+    # inside the jitted step the label cannot raise; -1 must not pass as the last class
+    batch = make_batch()
+    batch["y"] = batch["y"].at[2, 1].set(-1)  # a real step of a sequence of length 3
+    state, metrics = train_step()(fresh_state(), batch)
+    assert np.isnan(float(metrics["loss"]))
+    assert np.isfinite(float(metrics["grad_norm"])) and all(np.all(np.isfinite(p)) for p in jax.tree.leaves(state))
+
+
+def nan_padded(batch, value):
+    """``batch`` with ``value`` in x and -1 in y at every step past a length."""
+    padding = ~T.sequence_mask(batch["lengths"], batch["x"].shape[1])
+    return {**batch, "x": jnp.where(padding[..., None], value, batch["x"]), "y": jnp.where(padding, -1, batch["y"])}
+
+
+def test_nan_in_padding_changes_no_step():
+    # depends on rj.scan keeping padded inputs out of the cell (rnnjax/sequence.py)
+    batch = make_batch(lengths=jnp.array([8, 5, 0]))
+    for pad in (np.nan, np.inf):
+        (s0, m0), (s1, m1) = (train_step()(fresh_state(), nan_padded(batch, v)) for v in (0.0, pad))
+        assert np.isfinite(float(m1["grad_norm"]))
+        assert_trees_close((s1, m1), (s0, m0), **EXACT)
+        step, carry = tbptt_step(4, SGD, clip_norm=None), CELL.init_carry((B,))
+        (s0, c0, m0), (s1, c1, m1) = (step(fresh_state(SGD), carry, nan_padded(batch, v)) for v in (0.0, pad))
+        assert_trees_close((s1, c1, m1), (s0, c0, m0), **EXACT)
+
+
+MESH_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np, optax, rnnjax as rj
+
+cell, opt = rj.GRU(4), optax.sgd(0.5)
+mesh = jax.make_mesh((2,), ("data",))
+params = {"rnn": cell.init(jax.random.key(0), 3), "out": jnp.ones((4, 3)) / 4}
+
+def loss_fn(p, b):
+    ys, _ = rj.scan(cell, p["rnn"], b["x"], lengths=b["lengths"])
+    return rj.train.softmax_cross_entropy(ys @ p["out"], b["y"], b["lengths"])
+
+step = rj.train.make_train_step(loss_fn, opt, mesh=mesh, donate=False)
+rng = np.random.default_rng(0)
+x, y, lengths = rng.normal(size=(4, 6, 3)), rng.integers(0, 3, (4, 6)), np.array([6, 4, 1, 0])
+padding = np.arange(6) >= lengths[:, None]
+out = {}
+for name, value in [("zero", 0.0), ("nan", np.nan)]:
+    batch = {"x": jnp.asarray(np.where(padding[..., None], value, x), jnp.float32),
+             "y": jnp.asarray(np.where(padding, -1, y), jnp.int32), "lengths": jnp.asarray(lengths)}
+    state, metrics = step(rj.train.TrainState.create(params, opt), batch)
+    for i, leaf in enumerate(jax.tree.leaves((state, metrics))):
+        out[f"{name}{i}"] = np.asarray(leaf)
+np.savez(sys.argv[1], devices=len(jax.devices()), **out)
+"""
+
+
+def test_data_parallel_step_with_nan_in_padding_on_two_devices(tmp_path):
+    # depends on rj.scan keeping padded inputs out of the cell (rnnjax/sequence.py)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = tmp_path / "out.npz"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(MESH_SCRIPT), str(out)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = np.load(out)
+    assert int(result["devices"]) == 2
+    names = sorted(k[4:] for k in result.files if k.startswith("zero"))
+    for i in names:
+        assert np.all(np.isfinite(result[f"nan{i}"])), f"leaf {i} is not finite"
+        np.testing.assert_array_equal(result[f"nan{i}"], result[f"zero{i}"])
 
 
 # ---- truncated BPTT -----------------------------------------------------------------------
@@ -495,3 +438,42 @@ def test_fit_threads_a_tbptt_carry_and_stops_cleanly_on_interrupt():
     state, history = T.fit(train_step(), fresh_state(), interrupted(), file=file)
     assert int(state.step) == 2 and len(history["loss"]) == 2
     assert "(interrupted)" in file.getvalue()
+
+
+def test_fit_hands_back_the_last_good_state_on_any_exception():
+    good = [make_batch(seed=s) for s in range(3)]
+    ref = fresh_state()
+    for batch in good[:2]:
+        ref, _ = train_step()(ref, batch)
+    # a bad batch: rj.scan refuses it while tracing
+    bad = {**good[0], "x": jnp.ones((B, STEPS, D + 1))}
+    file = io.StringIO()
+    with pytest.raises(ValueError, match="xs has shape") as info:
+        T.fit(train_step(), fresh_state(), [*good[:2], bad, good[2]], file=file, log_every=5)
+    err = info.value
+    assert_trees_close(err.state, ref, **EXACT)
+    assert err.history["step"] == [1, 2] and len(err.history["loss"]) == 2
+    assert any("the last good state (after step 2) is in err.state" in note for note in err.__notes__)
+    assert file.getvalue().splitlines()[-1].startswith("fit: 2 steps in ") and "(stopped by ValueError)" in file.getvalue()
+    state, history = T.fit(train_step(), err.state, good[2:], progress=False)  # training goes on from it
+    assert int(state.step) == 3 and history["step"] == [3]
+
+    # an error in the evaluation (or anywhere else) hands back the state it was given
+    def eval_fn(state):
+        raise RuntimeError("evaluation failed")
+
+    with pytest.raises(RuntimeError, match="evaluation failed") as info:
+        T.fit(train_step(), fresh_state(), good, eval_fn=eval_fn, eval_every=2, progress=False)
+    assert_trees_close(info.value.state, ref, **EXACT)
+
+    # a step that fails after consuming the donated state: nothing good is left to hand back
+    def failing(state, batch):
+        new, metrics = train_step()(state, batch)
+        if int(new.step) == 2:
+            raise FloatingPointError("loss is NaN")
+        return new, metrics
+
+    with pytest.raises(FloatingPointError) as info:
+        T.fit(failing, fresh_state(), good, progress=False)
+    assert info.value.state is None and info.value.history["step"] == [1]
+    assert any("the state after step 1 was consumed by the failure" in note for note in info.value.__notes__)

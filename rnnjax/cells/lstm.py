@@ -85,6 +85,12 @@ class LSTM(DenseCell):
         check_positive_int(self.hidden_size, "hidden_size")
         if self.proj_size is not None:
             check_positive_int(self.proj_size, "proj_size")
+            if self.proj_size >= self.hidden_size:
+                # As PyTorch: a projection is a reduction (and a square one adds nothing).
+                raise ValueError(
+                    f"proj_size={self.proj_size} must be smaller than hidden_size={self.hidden_size} "
+                    f"(or None for no projection)"
+                )
         resolve_activation(self.activation)
         resolve_activation(self.gate_activation, "gate_activation")
 

@@ -192,12 +192,14 @@ class MinLSTM(_Minimal):
     bias_init: Initializer = field(default=zeros, repr=False)
 
     def coefficients(self, params: MinLSTMParams, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(a, b) = (f', i' * h~)``, each ``(*batch, hidden_size)``."""
+        r"""``(a, b) = (f', i' * h~)``, each ``(*batch, hidden_size)``.
+
+        :math:`f' = f / (f + i) = \sigma(-d)` and :math:`i' = \sigma(d)` with
+        :math:`d = \log i - \log f`, as in :meth:`log_coefficients`: finite where both gates
+        underflow (``f / (f + i)`` would be 0 / 0)."""
         f_pre, i_pre, h_pre = self._preactivations(params, x)
-        f = jax.nn.sigmoid(f_pre)
-        i = jax.nn.sigmoid(i_pre)
-        total = f + i
-        return f / total, (i / total) * self._candidate(h_pre)
+        d = jax.nn.log_sigmoid(i_pre) - jax.nn.log_sigmoid(f_pre)
+        return jax.nn.sigmoid(-d), jax.nn.sigmoid(d) * self._candidate(h_pre)
 
     def log_coefficients(self, params: MinLSTMParams, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         r"""``(log a, log b)``, computed without forming ``a`` or ``b``. With

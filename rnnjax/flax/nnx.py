@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rnnjax.checks import check_positive_int
 from rnnjax.flax import _params
 from rnnjax.flax._params import Partitioning
 
@@ -104,6 +105,7 @@ class Recurrent(nnx.Module):
         deterministic: bool = False,
     ):
         self.layer = _params.as_layer(layer)
+        check_positive_int(input_size, "input_size")
         self.input_size = int(input_size)
         self.dtype = dtype
         self.deterministic = deterministic

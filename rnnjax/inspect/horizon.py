@@ -84,6 +84,9 @@ def jacobian_horizon(cell: Cell, params: Any, xs: jax.Array, carry: PyTree | Non
     if ord not in _NORMS:
         raise ValueError(f"ord must be 'fro' (Frobenius) or 2 (spectral), got {ord!r}")
     seq = check_sequences(cell, params, xs, carry, lengths)
+    if seq.xs.shape[1] == 0:  # T = 0: no step, so nothing to measure
+        empty = jnp.zeros((*seq.batch_shape, 0), jnp.result_type(*jax.tree.leaves(seq.carry)))
+        return Horizon(empty, empty)
     state, saliency = _horizon_jit(cell, params, seq.xs, seq.carry, seq.lengths, ord)
     return Horizon(unflatten_batch(state, seq.batch_shape), unflatten_batch(saliency, seq.batch_shape))
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from rnnjax.carry import CarryLayout
 from rnnjax.cell import Cell, PyTree
-from rnnjax.sequence import check_lengths, check_xs, compute_dtype
+from rnnjax.sequence import check_lengths, check_xs, compute_dtype, sequence_mask
 
 StepMap = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -53,7 +53,12 @@ def check_sequences(cell: Cell, params: Any, xs: Any, carry: PyTree | None, leng
         lengths = jnp.full((batch,), steps, jnp.int32)
     else:
         lengths = jnp.clip(check_lengths(lengths, batch_shape, steps), 0, steps).reshape(batch)
-    return Sequences(xs.reshape((batch, steps, *feat)), carry, lengths, batch_shape, like)
+    xs = xs.reshape((batch, steps, *feat))
+    # Padding never reaches a cell, as in rj.scan: NaN there must not become 0 * NaN in a
+    # derivative.
+    valid = sequence_mask(lengths, steps)
+    xs = jnp.where(valid.reshape(valid.shape + (1,) * k), xs, jnp.zeros((), xs.dtype))
+    return Sequences(xs, carry, lengths, batch_shape, like)
 
 
 def unflatten_batch(value: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:

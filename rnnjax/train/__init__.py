@@ -25,7 +25,7 @@ Example:
   (1, ['grad_norm', 'loss'])
 """
 
-from rnnjax.train.checkpoint import checkpoint_steps, restore_checkpoint, save_checkpoint
+from rnnjax.train.checkpoint import CorruptCheckpointError, checkpoint_steps, restore_checkpoint, save_checkpoint
 from rnnjax.train.fit import fit
 from rnnjax.train.losses import (
     last_step,
@@ -39,6 +39,7 @@ from rnnjax.train.step import make_train_step
 from rnnjax.train.tbptt import make_tbptt_step
 
 __all__ = [
+    "CorruptCheckpointError",
     "TrainState",
     "checkpoint_steps",
     "fit",

@@ -1,19 +1,38 @@
-"""Checkpoints of training states with orbax: atomic saves, checked restores.
+"""Checkpoints of training states with orbax: atomic saves, one writer per step, checked restores.
 
-A checkpoint directory holds one sub-directory per saved step (``<directory>/<step>``),
-written by ``orbax.checkpoint.CheckpointManager``. Orbax writes each step into a
-temporary directory and renames it when complete, so a save that is interrupted leaves
-the previous checkpoints as they were and loadable; the unfinished temporary directory
-is ignored (and replaced when that step is saved again).
+A checkpoint directory holds one folder per saved step, ``<directory>/<step>``: orbax's
+item ``default/`` and rnnjax's record ``rnnjax_checkpoint.json`` (each leaf's path, shape
+and dtype). Only folders with a record are checkpoints; nothing else in the directory is
+listed or deleted (:mod:`rnnjax.train.checkpoint_store`).
+
+Writers. Each save writes into a staging folder of its own and publishes it with one
+rename under ``fcntl.flock`` of ``<directory>/.rnnjax.lock``, refusing to replace an
+existing step: an interrupted save leaves the directory as it was, and of two processes
+saving one step, one publishes and the other gets a ``ValueError``; a restore never mixes
+two writers' arrays. In a multi-process JAX run (``jax.distributed``) every process calls
+:func:`save_checkpoint` and orbax coordinates the writing: process 0 draws the staging
+folder's name and broadcasts it, and alone publishes, prunes and takes the lock; then all
+processes learn the outcome from one more broadcast.
+
+Steps. "Latest" is the highest step number. ``keep=n`` keeps the ``n`` highest steps and
+always the step just saved. Saving a step lower than existing ones (a run restarted from
+an earlier checkpoint) warns: :func:`restore_checkpoint` keeps returning the highest step
+unless given ``step=``.
+
+Reading. A checkpoint whose files are missing, truncated or disagree with its record
+raises :class:`CorruptCheckpointError` naming its folder and the other steps;
+``restore_checkpoint(..., skip_unreadable=True)`` restores the highest readable step
+instead, warning for each step it skips. The tracebacks orbax's abandoned reads print after
+such a failure are dropped (:mod:`rnnjax.train.checkpoint_quiet`).
 
 orbax is imported on first use, not by ``import rnnjax``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,35 +40,18 @@ import jax
 import numpy as np
 
 from rnnjax.checks import check_nonnegative_int, check_positive_int, is_int
+from rnnjax.train import checkpoint_leaves as leaves
+from rnnjax.train import checkpoint_quiet as quiet
+from rnnjax.train import checkpoint_store as store
 
 PyTree = Any
+_FORMAT = 1
 
-__all__ = ["checkpoint_steps", "restore_checkpoint", "save_checkpoint"]
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Orbax reports through absl's logger; keep its warnings (e.g. removing a stale
-    temporary directory of an interrupted save) out of the user's output."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+__all__ = ["CorruptCheckpointError", "checkpoint_steps", "restore_checkpoint", "save_checkpoint"]
 
 
-def _manager(directory: Path, *, keep: int | None = None, read_only: bool = False):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        enable_async_checkpointing=False,
-        create=not read_only,
-        read_only=read_only,
-    )
-    return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+class CorruptCheckpointError(ValueError):
+    """A listed checkpoint cannot be read (a file is missing, truncated or inconsistent)."""
 
 
 def _directory(directory: Any) -> Path:
@@ -58,83 +60,66 @@ def _directory(directory: Any) -> Path:
     return Path(directory).expanduser().absolute()
 
 
-def _key_str(key: Any) -> str:
-    for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey / FlattenedIndexKey, SequenceKey
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _leaf_specs(tree: PyTree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """``{"params/w_h": (shape, dtype), ...}`` in the tree's flattening order."""
-    return {
-        "/".join(_key_str(k) for k in path): (tuple(np.shape(leaf)), _dtype(leaf))
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-
-
-def _dtype(leaf: Any) -> np.dtype:
-    return np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf))
-
-
-def _stored_specs(metadata: Any) -> dict[str, tuple[tuple[int, ...], np.dtype | None]]:
-    """The same for orbax's stored metadata tree (dicts and lists of array metadata)."""
-    specs = {}
-
-    def walk(node, prefix):
-        if node is None:
-            return
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, prefix + [str(key)])
-        elif isinstance(node, (list, tuple)) and not hasattr(node, "shape"):
-            for i, value in enumerate(node):
-                walk(value, prefix + [str(i)])
-        else:
-            shape = tuple(getattr(node, "shape", np.shape(node)) or ())
-            dtype = getattr(node, "dtype", None)
-            specs["/".join(prefix)] = (shape, None if dtype is None else np.dtype(dtype))
-
-    walk(metadata, [])
-    return specs
-
-
-def _describe(spec: tuple[tuple[int, ...], Any]) -> str:
-    return f"shape {spec[0]}" if spec[1] is None else f"shape {spec[0]} and dtype {spec[1]}"
-
-
-def _check_matches(stored: dict, model: dict, step: int, directory: Path) -> None:
-    where = f"checkpoint at step {step} in {directory} does not match the model"
-    for path, (shape, dtype) in model.items():
-        if path not in stored:
-            raise ValueError(f"{where}: {path or '<root>'} is in the model but not in the checkpoint")
-        s_shape, s_dtype = stored[path]
-        if s_shape != shape:
-            raise ValueError(f"{where}: {path} has shape {s_shape} in the checkpoint, {shape} in the model")
-        if s_dtype is not None and s_dtype != dtype:
-            raise ValueError(f"{where}: {path} has dtype {s_dtype} in the checkpoint, {dtype} in the model")
-    for path in stored:
-        if path not in model:
-            raise ValueError(f"{where}: {path} is in the checkpoint but not in the model")
-
-
 def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
     """The steps saved in ``directory``, ascending; ``[]`` when there are none.
+
+    Only rnnjax checkpoints count: a folder ``7`` of the user's is not a step.
 
     Example:
       >>> import tempfile, rnnjax as rj
       >>> rj.train.checkpoint_steps(tempfile.mkdtemp())
       []
     """
-    path = _directory(directory)
-    if not path.is_dir():
-        return []
-    with _quiet_orbax():
-        manager = _manager(path, read_only=True)
-        try:
-            return sorted(int(s) for s in manager.all_steps())
-        finally:
-            manager.close()
+    return store.list_steps(_directory(directory))
+
+
+def _check_state(state: PyTree) -> None:
+    found = leaves.leaf_paths(state)
+    if not found:
+        raise ValueError("state has no arrays to save")
+    for name, leaf in found:
+        name = name or "<root>"
+        if isinstance(leaf, jax.core.Tracer):
+            raise TypeError(f"state has a traced value at {name}; save_checkpoint must be called outside jit")
+        if isinstance(leaf, jax.Array) and leaf.is_deleted():
+            raise ValueError(
+                f"state's array at {name} has been deleted (donated to a train step); "
+                f"save the state the step returned"
+            )
+        if not (isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)) and not isinstance(leaf, bool)):
+            raise TypeError(f"state has a {type(leaf).__name__} at {name}; expected arrays only")
+
+
+def _step_of(state: PyTree, step: Any) -> int:
+    if step is None:
+        if not hasattr(state, "step"):
+            raise ValueError("state has no step attribute; pass step=")
+        step = state.step
+    if isinstance(step, (jax.Array, np.ndarray, np.generic)) and np.ndim(step) == 0 and np.issubdtype(np.asarray(step).dtype, np.integer):
+        step = int(step)
+    check_nonnegative_int(step, "step")
+    return int(step)
+
+
+def _from_process_0(value: np.ndarray) -> np.ndarray:
+    """``value`` as process 0 has it, in every process (a collective: all must call it)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
+def _shared_token() -> str:
+    """A name for this save's staging folder, drawn by process 0 and the same everywhere."""
+    token = np.frombuffer(uuid.uuid4().bytes, np.uint32)
+    return _from_process_0(token).astype(np.uint32).tobytes().hex()
+
+
+def _already_saved(step: int, path: Path, meanwhile: bool = False) -> ValueError:
+    how = " (another process saved it while this save was writing; this save was discarded)" if meanwhile else ""
+    return ValueError(
+        f"a checkpoint for step {step} already exists in {path}{how}; save under another step "
+        f"(existing steps: {store.list_steps(path)})"
+    )
 
 
 def save_checkpoint(
@@ -147,17 +132,26 @@ def save_checkpoint(
     """Save ``state`` (any pytree of arrays, e.g. a ``TrainState``) as step ``step``.
 
     The save is atomic: until it completes, ``directory`` holds exactly the checkpoints
-    it held before. Bad input raises before anything is written.
+    it held before. Bad input raises before anything is written. Typed PRNG keys
+    (``jax.random.key``), zero-size arrays and JAX's dtypes (bfloat16, complex, int4,
+    uint4, the float8 kinds) round-trip exactly. In a multi-process run, every process calls
+    it with the same arguments.
 
     Args:
       directory: the checkpoint directory (created if needed).
       state: the pytree to save; its arrays must be live (not donated to a step).
       step: the step number; ``int(state.step)`` by default. Must not be saved already.
-      keep: how many of the most recent checkpoints to keep (older ones are deleted);
-        ``None`` keeps all.
+        A step lower than saved ones warns: restores still default to the highest.
+      keep: how many of the highest steps to keep (others are deleted; the step just
+        saved always stays); ``None`` keeps all.
 
     Returns:
       The step's directory, ``<directory>/<step>``.
+
+    Raises:
+      ValueError: the step exists already, also when another process saved it during
+        this save (this one is then discarded); or bad input.
+      TypeError: ``state`` holds something other than arrays, or a traced value.
 
     Example:
       >>> import tempfile, jax.numpy as jnp, optax, rnnjax as rj
@@ -170,90 +164,214 @@ def save_checkpoint(
       ('TrainState', [1.0, 1.0, 1.0])
     """
     path = _directory(directory)
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    if not leaves:
-        raise ValueError("state has no arrays to save")
-    for key_path, leaf in leaves:
-        name = "/".join(_key_str(k) for k in key_path) or "<root>"
-        if isinstance(leaf, jax.core.Tracer):
-            raise TypeError(f"state has a traced value at {name}; save_checkpoint must be called outside jit")
-        if isinstance(leaf, jax.Array) and leaf.is_deleted():
-            raise ValueError(
-                f"state's array at {name} has been deleted (donated to a train step); "
-                f"save the state the step returned"
-            )
-        if not (isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)) and not isinstance(leaf, bool)):
-            raise TypeError(f"state has a {type(leaf).__name__} at {name}; expected arrays only")
-    if step is None:
-        if not hasattr(state, "step"):
-            raise ValueError("state has no step attribute; pass step=")
-        step = state.step
-    if isinstance(step, (jax.Array, np.ndarray, np.generic)) and np.ndim(step) == 0 and np.issubdtype(np.asarray(step).dtype, np.integer):
-        step = int(step)
-    check_nonnegative_int(step, "step")
+    _check_state(state)
+    step = _step_of(state, step)
     check_positive_int(keep, "keep", optional=True)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
-    existing = checkpoint_steps(path)
+    stored, records = leaves.encode(state)
+    existing = store.list_steps(path)
     if step in existing:
-        raise ValueError(
-            f"a checkpoint for step {step} already exists in {path}; save under another step "
-            f"(existing steps: {existing})"
+        raise _already_saved(step, path)
+    higher = [s for s in existing if s > step]
+    if higher:
+        warnings.warn(
+            f"saving step {step} in {path}, which has higher steps {higher}: restore_checkpoint() "
+            f"restores the highest step ({higher[-1]}); pass step={step} to load this one",
+            stacklevel=2,
         )
-
-    import orbax.checkpoint as ocp
-
-    with _quiet_orbax():
-        manager = _manager(path, keep=None if keep is None else int(keep))
-        try:
-            saved = manager.save(step, args=ocp.args.StandardSave(state), force=True)
-            manager.wait_until_finished()
-        finally:
-            manager.close()
-    if not saved or step not in checkpoint_steps(path):
-        raise RuntimeError(f"orbax did not save step {step} in {path}")
+    record = {"format": _FORMAT, "step": step, "leaves": records}
+    _write(path, step, stored, record, keep)
     return path / str(step)
 
 
-def restore_checkpoint(directory: str | os.PathLike, like_state: PyTree, step: int | None = None) -> PyTree:
-    """Load the checkpoint of ``step`` (the latest by default) into ``like_state``'s structure.
+def _write(path: Path, step: int, stored: PyTree, record: dict, keep: int | None) -> None:
+    import orbax.checkpoint as ocp
+
+    quiet.silence_abandoned_reads()
+    owner = jax.process_index() == 0
+    token = _shared_token()
+    with quiet.quiet_orbax(), store.staging(path, step, token, owner=owner) as folder:
+        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        checkpointer.save(folder / store.ITEM, args=ocp.args.StandardSave(stored))
+        outcome, error = 0, None
+        if owner:
+            try:
+                store.commit(folder, path, step, record, keep)
+            except store.StepExistsError:
+                outcome, error = 1, _already_saved(step, path, meanwhile=True)
+            except Exception as e:  # all processes must reach the broadcast below
+                outcome, error = 2, e
+        outcome = int(_from_process_0(np.int32(outcome)))
+    if outcome == 1:
+        raise error or _already_saved(step, path, meanwhile=True)
+    if outcome == 2:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"process 0 could not publish the checkpoint of step {step} in {path}; see its error")
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of an error, without the tensorstore spec that follows its message."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.split(" [tensorstore_spec=")[0].split(". See full TensorStore details")[0]
+    text = text if len(text) <= 300 else text[:300] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _raised_by_jax(error: BaseException) -> bool:
+    """Whether ``error`` (or its cause) was raised in jax or jaxlib: placing the arrays read
+    failed (a sharding, device memory), not reading the files."""
+    import jaxlib
+
+    dirs = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, jaxlib))
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if isinstance(error, MemoryError) or (tb is not None and tb.tb_frame.f_code.co_filename.startswith(dirs)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _records(folder: Path) -> list[dict[str, Any]]:
+    """The leaves' records, checked against orbax's own metadata of the folder.
+
+    Raises:
+      CorruptCheckpointError: what is wrong with the folder (the caller names the step).
+    """
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    try:
+        record = store.read_record(folder)
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"its record {store.RECORD} cannot be read ({_reason(e)})") from e
+    item = folder / store.ITEM
+    if not (item / "_METADATA").is_file():
+        raise CorruptCheckpointError(f"orbax's metadata file {item / '_METADATA'} is missing")
+    try:
+        metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(item))
+        on_disk = leaves.orbax_specs(getattr(metadata, "tree", metadata))
+    except Exception as e:
+        raise CorruptCheckpointError(f"orbax's metadata in {item} cannot be read ({_reason(e)})") from e
+    if record is None:  # a checkpoint of an earlier rnnjax: orbax's metadata is all there is
+        if not on_disk:
+            raise CorruptCheckpointError(f"orbax's metadata in {item} lists no arrays")
+        return [{"path": p, "shape": list(s), "dtype": d, "stored_shape": list(s), "stored_dtype": d} for p, (s, d) in on_disk.items()]
+    try:
+        leaves.check_records(record["leaves"])
+    except ValueError as e:
+        raise CorruptCheckpointError(f"its record {store.RECORD} is malformed: {e}") from e
+    expected = {r["path"]: (tuple(r["stored_shape"]), r["stored_dtype"]) for r in record["leaves"] if not r.get("empty")}
+    try:
+        leaves.check_matches(on_disk, expected, "orbax's metadata does not match the record", ("orbax's metadata", "the record"))
+    except ValueError as e:
+        raise CorruptCheckpointError(str(e)) from e
+    return record["leaves"]
+
+
+def _restore_step(path: Path, step: int, like_state: PyTree) -> PyTree:
+    """The state of one step.
+
+    Raises:
+      CorruptCheckpointError: the files cannot be read (the caller names the step).
+      ValueError: the checkpoint does not match the model.
+    """
+    import orbax.checkpoint as ocp
+
+    folder = path / str(step)
+    records = {r["path"]: r for r in _records(folder)}
+    stored = {p: (tuple(r["shape"]), r["dtype"]) for p, r in records.items()}
+    model = leaves.model_specs(like_state)
+    leaves.check_matches(stored, model, f"checkpoint at step {step} in {path} does not match the model")
+    for p, r in records.items():
+        if r["dtype"] is None:  # orbax's metadata of an earlier rnnjax's checkpoint may lack it
+            records[p] = {**r, "dtype": model[p][1], "stored_dtype": model[p][1]}
+    like = leaves.leaf_paths(like_state)
+    treedef = jax.tree.structure(like_state)
+    target = jax.tree.unflatten(treedef, [leaves.restore_target(leaf, records[p]) for p, leaf in like])
+    try:
+        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        read = checkpointer.restore(folder / store.ITEM, args=ocp.args.StandardRestore(target))
+        values = treedef.flatten_up_to(read)
+    except Exception as e:
+        if _raised_by_jax(e):
+            e.add_note(f"while restoring the checkpoint of step {step} in {folder}")
+            raise
+        raise CorruptCheckpointError(f"reading its arrays failed ({_reason(e)})") from e
+    return jax.tree.unflatten(treedef, [leaves.decode(v, leaf, records[p]) for v, (p, leaf) in zip(values, like)])
+
+
+def _unreadable(path: Path, step: int, steps: list[int], error: CorruptCheckpointError) -> CorruptCheckpointError:
+    others = [s for s in steps if s != step]
+    if others:
+        hint = (
+            f"other steps in {path}: {others}; restore one with restore_checkpoint(..., step={others[-1]}), "
+            f"or pass skip_unreadable=True to restore the newest readable step"
+        )
+    else:
+        hint = f"{path} has no other checkpoint"
+    return CorruptCheckpointError(f"checkpoint of step {step} in {path / str(step)} cannot be read: {error}; {hint}")
+
+
+def restore_checkpoint(
+    directory: str | os.PathLike,
+    like_state: PyTree,
+    step: int | None = None,
+    *,
+    skip_unreadable: bool = False,
+) -> PyTree:
+    """Load the checkpoint of ``step`` (the highest by default) into ``like_state``'s structure.
 
     Args:
       directory: the checkpoint directory.
       like_state: a pytree with the structure, shapes and dtypes to restore into, e.g. a
         freshly created ``TrainState`` or ``jax.eval_shape`` of one (values are not used;
-        donated arrays are fine). NamedTuples and other containers come back as in it.
-      step: the step to load; the latest by default.
+        donated arrays are fine). NamedTuples and other containers come back as in it;
+        arrays are placed with its arrays' shardings.
+      step: the step to load; the highest by default.
+      skip_unreadable: when the highest step cannot be read (a file is missing or
+        truncated), restore the highest one that can, with a warning naming each step
+        skipped. A checkpoint that does not match the model still raises.
 
     Returns:
       A new pytree like ``like_state`` holding the saved arrays.
 
     Raises:
       FileNotFoundError: no checkpoint (of that step) in ``directory``.
+      CorruptCheckpointError: the checkpoint cannot be read (with ``skip_unreadable``:
+        none can); the message names the step's folder and the other steps.
       ValueError: the checkpoint does not match ``like_state``; the message names the
         first mismatching path, e.g. ``params/w_h has shape (8, 24) in the checkpoint,
         (16, 48) in the model``.
     """
     path = _directory(directory)
-    steps = checkpoint_steps(path)
+    steps = store.list_steps(path)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {path}")
-    if step is None:
-        step = steps[-1]
-    elif not is_int(step) or int(step) not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step!r} in {path}; it has steps {steps}")
-    step = int(step)
-    model = _leaf_specs(like_state)
-
-    import orbax.checkpoint as ocp
-
-    with _quiet_orbax():
-        manager = _manager(path, read_only=True)
-        try:
-            metadata = manager.item_metadata(step)
-            tree = getattr(metadata, "tree", metadata)
-            _check_matches(_stored_specs(tree), model, step, path)
-            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x)), like_state)
-            return manager.restore(step, args=ocp.args.StandardRestore(target))
-        finally:
-            manager.close()
+    if step is not None:
+        if skip_unreadable:
+            raise ValueError("skip_unreadable=True chooses among the steps; pass it or step=, not both")
+        if not is_int(step) or int(step) not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step!r} in {path}; it has steps {steps}")
+    candidates = [int(step)] if step is not None else steps[::-1]
+    quiet.silence_abandoned_reads()
+    with quiet.quiet_orbax():
+        for i, candidate in enumerate(candidates):
+            try:
+                return _restore_step(path, candidate, like_state)
+            except CorruptCheckpointError as e:
+                if not skip_unreadable:
+                    raise _unreadable(path, candidate, steps, e) from e.__cause__
+                error = e
+                if i + 1 < len(candidates):
+                    warnings.warn(
+                        f"skipped the checkpoint of step {candidate} in {path / str(candidate)}, which cannot be "
+                        f"read ({e}); restoring step {candidates[i + 1]}",
+                        stacklevel=2,
+                    )
+    raise CorruptCheckpointError(f"no checkpoint in {path} can be read (steps {steps}); step {steps[0]}: {error}")

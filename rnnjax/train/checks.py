@@ -1,16 +1,18 @@
-"""Checks shared by the training steps: what a loss function returns, and its aux. Each
-raises a ``TypeError``/``ValueError`` that names the fix. Argument checks used beyond
-training (ints, numbers, the optimizer) are in :mod:`rnnjax.checks`."""
+"""Checks shared by the training steps: what a loss function returns, its aux, and that a
+state was not donated already. Each raises a ``TypeError``/``ValueError`` that names the
+fix. Argument checks used beyond training (ints, numbers, the optimizer) are in
+:mod:`rnnjax.checks`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["as_array", "check_aux", "check_loss"]
+__all__ = ["as_array", "check_aux", "check_loss", "check_not_donated"]
 
 
 def as_array(x: Any) -> Any:
@@ -36,3 +38,16 @@ def check_aux(aux: Any) -> dict:
     if clash:
         raise ValueError(f"loss_fn's aux has the key {clash[0]!r}, which the step's metrics use; rename it")
     return dict(aux)
+
+
+def check_not_donated(tree: Any, name: str = "state") -> None:
+    """Every array of ``tree`` must be live: one deleted by donation to a jitted step raises
+    a ``ValueError`` naming its path (``state.params['w']``) and the fix, where JAX would say
+    "Buffer has been deleted or donated". Tracers and non-arrays pass."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.is_deleted():
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} has been deleted: it was donated to a train step "
+                f"at a previous call (a donating step deletes the state passed in); use the state "
+                f"that step (or rj.train.fit) returned, as in state, metrics = step(state, batch)"
+            )

@@ -13,6 +13,7 @@ import numpy as np
 
 from rnnjax.cell import PyTree
 from rnnjax.checks import check_nonnegative_int, check_positive_int
+from rnnjax.train.checks import check_not_donated
 
 __all__ = ["fit"]
 
@@ -80,7 +81,8 @@ def fit(
       step_fn: ``step(state, batch) -> (state, metrics)`` as from :func:`make_train_step`;
         with ``carry``, ``step(state, carry, batch) -> (state, carry, metrics)`` as from
         :func:`make_tbptt_step`. ``metrics`` is a dict of scalars.
-      state: the initial state (donated steps delete it: use the returned one).
+      state: the initial state (donated steps delete it: use the returned one). A state
+        deleted by an earlier donation raises a ``ValueError`` before any step runs.
       batches: an iterable of batches, or a callable ``i -> batch`` (then ``steps`` is
         required). ``i`` is the global step index, starting at ``first_step``.
       steps: the number of steps; by default until ``batches`` is exhausted.
@@ -106,6 +108,19 @@ def fit(
       for a scalar ``eval_fn``). Interrupting (Ctrl-C) stops after the current step and
       returns what was done.
 
+    Raises:
+      Exception: any other exception (from ``step_fn``, ``batches``, ``eval_fn``,
+        ``on_log``, ...) stops the run and is re-raised as it is, with the last good state
+        attached: ``err.state`` is the state after the last completed step (the one to
+        save or continue from; ``None`` only if the failing step had already consumed it
+        by donation), ``err.history`` the history up to it (with ``"carry"``, the carry
+        after it); a note on the exception says so::
+
+            try:
+                state, history = rj.train.fit(step, state, batches)
+            except Exception as err:
+                state, history = err.state, err.history
+
     Example:
       >>> import jax.numpy as jnp, optax, rnnjax as rj
       >>> loss_fn = lambda p, x: jnp.mean((x * p - 1.0) ** 2)
@@ -129,6 +144,7 @@ def fit(
     total = steps
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
+    check_not_donated(state, "state")
     if first_step is None:
         step_attr = getattr(state, "step", None)
         first_step = int(step_attr) if step_attr is not None else 0
@@ -195,44 +211,80 @@ def fit(
 
     last_eval_done = 0
     try:
-        while steps is None or done < steps:
-            index = first_step + done
-            if iterator is None:
-                batch = batches(index)
-            else:
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    break
-            if carry is None:
-                state, metrics = step_fn(state, batch)
-            else:
-                state, carry, metrics = step_fn(state, carry, batch)
-            if not isinstance(metrics, Mapping):
-                raise TypeError(f"step_fn must return a dict of metrics last, got {type(metrics).__name__}")
-            done += 1
-            pending.append((index + 1, metrics))
-            if done == 1 or done % log_every == 0 or done == total:
-                flush()
-            if eval_fn is not None and done % eval_every == 0:
-                flush()
-                evaluate(first_step + done)
-                last_eval_done = done
-    except KeyboardInterrupt:
-        interrupted = True
-    flush()
-    if eval_fn is not None and done > last_eval_done and not interrupted:
-        evaluate(first_step + done)
-    jax.block_until_ready(state)
-    seconds = time.perf_counter() - start
+        try:
+            while steps is None or done < steps:
+                index = first_step + done
+                if iterator is None:
+                    batch = batches(index)
+                else:
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        break
+                if carry is None:
+                    state, metrics = step_fn(state, batch)
+                else:
+                    state, carry, metrics = step_fn(state, carry, batch)
+                done += 1
+                if not isinstance(metrics, Mapping):
+                    raise TypeError(f"step_fn must return a dict of metrics last, got {type(metrics).__name__}")
+                pending.append((index + 1, metrics))
+                if done == 1 or done % log_every == 0 or done == total:
+                    flush()
+                if eval_fn is not None and done % eval_every == 0:
+                    flush()
+                    evaluate(first_step + done)
+                    last_eval_done = done
+        except KeyboardInterrupt:
+            interrupted = True
+        flush()
+        if eval_fn is not None and done > last_eval_done and not interrupted:
+            evaluate(first_step + done)
+        jax.block_until_ready(state)
+    except Exception as err:
+        if carry is not None:
+            history["carry"] = carry
+        _attach_last_good(err, state, history, first_step + done)
+        try:  # the steps done before the error still count (history, on_log, progress)
+            flush()
+            bar.line(_summary(done, time.perf_counter() - start, first_loss, last_loss, last_eval)
+                     + f" (stopped by {type(err).__name__})")
+        except Exception as lost:  # noqa: BLE001 - the first error is the one to raise
+            err.add_note(f"rj.train.fit could not record the last metrics: {type(lost).__name__}: {lost}")
+        raise
     if carry is not None:
         history["carry"] = carry
+    summary = _summary(done, time.perf_counter() - start, first_loss, last_loss, last_eval)
+    bar.line(summary + (" (interrupted)" if interrupted else ""))
+    return state, history
+
+
+def _summary(done: int, seconds: float, first_loss: float | None, last_loss: float | None,
+             last_eval: Mapping[str, float]) -> str:
+    """The final line: steps, time, speed, the first and last loss, the last evaluation."""
     summary = f"fit: {done} steps in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} steps/s)"
     if first_loss is not None:
         summary += f", loss {first_loss:#.4g} -> {last_loss:#.4g}"
     if last_eval:
         summary += f", {_format_metrics(last_eval)}"
-    if interrupted:
-        summary += " (interrupted)"
-    bar.line(summary)
-    return state, history
+    return summary
+
+
+def _attach_last_good(err: BaseException, state: PyTree, history: dict, step: int) -> None:
+    """Hand the last good state back on ``err``: ``err.state``, ``err.history`` and a note."""
+    try:  # a state donated to the step that failed is deleted; one it computed may hold the error
+        jax.block_until_ready(state)
+        lost = any(isinstance(leaf, jax.Array) and leaf.is_deleted() for leaf in jax.tree.leaves(state))
+    except Exception:  # noqa: BLE001 - whatever reading it raises, it is not a good state
+        lost = True
+    err.state, err.history = (None if lost else state), history
+    if lost:
+        err.add_note(
+            f"rj.train.fit stopped: the state after step {step} was consumed by the failure (donated "
+            f"to the step that failed), so err.state is None; the history up to it is in err.history"
+        )
+    else:
+        err.add_note(
+            f"rj.train.fit stopped: the last good state (after step {step}) is in err.state, "
+            f"the history up to it in err.history"
+        )

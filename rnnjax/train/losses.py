@@ -1,8 +1,16 @@
 """Losses over ``(*batch, T, ...)`` sequences that respect ``lengths``.
 
 ``lengths`` are ``(*batch,)`` ints in ``[0, T]``, as in :func:`rnnjax.scan`: only steps
-``t < length`` count, and a mean is over those real steps (0 when there are none). Losses
-are computed in float32 at least (bfloat16 logits give a float32 loss).
+``t < length`` count, and a mean is over those real steps (0 when there are none). What
+lies past a length (logits, predictions, labels, targets) never enters the arithmetic, so
+the loss and its gradients are the same whatever the padding holds, NaN and Inf included.
+Losses are computed in float32 at least (bfloat16 logits give a float32 loss).
+
+Integer labels at real steps must be class indices in ``[0, C)``. Given concretely (outside
+``jit``), one that is not raises a ``ValueError``. Traced (inside ``jit``, as in a train
+step) it cannot raise: its step's term is NaN, so the loss (and the ``"loss"`` a train
+step reports) is NaN, never the loss of a wrong class; that term gives no gradient, so the
+gradients stay finite.
 """
 
 from __future__ import annotations
@@ -52,7 +60,12 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, lengths: jax.Arr
       lengths: ``(*batch,)`` integers in ``[0, T]``; ``None`` means every step is real.
 
     Returns:
-      A scalar (float32 at least); 0 when no step is real.
+      A scalar (float32 at least); 0 when no step is real. NaN, under ``jit``, when an
+      integer label at a real step is not in ``[0, C)``.
+
+    Raises:
+      ValueError: bad shapes; outside ``jit``, an integer label at a real step not in
+        ``[0, C)``.
 
     Example:
       >>> import jax.numpy as jnp, rnnjax as rj
@@ -66,7 +79,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, lengths: jax.Arr
     lengths = _check_lengths(lengths, batch_shape, steps, f"logits of shape {tuple(logits.shape)}")
     logits = logits.astype(_loss_dtype(logits))
     valid = None if lengths is None else sequence.sequence_mask(lengths, steps)
-    per_step = _cross_entropy(logits, as_array(labels), valid, logits.shape)
+    per_step = _cross_entropy(logits, as_array(labels), valid, logits.shape, "(*batch, T)")
     return _masked_mean(per_step, lengths)
 
 
@@ -105,10 +118,14 @@ def last_step_cross_entropy(logits: jax.Array, labels: jax.Array, lengths: jax.A
       labels: ``(*batch,)`` integer class indices, or ``(*batch, C)`` floats (one-hot or
         probabilities).
       lengths: ``(*batch,)`` integers in ``[0, T]``. Sequences of length 0 have no last
-        step and are left out of the mean.
+        step and are left out of the mean (their labels may hold anything).
 
     Returns:
-      The mean over the batch, a scalar (0 when every length is 0).
+      The mean over the batch, a scalar (0 when every length is 0). NaN, under ``jit``,
+      when an integer label of a sequence with a last step is not in ``[0, C)``.
+
+    Raises:
+      ValueError: bad shapes; outside ``jit``, an integer label not in ``[0, C)``.
 
     Example:
       >>> import jax.numpy as jnp, rnnjax as rj
@@ -124,7 +141,7 @@ def last_step_cross_entropy(logits: jax.Array, labels: jax.Array, lengths: jax.A
     lengths = _check_lengths(lengths, batch_shape, steps, f"logits of shape {tuple(logits.shape)}")
     last = last_step(logits, lengths).astype(_loss_dtype(logits))
     valid = None if lengths is None else lengths > 0
-    per_seq = _cross_entropy(last, as_array(labels), valid, logits.shape)
+    per_seq = _cross_entropy(last, as_array(labels), valid, logits.shape, "(*batch,)")
     if valid is None:
         return jnp.mean(per_seq)
     total = jnp.sum(jnp.where(valid, per_seq, jnp.zeros((), per_seq.dtype)))
@@ -158,7 +175,11 @@ def mean_squared_error(preds: jax.Array, targets: jax.Array, lengths: jax.Array 
         )
     lengths = _check_lengths(lengths, preds.shape[:-2], preds.shape[-2], f"preds of shape {tuple(preds.shape)}")
     dtype = jnp.promote_types(_loss_dtype(preds), targets.dtype)
-    per_step = jnp.mean(jnp.square(preds.astype(dtype) - jnp.asarray(targets).astype(dtype)), axis=-1)
+    preds, targets = preds.astype(dtype), jnp.asarray(targets).astype(dtype)
+    if lengths is not None:
+        valid = sequence.sequence_mask(lengths, preds.shape[-2])[..., None]
+        preds, targets = _real(preds, valid), _real(targets, valid)
+    per_step = jnp.mean(jnp.square(preds - targets), axis=-1)
     return _masked_mean(per_step, lengths)
 
 
@@ -194,6 +215,12 @@ def _check_class_labels(labels: jax.Array, num_classes: int, valid: jax.Array | 
         )
 
 
+def _real(values: jax.Array, valid: jax.Array) -> jax.Array:
+    """``values`` where ``valid``, zeros elsewhere. Padding is replaced before any arithmetic:
+    multiplying by a mask would leave ``0 * NaN = NaN`` in the backward pass."""
+    return jnp.where(valid, values, jnp.zeros((), values.dtype))
+
+
 def _masked_mean(values: jax.Array, lengths: jax.Array | None) -> jax.Array:
     """Mean of ``values`` (``(*batch, T)``) over the steps ``t < lengths``; 0 when there are none."""
     if lengths is None:
@@ -207,31 +234,50 @@ def _loss_dtype(x: jax.Array) -> Any:
     return jnp.promote_types(x.dtype, jnp.float32)  # bfloat16 logits: the loss in float32
 
 
-def _cross_entropy(logits: jax.Array, labels: Any, valid: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+def _cross_entropy(logits: jax.Array, labels: Any, valid: jax.Array | None, shape: tuple[int, ...],
+                   layout: str) -> jax.Array:
     """Softmax cross-entropy of ``logits`` ``(*lead, C)`` against ``(*lead,)`` integer class
-    indices or ``(*lead, C)`` float probabilities; integer labels where ``valid`` (``(*lead,)``
-    bools) is false may hold anything. ``shape``: the user's logits' shape, for errors."""
+    indices or ``(*lead, C)`` float probabilities. Where ``valid`` (``(*lead,)`` bools) is
+    false, logits and labels may hold anything (the result there is finite and unused).
+    An integer label not in ``[0, C)`` where ``valid`` raises when concrete and gives NaN
+    when traced. ``shape``, ``layout``: the user's logits' shape and the labels' layout
+    without ``C`` (``"(*batch, T)"``), for errors."""
     lead, classes = tuple(logits.shape[:-1]), logits.shape[-1]
     if jnp.issubdtype(labels.dtype, jnp.integer) and labels.dtype != jnp.bool_:
         if tuple(labels.shape) != lead:
-            raise ValueError(_label_shape_message(labels, lead, classes, shape))
+            raise ValueError(_label_shape_message(labels, lead, classes, shape, layout))
         _check_class_labels(labels, classes, valid)
         labels = jnp.asarray(labels)
+        in_range = (labels >= 0) & (labels < classes)
+        bad = ~in_range if valid is None else valid & ~in_range
         if valid is not None:
-            labels = jnp.where(valid, labels, 0)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            logits = _real(logits, valid[..., None])
+        # An index out of range would be gathered as the last class (-1) or as NaN (C):
+        # compute with class 0 and report the step as NaN instead.
+        per_step = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(in_range, labels, 0))
+        return jnp.where(bad, jnp.full((), jnp.nan, per_step.dtype), per_step)
     if jnp.issubdtype(labels.dtype, jnp.floating):
         if tuple(labels.shape) != (*lead, classes):
-            raise ValueError(_label_shape_message(labels, lead, classes, shape))
-        return optax.softmax_cross_entropy(logits, jnp.asarray(labels).astype(logits.dtype))
+            raise ValueError(_label_shape_message(labels, lead, classes, shape, layout))
+        labels = jnp.asarray(labels).astype(logits.dtype)
+        if valid is not None:
+            logits, labels = _real(logits, valid[..., None]), _real(labels, valid[..., None])
+        return optax.softmax_cross_entropy(logits, labels)
     raise TypeError(
         f"labels has dtype {labels.dtype}; expected integer class indices or floating "
         f"probabilities (one-hot)"
     )
 
 
-def _label_shape_message(labels: Any, lead: tuple[int, ...], classes: int, shape: tuple[int, ...]) -> str:
-    return (
-        f"labels has shape {tuple(labels.shape)}; expected {lead} (integer class indices) or "
-        f"{(*lead, classes)} (class probabilities) for logits of shape {tuple(shape)}"
-    )
+def _label_shape_message(labels: Any, lead: tuple[int, ...], classes: int, shape: tuple[int, ...],
+                         layout: str) -> str:
+    """What is wrong with the labels' shape, for their dtype's kind of labels."""
+    indices = f"class indices of shape {layout} = {lead}"
+    probs = f"class probabilities of shape {layout[:-1].rstrip(',')}, C) = {(*lead, classes)}"
+    start = f"labels has dtype {labels.dtype} and shape {tuple(labels.shape)}; "
+    of = f" for logits of shape {tuple(shape)}"
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        return f"{start}integer labels are {indices}{of} (float labels are {probs})"
+    if tuple(labels.shape) == lead:
+        return f"{start}float labels are {probs}{of}; for {indices}, cast them: labels.astype(jnp.int32)"
+    return f"{start}float labels are {probs}{of} (integer labels are {indices})"

@@ -14,10 +14,10 @@ from rnnjax import distributed
 from rnnjax.distributed.mesh import automatic_axes
 from rnnjax.cell import PyTree
 from rnnjax.checks import check_optimizer, check_positive_number
-from rnnjax.train.checks import check_aux, check_loss
+from rnnjax.train.checks import check_aux, check_loss, check_not_donated
 from rnnjax.train.state import TrainState, apply_gradients, check_state
 
-__all__ = ["jit_over_mesh", "make_train_step"]
+__all__ = ["jit_over_mesh", "jit_step", "make_train_step"]
 
 
 def make_train_step(
@@ -43,7 +43,8 @@ def make_train_step(
         update (``optax.clip_by_global_norm``); the optimizer's state is unaffected.
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
       donate: donate the state's buffers to the step (the state passed in is deleted;
-        use the returned one).
+        use the returned one). Passing a deleted state again raises a ``ValueError``
+        naming the deleted array.
       mesh: a ``jax.sharding.Mesh``: data parallelism over its ``data_axis``. Every array
         of the batch with an axis is split along its leading (batch) axis; the state is
         replicated, or with ``model_axis`` the last axis of its matrices (hidden units)
@@ -57,7 +58,9 @@ def make_train_step(
     Returns:
       ``step(state, batch) -> (new_state, metrics)`` with ``metrics = {"loss", "grad_norm",
       **aux}`` as device scalars; ``grad_norm`` is the global norm before clipping.
-      Compiled once per batch shape.
+      Compiled once per batch shape. With :mod:`~rnnjax.train.losses`, an integer label
+      out of range at a real step makes ``metrics["loss"]`` NaN (it cannot raise inside
+      ``jit``).
 
     Example:
       >>> import jax.numpy as jnp, optax, rnnjax as rj
@@ -100,7 +103,39 @@ def make_train_step(
 
     if mesh is not None:
         return jit_over_mesh(train_step, mesh, data_axis, model_axis, donate, ("batch",))
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    return jit_step(train_step, donate)
+
+
+class _StateChecked:
+    """``fn(state, *rest)``, whose failure on a state deleted by an earlier donation raises
+    :func:`check_not_donated`'s ``ValueError`` instead; every other attribute (``lower``,
+    ``trace``, ...) is ``fn``'s."""
+
+    def __init__(self, fn: Callable):
+        self._fn = fn
+
+    def __call__(self, state, *rest):
+        try:
+            return self._fn(state, *rest)
+        except Exception as err:
+            # Checked only after a failure: checking every leaf before each call cost
+            # ~1 us per leaf, on every step.
+            try:
+                check_not_donated(state, "state")
+            except ValueError as donated:
+                raise donated from err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_fn":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self._fn, name)
+
+
+def jit_step(step: Callable, donate: bool) -> Callable:
+    """``jax.jit(step)`` for ``step(state, *rest)``, the state donated when ``donate``; a
+    state whose arrays were donated already raises a ``ValueError`` naming the array."""
+    return _StateChecked(jax.jit(step, donate_argnums=(0,) if donate else ()))
 
 
 def jit_over_mesh(step: Callable, mesh: Mesh, data_axis: str, model_axis: str | None, donate: bool,
@@ -109,7 +144,8 @@ def jit_over_mesh(step: Callable, mesh: Mesh, data_axis: str, model_axis: str | 
 
     Every ``batch_like`` argument (named ``names`` in errors) is split along its leading
     axis over ``data_axis``, the state is replicated (or split over ``model_axis``), and the
-    recurrence runs per shard. Shapes are checked before compiling.
+    recurrence runs per shard. Shapes are checked before compiling; a state deleted by an
+    earlier donation raises a ``ValueError`` naming the array.
     """
     distributed.check_mesh_axis(mesh, data_axis, "data_axis")
     if model_axis is not None:
@@ -134,4 +170,4 @@ def jit_over_mesh(step: Callable, mesh: Mesh, data_axis: str, model_axis: str | 
         return jitted(state, *rest)
 
     step_over_mesh.lower = lambda state, *rest: jitted.lower(state, *rest)
-    return step_over_mesh
+    return _StateChecked(step_over_mesh)

@@ -14,7 +14,7 @@ from rnnjax.cell import PyTree
 from rnnjax.checks import check_nonnegative_int, check_optimizer, check_positive_int, check_positive_number
 from rnnjax.train.checks import as_array, check_aux, check_loss
 from rnnjax.train.state import TrainState, apply_gradients, check_state
-from rnnjax.train.step import jit_over_mesh
+from rnnjax.train.step import jit_over_mesh, jit_step
 
 __all__ = ["make_tbptt_step"]
 
@@ -266,7 +266,7 @@ def make_tbptt_step(
 
     if mesh is not None:
         return jit_over_mesh(tbptt_step, mesh, data_axis, model_axis, donate, ("carry", "batch"))
-    return jax.jit(tbptt_step, donate_argnums=(0,) if donate else ())
+    return jit_step(tbptt_step, donate)
 
 
 def _check_carry_leaves(carry: PyTree) -> None:

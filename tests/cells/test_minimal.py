@@ -124,3 +124,23 @@ def test_init_shapes():
 def test_bad_config_raises(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("candidate", ["g", "identity"])
+def test_min_lstm_with_both_gates_underflowing_agrees_across_methods(candidate):
+    # sigmoid(-100) is ~4e-44 (denormal) in float32: f / (f + i) would be 0 / 0. The gate
+    # ratio is sigma(log i - log f) = 1/2 here, in every method.
+    cell = rj.MinLSTM(H, candidate=candidate)
+    params = cell.init(jax.random.key(0), D)
+    params = params._replace(w=jnp.zeros_like(params.w), b=jnp.full_like(params.b, -100.0).at[2 * H :].set(1.0))
+    xs, h0 = jnp.ones((4, D)), jnp.full((H,), 2.0)
+    a, b = cell.coefficients(params, xs[0])
+    np.testing.assert_array_equal(a, np.full(H, 0.5, np.float32))
+    want = rj.scan(cell, params, xs, h0)
+    assert np.isfinite(np.asarray(want[0])).all()
+    h_tilde = 1.5 if candidate == "g" else 1.0  # g(1) = 1.5
+    expected = h_tilde + (2.0 - h_tilde) * 0.5 ** np.arange(1, 5)  # h_t = (h_{t-1} + h~) / 2
+    np.testing.assert_allclose(want[0], np.repeat(expected[:, None], H, 1), rtol=1e-6)
+    for method in ("associative", rj.Chunked(2)):
+        got = rj.scan(cell, params, xs, h0, method=method)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
