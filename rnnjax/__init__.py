@@ -1,18 +1,14 @@
 """rnnjax: recurrent neural networks for JAX, written as pure functions.
 
-    >>> import jax, jax.numpy as jnp, rnnjax as rj
-    >>> cell = rj.LSTM(hidden_size=8)
-    >>> params = cell.init(jax.random.key(0), input_size=3)
-    >>> ys, (h, c) = rj.scan(cell, params, jnp.ones((5, 3)))
-    >>> ys.shape
-    (5, 8)
+>>> import jax, jax.numpy as jnp, rnnjax as rj
+>>> cell = rj.LSTM(hidden_size=8)
+>>> params = cell.init(jax.random.key(0), input_size=3)
+>>> ys, (h, c) = rj.scan(cell, params, jnp.ones((5, 3)))
+>>> ys.shape
+(5, 8)
 """
 
-from rnnjax import distributed
-from rnnjax import inspect
-from rnnjax import interop
-from rnnjax import parallel
-from rnnjax import train
+from rnnjax import distributed, inspect, interop, parallel, train
 from rnnjax.cell import Cell, DenseCell, LinearCell
 from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM
 from rnnjax.layers import RNN, Bidirectional, Stack

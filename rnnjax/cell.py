@@ -23,7 +23,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-from typing import Any, ClassVar, NamedTuple
+import sys
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,14 @@ from rnnjax.ops import matmul
 
 Array = jax.Array
 PyTree = Any
+_T = TypeVar("_T")
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # Python 3.10: the marker only informs type checkers, so a no-op will do.
+
+    def dataclass_transform(**kwargs: Any) -> Callable[[_T], _T]:
+        return lambda decorator: decorator
 
 
 def carry_batch_shape(x_step_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -58,7 +68,7 @@ class Cell(abc.ABC):
     """
 
     input_ndim: ClassVar[int] = 1
-    params_type: ClassVar[type | None] = None  # the NamedTuple class ``init`` returns
+    params_type: ClassVar[type[Any] | None] = None  # the NamedTuple class ``init`` returns
 
     @abc.abstractmethod
     def init(self, key: Array, input_size: int, dtype: Any = jnp.float32) -> NamedTuple:
@@ -82,7 +92,7 @@ class Cell(abc.ABC):
 
     # -- checks shared by every cell ------------------------------------------------
 
-    def carry_for(self, x_step: Array, dtype: Any = None) -> PyTree:
+    def carry_for(self, x_step: Array | jax.ShapeDtypeStruct, dtype: Any = None) -> PyTree:
         """The zero carry matching a step input ``x_step`` (any leading batch shape)."""
         return self.init_carry(carry_batch_shape(x_step.shape), dtype or jnp.float32)
 
@@ -97,12 +107,12 @@ class Cell(abc.ABC):
                 f"input_size={expected} of {type(self).__name__}"
             )
 
-    def check_carry(self, carry: PyTree, x_step: Array, name: str = "carry") -> None:
+    def check_carry(self, carry: PyTree, x_step: Array | jax.ShapeDtypeStruct, name: str = "carry") -> None:
         """Raise if ``carry`` does not have the structure and shapes of this cell's carry."""
         expected = jax.eval_shape(lambda: self.carry_for(x_step))
         exp_def = jax.tree_util.tree_structure(expected)
         got_def = jax.tree_util.tree_structure(carry)
-        if exp_def != got_def:
+        if exp_def != got_def:  # type: ignore[operator]  # jax's PyTreeDef is opaque to mypy
             raise ValueError(
                 f"{name} has structure {got_def}; expected {exp_def} for {type(self).__name__} "
                 f"(build it with cell.init_carry(batch_shape))"
@@ -128,10 +138,12 @@ class Cell(abc.ABC):
                     f"(build it with cell.init_carry({carry_batch_shape(x_step.shape)}))"
                 )
 
-    def check_params(self, params: NamedTuple, expected_type: type | None = None) -> None:
+    def check_params(self, params: NamedTuple, expected_type: type[Any] | None = None) -> None:
         """Raise if ``params`` is not an ``expected_type`` (default ``params_type``) with
         the shapes ``init`` gives."""
         expected_type = expected_type or self.params_type
+        if expected_type is None:
+            raise TypeError(f"{type(self).__name__} has no params_type; pass expected_type to check_params")
         if not isinstance(params, expected_type):
             raise TypeError(
                 f"params is a {type(params).__name__}; expected {expected_type.__name__} "
@@ -248,11 +260,13 @@ class DenseCell(Cell):
     def step(self, params: NamedTuple, carry: PyTree, x: Array) -> tuple[PyTree, Array]:
         self.check_params(params)
         self.check_input(params, x)
-        zx = matmul(x, params.w_x)
-        zh = matmul(self.recurrent_input(carry), params.w_h)
+        # A DenseCell's params_type has w_x and w_h (the NamedTuple annotation cannot say so).
+        zx = matmul(x, params.w_x)  # type: ignore[attr-defined]
+        zh = matmul(self.recurrent_input(carry), params.w_h)  # type: ignore[attr-defined]
         return self.update(params, carry, zx, zh)
 
 
-def frozen(cls):
+@dataclass_transform(frozen_default=True)  # type checkers see the fields and __init__
+def frozen(cls: type[_T]) -> type[_T]:
     """Decorator: a frozen, hashable dataclass whose config is checked in ``__post_init__``."""
     return dataclasses.dataclass(frozen=True)(cls)

@@ -78,8 +78,9 @@ class RNN:
 
     def apply(self, params, xs, *, lengths=None, resets=None, carry=None, key=None):
         del key  # a single recurrent layer has no randomness
-        return scan(self.cell, params, xs, carry, lengths=lengths, resets=resets, reverse=self.reverse,
-                    method=self.method)
+        return scan(
+            self.cell, params, xs, carry, lengths=lengths, resets=resets, reverse=self.reverse, method=self.method
+        )
 
 
 class BidirectionalParams(NamedTuple):
@@ -154,7 +155,9 @@ class Bidirectional:
 
     def apply(self, params, xs, *, lengths=None, resets=None, carry=None, key=None):
         if not isinstance(params, BidirectionalParams):
-            raise TypeError(f"params is a {type(params).__name__}; expected BidirectionalParams (from Bidirectional.init)")
+            raise TypeError(
+                f"params is a {type(params).__name__}; expected BidirectionalParams (from Bidirectional.init)"
+            )
         if carry is not None and not (isinstance(carry, tuple) and len(carry) == 2):
             raise ValueError("carry of a Bidirectional layer must be a (forward, backward) pair")
         kf, kb = (None, None) if key is None else jax.random.split(key)
@@ -229,7 +232,9 @@ class Stack:
     def apply(self, params, xs, *, lengths=None, resets=None, carry=None, key=None):
         n = len(self.layers)
         if not isinstance(params, tuple) or len(params) != n:
-            raise TypeError(f"params must be a tuple of {n} layer params (from Stack.init), got {type(params).__name__}")
+            raise TypeError(
+                f"params must be a tuple of {n} layer params (from Stack.init), got {type(params).__name__}"
+            )
         if carry is not None and not (isinstance(carry, tuple) and len(carry) == n):
             raise ValueError(f"carry of a Stack must be a tuple of {n} layer carries, or None")
         keys = [None] * n if key is None else list(jax.random.split(key, n))
@@ -238,8 +243,9 @@ class Stack:
             layer_key = drop_key = None
             if keys[i] is not None:
                 layer_key, drop_key = jax.random.split(keys[i])
-            ys, c = layer.apply(p, xs, lengths=lengths, resets=resets,
-                                carry=None if carry is None else carry[i], key=layer_key)
+            ys, c = layer.apply(
+                p, xs, lengths=lengths, resets=resets, carry=None if carry is None else carry[i], key=layer_key
+            )
             carries.append(c)
             if self.residual and ys.shape == xs.shape:
                 ys = ys + xs.astype(ys.dtype)
@@ -250,4 +256,3 @@ class Stack:
                 ys = jnp.where(keep, ys / (1.0 - self.dropout), jnp.zeros((), ys.dtype))
             xs = ys
         return xs, tuple(carries)
-

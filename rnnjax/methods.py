@@ -20,11 +20,10 @@ within about ``tol / (1 - rho)`` for a cell contracting at rate ``rho``).
 from __future__ import annotations
 
 import abc
-import dataclasses
 from typing import Any, ClassVar
 
 from rnnjax import tuning
-from rnnjax.cell import Cell, DenseCell, LinearCell
+from rnnjax.cell import Cell, DenseCell, LinearCell, frozen
 from rnnjax.checks import check_positive_int, check_positive_number, is_int
 from rnnjax.engines import fused, linear, newton, sequential
 from rnnjax.sequence import TimeMajor
@@ -33,16 +32,12 @@ REMAT = (None, "step", "sqrt")
 GRADIENTS = ("autodiff", "fused")
 
 
-def _frozen(cls):
-    return dataclasses.dataclass(frozen=True)(cls)
-
-
 class Method(abc.ABC):
     """How to evaluate a recurrence. Subclasses are frozen dataclasses."""
 
     name: ClassVar[str]
 
-    def check(self, cell: Cell) -> None:
+    def check(self, cell: Cell) -> None:  # noqa: B027 (a hook: by default every cell is accepted)
         """Raise ``ValueError`` if this method cannot run ``cell``, naming the methods that can."""
 
     def resolve(self, cell: Cell, steps: int, backend: str | None = None) -> Method:
@@ -87,7 +82,7 @@ def resolve_unroll(unroll: int | bool | str, backend: str | None = None) -> int 
     return tuning.auto_unroll(backend) if isinstance(unroll, str) else unroll
 
 
-@_frozen
+@frozen
 class Sequential(Method):
     """``jax.lax.scan`` over the steps: T dependent steps, any cell.
 
@@ -143,7 +138,7 @@ class Sequential(Method):
         return sequential.run(cell, params, seqs, unroll=unroll, remat=self.remat)
 
 
-@_frozen
+@frozen
 class Associative(Method):
     """``jax.lax.associative_scan`` over the ``(a_t, b_t)`` of an :class:`rnnjax.LinearCell`
     (MinGRU, MinLSTM, LRU, yours): O(log T) depth; gradients by parallel scans too."""
@@ -157,7 +152,7 @@ class Associative(Method):
         return linear.run(cell, params, seqs, chunk_size=None, time_sharding=time_sharding)
 
 
-@_frozen
+@frozen
 class Chunked(Method):
     """A :class:`rnnjax.LinearCell` sequentially within chunks of ``size`` steps (all
     chunks at once) and associatively across the chunks' summaries.
@@ -182,7 +177,7 @@ class Chunked(Method):
         return linear.run(cell, params, seqs, chunk_size=int(size))
 
 
-@_frozen
+@frozen
 class Newton(Method):
     """Any cell by Newton iterations over all states at once, with a sequential fallback
     when they do not converge (:mod:`rnnjax.engines.newton`;
@@ -219,12 +214,20 @@ class Newton(Method):
         if damping is None and self.variant in ("elk", "quasi-elk"):
             damping = 1.0
         tol = None if self.tol is None else float(self.tol)
-        return newton.run(cell, params, seqs, variant=self.variant, tol=tol, max_iters=int(self.max_iters),
-                          damping=None if damping is None else float(damping), unroll=resolve_unroll("auto"),
-                          time_sharding=time_sharding)
+        return newton.run(
+            cell,
+            params,
+            seqs,
+            variant=self.variant,
+            tol=tol,
+            max_iters=int(self.max_iters),
+            damping=None if damping is None else float(damping),
+            unroll=resolve_unroll("auto"),
+            time_sharding=time_sharding,
+        )
 
 
-@_frozen
+@frozen
 class Auto(Method):
     """One of the methods above, per backend, cell kind and ``T``, from the measured table in
     :mod:`rnnjax.tuning`; on CPU the sequential loop.

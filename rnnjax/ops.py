@@ -59,9 +59,7 @@ def resolve_activation(activation: Activation, name: str = "activation") -> Call
         return activation
     if isinstance(activation, str) and activation in ACTIVATIONS:
         return ACTIVATIONS[activation]
-    raise ValueError(
-        f"unknown {name} {activation!r}; expected a callable or one of {sorted(ACTIVATIONS)}"
-    )
+    raise ValueError(f"unknown {name} {activation!r}; expected a callable or one of {sorted(ACTIVATIONS)}")
 
 
 # -- initializers ------------------------------------------------------------------------
@@ -134,6 +132,10 @@ def conv(a: Array, w: Array, dimension_numbers: tuple[str, str, str]) -> Array:
     narrow = _autocast_dtype(a, w)
     dtype = jnp.result_type(a, w) if narrow is None else narrow
     return jax.lax.conv_general_dilated(
-        a.astype(dtype), w.astype(dtype), window_strides=(1, 1), padding="SAME",
-        dimension_numbers=dimension_numbers, preferred_element_type=None if narrow is None else jnp.float32,
+        a.astype(dtype),
+        w.astype(dtype),
+        window_strides=(1, 1),
+        padding="SAME",
+        dimension_numbers=dimension_numbers,
+        preferred_element_type=None if narrow is None else jnp.float32,
     )

@@ -114,8 +114,16 @@ def scan(
     return run(params, xs, carry, lengths, resets)
 
 
-def evaluate(cell: Cell, params: Any, xs: jax.Array, carry: PyTree | None, lengths: jax.Array | None,
-             resets: jax.Array | None, reverse: bool, method: Method) -> tuple[jax.Array, PyTree, Any]:
+def evaluate(
+    cell: Cell,
+    params: Any,
+    xs: jax.Array,
+    carry: PyTree | None,
+    lengths: jax.Array | None,
+    resets: jax.Array | None,
+    reverse: bool,
+    method: Method,
+) -> tuple[jax.Array, PyTree, Any]:
     """:func:`scan` on checked inputs (:func:`rnnjax.sequence.validate`), returning the
     engine's report too: ``(ys, final_carry, info)`` (``info`` is ``None`` but for Newton).
     It ignores :func:`rnnjax.distributed.data_parallel`."""
@@ -156,4 +164,4 @@ def _evaluate(cell, method, reverse, params, xs, carry, lengths, resets):
 def compiled_count() -> int:
     """How many programs :func:`scan` has compiled in this process (a testing hook: a second
     call with the same shapes, cell and method must not add one)."""
-    return _evaluate._cache_size()
+    return _evaluate._cache_size()  # type: ignore[attr-defined]  # jax.jit's (untyped) cache hook

@@ -219,8 +219,9 @@ class TimeMajor(NamedTuple):
         return self._replace(xs=flip(self.xs), resets=resets, backwards=False), flip
 
 
-def canonical(cell: Cell, params: Any, xs: Array, carry: PyTree | None, lengths: Array | None,
-              resets: Array | None, reverse: bool) -> TimeMajor:
+def canonical(
+    cell: Cell, params: Any, xs: Array, carry: PyTree | None, lengths: Array | None, resets: Array | None, reverse: bool
+) -> TimeMajor:
     """Checked ``(xs, carry, lengths, resets, reverse)`` (see :func:`validate`) as a
     :class:`TimeMajor` value. Traceable; call it inside ``jit``."""
     k = cell.input_ndim
@@ -247,8 +248,7 @@ def canonical(cell: Cell, params: Any, xs: Array, carry: PyTree | None, lengths:
     if reverse and lengths is not None:
         xs_tm = flip_valid(xs_tm, lengths)
         resets_tm = None if resets_tm is None else flip_valid(resets_tm, lengths)
-    return TimeMajor(xs_tm, carry, zero, resets_tm, valid, lengths, bool(reverse and lengths is None),
-                     bool(reverse), k)
+    return TimeMajor(xs_tm, carry, zero, resets_tm, valid, lengths, bool(reverse and lengths is None), bool(reverse), k)
 
 
 def restore(seqs: TimeMajor, ys_tm: Array) -> Array:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import Cell, frozen
-from rnnjax.ops import Activation, Initializer, conv, glorot_uniform, orthogonal, resolve_activation
 from rnnjax.checks import check_float_input, check_positive_int, is_int
+from rnnjax.ops import Activation, Initializer, conv, glorot_uniform, orthogonal, resolve_activation
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -114,8 +114,9 @@ class ConvLSTM(Cell):
         if self.use_bias:
             b = jnp.zeros((4 * f,), dtype).at[f : 2 * f].set(self.forget_bias)
         return ConvLSTMParams(
-            w_x=_stacked_kernel(self.kernel_init, kx, (*self.kernel_size, input_size, f), 4, dtype),
-            w_h=_stacked_kernel(self.recurrent_kernel_init, kh, (*self.kernel_size, f, f), 4, dtype),
+            # kernel_size is a pair after __post_init__
+            w_x=_stacked_kernel(self.kernel_init, kx, (*self.kernel_size, input_size, f), 4, dtype),  # type: ignore[misc]
+            w_h=_stacked_kernel(self.recurrent_kernel_init, kh, (*self.kernel_size, f, f), 4, dtype),  # type: ignore[misc]
             b=b,
         )
 
@@ -130,9 +131,7 @@ class ConvLSTM(Cell):
     def input_size(self, params: ConvLSTMParams) -> int:
         return params.w_x.shape[2]
 
-    def step(
-        self, params: ConvLSTMParams, carry: ConvLSTMState, x: jax.Array
-    ) -> tuple[ConvLSTMState, jax.Array]:
+    def step(self, params: ConvLSTMParams, carry: ConvLSTMState, x: jax.Array) -> tuple[ConvLSTMState, jax.Array]:
         check_float_input(x)
         if x.ndim < 3:
             raise ValueError(

@@ -71,7 +71,9 @@ class Elman(HiddenStateCell, DenseCell):
     def summed_columns(self, width: int) -> int:  # update reads zx + zh only
         return width
 
-    def update(self, params: ElmanParams, carry: jax.Array, zx: jax.Array, zh: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def update(
+        self, params: ElmanParams, carry: jax.Array, zx: jax.Array, zh: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         pre = zx + zh
         if params.b is not None:
             pre = pre + params.b

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import HiddenStateCell, frozen
-from rnnjax.ops import Activation, Initializer, glorot_uniform, matmul, resolve_activation, zeros
 from rnnjax.checks import check_positive_int, check_positive_number
+from rnnjax.ops import Activation, Initializer, glorot_uniform, matmul, resolve_activation, zeros
 
 
 class IndRNNParams(NamedTuple):

@@ -94,9 +94,7 @@ class LRU(LinearCell):
         for name in ("r_min", "r_max", "max_phase"):
             check_finite_number(getattr(self, name), name)
         if not 0 <= self.r_min < self.r_max <= 1:
-            raise ValueError(
-                f"r_min={self.r_min!r} and r_max={self.r_max!r} must satisfy 0 <= r_min < r_max <= 1"
-            )
+            raise ValueError(f"r_min={self.r_min!r} and r_max={self.r_max!r} must satisfy 0 <= r_min < r_max <= 1")
         if self.max_phase <= 0:
             raise ValueError(f"max_phase must be positive, got {self.max_phase!r}")
 

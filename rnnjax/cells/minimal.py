@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,12 @@ class _Minimal(LinearCell, HiddenStateCell):
     """What minGRU and minLSTM share: fused input projection, candidate, carry."""
 
     _blocks = 0  # blocks of ``hidden_size`` columns in ``w``
+    # Declared by both subclasses as dataclass fields; annotations only here.
+    params_type: ClassVar[type[Any]]
+    candidate: str
+    use_bias: bool
+    kernel_init: Initializer
+    bias_init: Initializer
 
     def __post_init__(self):
         check_positive_int(self.hidden_size, "hidden_size")
@@ -59,7 +65,7 @@ class _Minimal(LinearCell, HiddenStateCell):
             b=self.bias_init(kb, (k * h,), dtype) if self.use_bias else None,
         )
 
-    def _preactivations(self, params: NamedTuple, x: jax.Array) -> list[jax.Array]:
+    def _preactivations(self, params: MinGRUParams | MinLSTMParams, x: jax.Array) -> list[jax.Array]:
         self.check_params(params)
         self.check_input(params, x)
         pre = matmul(x, params.w)

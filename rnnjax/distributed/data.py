@@ -163,10 +163,14 @@ def split_batch(
         params = vary(params)
         c = present.get("carry")
         if c is None:
-            step_shape = xs.shape[:-(cell.input_ndim + 1)] + xs.shape[-cell.input_ndim:]
+            step_shape = xs.shape[: -(cell.input_ndim + 1)] + xs.shape[-cell.input_ndim :]
             c = vary(cell.init_carry(carry_batch_shape(step_shape), dtype))
         return run(params, xs, c, present.get("lengths"), present.get("resets"))
 
     return jax.shard_map(
-        local, mesh=dp.mesh, in_specs=(P(), P(axis), P(axis)), out_specs=P(axis), axis_names=frozenset({axis}),
+        local,
+        mesh=dp.mesh,
+        in_specs=(P(), P(axis), P(axis)),
+        out_specs=P(axis),
+        axis_names=frozenset({axis}),
     )(place(params, dp.mesh, P()), place(xs, dp.mesh, P(axis)), place(present, dp.mesh, P(axis)))

@@ -16,15 +16,16 @@ def require_shard_map() -> None:
     """Raise if this JAX lacks ``jax.shard_map`` or ``jax.lax.pcast``."""
     if not (hasattr(jax, "shard_map") and hasattr(jax.lax, "pcast")):
         raise RuntimeError(
-            f"rnnjax.distributed needs jax.shard_map and jax.lax.pcast; JAX {jax.__version__} lacks "
-            "them (upgrade JAX)"
+            f"rnnjax.distributed needs jax.shard_map and jax.lax.pcast; JAX {jax.__version__} lacks them (upgrade JAX)"
         )
 
 
 def check_mesh_axis(mesh: Any, axis: Any, name: str = "axis") -> int:
     """Return the size of ``mesh``'s axis ``axis``; a clear error if there is none."""
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((8,), ('data',))), got {type(mesh).__name__}")
+        raise TypeError(
+            f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((8,), ('data',))), got {type(mesh).__name__}"
+        )
     if axis not in mesh.axis_names:
         raise ValueError(f"{name}={axis!r} is not an axis of the mesh; its axes are {tuple(mesh.axis_names)}")
     return int(mesh.shape[axis])

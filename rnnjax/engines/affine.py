@@ -77,8 +77,9 @@ def log_monoid(neg: float) -> Monoid:
     )
 
 
-def solve_affine(monoid: Monoid, elems: Any, h0: Array, chunk_size: int | None = None,
-                 time_sharding: SequenceSharding | None = None) -> Array:
+def solve_affine(
+    monoid: Monoid, elems: Any, h0: Array, chunk_size: int | None = None, time_sharding: SequenceSharding | None = None
+) -> Array:
     """All states ``s_t`` (time axis 0) of the recurrence ``elems`` started from ``h0``.
 
     ``chunk_size=None``: one associative scan over T. Otherwise chunks of ``chunk_size``
@@ -164,7 +165,11 @@ class SequenceSharding:
             return monoid.apply(prefix, start[None])
 
         states = jax.shard_map(
-            local, mesh=self.mesh, in_specs=(P(axis), P()), out_specs=P(axis), axis_names=frozenset({axis}),
+            local,
+            mesh=self.mesh,
+            in_specs=(P(axis), P()),
+            out_specs=P(axis),
+            axis_names=frozenset({axis}),
         )(place(elems, self.mesh, P(axis)), place(h0, self.mesh, P()))
         return states[:steps]
 

@@ -30,7 +30,9 @@ def solve_small(a: Array, b: Array) -> Array:
     """
     n = a.shape[-1]
     batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    ab = jnp.concatenate([jnp.broadcast_to(a, batch + a.shape[-2:]), jnp.broadcast_to(b, batch + b.shape[-2:])], axis=-1)
+    ab = jnp.concatenate(
+        [jnp.broadcast_to(a, batch + a.shape[-2:]), jnp.broadcast_to(b, batch + b.shape[-2:])], axis=-1
+    )
     rows = jnp.arange(n)
 
     def column(k, ab):

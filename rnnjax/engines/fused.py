@@ -147,7 +147,9 @@ def _fused_bwd(cell, reverse, unroll, res, cts):
         body, (d_final, d_rest0), (d_ys, c_prevs, zs, resets, valid), reverse=not reverse, unroll=unroll
     )
     x_blocks, h_blocks = _cotangents(d_kept)
-    h_prevs = jax.vmap(lambda c, r: _rec_in(cell, c, r, zero), in_axes=(0, None if resets is None else 0))(c_prevs, resets)
+    h_prevs = jax.vmap(lambda c, r: _rec_in(cell, c, r, zero), in_axes=(0, None if resets is None else 0))(
+        c_prevs, resets
+    )
     d_w_x = jnp.concatenate([_rows(xs_tm).T @ _rows(d) for d, _ in x_blocks], -1).astype(params.w_x.dtype)
     d_w_h = jnp.concatenate([_rows(h_prevs).T @ _rows(d) for d, _ in h_blocks], -1).astype(params.w_h.dtype)
     d_xs = sum(d @ params.w_x[:, cols].T for d, cols in x_blocks).astype(xs_tm.dtype)

@@ -23,8 +23,14 @@ from rnnjax.engines.affine import DIAG, SequenceSharding, log_monoid, solve_affi
 from rnnjax.sequence import TimeMajor, expand_to
 
 
-def run(cell: LinearCell, params: Any, seqs: TimeMajor, *, chunk_size: int | None,
-        time_sharding: SequenceSharding | None = None):
+def run(
+    cell: LinearCell,
+    params: Any,
+    seqs: TimeMajor,
+    *,
+    chunk_size: int | None,
+    time_sharding: SequenceSharding | None = None,
+):
     """``(ys_tm, final, None)``; ``chunk_size=None``: one associative scan over T, else
     sequential within chunks of ``chunk_size`` steps and associative across them."""
     fwd, back = seqs.forwards()
@@ -33,7 +39,7 @@ def run(cell: LinearCell, params: Any, seqs: TimeMajor, *, chunk_size: int | Non
     if time_sharding is not None:
         x_p = time_sharding.constrain(x_p)
     if cell.log_space:
-        la, lb = cell.log_coefficients(params, x_p)
+        la, lb = cell.log_coefficients(params, x_p)  # type: ignore[attr-defined]  # defined when log_space
         real = jnp.promote_types(jnp.result_type(la, lb), jnp.float32)
         la, lb = (c.astype(real) for c in jnp.broadcast_arrays(la, lb))
         # log 0, small enough that T of them still sum to a finite number.

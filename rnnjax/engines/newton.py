@@ -56,8 +56,18 @@ class NewtonInfo(NamedTuple):
     residual: Array
 
 
-def run(cell: Cell, params: Any, seqs: TimeMajor, *, variant: str, tol: float | None, max_iters: int,
-        damping: float | None, unroll: int | bool, time_sharding: SequenceSharding | None = None):
+def run(
+    cell: Cell,
+    params: Any,
+    seqs: TimeMajor,
+    *,
+    variant: str,
+    tol: float | None,
+    max_iters: int,
+    damping: float | None,
+    unroll: int | bool,
+    time_sharding: SequenceSharding | None = None,
+):
     """``(ys_tm, final, info)`` by Newton's method (``variant`` one of :data:`VARIANTS`);
     ``T >= 1``."""
     fwd, back = seqs.forwards()
@@ -253,5 +263,3 @@ def _adjoint_full(J: Array, S_bar: Array, time_sharding=None) -> Array:
     M = jnp.concatenate([jnp.swapaxes(J[1:], -1, -2), jnp.zeros_like(J[:1])], axis=0)
     lam = solve_affine(FULL, (jnp.flip(M, 0), jnp.flip(S_bar, 0)), jnp.zeros_like(S_bar[0]), None, time_sharding)
     return jnp.flip(lam, 0)
-
-

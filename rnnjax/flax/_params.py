@@ -33,7 +33,9 @@ def as_layer(layer: Any, owner: str = "Recurrent") -> Any:
             f"{owner}.layer is a Flax module ({type(layer).__name__}); expected {_LAYER_HINT}. "
             "Flax cells run over time with flax.linen.RNN / flax.nnx.RNN instead"
         )
-    if isinstance(layer, type) or not (callable(getattr(layer, "init", None)) and callable(getattr(layer, "apply", None))):
+    if isinstance(layer, type) or not (
+        callable(getattr(layer, "init", None)) and callable(getattr(layer, "apply", None))
+    ):
         raise TypeError(f"{owner}.layer must be {_LAYER_HINT}, got {layer!r}")
     return layer
 

@@ -64,9 +64,10 @@ def _declare_entries(module: nn.Module, entries: tuple, init_leaves, out: dict) 
         else:  # the parameter exists; Flax compares the placeholder's shape with it
             shape = np.shape(_params.unwrap(stored[name])) if name in stored else ()
 
-            def init_fn(rng, shape=shape):
+            def init_fn(rng, shape=shape):  # type: ignore[misc]  # other defaults; Flax passes rng only
                 del rng
                 return jnp.zeros(shape)
+
         out[index] = module.param(name, init_fn)
 
 

@@ -137,7 +137,7 @@ class Recurrent(nnx.Module):
         _, paths, _ = _params.structure(self.layer, self.input_size, self.dtype)
         out = []
         for path in paths:
-            node = self
+            node: Any = self
             for name in path:
                 node = getattr(node, name)
             out.append(node)
@@ -159,8 +159,7 @@ class Recurrent(nnx.Module):
             old, new = np.shape(_get(variable)), np.shape(leaf)
             if old != new:
                 raise ValueError(
-                    f"params leaf {'/'.join(path)!r} has shape {new}; expected {old} "
-                    f"for input_size={self.input_size}"
+                    f"params leaf {'/'.join(path)!r} has shape {new}; expected {old} for input_size={self.input_size}"
                 )
             _set(variable, jnp.asarray(leaf))
 

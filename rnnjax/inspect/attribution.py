@@ -45,8 +45,15 @@ def _quadrature(rule: str, steps: int, dtype: Any) -> tuple[jax.Array, jax.Array
     return alphas, jnp.full((steps,), 1.0 / steps, dtype)
 
 
-def integrated_gradients(fn: Callable[[jax.Array], jax.Array], xs: jax.Array, baseline: jax.Array | None = None,
-                         *, steps: int = 64, rule: str = "trapezoid", time_axis: int = -2) -> Attribution:
+def integrated_gradients(
+    fn: Callable[[jax.Array], jax.Array],
+    xs: jax.Array,
+    baseline: jax.Array | None = None,
+    *,
+    steps: int = 64,
+    rule: str = "trapezoid",
+    time_axis: int = -2,
+) -> Attribution:
     r"""Integrated gradients (Sundararajan et al. 2017) of ``fn`` over the steps of ``xs``.
 
     .. math::
@@ -107,8 +114,7 @@ def integrated_gradients(fn: Callable[[jax.Array], jax.Array], xs: jax.Array, ba
             shape = None
         if shape != tuple(xs.shape):
             raise ValueError(
-                f"baseline has shape {tuple(baseline.shape)}; expected a shape broadcastable to xs's "
-                f"{tuple(xs.shape)}"
+                f"baseline has shape {tuple(baseline.shape)}; expected a shape broadcastable to xs's {tuple(xs.shape)}"
             )
         baseline = jnp.broadcast_to(baseline, xs.shape).astype(xs.dtype)
     out = jax.eval_shape(fn, xs)

@@ -81,7 +81,7 @@ def _fixed_point_setup(cell: Cell, params: Any, x_const: Any, initial_states: An
     like = template(cell.carry_for(x_const, compute_dtype(x_const, params)))
     layout = CarryLayout(like)
     n = layout.n
-    leaf_shapes = [("K", *l.shape) for l in jax.tree_util.tree_leaves(like)]
+    leaf_shapes = [("K", *leaf.shape) for leaf in jax.tree_util.tree_leaves(like)]
     expected = (
         f"expected (K, {n}) state vectors of {cell!r} (the flattened carry; see rj.inspect.state_vector), "
         f"or a carry batched as cell.init_carry((K,)) with leaves of shapes {leaf_shapes}"
@@ -95,24 +95,40 @@ def _fixed_point_setup(cell: Cell, params: Any, x_const: Any, initial_states: An
     # Otherwise a carry batched over K.
     got_def = jax.tree_util.tree_structure(initial_states)
     exp_def = jax.tree_util.tree_structure(like)
-    if got_def != exp_def:
+    if got_def != exp_def:  # type: ignore[operator]  # jax's PyTreeDef is opaque to mypy
         what = f"shape {tuple(initial_states.shape)}" if is_array else f"structure {got_def}"
         raise ValueError(f"initial_states has {what}; {expected}")
     leaves = jax.tree_util.tree_leaves(initial_states)
     counts = {leaf.shape[0] if jnp.ndim(leaf) else None for leaf in leaves}
     for leaf, ref in zip(leaves, jax.tree_util.tree_leaves(like)):
-        if jnp.ndim(leaf) != len(ref.shape) + 1 or tuple(leaf.shape[1:]) != tuple(ref.shape) or len(counts) != 1 \
-                or leaf.shape[0] == 0:
-            what = f"shape {tuple(initial_states.shape)}" if is_array else f"leaves of shapes {[tuple(jnp.shape(l)) for l in leaves]}"
+        if (
+            jnp.ndim(leaf) != len(ref.shape) + 1
+            or tuple(leaf.shape[1:]) != tuple(ref.shape)
+            or len(counts) != 1
+            or leaf.shape[0] == 0
+        ):
+            what = (
+                f"shape {tuple(initial_states.shape)}"
+                if is_array
+                else f"leaves of shapes {[tuple(jnp.shape(x)) for x in leaves]}"
+            )
             raise ValueError(f"initial_states has {what}; {expected}")
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             raise TypeError(f"initial_states has a leaf of dtype {jnp.result_type(leaf)}; expected a floating dtype")
     return x_const, like, jax.vmap(layout.flatten)(initial_states)
 
 
-def fixed_point_candidates(cell: Cell, params: Any, x_const: jax.Array, initial_states: Any, *,
-                           optimizer: optax.GradientTransformation | None = None, steps: int = 2000,
-                           learning_rate: float = 0.1, newton_steps: int = 5) -> tuple[jax.Array, jax.Array]:
+def fixed_point_candidates(
+    cell: Cell,
+    params: Any,
+    x_const: jax.Array,
+    initial_states: Any,
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+    steps: int = 2000,
+    learning_rate: float = 0.1,
+    newton_steps: int = 5,
+) -> tuple[jax.Array, jax.Array]:
     r"""Minimise :math:`q(h) = \tfrac12 \|F(h, x) - h\|^2` from every initial state: the
     jit-able, vmapped part of :func:`fixed_points`.
 
@@ -159,7 +175,7 @@ class _Static:
     def __init__(self, tree):
         self.tree = tree
         leaves, treedef = jax.tree_util.tree_flatten(tree)
-        self._key = (treedef, tuple((tuple(l.shape), jnp.dtype(l.dtype)) for l in leaves))
+        self._key = (treedef, tuple((tuple(leaf.shape), jnp.dtype(leaf.dtype)) for leaf in leaves))
 
     def __hash__(self):
         return hash(self._key)
@@ -230,10 +246,20 @@ def classify_stability(eigenvalues: Any, tol: float = 1e-6) -> np.ndarray:
     return out.astype(str)
 
 
-def fixed_points(cell: Cell, params: Any, x_const: jax.Array, initial_states: Any, *,
-                 optimizer: optax.GradientTransformation | None = None, steps: int = 2000,
-                 learning_rate: float = 0.1, newton_steps: int = 5, q_tol: float = 1e-8,
-                 merge_tol: float = 1e-2, marginal_tol: float = 1e-6) -> FixedPoints:
+def fixed_points(
+    cell: Cell,
+    params: Any,
+    x_const: jax.Array,
+    initial_states: Any,
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+    steps: int = 2000,
+    learning_rate: float = 0.1,
+    newton_steps: int = 5,
+    q_tol: float = 1e-8,
+    merge_tol: float = 1e-2,
+    marginal_tol: float = 1e-6,
+) -> FixedPoints:
     r"""Fixed points of a cell's map under a constant input, with their stability
     (Sussillo & Barak 2013, "Opening the black box").
 
@@ -280,9 +306,17 @@ def fixed_points(cell: Cell, params: Any, x_const: jax.Array, initial_states: An
     check_positive_number(q_tol, "q_tol", finite=False)
     check_positive_number(merge_tol, "merge_tol", finite=False)
     x_const, like, states = _fixed_point_setup(cell, params, x_const, initial_states)
-    points, q = fixed_point_candidates(cell, params, x_const, states, optimizer=optimizer, steps=steps,
-                                       learning_rate=learning_rate, newton_steps=newton_steps)
-    points, q = np.asarray(points), np.asarray(q)
+    candidates, losses = fixed_point_candidates(
+        cell,
+        params,
+        x_const,
+        states,
+        optimizer=optimizer,
+        steps=steps,
+        learning_rate=learning_rate,
+        newton_steps=newton_steps,
+    )
+    points, q = np.asarray(candidates), np.asarray(losses)
     converged = np.isfinite(q) & (q < q_tol)
     order = np.argsort(np.where(converged, q, np.inf), kind="stable")[: int(converged.sum())]
     kept: list[int] = []
@@ -293,12 +327,20 @@ def fixed_points(cell: Cell, params: Any, x_const: jax.Array, initial_states: An
     n = states.shape[1]
     if kept:
         jacobians = np.asarray(_jacobians_jit(cell, params, x_const, jnp.asarray(points), _Static(like)))
-        eigenvalues = np.linalg.eigvals(jacobians.astype(np.float64))
+        eigenvalues: np.ndarray = np.linalg.eigvals(jacobians.astype(np.float64))
         eigenvalues = np.take_along_axis(eigenvalues, np.argsort(-np.abs(eigenvalues), axis=-1, kind="stable"), -1)
         stability = classify_stability(eigenvalues, marginal_tol)
     else:
         jacobians = np.zeros((0, n, n), points.dtype)
         eigenvalues = np.zeros((0, n), np.complex128)
         stability = np.zeros((0,), str)
-    return FixedPoints(points, q, jacobians, eigenvalues, stability, num_candidates=int(states.shape[0]),
-                       num_dropped=int((~converged).sum()), num_merged=int(converged.sum()) - len(kept))
+    return FixedPoints(
+        points,
+        q,
+        jacobians,
+        eigenvalues,
+        stability,
+        num_candidates=int(states.shape[0]),
+        num_dropped=int((~converged).sum()),
+        num_merged=int(converged.sum()) - len(kept),
+    )

@@ -36,8 +36,15 @@ class Horizon(NamedTuple):
 _NORMS = ("fro", 2)
 
 
-def jacobian_horizon(cell: Cell, params: Any, xs: jax.Array, carry: PyTree | None = None, *,
-                     lengths: jax.Array | None = None, ord: str | int = "fro") -> Horizon:
+def jacobian_horizon(
+    cell: Cell,
+    params: Any,
+    xs: jax.Array,
+    carry: PyTree | None = None,
+    *,
+    lengths: jax.Array | None = None,
+    ord: str | int = "fro",
+) -> Horizon:
     r"""Norms of :math:`\partial h_{T-1} / \partial h_t` and :math:`\partial y_{T-1} / \partial x_t`
     for every step ``t``, from one forward and one reverse pass.
 

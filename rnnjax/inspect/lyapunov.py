@@ -15,8 +15,17 @@ from rnnjax.checks import check_positive_int, is_int
 from rnnjax.inspect.sequences import check_sequences, step_map, template, unflatten_batch
 
 
-def lyapunov_exponents(cell: Cell, params: Any, xs: jax.Array, k: int, carry: PyTree | None = None, *,
-                       lengths: jax.Array | None = None, burn_in: int = 0, key: jax.Array | None = None) -> jax.Array:
+def lyapunov_exponents(
+    cell: Cell,
+    params: Any,
+    xs: jax.Array,
+    k: int,
+    carry: PyTree | None = None,
+    *,
+    lengths: jax.Array | None = None,
+    burn_in: int = 0,
+    key: jax.Array | None = None,
+) -> jax.Array:
     r"""The ``k`` largest Lyapunov exponents of the state dynamics along a trajectory, by the
     QR method (Benettin et al. 1980; Dieci, Russell & Van Vleck 1997).
 

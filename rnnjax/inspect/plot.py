@@ -26,8 +26,15 @@ def _pyplot():
     return plt
 
 
-def plot_pca_trajectories(states: Any, fixed_points: FixedPoints | None = None, ax: Any = None, *,
-                          n_components: int = 2, max_trajectories: int = 50, **line_kwargs: Any) -> Any:
+def plot_pca_trajectories(
+    states: Any,
+    fixed_points: FixedPoints | None = None,
+    ax: Any = None,
+    *,
+    n_components: int = 2,
+    max_trajectories: int = 50,
+    **line_kwargs: Any,
+) -> Any:
     """Hidden-state trajectories in their top principal components, fixed points marked.
 
     Args:

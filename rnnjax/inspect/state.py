@@ -35,7 +35,7 @@ def state_vector(cell: Cell, carry: PyTree) -> jax.Array:
     for leaf in leaves:
         if leaf.ndim < k or tuple(leaf.shape[: leaf.ndim - k]) != batch_shape:
             raise ValueError(
-                f"carry has leaves of shapes {[tuple(l.shape) for l in leaves]}; expected "
+                f"carry has leaves of shapes {[tuple(x.shape) for x in leaves]}; expected "
                 f"(*batch, features) with one batch shape, as {type(cell).__name__}.init_carry(batch_shape)"
             )
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
@@ -70,8 +70,9 @@ def carry_from_vector(vector: jax.Array, like: PyTree) -> PyTree:
     return jax.tree.map(lambda leaf: leaf.reshape((*batch_shape, *leaf.shape[1:])), carries)
 
 
-def state_trajectory(cell: Cell, params: Any, xs: jax.Array, carry: PyTree | None = None, *,
-                     lengths: jax.Array | None = None) -> jax.Array:
+def state_trajectory(
+    cell: Cell, params: Any, xs: jax.Array, carry: PyTree | None = None, *, lengths: jax.Array | None = None
+) -> jax.Array:
     """The state vector after every step: ``(*batch, T, n)``.
 
     Entry ``t`` is :func:`state_vector` of the carry after step ``t`` of

@@ -32,9 +32,27 @@ def _leaky_relu_keras(x):
 
 # Keras activation names -> rnnjax activations with the same definition.
 _KERAS_ACTIVATIONS: dict[str, Any] = {
-    **{name: name for name in ("tanh", "sigmoid", "relu", "hard_sigmoid", "hard_tanh", "elu", "selu",
-                               "gelu", "silu", "hard_silu", "mish", "relu6", "softplus", "softsign",
-                               "exponential", "linear")},
+    **{
+        name: name
+        for name in (
+            "tanh",
+            "sigmoid",
+            "relu",
+            "hard_sigmoid",
+            "hard_tanh",
+            "elu",
+            "selu",
+            "gelu",
+            "silu",
+            "hard_silu",
+            "mish",
+            "relu6",
+            "softplus",
+            "softsign",
+            "exponential",
+            "linear",
+        )
+    },
     "swish": "silu",
     "hard_swish": "hard_silu",
     "leaky_relu": _leaky_relu_keras,
@@ -54,8 +72,7 @@ def _keras_activation(identifier: Any, field: str) -> Any:
     if isinstance(identifier, str) and identifier in _KERAS_ACTIVATIONS:
         return _KERAS_ACTIVATIONS[identifier]
     raise ValueError(
-        f"{field}={identifier!r} has no rnnjax equivalent; supported Keras activations: "
-        f"{sorted(_KERAS_ACTIVATIONS)}"
+        f"{field}={identifier!r} has no rnnjax equivalent; supported Keras activations: {sorted(_KERAS_ACTIVATIONS)}"
     )
 
 
@@ -83,10 +100,15 @@ def _keras_rnn(cfg: dict, class_name: str | None, weights: list, where: str) -> 
     use_bias = bool(cfg.get("use_bias", True))
     n = 3 if use_bias else 2
     if len(weights) < n:
-        raise ValueError(f"{where} needs {n} weight arrays (kernel, recurrent_kernel{', bias' if use_bias else ''}); got {len(weights)}")
+        raise ValueError(
+            f"{where} needs {n} weight arrays (kernel, recurrent_kernel{', bias' if use_bias else ''}); "
+            f"got {len(weights)}"
+        )
     kernel, recurrent = (to_numpy(w, f"{where} weights[{j}]") for j, w in enumerate(weights[:2]))
     if kernel.ndim != 2 or kernel.shape[1] % units or kernel.shape[1] // units not in _KERAS_RNN_BY_GATES:
-        raise ValueError(f"{where}: kernel has shape {kernel.shape}; expected (input_size, k * {units}) with k = 1, 3 or 4")
+        raise ValueError(
+            f"{where}: kernel has shape {kernel.shape}; expected (input_size, k * {units}) with k = 1, 3 or 4"
+        )
     gates = kernel.shape[1] // units
     inferred = _KERAS_RNN_BY_GATES[gates]
     if class_name is not None and class_name != inferred:
@@ -94,14 +116,21 @@ def _keras_rnn(cfg: dict, class_name: str | None, weights: list, where: str) -> 
     class_name = inferred
     gu = gates * units
     if recurrent.shape != (units, gu):
-        raise ValueError(f"{where}: recurrent_kernel has shape {recurrent.shape}; expected {(units, gu)} for {class_name}(units={units})")
+        raise ValueError(
+            f"{where}: recurrent_kernel has shape {recurrent.shape}; expected {(units, gu)} "
+            f"for {class_name}(units={units})"
+        )
     bias = None
     if use_bias:
         bias = to_numpy(weights[2], f"{where} weights[2]")
         expected_bias = (2, gu) if class_name == "GRU" and cfg.get("reset_after", True) else (gu,)
         if bias.shape != expected_bias:
-            raise ValueError(f"{where}: bias has shape {bias.shape}; expected {expected_bias} for {class_name}(units={units})")
+            raise ValueError(
+                f"{where}: bias has shape {bias.shape}; expected {expected_bias} for {class_name}(units={units})"
+            )
     act = _keras_activation(cfg.get("activation", "tanh"), f"{where} activation")
+    cell: Elman | LSTM | GRU
+    params: ElmanParams | LSTMParams | GRUParams
     if class_name == "SimpleRNN":
         cell = Elman(units, activation=act, use_bias=use_bias)
         params = ElmanParams(to_jax(kernel), to_jax(recurrent), None if bias is None else to_jax(bias))
@@ -125,7 +154,9 @@ def _keras_rnn(cfg: dict, class_name: str | None, weights: list, where: str) -> 
     return RNN(cell, reverse=bool(cfg.get("go_backwards", False))), params, n
 
 
-def from_keras_config(config: Mapping[str, Any], weights: Sequence[Any], *, class_name: str | None = None) -> tuple[Any, Any]:
+def from_keras_config(
+    config: Mapping[str, Any], weights: Sequence[Any], *, class_name: str | None = None
+) -> tuple[Any, Any]:
     """Build ``(layer, params)`` from a Keras layer's ``get_config()`` and ``get_weights()``.
 
     Supports ``SimpleRNN``, ``LSTM``, ``GRU`` (``reset_after`` True or False) and
@@ -225,5 +256,7 @@ def from_keras(layer: Any) -> tuple[Any, Any]:
         )
     weights = layer.get_weights()
     if not weights:
-        raise ValueError(f"the {type(layer).__name__} layer has no weights yet; call it on an input (or build it) first")
+        raise ValueError(
+            f"the {type(layer).__name__} layer has no weights yet; call it on an input (or build it) first"
+        )
     return from_keras_config(layer.get_config(), weights, class_name=cls)

@@ -34,7 +34,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -42,12 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax.cell import check_positive_int
-from rnnjax.ops import ACTIVATIONS
 from rnnjax.cells.elman import Elman, ElmanParams
 from rnnjax.cells.gru import GRU, GRUParams
 from rnnjax.cells.lstm import LSTM, LSTMParams, LSTMState
 from rnnjax.interop.weights import GATE_BLOCKS, to_jax, to_numpy
 from rnnjax.layers import RNN, Bidirectional, BidirectionalParams, Stack
+from rnnjax.ops import ACTIVATIONS
 
 __all__ = ["from_torch", "from_torch_state_dict", "torch_final_state", "to_torch_state_dict"]
 
@@ -90,7 +90,7 @@ def _torch_shapes(cell, input_size: int, num_layers: int, num_dirs: int) -> dict
     gh = GATE_BLOCKS[type(cell)] * hid
     proj = getattr(cell, "proj_size", None)
     out = proj or hid
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for layer in range(num_layers):
         layer_in = input_size if layer == 0 else num_dirs * out
         for suffix in ("", "_reverse")[:num_dirs]:
@@ -178,7 +178,8 @@ def from_torch_state_dict(
                 f"state_dict[{key!r}] has shape {sd[key].shape}; expected {shape} for input_size="
                 f"{input_size}, hidden_size={hidden_size}, proj_size={proj_size}"
             )
-    layers, params = [], []
+    layers: list[RNN | Bidirectional] = []
+    params: list[Any] = []
     for layer in range(num_layers):
         dirs = [_cell_params_from_torch(cell, sd, f"l{layer}{s}") for s in ("", "_reverse")[:num_dirs]]
         if bidirectional:
@@ -208,9 +209,7 @@ def from_torch(module: Any) -> tuple[Stack, tuple]:
     """
     mode = getattr(module, "mode", None)
     if not (isinstance(mode, str) and mode in _TORCH_MODES and callable(getattr(module, "state_dict", None))):
-        raise TypeError(
-            f"from_torch expects a torch.nn.RNN, nn.LSTM or nn.GRU module; got {type(module).__name__}"
-        )
+        raise TypeError(f"from_torch expects a torch.nn.RNN, nn.LSTM or nn.GRU module; got {type(module).__name__}")
     return from_torch_state_dict(
         module.state_dict(),
         mode=mode,
@@ -225,7 +224,7 @@ def from_torch(module: Any) -> tuple[Stack, tuple]:
     )
 
 
-def _layers_of(layer: Any, what: Any, name: str) -> tuple[tuple, tuple]:
+def _layers_of(layer: Any, what: Any, name: str) -> tuple[Sequence[Any], tuple]:
     """``(layers, per-layer values)`` of a Stack, or of a single RNN/Bidirectional layer."""
     if isinstance(layer, Stack):
         if not (isinstance(what, tuple) and len(what) == len(layer.layers)):
@@ -276,7 +275,9 @@ def _torch_signature(cell: Any, where: str) -> tuple:
     act = _activation_name(getattr(cell, "activation", None))
     if isinstance(cell, Elman):
         if act not in ("tanh", "relu"):
-            raise ValueError(f"{where}: Elman activation {cell.activation!r}; PyTorch's nn.RNN has only 'tanh' and 'relu'")
+            raise ValueError(
+                f"{where}: Elman activation {cell.activation!r}; PyTorch's nn.RNN has only 'tanh' and 'relu'"
+            )
         return ("RNN_TANH" if act == "tanh" else "RNN_RELU", cell.hidden_size, cell.use_bias, 0)
     if isinstance(cell, (LSTM, GRU)):
         name = type(cell).__name__
@@ -291,7 +292,10 @@ def _torch_signature(cell: Any, where: str) -> tuple:
                 raise ValueError(f"{where}: LSTM with peephole=True; PyTorch's nn.LSTM has no peepholes")
             return ("LSTM", cell.hidden_size, cell.use_bias, cell.proj_size or 0)
         if not cell.reset_after:
-            raise ValueError(f"{where}: GRU with reset_after=False; PyTorch's nn.GRU applies the reset gate after the product (reset_after=True)")
+            raise ValueError(
+                f"{where}: GRU with reset_after=False; PyTorch's nn.GRU applies the reset gate after "
+                "the product (reset_after=True)"
+            )
         return ("GRU", cell.hidden_size, cell.use_bias, 0)
     raise ValueError(f"{where}: PyTorch has no module for {type(cell).__name__} cells (only Elman, LSTM, GRU)")
 
@@ -344,23 +348,36 @@ def to_torch_state_dict(layer: Any, params: Any, *, tensors: bool = True) -> dic
         where = f"layer {i}"
         if isinstance(lay, RNN):
             if lay.reverse:
-                raise ValueError(f"{where}: RNN with reverse=True alone; PyTorch runs a reversed direction only inside a bidirectional module")
+                raise ValueError(
+                    f"{where}: RNN with reverse=True alone; PyTorch runs a reversed direction only inside "
+                    "a bidirectional module"
+                )
             dirs = [(lay.cell, p, "")]
         elif isinstance(lay, Bidirectional):
             if lay.merge != "concat":
-                raise ValueError(f"{where}: Bidirectional with merge={lay.merge!r}; PyTorch concatenates the directions (merge='concat')")
+                raise ValueError(
+                    f"{where}: Bidirectional with merge={lay.merge!r}; PyTorch concatenates the directions "
+                    "(merge='concat')"
+                )
             f, b = lay.forward, lay.backward
             if not (isinstance(f, RNN) and isinstance(b, RNN) and not f.reverse and b.reverse):
-                raise ValueError(f"{where}: Bidirectional must hold rj.RNN(cell) forwards and rj.RNN(cell, reverse=True) backwards")
+                raise ValueError(
+                    f"{where}: Bidirectional must hold rj.RNN(cell) forwards and rj.RNN(cell, reverse=True) backwards"
+                )
             if not isinstance(p, BidirectionalParams):
                 raise TypeError(f"params of {where} is a {type(p).__name__}; expected BidirectionalParams")
             dirs = [(f.cell, p.forward, ""), (b.cell, p.backward, "_reverse")]
         else:
-            raise ValueError(f"{where} is a {type(lay).__name__}; PyTorch's modules stack only rj.RNN and rj.Bidirectional layers (no nested Stack)")
+            raise ValueError(
+                f"{where} is a {type(lay).__name__}; PyTorch's modules stack only rj.RNN and "
+                "rj.Bidirectional layers (no nested Stack)"
+            )
         if num_dirs is None:
             num_dirs = len(dirs)
         elif num_dirs != len(dirs):
-            raise ValueError(f"{where} has {len(dirs)} direction(s) and layer 0 has {num_dirs}; PyTorch's layers all have the same")
+            raise ValueError(
+                f"{where} has {len(dirs)} direction(s) and layer 0 has {num_dirs}; PyTorch's layers all have the same"
+            )
         for cell, cp, suffix in dirs:
             sig = _torch_signature(cell, where)
             if signature is None:

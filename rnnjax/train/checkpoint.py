@@ -83,10 +83,11 @@ def _check_state(state: PyTree) -> None:
             raise TypeError(f"state has a traced value at {name}; save_checkpoint must be called outside jit")
         if isinstance(leaf, jax.Array) and leaf.is_deleted():
             raise ValueError(
-                f"state's array at {name} has been deleted (donated to a train step); "
-                f"save the state the step returned"
+                f"state's array at {name} has been deleted (donated to a train step); save the state the step returned"
             )
-        if not (isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)) and not isinstance(leaf, bool)):
+        if not (
+            isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)) and not isinstance(leaf, bool)
+        ):
             raise TypeError(f"state has a {type(leaf).__name__} at {name}; expected arrays only")
 
 
@@ -95,13 +96,17 @@ def _step_of(state: PyTree, step: Any) -> int:
         if not hasattr(state, "step"):
             raise ValueError("state has no step attribute; pass step=")
         step = state.step
-    if isinstance(step, (jax.Array, np.ndarray, np.generic)) and np.ndim(step) == 0 and np.issubdtype(np.asarray(step).dtype, np.integer):
+    if (
+        isinstance(step, (jax.Array, np.ndarray, np.generic))
+        and np.ndim(step) == 0
+        and np.issubdtype(np.asarray(step).dtype, np.integer)
+    ):
         step = int(step)
     check_nonnegative_int(step, "step")
     return int(step)
 
 
-def _from_process_0(value: np.ndarray) -> np.ndarray:
+def _from_process_0(value: np.ndarray | np.generic) -> np.ndarray:
     """``value`` as process 0 has it, in every process (a collective: all must call it)."""
     from jax.experimental import multihost_utils
 
@@ -194,7 +199,8 @@ def _write(path: Path, step: int, stored: PyTree, record: dict, keep: int | None
     with quiet.quiet_orbax(), store.staging(path, step, token, owner=owner) as folder:
         checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         checkpointer.save(folder / store.ITEM, args=ocp.args.StandardSave(stored))
-        outcome, error = 0, None
+        outcome = 0
+        error: Exception | None = None
         if owner:
             try:
                 store.commit(folder, path, step, record, keep)
@@ -219,12 +225,12 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _raised_by_jax(error: BaseException) -> bool:
+def _raised_by_jax(error: BaseException | None) -> bool:
     """Whether ``error`` (or its cause) was raised in jax or jaxlib: placing the arrays read
     failed (a sharding, device memory), not reading the files."""
     import jaxlib
 
-    dirs = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, jaxlib))
+    dirs = tuple(os.path.dirname(str(m.__file__)) + os.sep for m in (jax, jaxlib))  # packages: __file__ is set
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -261,14 +267,21 @@ def _records(folder: Path) -> list[dict[str, Any]]:
     if record is None:  # a checkpoint of an earlier rnnjax: orbax's metadata is all there is
         if not on_disk:
             raise CorruptCheckpointError(f"orbax's metadata in {item} lists no arrays")
-        return [{"path": p, "shape": list(s), "dtype": d, "stored_shape": list(s), "stored_dtype": d} for p, (s, d) in on_disk.items()]
+        return [
+            {"path": p, "shape": list(s), "dtype": d, "stored_shape": list(s), "stored_dtype": d}
+            for p, (s, d) in on_disk.items()
+        ]
     try:
         leaves.check_records(record["leaves"])
     except ValueError as e:
         raise CorruptCheckpointError(f"its record {store.RECORD} is malformed: {e}") from e
-    expected = {r["path"]: (tuple(r["stored_shape"]), r["stored_dtype"]) for r in record["leaves"] if not r.get("empty")}
+    expected = {
+        r["path"]: (tuple(r["stored_shape"]), r["stored_dtype"]) for r in record["leaves"] if not r.get("empty")
+    }
     try:
-        leaves.check_matches(on_disk, expected, "orbax's metadata does not match the record", ("orbax's metadata", "the record"))
+        leaves.check_matches(
+            on_disk, expected, "orbax's metadata does not match the record", ("orbax's metadata", "the record")
+        )
     except ValueError as e:
         raise CorruptCheckpointError(str(e)) from e
     return record["leaves"]
@@ -297,7 +310,7 @@ def _restore_step(path: Path, step: int, like_state: PyTree) -> PyTree:
     try:
         checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         read = checkpointer.restore(folder / store.ITEM, args=ocp.args.StandardRestore(target))
-        values = treedef.flatten_up_to(read)
+        values = treedef.flatten_up_to(read)  # type: ignore[attr-defined]  # jax's PyTreeDef is opaque to mypy
     except Exception as e:
         if _raised_by_jax(e):
             e.add_note(f"while restoring the checkpoint of step {step} in {folder}")

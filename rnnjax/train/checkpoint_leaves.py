@@ -23,7 +23,16 @@ import numpy as np
 PyTree = Any
 Spec = tuple[tuple[int, ...], str | None]  # (shape, dtype name); None: not known
 
-__all__ = ["check_matches", "check_records", "decode", "encode", "leaf_paths", "model_specs", "orbax_specs", "restore_target"]
+__all__ = [
+    "check_matches",
+    "check_records",
+    "decode",
+    "encode",
+    "leaf_paths",
+    "model_specs",
+    "orbax_specs",
+    "restore_target",
+]
 
 
 def _key_str(key: Any) -> str:
@@ -69,7 +78,11 @@ def _to_storable(value: Any, path: str) -> Any:
     if jnp.issubdtype(dtype, jnp.integer) and dtype.itemsize == 1:  # sub-byte integers
         return value.astype(np.int8 if jnp.issubdtype(dtype, jnp.signedinteger) else np.uint8)
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
-        return np.asarray(value).view(np.uint8) if isinstance(value, np.ndarray) else jax.lax.bitcast_convert_type(value, jnp.uint8)
+        return (
+            np.asarray(value).view(np.uint8)
+            if isinstance(value, np.ndarray)
+            else jax.lax.bitcast_convert_type(value, jnp.uint8)
+        )
     raise TypeError(f"state's array at {path} has dtype {dtype}, which orbax cannot store; cast it (e.g. to float32)")
 
 
@@ -82,7 +95,7 @@ def encode(state: PyTree) -> tuple[PyTree, list[dict[str, Any]]]:
     """
     stored, records = [], []
     for path, leaf in leaf_paths(state):
-        record = {"path": path, "shape": list(np.shape(leaf)), "dtype": _dtype_name(leaf)}
+        record: dict[str, Any] = {"path": path, "shape": list(np.shape(leaf)), "dtype": _dtype_name(leaf)}
         value = leaf
         if _is_key(leaf):
             record["key_impl"] = str(jax.random.key_impl(leaf))
@@ -134,7 +147,9 @@ def orbax_specs(metadata: Any) -> dict[str, Spec]:
     return specs
 
 
-def check_matches(stored: dict[str, Spec], model: dict[str, Spec], where: str, names=("the checkpoint", "the model")) -> None:
+def check_matches(
+    stored: dict[str, Spec], model: dict[str, Spec], where: str, names=("the checkpoint", "the model")
+) -> None:
     """Raise ``ValueError(f"{where}: <first difference>")`` unless the specs agree; ``names``
     name the two sides in the message."""
     ours, theirs = names
@@ -186,5 +201,9 @@ def decode(value: Any, like: Any, record: dict[str, Any]) -> Any:
     if dtype == stored:
         return value
     if jnp.issubdtype(dtype, jnp.floating):  # 8-bit floats were stored as their bits
-        return np.asarray(value).view(dtype) if isinstance(value, np.ndarray) else jax.lax.bitcast_convert_type(value, dtype)
+        return (
+            np.asarray(value).view(dtype)
+            if isinstance(value, np.ndarray)
+            else jax.lax.bitcast_convert_type(value, dtype)
+        )
     return value.astype(dtype)

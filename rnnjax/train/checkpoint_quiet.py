@@ -48,8 +48,10 @@ def _library_dirs() -> tuple[str, ...]:
     import orbax.checkpoint
     import tensorstore
 
-    return (os.path.dirname(os.path.dirname(orbax.checkpoint.__file__)) + os.sep,
-            os.path.dirname(tensorstore.__file__) + os.sep)
+    return (
+        os.path.dirname(os.path.dirname(orbax.checkpoint.__file__)) + os.sep,
+        os.path.dirname(tensorstore.__file__) + os.sep,
+    )
 
 
 def _from_orbax(error: BaseException | None) -> bool:
@@ -104,7 +106,7 @@ def silence_abandoned_reads() -> None:
             if not _is_abandoned_read(unraisable):
                 previous(unraisable)
 
-        hook._rnnjax_filter = True
+        hook._rnnjax_filter = True  # type: ignore[attr-defined]  # marks our hook
         sys.unraisablehook = hook
     logger = logging.getLogger("asyncio")
     if not any(isinstance(f, _AbandonedTasks) for f in logger.filters):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any
 
 import jax
@@ -142,7 +142,7 @@ def fit(
     else:
         iterator = iter(batches)
     total = steps
-    if total is None and hasattr(batches, "__len__"):
+    if total is None and isinstance(batches, Sized):
         total = len(batches)
     check_not_donated(state, "state")
     if first_step is None:
@@ -152,7 +152,7 @@ def fit(
     bar = _Progress(bool(progress), sys.stderr if file is None else file, total)
     history: dict[str, Any] = {"step": []}
     pending: list[tuple[int, Any]] = []
-    last_eval: dict[str, float] = {}
+    last_eval: dict[str, Any] = {}  # floats, or arrays for non-scalar metrics
     start = time.perf_counter()
     mark = (start, 0)  # time and step count at the previous log point
     done = 0
@@ -170,8 +170,7 @@ def fit(
                 value = float(value) if np.ndim(value) == 0 else np.asarray(value)
                 history.setdefault(name, []).append(value)
         means = {
-            name: float(np.mean([m[name] for m in values]))
-            for name in values[-1] if np.ndim(values[-1][name]) == 0
+            name: float(np.mean([m[name] for m in values])) for name in values[-1] if np.ndim(values[-1][name]) == 0
         }
         if first_loss is None and "loss" in values[0]:
             first_loss = float(values[0]["loss"])
@@ -195,7 +194,7 @@ def fit(
 
     def evaluate(index: int) -> None:
         nonlocal mark
-        result = eval_fn(state)
+        result = eval_fn(state)  # type: ignore[misc]  # called only when eval_fn is not None
         if not isinstance(result, Mapping):
             result = {"eval": result}
         else:
@@ -215,7 +214,7 @@ def fit(
             while steps is None or done < steps:
                 index = first_step + done
                 if iterator is None:
-                    batch = batches(index)
+                    batch = batches(index)  # type: ignore[operator]  # the callable form
                 else:
                     try:
                         batch = next(iterator)
@@ -247,8 +246,10 @@ def fit(
         _attach_last_good(err, state, history, first_step + done)
         try:  # the steps done before the error still count (history, on_log, progress)
             flush()
-            bar.line(_summary(done, time.perf_counter() - start, first_loss, last_loss, last_eval)
-                     + f" (stopped by {type(err).__name__})")
+            bar.line(
+                _summary(done, time.perf_counter() - start, first_loss, last_loss, last_eval)
+                + f" (stopped by {type(err).__name__})"
+            )
         except Exception as lost:  # noqa: BLE001 - the first error is the one to raise
             err.add_note(f"rj.train.fit could not record the last metrics: {type(lost).__name__}: {lost}")
         raise
@@ -259,8 +260,9 @@ def fit(
     return state, history
 
 
-def _summary(done: int, seconds: float, first_loss: float | None, last_loss: float | None,
-             last_eval: Mapping[str, float]) -> str:
+def _summary(
+    done: int, seconds: float, first_loss: float | None, last_loss: float | None, last_eval: Mapping[str, float]
+) -> str:
     """The final line: steps, time, speed, the first and last loss, the last evaluation."""
     summary = f"fit: {done} steps in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} steps/s)"
     if first_loss is not None:
@@ -277,7 +279,7 @@ def _attach_last_good(err: BaseException, state: PyTree, history: dict, step: in
         lost = any(isinstance(leaf, jax.Array) and leaf.is_deleted() for leaf in jax.tree.leaves(state))
     except Exception:  # noqa: BLE001 - whatever reading it raises, it is not a good state
         lost = True
-    err.state, err.history = (None if lost else state), history
+    err.state, err.history = (None if lost else state), history  # type: ignore[attr-defined]
     if lost:
         err.add_note(
             f"rj.train.fit stopped: the state after step {step} was consumed by the failure (donated "

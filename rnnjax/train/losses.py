@@ -170,9 +170,7 @@ def mean_squared_error(preds: jax.Array, targets: jax.Array, lengths: jax.Array 
     if not jnp.issubdtype(targets.dtype, jnp.floating):
         raise TypeError(f"targets has dtype {targets.dtype}; expected a floating dtype like preds ({preds.dtype})")
     if tuple(targets.shape) != tuple(preds.shape):
-        raise ValueError(
-            f"targets has shape {tuple(targets.shape)}; expected {tuple(preds.shape)}, the shape of preds"
-        )
+        raise ValueError(f"targets has shape {tuple(targets.shape)}; expected {tuple(preds.shape)}, the shape of preds")
     lengths = _check_lengths(lengths, preds.shape[:-2], preds.shape[-2], f"preds of shape {tuple(preds.shape)}")
     dtype = jnp.promote_types(_loss_dtype(preds), targets.dtype)
     preds, targets = preds.astype(dtype), jnp.asarray(targets).astype(dtype)
@@ -234,8 +232,9 @@ def _loss_dtype(x: jax.Array) -> Any:
     return jnp.promote_types(x.dtype, jnp.float32)  # bfloat16 logits: the loss in float32
 
 
-def _cross_entropy(logits: jax.Array, labels: Any, valid: jax.Array | None, shape: tuple[int, ...],
-                   layout: str) -> jax.Array:
+def _cross_entropy(
+    logits: jax.Array, labels: Any, valid: jax.Array | None, shape: tuple[int, ...], layout: str
+) -> jax.Array:
     """Softmax cross-entropy of ``logits`` ``(*lead, C)`` against ``(*lead,)`` integer class
     indices or ``(*lead, C)`` float probabilities. Where ``valid`` (``(*lead,)`` bools) is
     false, logits and labels may hold anything (the result there is finite and unused).
@@ -264,13 +263,11 @@ def _cross_entropy(logits: jax.Array, labels: Any, valid: jax.Array | None, shap
             logits, labels = _real(logits, valid[..., None]), _real(labels, valid[..., None])
         return optax.softmax_cross_entropy(logits, labels)
     raise TypeError(
-        f"labels has dtype {labels.dtype}; expected integer class indices or floating "
-        f"probabilities (one-hot)"
+        f"labels has dtype {labels.dtype}; expected integer class indices or floating probabilities (one-hot)"
     )
 
 
-def _label_shape_message(labels: Any, lead: tuple[int, ...], classes: int, shape: tuple[int, ...],
-                         layout: str) -> str:
+def _label_shape_message(labels: Any, lead: tuple[int, ...], classes: int, shape: tuple[int, ...], layout: str) -> str:
     """What is wrong with the labels' shape, for their dtype's kind of labels."""
     indices = f"class indices of shape {layout} = {lead}"
     probs = f"class probabilities of shape {layout[:-1].rstrip(',')}, C) = {(*lead, classes)}"

@@ -55,7 +55,7 @@ def check_state(state: Any, optimizer: optax.GradientTransformation) -> None:
         )
     expected = jax.tree.structure(jax.eval_shape(optimizer.init, state.params))
     got = jax.tree.structure(state.opt_state)
-    if expected != got:
+    if expected != got:  # type: ignore[operator]  # jax's PyTreeDef is opaque to mypy
         raise ValueError(
             f"state.opt_state has structure {got}; expected {expected} from optimizer.init(params) "
             f"(build the state with TrainState.create(params, optimizer) with the step's optimizer)"

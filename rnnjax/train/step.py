@@ -11,9 +11,9 @@ import optax
 from jax.sharding import Mesh
 
 from rnnjax import distributed
-from rnnjax.distributed.mesh import automatic_axes
 from rnnjax.cell import PyTree
 from rnnjax.checks import check_optimizer, check_positive_number
+from rnnjax.distributed.mesh import automatic_axes
 from rnnjax.train.checks import check_aux, check_loss, check_not_donated
 from rnnjax.train.state import TrainState, apply_gradients, check_state
 
@@ -138,8 +138,9 @@ def jit_step(step: Callable, donate: bool) -> Callable:
     return _StateChecked(jax.jit(step, donate_argnums=(0,) if donate else ()))
 
 
-def jit_over_mesh(step: Callable, mesh: Mesh, data_axis: str, model_axis: str | None, donate: bool,
-                  names: tuple[str, ...]) -> Callable:
+def jit_over_mesh(
+    step: Callable, mesh: Mesh, data_axis: str, model_axis: str | None, donate: bool, names: tuple[str, ...]
+) -> Callable:
     """``step(state, *batch_like)`` jitted over ``mesh``.
 
     Every ``batch_like`` argument (named ``names`` in errors) is split along its leading
@@ -169,5 +170,5 @@ def jit_over_mesh(step: Callable, mesh: Mesh, data_axis: str, model_axis: str | 
         rest = tuple(jax.device_put(arg, distributed.batch_shardings(arg, mesh, data_axis)) for arg in rest)
         return jitted(state, *rest)
 
-    step_over_mesh.lower = lambda state, *rest: jitted.lower(state, *rest)
+    step_over_mesh.lower = lambda state, *rest: jitted.lower(state, *rest)  # type: ignore[attr-defined]
     return _StateChecked(step_over_mesh)

@@ -25,9 +25,12 @@ def _is_key(x: Any) -> bool:
 
 def _path_str(path: tuple) -> str:
     return "batch" + "".join(
-        f"[{k.key!r}]" if isinstance(k, jax.tree_util.DictKey)
-        else f".{k.name}" if isinstance(k, jax.tree_util.GetAttrKey)
-        else f"[{k.idx}]" if isinstance(k, jax.tree_util.SequenceKey)
+        f"[{k.key!r}]"
+        if isinstance(k, jax.tree_util.DictKey)
+        else f".{k.name}"
+        if isinstance(k, jax.tree_util.GetAttrKey)
+        else f"[{k.idx}]"
+        if isinstance(k, jax.tree_util.SequenceKey)
         else str(k)
         for k in path
     )
@@ -148,10 +151,7 @@ def make_tbptt_step(
         lengths_path = None
         if isinstance(batch, Mapping) and lengths_key in batch:
             lengths_path = (jax.tree_util.DictKey(lengths_key),)
-        cut = [
-            (path, leaf) for path, leaf in leaves
-            if not _is_key(leaf) and tuple(path) != lengths_path
-        ]
+        cut = [(path, leaf) for path, leaf in leaves if not _is_key(leaf) and tuple(path) != lengths_path]
         if not cut:
             raise ValueError("the batch has no array to cut along the time axis")
         first_path, first = cut[0]
@@ -272,14 +272,12 @@ def make_tbptt_step(
 def _check_carry_leaves(carry: PyTree) -> None:
     leaves = jax.tree.leaves(carry)
     if not leaves:
-        raise ValueError(
-            "carry is empty; expected the model's initial carry, e.g. layer.init_carry((batch_size,))"
-        )
+        raise ValueError("carry is empty; expected the model's initial carry, e.g. layer.init_carry((batch_size,))")
 
 
 def _check_carry(carry: PyTree, new_carry: PyTree) -> None:
     got, expected = jax.tree.structure(new_carry), jax.tree.structure(carry)
-    if got != expected:
+    if got != expected:  # type: ignore[operator]  # jax's PyTreeDef is opaque to mypy
         raise ValueError(f"loss_fn returned a carry of structure {got}; expected {expected}, the carry it was given")
     for new, old in zip(jax.tree.leaves(new_carry), jax.tree.leaves(carry)):
         if jnp.shape(new) != jnp.shape(old) or jnp.result_type(new) != jnp.result_type(old):
