@@ -134,6 +134,42 @@ def time_table(meta: dict, records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+HEADLINE_T = 1024  # the headline table's sequence length (the longest measured when absent)
+PEERS = ("flax", "torch")
+
+
+def headline_table(meta: dict, records: list[dict]) -> str:
+    """One row per cell × mode at T = :data:`HEADLINE_T`: rnnjax's default, its fastest
+    measured configuration (named), each peer of :data:`PEERS`, and both rnnjax columns over
+    the faster peer. What ``python -m benchmarks.run`` prints; the full table is ``results.md``."""
+    cfg = meta["config"]
+    table = lookup(records)
+    lengths = [t for t in cfg["lengths"] if any(ok(r) and r["T"] == t for r in records)]
+    if not lengths:
+        return "(no measurement)"
+    t = HEADLINE_T if HEADLINE_T in lengths else max(lengths)
+    ours = [s for s in measured(meta, records) if s.startswith("rnnjax")]
+    lines = [f"T = {t} (ms, median; ratio < 1: rnnjax is faster than the faster peer)", "",
+             "| cell | mode | rnnjax | fastest rnnjax (which) | flax | torch | rnnjax/peer | fastest/peer |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for cell in cfg["cells"]:
+        for mode in cfg["modes"]:
+            default = table.get(("rnnjax", cell, mode, t))
+            mine = [(table[(s, cell, mode, t)]["median_s"], s) for s in ours if ok(table.get((s, cell, mode, t)))]
+            peers = [table[(p, cell, mode, t)]["median_s"] for p in PEERS if ok(table.get((p, cell, mode, t)))]
+            if not mine:
+                continue
+            best_s, best = min(mine)
+            peer = min(peers) if peers else None
+            ratio = lambda x: "—" if x is None or peer is None else f"{x / peer:.2f}"
+            default_s = default["median_s"] if ok(default) else None
+            lines.append("| " + " | ".join([
+                CELL_NAMES.get(cell, cell), mode, _fmt_ms(default_s), f"{_fmt_ms(best_s)} ({best})",
+                *(_cell_value(table.get((p, cell, mode, t))) for p in PEERS), ratio(default_s), ratio(best_s),
+            ]) + " |")
+    return "\n".join(lines)
+
+
 def _value_table(meta: dict, records: list[dict], field: str, label=lambda system: system) -> str:
     """Rows cell × mode × T, one column per measured system: ``_cell_value(record, field)``."""
     cfg = meta["config"]
@@ -184,7 +220,8 @@ def header(meta: dict) -> str:
 
 def markdown(meta: dict, records: list[dict], der: dict | None = None) -> str:
     der = derived(meta, records) if der is None else der
-    parts = [header(meta), "## Time per batch of sequences (ms, median)\n",
+    parts = [header(meta), "## Headline\n", headline_table(meta, records), "",
+             "## Time per batch of sequences (ms, median)\n",
              "Ratios below 1 mean rnnjax is faster.\n", time_table(meta, records), "",
              "## Peak memory (MiB)\n",
              ("xla-memory-analysis: argument + output + temp bytes of the compiled executable "

@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
     meta["wall_s"] = time.perf_counter() - start
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     files = report.write_all(meta, records, out, plot=not args.no_plot)
-    print(report.time_table(meta, records))
+    print(report.headline_table(meta, records))
+    print(f"\nEvery system, length and ratio: {files['md']}")
     der = report.derived(meta, records)
     if der["flatness"]:
         print(f"\nrnnjax time-per-step max/min (T >= {report.FLAT_MIN_T}): "
