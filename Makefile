@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bench demo test test-slow notebooks fixtures clean
+.PHONY: bench demo test test-slow test-all notebooks docs lint smoke-wheel fixtures clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,17 +22,49 @@ $(VENV)/.bench: $(VENV)/.installed
 bench: $(VENV)/.bench
 	$(PY) -m benchmarks.run --quick --host-devices auto
 
+# The documentation (docs/), built into docs/_build/html with warnings as errors.
+$(VENV)/.docs: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
+# Lint, format and type checks of rnnjax/ (ruff, mypy; configured in pyproject.toml).
+$(VENV)/.dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check rnnjax
+	$(VENV)/bin/ruff format --check rnnjax
+	$(VENV)/bin/mypy
+
+# Builds the sdist and wheel, installs the wheel into a fresh venv and imports it from outside the tree.
+smoke-wheel: $(VENV)/.dev
+	PY=$(abspath $(PY)) .ci/smoke_wheel.sh
+
 demo: $(VENV)/.installed
 	$(PY) examples/char_lm.py
 
 notebooks: $(VENV)/.installed
 	$(PY) notebooks/build.py
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 -m "not slow" -q
+# Tests on 2 processes. --dist loadgroup: a module whose tests share one subprocess
+# (tests/test_distributed.py, tests/test_multiprocess.py) runs on one worker, which starts it once.
+PYTEST := $(PY) -m pytest -n 2 --dist loadgroup -q
 
+# The fast set (minutes): everything but the tests marked slow.
+test: $(VENV)/.installed
+	$(PYTEST) -m "not slow"
+
+# Only the tests marked slow (notebooks, README examples, every multidevice check, ...).
 test-slow: $(VENV)/.installed
-	$(PY) -m pytest -m slow -q
+	$(PYTEST) -m slow
+
+# Every test, as CI runs it (.ci/run).
+test-all: $(VENV)/.installed
+	$(PYTEST)
 
 # Regenerates tests/fixtures/*.npz from PyTorch and Keras (never needed by the tests).
 fixtures:
@@ -42,4 +74,4 @@ fixtures:
 	KERAS_BACKEND=jax .venv-fixtures/bin/python tests/fixtures/make_fixtures.py
 
 clean:
-	rm -rf $(VENV) .venv-fixtures *.egg-info
+	rm -rf $(VENV) .venv-fixtures *.egg-info docs/_build docs/api/generated docs/notebooks/*.ipynb

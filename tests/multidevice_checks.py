@@ -1,10 +1,12 @@
 """Checks of rnnjax.distributed on 8 forced host devices, run in a subprocess by
 tests/test_distributed.py (the main test process keeps its single default device).
 
-    python tests/multidevice_checks.py [--out results.json]
+    python tests/multidevice_checks.py [--out results.json] [--only NAME,NAME,...]
 
 Each check records ``{"ok": bool, "detail": str}``; the script exits 0 when it finished,
-whatever the results (the test asserts them one by one).
+whatever the results (the test asserts them one by one). The output is
+``{"checks": [every check's name], "results": {name: record}}`` for the checks run
+(``--only``: those named, default all).
 """
 
 import os
@@ -12,6 +14,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -29,22 +32,32 @@ import rnnjax as rj  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.helpers import assert_trees_close, max_abs_diff  # noqa: E402
 
+CHECKS: dict = {}  # name -> function returning a detail string; run by run_checks
 RESULTS: dict[str, dict] = {}
 F32 = dict(rtol=2e-5, atol=2e-6)  # float32 rounding: the gradient sums run in another order
 
 
 def check(name):
+    """Register ``fn`` as the check ``name`` (run later, by run_checks)."""
+
     def wrap(fn):
+        assert name not in CHECKS, f"two checks named {name!r}"
+        CHECKS[name] = fn
+        return fn
+
+    return wrap
+
+
+def run_checks(names):
+    """Run the named checks in order; record each one's outcome in RESULTS."""
+    for name in names:
         start = time.perf_counter()
         try:
-            detail = fn()
+            detail = CHECKS[name]()
             RESULTS[name] = {"ok": True, "detail": detail or ""}
         except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the others
             RESULTS[name] = {"ok": False, "detail": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"}
         RESULTS[name]["seconds"] = round(time.perf_counter() - start, 1)
-        return fn
-
-    return wrap
 
 
 compiles = []
@@ -94,32 +107,37 @@ def two_steps(step):
     return state, (m1, m2)
 
 
-REF_STATE, REF_METRICS = two_steps(rj.train.make_train_step(loss_fn, OPT, donate=False))
+@functools.cache
+def reference():
+    """(state, metrics) of two single-device steps, computed once for the checks that need it."""
+    return two_steps(rj.train.make_train_step(loss_fn, OPT, donate=False))
 
 
 @check("train_step_data_parallel_equals_single_device")
 def _():
     step = rj.train.make_train_step(loss_fn, OPT, donate=False, mesh=MESH)
     state, metrics = two_steps(step)
-    assert_trees_close(state.params, REF_STATE.params, err_msg="params", **F32)
-    assert_trees_close(state.opt_state, REF_STATE.opt_state, err_msg="opt_state", **F32)
-    assert_trees_close(metrics, REF_METRICS, err_msg="metrics", **F32)
+    ref_state, ref_metrics = reference()
+    assert_trees_close(state.params, ref_state.params, err_msg="params", **F32)
+    assert_trees_close(state.opt_state, ref_state.opt_state, err_msg="opt_state", **F32)
+    assert_trees_close(metrics, ref_metrics, err_msg="metrics", **F32)
     specs = {tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(state.params)}
     assert specs == {()}, f"parameters not replicated: {specs}"
-    return f"max |param diff| {max_abs_diff(state.params, REF_STATE.params):.2e} after 2 Adam steps"
+    return f"max |param diff| {max_abs_diff(state.params, ref_state.params):.2e} after 2 Adam steps"
 
 
 @check("train_step_data_and_model_axes_equals_single_device")
 def _():
     step = rj.train.make_train_step(loss_fn, OPT, donate=False, mesh=MESH_2D, model_axis="model")
     state, metrics = two_steps(step)
-    assert_trees_close(state.params, REF_STATE.params, err_msg="params", **F32)
-    assert_trees_close(metrics, REF_METRICS, err_msg="metrics", **F32)
+    ref_state, ref_metrics = reference()
+    assert_trees_close(state.params, ref_state.params, err_msg="params", **F32)
+    assert_trees_close(metrics, ref_metrics, err_msg="metrics", **F32)
     w = state.params[0].w_h  # (16, 64): hidden units split over "model"
     assert tuple(w.sharding.spec) == (None, "model"), w.sharding
     mu = state.opt_state[0].mu[0].w_h
     assert tuple(mu.sharding.spec) == (None, "model"), mu.sharding
-    return f"max |param diff| {max_abs_diff(state.params, REF_STATE.params):.2e}; w_h spec {w.sharding.spec}"
+    return f"max |param diff| {max_abs_diff(state.params, ref_state.params):.2e}; w_h spec {w.sharding.spec}"
 
 
 def loop_all_reduces(hlo: str) -> dict[str, int]:
@@ -312,8 +330,14 @@ def _():
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default=None, help="comma-separated check names (default: all)")
     args = parser.parse_args()
-    text = json.dumps(RESULTS, indent=1)
+    names = args.only.split(",") if args.only else list(CHECKS)
+    unknown = sorted(set(names) - set(CHECKS))
+    if unknown:
+        parser.error(f"unknown checks {unknown}; the checks are {list(CHECKS)}")
+    run_checks(names)
+    text = json.dumps({"checks": list(CHECKS), "results": RESULTS}, indent=1)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)

@@ -38,6 +38,7 @@ def test_host_devices_auto_takes_the_most_cores_that_divide_the_batch(monkeypatc
         run.parser().parse_args(["--host-devices", "0"])
 
 
+@pytest.mark.slow  # every system, both modes, plots: make test-all runs it
 def test_suite_writes_json_markdown_and_plots(tmp_path, capsys):
     systems = ["rnnjax", "rnnjax-remat", "flax", "attention", *OPTIONAL]
     cells, modes, lengths = ["lstm"], ["fwd", "fwd+bwd"], [8]
@@ -73,7 +74,13 @@ def test_suite_writes_json_markdown_and_plots(tmp_path, capsys):
     assert "rnnjax/flax" in header and all(s in header for s in systems)
     for mode in modes:
         assert f"| LSTM | {mode} | 8 |" in md
-    assert header in out and str(tmp_path / "results.json") in out  # table and paths printed
+    # The terminal gets the compact headline table (default and fastest rnnjax, the peers,
+    # ratios) and the paths; the full table stays in results.md.
+    headline = "| cell | mode | rnnjax | fastest rnnjax (which) | flax | torch | rnnjax/peer | fastest/peer |"
+    assert headline in out and headline in md and header not in out
+    rows = {line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| LSTM |")}
+    assert set(rows) == set(modes) and "(rnnjax" in rows["fwd+bwd"]
+    assert str(tmp_path / "results.json") in out and str(tmp_path / "results.md") in out
 
     for name in ("time_memory", "time", "memory", "compile"):
         png = tmp_path / f"{name}.png"
@@ -81,6 +88,7 @@ def test_suite_writes_json_markdown_and_plots(tmp_path, capsys):
     assert set(result["files"]) >= {"json", "md", "time_memory", "time", "memory", "compile"}
 
 
+@pytest.mark.slow  # a fresh process with 2 host devices: make test-all runs it
 def test_host_devices_and_sharded_rnnjax_matches_unsharded(tmp_path):
     """In a fresh process: --host-devices sets XLA_FLAGS before JAX starts; the shard_map
     system (LSTM: tuple carry; LRU: complex carry; minGRU: no peer) gives rnnjax's outputs

@@ -1,5 +1,11 @@
 """rnnjax.distributed: the 8-device checks run in a subprocess (tests/multidevice_checks.py,
-8 forced host devices); the rest here on this process's single default device."""
+8 forced host devices); the rest here on this process's single default device.
+
+The default run (``-m "not slow"``) runs a fast subset of the checks (FAST: one of each kind:
+data-parallel training, errors before compiling, a sequence-parallel scan with gradients, the
+split over devices); ``make test-all`` runs every one. One subprocess runs all the checks
+the session selected; its tests share an xdist group so that one worker starts it once
+(``--dist loadgroup``, as the Makefile runs pytest)."""
 
 import json
 import subprocess
@@ -27,23 +33,43 @@ EXPECTED = [
     *(f"sequence_parallel_{name}_newton" for name in ("Elman", "GRU", "LSTM", "MGU", "IndRNN", "ConvLSTM")),
     "sequence_parallel_is_split_over_devices",
 ]
+FAST = [
+    "train_step_data_parallel_equals_single_device",
+    "bad_input_errors_before_compiling",
+    "sequence_parallel_MinGRU_associative",
+    "sequence_parallel_is_split_over_devices",
+]
+MULTIDEVICE = pytest.mark.xdist_group("multidevice")
+
+
+def selected_checks(session) -> list[str]:
+    """The checks whose tests this session runs (in EXPECTED's order)."""
+    names = {item.callspec.params["name"] for item in session.items
+             if getattr(item, "originalname", None) == "test_multidevice" and item.module.__name__ == __name__}
+    return [name for name in EXPECTED if name in names] or FAST
 
 
 @pytest.fixture(scope="module")
-def multidevice(tmp_path_factory):
+def multidevice(tmp_path_factory, request):
+    """``{"checks": every check's name, "results": {name: {"ok", "detail", "seconds"}}}``."""
     out = tmp_path_factory.mktemp("multidevice") / "results.json"
-    proc = subprocess.run([sys.executable, str(CHECKS), "--out", str(out)], capture_output=True, text=True, timeout=900)
+    only = ",".join(selected_checks(request.session))
+    proc = subprocess.run([sys.executable, str(CHECKS), "--out", str(out), "--only", only],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and out.exists(), f"checks did not finish:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(out.read_text())
 
 
-def test_every_multidevice_check_ran(multidevice):
-    assert sorted(multidevice) == sorted(EXPECTED)
+@MULTIDEVICE
+def test_every_multidevice_check_ran(multidevice, request):
+    assert multidevice["checks"] == EXPECTED  # a new check needs its name here
+    assert list(multidevice["results"]) == selected_checks(request.session)
 
 
-@pytest.mark.parametrize("name", EXPECTED)
+@MULTIDEVICE
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in EXPECTED])
 def test_multidevice(multidevice, name):
-    result = multidevice[name]
+    result = multidevice["results"][name]
     assert result["ok"], result["detail"]
 
 

@@ -4,12 +4,14 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import rnnjax as rj
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "char_lm.py"
 
 
+@pytest.mark.slow  # trains, samples and checkpoints the demo model: make test-all runs it
 def test_char_lm_demo_runs_and_reports(capsys, tmp_path):
     spec = importlib.util.spec_from_file_location("char_lm", DEMO)
     char_lm = importlib.util.module_from_spec(spec)

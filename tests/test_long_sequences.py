@@ -69,7 +69,14 @@ def _bound(name, params, xs):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+# The fast set runs every cell sequentially and one parallel method (lru-chunked); make test-all
+# runs the other parallel cases (about 10 s each).
+FAST_PARALLEL = {("lru", "chunked")}
+
+
+@pytest.mark.parametrize("name,method", [
+    case if case[1] == "sequential" or case in FAST_PARALLEL else pytest.param(*case, marks=pytest.mark.slow)
+    for case in CASES], ids=[f"{n}-{m}" for n, m in CASES])
 def test_forward_over_100k_steps_is_finite_and_bounded(name, method):
     cell, params, xs = _data(name)
     ys, carry = rj.scan(cell, params, xs, method=method)

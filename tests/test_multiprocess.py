@@ -15,6 +15,10 @@ import pytest
 
 import rnnjax as rj
 
+# Two fresh JAX processes (about 30 s): make test-all runs them. One xdist worker starts them
+# once for the module (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
+
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 PROCESSES = 2
 TIMEOUT_S = 180  # about 20 s when the machine is idle; a hang (a peer waiting forever) fails here

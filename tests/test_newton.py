@@ -125,7 +125,8 @@ def test_small_solver_pivots():
 # ---- gradients: implicit function theorem at the solution ----
 
 
-@pytest.mark.parametrize("name, variant", [("gru", "deer"), ("lstm", "quasi-deer"), ("lru", "quasi-elk")])
+@pytest.mark.parametrize("name, variant", [("gru", "deer")] + [  # the others, about 15 s each: make test-all
+    pytest.param(name, variant, marks=pytest.mark.slow) for name, variant in [("lstm", "quasi-deer"), ("lru", "quasi-elk")]])
 def test_check_grads_and_equal_to_sequential_gradients(name, variant):
     cell = CELL_CASES[name]
     with enable_x64(True):

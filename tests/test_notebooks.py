@@ -31,6 +31,7 @@ def test_committed_notebook_matches_its_source(source):
     assert any(c.get("outputs") for c in committed.cells if c.cell_type == "code"), "committed without outputs: build it executed"
 
 
+@pytest.mark.slow  # 30 s to 5 min each (they train models): make test-all runs them
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_notebook_runs(source):
     nb = build.parse(source.read_text())

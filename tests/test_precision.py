@@ -348,6 +348,7 @@ def test_cast_floating_touches_real_and_complex_floats_only():
     assert out["b"].dtype == jnp.bool_ and out["c"].dtype == jnp.complex64 and out["none"] is None
 
 
+@pytest.mark.slow  # two runs of the drift script: make test-all runs it
 def test_drift_script_smoke(tmp_path):
     from benchmarks import precision_drift
 

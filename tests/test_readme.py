@@ -13,9 +13,10 @@ RUNNABLE = [b for b in BLOCKS if not any(k in b for k in ("torch_module", "keras
 
 
 def test_readme_has_examples():
-    assert len(RUNNABLE) >= 2
+    assert len(RUNNABLE) >= 1  # the first example; the guides' examples run in tests/test_docs.py
 
 
+@pytest.mark.slow  # about 100 s of compiles: make test-all runs it
 def test_readme_examples_run():
     namespace = {}
     exec("import jax, jax.numpy as jnp, rnnjax as rj\n", namespace)

@@ -160,8 +160,10 @@ def test_method_values_are_hashable_and_strings_name_their_defaults():
         rj.scan(LSTM, PARAMS, XS, method="chunked")
 
 
-@pytest.mark.parametrize("steps", [1, 4, 7])  # 4: 2 blocks of 2; 7: padded to 3 blocks of 3
-@pytest.mark.parametrize("reverse", [False, True])
+# 4: 2 blocks of 2; 7: padded to 3 blocks of 3. The fast set runs one forward and one reverse
+# case; make test-all runs the rest (about 10 s each).
+@pytest.mark.parametrize("reverse, steps", [(False, 4), (True, 7)] + [
+    pytest.param(reverse, steps, marks=pytest.mark.slow) for reverse, steps in [(False, 1), (False, 7), (True, 1), (True, 4)]])
 def test_every_remat_policy_gives_the_same_values_and_gradients(steps, reverse):
     xs, lengths = XS[..., :steps, :], jnp.minimum(LENGTHS, steps)
     resets = jnp.zeros((2, 3, steps), bool).at[0, :, steps // 2].set(True)
@@ -171,12 +173,15 @@ def test_every_remat_policy_gives_the_same_values_and_gradients(steps, reverse):
                              method=rj.Sequential(remat=remat))
         return jnp.sum(ys**2) + jnp.sum(c**2) + jnp.sum(jnp.sin(h))
 
-    base = jax.value_and_grad(loss, argnums=(0, 1))(PARAMS, xs, None)
+    # Jitted: one compilation per policy, instead of one per eager operation.
+    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    base = value_and_grad(PARAMS, xs, None)
     for remat in ("step", "sqrt"):
-        assert_trees_close(jax.value_and_grad(loss, argnums=(0, 1))(PARAMS, xs, remat), base, atol=1e-5, rtol=1e-5)
+        assert_trees_close(value_and_grad(PARAMS, xs, remat), base, atol=1e-5, rtol=1e-5)
     # Without lengths too (the reverse pass then runs lax.scan backwards).
     no_lengths = lambda p, remat: jnp.sum(rj.scan(LSTM, p, xs, reverse=reverse, method=rj.Sequential(remat=remat))[0] ** 2)
-    assert_trees_close(jax.grad(no_lengths)(PARAMS, "sqrt"), jax.grad(no_lengths)(PARAMS, None), atol=1e-5, rtol=1e-5)
+    grad = jax.jit(jax.grad(no_lengths), static_argnums=1)
+    assert_trees_close(grad(PARAMS, "sqrt"), grad(PARAMS, None), atol=1e-5, rtol=1e-5)
 
 
 def test_sqrt_remat_keeps_activation_memory_sublinear():
@@ -322,18 +327,28 @@ def test_narrow_integer_lengths_mean_what_int32_lengths_mean():
     np.testing.assert_array_equal(last, ys[[0, 1, 2], [199, 0, 254]] * np.array([[1], [0], [1]]))
 
 
-def test_forward_mode_through_a_custom_vjp_method_names_the_fix():
+def _sum_of_squares(method):
+    """``xs (4, 2) -> sum(ys ** 2)`` of a GRU(3) run by ``method``."""
     cell = rj.GRU(3)
     params = cell.init(jax.random.key(0), 2)
-    xs = jax.random.normal(jax.random.key(1), (4, 2))
-    loss = lambda method: (lambda x: jnp.sum(rj.scan(cell, params, x, method=method)[0] ** 2))
+    return lambda x: jnp.sum(rj.scan(cell, params, x, method=method)[0] ** 2)
+
+
+FORWARD_MODE_XS = jax.random.normal(jax.random.key(1), (4, 2))
+
+
+def test_forward_mode_through_a_custom_vjp_method_names_the_fix():
     for method in (rj.Sequential(gradient="fused"), rj.Newton()):
         with pytest.raises(TypeError, match=r"has no forward mode.*use method=rj.Sequential\(\) for forward-mode"):
-            jax.jvp(loss(method), (xs,), (xs,))
+            jax.jvp(_sum_of_squares(method), (FORWARD_MODE_XS,), (FORWARD_MODE_XS,))
+
+
+@pytest.mark.slow  # two Hessians compiled (about 10 s): make test-all runs it
+def test_forward_over_reverse_hessian_through_the_fused_gradient():
     # Reverse mode to second order works: forward-over-reverse jax.hessian through the fused
     # gradient equals autodiff's (float32 rounding of two different programs).
-    assert_trees_close(jax.hessian(loss(rj.Sequential(gradient="fused")))(xs),
-                       jax.hessian(loss(rj.Sequential()))(xs), atol=1e-5, rtol=1e-5)
+    hessian = lambda method: jax.jit(jax.hessian(_sum_of_squares(method)))(FORWARD_MODE_XS)
+    assert_trees_close(hessian(rj.Sequential(gradient="fused")), hessian(rj.Sequential()), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("proj_size", [4, 5])

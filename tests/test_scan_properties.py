@@ -22,7 +22,7 @@ PARAMS = {name: cell.init(jax.random.key(0), FEATURES) for name, cell in CELLS.i
 XS = np.asarray(jax.random.normal(jax.random.key(1), (BATCH, STEPS, FEATURES)))
 F32 = dict(atol=1e-6, rtol=1e-6)  # float32 rounding
 
-PROPERTY = settings(max_examples=50, deadline=None, derandomize=True)
+PROPERTY = settings(max_examples=50)  # deadline, derandomize: the profile in tests/conftest.py
 cell_names = st.sampled_from(sorted(CELLS))
 lengths_st = hnp.arrays(np.int32, (BATCH,), elements=st.integers(0, STEPS))
 padding_values = st.floats(-1e3, 1e3, allow_nan=False, width=32)
@@ -129,7 +129,7 @@ def values_and_grads(case):
 
 
 @pytest.mark.parametrize("case", sorted(PADDING_CASES))
-@settings(max_examples=8, deadline=None, derandomize=True)
+@settings(max_examples=8)
 @given(lengths=lengths_st, bad=bad_values, resets=hnp.arrays(np.bool_, (BATCH, STEPS), elements=st.booleans()))
 def test_padding_reaches_neither_values_nor_gradients(case, lengths, bad, resets):
     fn, cell = values_and_grads(case)

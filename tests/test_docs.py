@@ -1,0 +1,24 @@
+"""Every ```python block of each docs page runs, in order, one namespace per page
+(``docs/run_examples.py``; ```py blocks are shown, not run: they need PyTorch, Keras,
+several processes or JAX configured before it starts)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+spec = importlib.util.spec_from_file_location("run_examples", DOCS / "run_examples.py")
+run_examples = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_examples)
+PAGES = [page for page in run_examples.pages() if run_examples.blocks(page)]
+
+
+def test_the_guides_have_examples():
+    assert {"getting_started.md", "scan.md", "training.md"} <= {page.name for page in PAGES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(DOCS)))
+def test_docs_examples_run(page):
+    assert run_examples.run_page(page), f"a python block of {page.relative_to(DOCS)} failed (its output names it)"
