@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from rnnjax.carry import CarryLayout
 from rnnjax.cell import Cell, PyTree
-from rnnjax.sequence import check_lengths, check_xs, compute_dtype, sequence_mask
+from rnnjax.sequence import check_lengths, check_xs, compute_dtype, zero_past
 
 StepMap = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -56,8 +56,7 @@ def check_sequences(cell: Cell, params: Any, xs: Any, carry: PyTree | None, leng
     xs = xs.reshape((batch, steps, *feat))
     # Padding never reaches a cell, as in rj.scan: NaN there must not become 0 * NaN in a
     # derivative.
-    valid = sequence_mask(lengths, steps)
-    xs = jnp.where(valid.reshape(valid.shape + (1,) * k), xs, jnp.zeros((), xs.dtype))
+    xs = zero_past(xs, lengths, k)
     return Sequences(xs, carry, lengths, batch_shape, like)
 
 
