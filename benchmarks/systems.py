@@ -270,6 +270,37 @@ class Flax(System):
         return built
 
 
+@dataclasses.dataclass(frozen=True)
+class JaxCudnn(System):
+    """``jax.experimental.rnn.lstm``: cuDNN's LSTM called from JAX (GPU only, LSTM only)."""
+
+    cells: tuple[str, ...] = ("lstm",)
+    note: str = ("jax-cudnn: jax.experimental.rnn.lstm (cuDNN's LSTM from JAX, one layer, all lengths T); "
+                 "GPU only")
+
+    def unavailable(self):
+        if jax.default_backend() != "gpu":
+            return "jax.experimental.rnn runs on GPUs only"
+        return None
+
+    def build(self, prob, x):
+        from jax.experimental import rnn
+
+        if jax.default_backend() != "gpu":
+            raise Skip(self.unavailable())
+        weights = cached_init(
+            ("jax-cudnn", prob.input_size, prob.hidden_size, prob.dtype, prob.seed),
+            lambda: rnn.init_lstm_weight(jax.random.key(prob.seed), prob.input_size, prob.hidden_size, 1,
+                                         False).astype(prob.jax_dtype))
+        zeros = jnp.zeros((1, prob.batch, prob.hidden_size), prob.jax_dtype)
+        lengths = jnp.full((prob.batch,), prob.length, jnp.int32)
+
+        def apply(w, xs):
+            return rnn.lstm(xs, zeros, zeros, w, lengths, prob.input_size, prob.hidden_size, 1, 0.0, False)[0]
+
+        return compile_jax(apply, weights, as_jax(x, prob), prob.mode)
+
+
 # --------------------------------------------------------------------------- equinox
 
 
@@ -523,6 +554,12 @@ SYSTEMS: dict[str, System] = {
                                      "(shard_map), one all-reduce of parameter gradients after the loop"),
     "rnnjax-vmap": Rnnjax(vmap=True, only_at_vmap_length=True,
                           note="rnnjax-vmap: jax.vmap of the single-sequence call, at --vmap-length only"),
+    "rnnjax-kernel": Rnnjax(method=rj.Kernel(), cells=("lstm", "gru", "elman"),
+                            note="rnnjax-kernel: rj.scan(method=rj.Kernel()), one Pallas kernel per direction (GPU)"),
+    "rnnjax-kernel-bf16": Rnnjax(method=rj.Kernel(), cells=("lstm", "gru", "elman"), same_as_rnnjax=False,
+                                 wrap=functools.partial(rj.Mixed, compute_dtype=jnp.bfloat16),
+                                 note="rnnjax-kernel-bf16: rj.Kernel() on rj.Mixed(cell, compute_dtype=bfloat16)"),
+    "jax-cudnn": JaxCudnn(),
     "flax": Flax(),
     "flax-lstmcell": Flax(cell_classes=(("lstm", "LSTMCell"),), cells=("lstm",), note="flax-lstmcell: nn.LSTMCell"),
     "equinox": Equinox(),

@@ -12,7 +12,7 @@ from rnnjax import distributed, inspect, interop, parallel, train
 from rnnjax.cell import Cell, DenseCell, LinearCell
 from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM
 from rnnjax.layers import RNN, Bidirectional, Stack
-from rnnjax.methods import Associative, Auto, Chunked, Method, Newton, Sequential
+from rnnjax.methods import Associative, Auto, Chunked, Kernel, Method, Newton, Sequential
 from rnnjax.precision import Mixed
 from rnnjax.scan import scan
 
@@ -41,6 +41,7 @@ __all__ = [
     "Associative",
     "Chunked",
     "Newton",
+    "Kernel",
     "Auto",
     "distributed",
     "inspect",

@@ -22,10 +22,13 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
+import jax
+
 from rnnjax import tuning
 from rnnjax.cell import Cell, DenseCell, LinearCell, frozen
 from rnnjax.checks import check_positive_int, check_positive_number, is_int
-from rnnjax.engines import fused, linear, newton, sequential
+from rnnjax.engines import fused, kernel, linear, newton, sequential
+from rnnjax.precision import Mixed, cast_floating
 from rnnjax.sequence import TimeMajor
 
 REMAT = (None, "step", "sqrt")
@@ -227,6 +230,84 @@ class Newton(Method):
         )
 
 
+def _kernel_cell(cell: Cell) -> DenseCell | None:
+    """The dense cell the kernel engine runs for ``cell`` (itself, or the one inside an
+    ``rj.Mixed(..., carry_mode="keep")``), or ``None``."""
+    if isinstance(cell, Mixed) and cell.carry_mode == "keep":
+        cell = cell.cell
+    return cell if isinstance(cell, DenseCell) and cell.fusable else None
+
+
+@frozen
+class Kernel(Method):
+    """A dense cell's whole recurrence in one GPU kernel per direction (Pallas; Triton on
+    NVIDIA GPUs): the input products of all steps as one large product, then one kernel
+    that loops over the steps with the carry on chip and the cell's own ``update`` traced
+    in; its backward is one reverse kernel plus large products (:mod:`rnnjax.engines.kernel`).
+    Dense cells: ``rj.Elman``, ``rj.LSTM``, ``rj.GRU`` with ``reset_after=True``, yours
+    (:class:`rnnjax.cell.DenseCell`), and those inside ``rj.Mixed(..., carry_mode="keep")``.
+
+    Args:
+      block_batch: batch rows per kernel program (programs run in parallel, one per block);
+        a power of two, at least 16 on a GPU.
+      precision: the float32 products': ``"default"`` (TF32 on the GPU's tensor cores, as
+        XLA's default and PyTorch's cuDNN RNNs), ``"highest"`` (full float32), or ``None``:
+        what ``jax_default_matmul_precision`` says (unset: ``"default"``), like XLA's products.
+      num_warps: Triton warps per program.
+      weights: ``"stream"`` (read ``W_h`` from L2 at every step: any size) or ``"hold"``
+        (read it once and keep it on chip: only where it fits in a multiprocessor's
+        registers and shared memory, e.g. 16-bit or small ``W_h``).
+      interpret: run the kernels in Pallas' interpreter (``None``: where the default backend
+        is not a GPU). Interpreted, the engine is exact but slow: it is how the tests check
+        it on CPU. ``rj.Auto()`` never picks this method on CPU.
+
+    Gradients equal autodiff's up to float rounding (a ``jax.custom_vjp``: reverse mode to
+    any order, no forward mode). On a GPU the carry widths must be powers of two.
+    """
+
+    name: ClassVar[str] = "kernel"
+    block_batch: int = 16
+    precision: str | None = None
+    num_warps: int = 4
+    weights: str = "stream"
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        check_positive_int(self.block_batch, "block_batch")
+        check_positive_int(self.num_warps, "num_warps")
+        if self.precision is not None and self.precision not in kernel.PRECISIONS:
+            raise ValueError(f"precision must be one of {list(kernel.PRECISIONS)}, got {self.precision!r}")
+        if self.weights not in kernel.WEIGHTS:
+            raise ValueError(f"weights must be one of {list(kernel.WEIGHTS)}, got {self.weights!r}")
+        if self.interpret not in (None, True, False):
+            raise ValueError(f"interpret must be None, True or False, got {self.interpret!r}")
+
+    def check(self, cell: Cell) -> None:
+        if _kernel_cell(cell) is None:
+            raise ValueError(
+                f"rj.Kernel() needs a dense cell (rj.Elman, rj.LSTM, rj.GRU with reset_after=True: "
+                f"rnnjax.cell.DenseCell), alone or in rj.Mixed(..., carry_mode='keep'); {type(cell).__name__} "
+                f"with this configuration is not one. Methods that can run it: {_methods_for(cell)}"
+            )
+
+    def run(self, cell, params, seqs):
+        dense = _kernel_cell(cell)
+        interpret = self.interpret
+        if interpret is None:
+            interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
+        options = dict(
+            block_batch=int(self.block_batch),
+            precision=kernel.resolve_precision(self.precision),
+            interpret=bool(interpret),
+            num_warps=int(self.num_warps),
+            weights=self.weights,
+        )
+        if dense is cell:
+            return kernel.run(dense, params, seqs, **options)
+        ys, final, info = kernel.run(dense, cast_floating(params, cell.compute_dtype), seqs, **options)
+        return ys.astype(cell.output_dtype or cell.compute_dtype), final, info
+
+
 @frozen
 class Auto(Method):
     """One of the methods above, per backend, cell kind and ``T``, from the measured table in
@@ -247,7 +328,7 @@ class Auto(Method):
         return self.resolve(cell, seqs.steps).run(cell, params, seqs)
 
 
-BY_NAME: dict[str, type[Method]] = {m.name: m for m in (Sequential, Associative, Chunked, Newton, Auto)}
+BY_NAME: dict[str, type[Method]] = {m.name: m for m in (Sequential, Associative, Chunked, Newton, Kernel, Auto)}
 
 
 def as_method(method: Any) -> Method:

@@ -106,7 +106,7 @@ def _autocast_dtype(a: Array, w: Array) -> jnp.dtype | None:
     return None
 
 
-def matmul(a: Array, w: Array) -> Array:
+def matmul(a: Array, w: Array, precision: Any = None) -> Array:
     """``a @ w`` for activations ``a`` (input, carry) and weights ``w``, autocast to 16-bit
     weights: the product every cell's step uses.
 
@@ -118,11 +118,11 @@ def matmul(a: Array, w: Array) -> Array:
     (Returning the 16-bit dtype instead drifted 1.4-1.8x farther from float32 on the gated
     cells over 10 000 steps: ``benchmarks/precision_drift.py --round-products``.)
     In every other case this is exactly ``a @ w``: float32, float64 and all-16-bit products
-    are untouched."""
+    are untouched. ``precision`` is ``jnp.matmul``'s (``None``: the backend's default)."""
     narrow = _autocast_dtype(a, w)
     if narrow is None:
-        return a @ w
-    return jnp.matmul(a.astype(narrow), w, preferred_element_type=jnp.float32)
+        return jnp.matmul(a, w, precision=precision)
+    return jnp.matmul(a.astype(narrow), w, precision=precision, preferred_element_type=jnp.float32)
 
 
 def conv(a: Array, w: Array, dimension_numbers: tuple[str, str, str]) -> Array:

@@ -1,0 +1,432 @@
+r"""The kernel engine of a dense cell (``rj.Kernel()``): the whole recurrence in one Pallas
+kernel per direction, for GPUs.
+
+For a dense cell (:class:`rnnjax.cell.DenseCell`),
+:math:`(c_t, y_t) = \mathrm{update}(\theta, c_{t-1}, x_t W_x, h_{t-1} W_h)`:
+
+- **Forward.** :math:`Z^x = X W_x` for all steps is one large product before the kernel.
+  The kernel's programs each own a block of ``block_batch`` batch rows (rows are
+  independent, so programs never synchronise) and loop over the ``T`` steps inside, the
+  carry held on chip: per step, :math:`z^h_t = h_{t-1} W_h` (``W_h`` read from L2), the
+  cell's own ``update`` traced into the kernel, the output and (when differentiating) the
+  carry before the step written out.
+- **Backward** (a ``jax.custom_vjp``): one reverse kernel carries the carry's cotangent
+  :math:`g` back through the steps: per step it recomputes :math:`z^h_t`, takes ``update``'s
+  derivative (traced into the kernel), and adds
+  :math:`\mathrm{recurrent\_input}^\top(\bar z^h_t W_h^\top)`; it writes each step's
+  :math:`g_t`. After it, everything is parallel over all ``T * batch`` rows:
+  :math:`Z^h = H_{\mathrm{prev}} W_h`, ``update``'s derivative for all steps at once (giving
+  :math:`\bar Z^x, \bar Z^h` and the small parameters' gradients), then
+  :math:`\bar W_x = X^\top \bar Z^x`, :math:`\bar W_h = H_{\mathrm{prev}}^\top \bar Z^h`,
+  :math:`\bar X = \bar Z^x W_x^\top`.
+
+Inside the kernel, arrays wider than the block width (the greatest common divisor of the
+products' and carries' widths) are held as column blocks (:mod:`rnnjax.engines.blocked`),
+because Triton can neither slice a value nor hold an array whose size is not a power of two.
+On a GPU every carry width, the block width and ``block_batch`` must be powers of two (and
+``block_batch`` at least 16, Triton's smallest matrix product); under ``interpret=True`` (how
+the tests run it on CPU) any shapes work. Forward mode does not go through the
+``custom_vjp``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from rnnjax.cell import DenseCell
+from rnnjax.engines import blocked
+from rnnjax.engines.blocked import Blocks
+from rnnjax.ops import matmul
+from rnnjax.sequence import TimeMajor, mask_step, reset_carry
+
+PRECISIONS = ("default", "highest")
+WEIGHTS = ("stream", "hold")
+
+
+def _dot_precision(precision: str, interpret: bool, dtype: Any) -> Any:
+    """What a float32 product in the kernel runs as: on a GPU, TF32 (``"default"``) or three
+    TF32 passes (``"highest"``: float32 accuracy on tensor cores; Triton's exact float32 product
+    runs on the FMA units and was 50x slower, benchmarks/results/nvidia-h200-kernel-run1);
+    interpreted, XLA's own precisions. 16-bit operands use their own tensor-core product."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return None
+    if interpret:
+        return jax.lax.Precision.HIGHEST if precision == "highest" else jax.lax.Precision.DEFAULT
+    if precision == "highest":
+        return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+
+
+# jax_default_matmul_precision's values that ask for full float32 products.
+_FULL_FLOAT32 = ("highest", "float32")
+
+
+def resolve_precision(precision: str | None) -> str:
+    """``precision``, or for ``None`` what ``jax_default_matmul_precision`` asks for (Pallas
+    does not read that option itself): ``"highest"`` or ``"default"`` (TF32 on GPUs)."""
+    if precision is not None:
+        return precision
+    configured = getattr(jax.config, "jax_default_matmul_precision", None)
+    return "highest" if str(configured).lower() in _FULL_FLOAT32 else "default"
+
+
+class Config(NamedTuple):
+    """The static choices of one kernel run (hashable: the ``custom_vjp``'s static argument)."""
+
+    block_batch: int
+    precision: str
+    interpret: bool
+    num_warps: int
+    weights: str
+    backwards: bool
+    has_resets: bool
+    has_valid: bool
+
+
+def run(
+    cell: DenseCell,
+    params: Any,
+    seqs: TimeMajor,
+    *,
+    block_batch: int,
+    precision: str,
+    interpret: bool,
+    num_warps: int,
+    weights: str,
+):
+    """``(ys_tm, final, None)`` of the sequences ``seqs`` by the kernels described above."""
+    cell.check_params(params)
+    batch = seqs.batch_shape
+    rows = math.prod(batch)
+    padded = -(-max(rows, 1) // block_batch) * block_batch
+    steps = seqs.steps
+
+    def flat(a, lead):  # (*lead, *batch, n) -> (*lead, padded, n), zero rows appended
+        a = a.reshape(*lead, rows, *a.shape[len(lead) + len(batch) :])
+        pad = [(0, 0)] * a.ndim
+        pad[len(lead)] = (0, padded - rows)
+        return jnp.pad(a, pad)
+
+    config = Config(
+        block_batch,
+        precision,
+        interpret,
+        num_warps,
+        weights,
+        seqs.backwards,
+        seqs.resets is not None,
+        seqs.valid is not None,
+    )
+    masks = [
+        None if m is None else flat(m.astype(jnp.int32), (steps,)) for m in (seqs.resets, seqs.valid)
+    ]  # Triton loads no booleans
+    carry = jax.tree.map(lambda a: flat(a, ()), seqs.carry)
+    zero = jax.tree.map(lambda a: flat(a, ()), seqs.zero)
+    ys, final = _kernel_scan(cell, config, params, carry, flat(seqs.xs, (steps,)), *masks, zero)
+    ys = ys[:, :rows].reshape(steps, *batch, ys.shape[-1])
+    final = jax.tree.map(lambda a: a[:rows].reshape(*batch, a.shape[-1]), final)
+    return ys, final, None
+
+
+# ---- one step, as the kernels trace it ------------------------------------------------------
+
+
+def _local(cell, rest, c_prev, zx, zh, reset, valid, zero):
+    """One step without its two large products: reset, ``update``, the length mask."""
+    new, y = cell.update(rest, reset_carry(c_prev, reset, zero), zx, zh)
+    return mask_step(new, y, c_prev, valid)
+
+
+def _rec_in(cell, c_prev, reset, zero):
+    return cell.recurrent_input(reset_carry(c_prev, reset, zero))
+
+
+def _width(w: int, h_in: int, g: int) -> tuple[int, int]:
+    return h_in // w, g // w
+
+
+class _Weights:
+    """``W_h`` as ``w x w`` tiles, each read from the ref where it is used (``"stream"``: from
+    L2 every step, so no more than one tile is live on chip at a time) or read once before the
+    loop and held (``"hold"``)."""
+
+    def __init__(self, ref, w, h_in, g, hold):
+        self.ref, self.w, self.rows, self.cols = ref, w, h_in // w, g // w
+        self.held = [[self._read(j, k) for k in range(self.cols)] for j in range(self.rows)] if hold else None
+
+    def _read(self, j, k):
+        return self.ref[pl.ds(j * self.w, self.w), pl.ds(k * self.w, self.w)]
+
+    def tile(self, j, k):
+        return self.held[j][k] if self.held is not None else self._read(j, k)
+
+
+def _parts(a):
+    return list(a.parts) if isinstance(a, Blocks) else [a]
+
+
+def _wrap(parts):
+    return parts[0] if len(parts) == 1 else Blocks(parts)
+
+
+def _recurrent_product(h, weights: _Weights, precision):
+    """``h @ W_h`` by tiles: ``h`` ``(rows, h_in)`` plain or blocked, result blocked."""
+    h_parts = _parts(h)
+    out = []
+    for k in range(weights.cols):
+        acc = None
+        for j, part in enumerate(h_parts):
+            p = matmul(part, weights.tile(j, k), precision).astype(jnp.float32)
+            acc = p if acc is None else acc + p
+        out.append(acc)
+    return _wrap(out)
+
+
+def _recurrent_product_t(dz, weights: _Weights, precision):
+    """``dz @ W_h^T`` by tiles: ``dz`` ``(rows, g)`` blocked, result ``(rows, h_in)``."""
+    dz_parts = _parts(dz)
+    dims = (((1,), (1,)), ((), ()))
+    out = []
+    for j in range(weights.rows):
+        acc = None
+        for k, part in enumerate(dz_parts):
+            tile = weights.tile(j, k)
+            part = part.astype(tile.dtype) if tile.dtype.itemsize < part.dtype.itemsize else part
+            p = jax.lax.dot_general(part, tile, dims, precision=precision, preferred_element_type=jnp.float32)
+            acc = p if acc is None else acc + p
+        out.append(acc)
+    return _wrap(out)
+
+
+def _load(ref, index, w):
+    """``ref[index]`` with its last axis as column blocks where it is wider than ``w``."""
+    width = ref.shape[-1] if ref.shape else 0
+    if width <= w:
+        return ref[(*index, slice(None))] if ref.shape else ref[...]
+    return Blocks([ref[(*index, pl.ds(k * w, w))] for k in range(width // w)])
+
+
+def _store(ref, index, value, w):
+    for k, part in enumerate(_parts(value)):
+        ref[(*index, pl.ds(k * w, part.shape[-1]))] = part.astype(ref.dtype)
+
+
+def _step_index(config: Config, s, steps):
+    return steps - 1 - s if config.backwards else s
+
+
+def _masks(config, refs, t, rows):
+    resets_ref, valid_ref = refs
+    reset = resets_ref[t, rows] != 0 if config.has_resets else None
+    valid = valid_ref[t, rows] != 0 if config.has_valid else None
+    return reset, valid
+
+
+# ---- the kernels ----------------------------------------------------------------------------
+
+
+class _Layout(NamedTuple):
+    """Shapes the kernels are traced for."""
+
+    steps: int
+    w: int
+    h_in: int
+    g: int
+    carry_def: Any
+    rest_def: Any
+    n_carry: int
+    n_rest: int
+
+
+def _layout(cell, params, carry, xs) -> _Layout:
+    rest = params._replace(w_x=None, w_h=None)
+    carry_leaves, carry_def = jax.tree.flatten(carry)
+    rest_leaves, rest_def = jax.tree.flatten(rest)
+    h_in, g = params.w_h.shape
+    w = blocked.block_width(g, h_in, *(c.shape[-1] for c in carry_leaves))
+    return _Layout(xs.shape[0], w, h_in, g, carry_def, rest_def, len(carry_leaves), len(rest_leaves))
+
+
+def _split_refs(refs, counts):
+    out, at = [], 0
+    for n in counts:
+        out.append(refs[at : at + n])
+        at += n
+    return out
+
+
+def _forward_kernel(cell, config, lay: _Layout, keep_carries, *refs):
+    n_masks = 2
+    zx_ref, wh_ref, carry_refs, zero_refs, mask_refs, rest_refs, ys_ref, final_refs, prev_refs = _split_refs(
+        refs,
+        (1, 1, lay.n_carry, lay.n_carry, n_masks, lay.n_rest, 1, lay.n_carry, lay.n_carry if keep_carries else 0),
+    )
+    (zx_ref,), (wh_ref,), (ys_ref,) = zx_ref, wh_ref, ys_ref
+    w, bb = lay.w, config.block_batch
+    rows = pl.ds(pl.program_id(0) * bb, bb)
+    unflat_carry = functools.partial(jax.tree.unflatten, lay.carry_def)
+    carry = unflat_carry([_load(r, (rows,), w) for r in carry_refs])
+    zero = unflat_carry([_load(r, (rows,), w) for r in zero_refs])
+    rest = jax.tree.unflatten(lay.rest_def, [_load(r, (slice(None),) * (len(r.shape) - 1), w) for r in rest_refs])
+    precision = _dot_precision(config.precision, config.interpret, wh_ref.dtype)
+    weights = _Weights(wh_ref, w, lay.h_in, lay.g, config.weights == "hold")
+
+    def body(s, c):
+        t = _step_index(config, s, lay.steps)
+        reset, valid = _masks(config, mask_refs, t, rows)
+        h = blocked.evaluate(functools.partial(_rec_in, cell), w, c, reset, zero)
+        zh = _recurrent_product(h, weights, precision)
+        zx = _load(zx_ref, (t, rows), w)
+        new, y = blocked.evaluate(functools.partial(_local, cell), w, rest, c, zx, zh, reset, valid, zero)
+        _store(ys_ref, (t, rows), y, w)
+        for ref, leaf in zip(prev_refs, jax.tree.leaves(c, is_leaf=_is_blocks)):
+            _store(ref, (t, rows), leaf, w)
+        return new
+
+    final = jax.lax.fori_loop(0, lay.steps, body, carry)
+    for ref, leaf in zip(final_refs, jax.tree.leaves(final, is_leaf=_is_blocks)):
+        _store(ref, (rows,), leaf, w)
+
+
+def _backward_kernel(cell, config, lay: _Layout, *refs):
+    zx_ref, wh_ref, prev_refs, dys_ref, d_final_refs, zero_refs, mask_refs, rest_refs, gs_refs, d_carry_refs = (
+        _split_refs(refs, (1, 1, lay.n_carry, 1, lay.n_carry, lay.n_carry, 2, lay.n_rest, lay.n_carry, lay.n_carry))
+    )
+    (zx_ref,), (wh_ref,), (dys_ref,) = zx_ref, wh_ref, dys_ref
+    w, bb = lay.w, config.block_batch
+    rows = pl.ds(pl.program_id(0) * bb, bb)
+    unflat_carry = functools.partial(jax.tree.unflatten, lay.carry_def)
+    zero = unflat_carry([_load(r, (rows,), w) for r in zero_refs])
+    rest = jax.tree.unflatten(lay.rest_def, [_load(r, (slice(None),) * (len(r.shape) - 1), w) for r in rest_refs])
+    d_final = unflat_carry([_load(r, (rows,), w) for r in d_final_refs])
+    precision = _dot_precision(config.precision, config.interpret, wh_ref.dtype)
+    weights = _Weights(wh_ref, w, lay.h_in, lay.g, config.weights == "hold")
+
+    def step_vjp(rest, c_prev, zx, zh, reset, valid, zero, g, dy):
+        _, vjp = jax.vjp(lambda c, b: _local(cell, rest, c, zx, b, reset, valid, zero), c_prev, zh)
+        return vjp((g, dy))
+
+    def rec_in_vjp(c_prev, reset, zero, dh):
+        _, vjp = jax.vjp(lambda c: _rec_in(cell, c, reset, zero), c_prev)
+        return vjp(dh)[0]
+
+    def body(s, g):
+        t = _step_index(config, lay.steps - 1 - s, lay.steps)
+        for ref, leaf in zip(gs_refs, jax.tree.leaves(g, is_leaf=_is_blocks)):
+            _store(ref, (t, rows), leaf, w)
+        reset, valid = _masks(config, mask_refs, t, rows)
+        c_prev = unflat_carry([_load(r, (t, rows), w) for r in prev_refs])
+        h = blocked.evaluate(functools.partial(_rec_in, cell), w, c_prev, reset, zero)
+        zh = _recurrent_product(h, weights, precision)
+        zx = _load(zx_ref, (t, rows), w)
+        dy = _load(dys_ref, (t, rows), w)
+        dc, dzh = blocked.evaluate(step_vjp, w, rest, c_prev, zx, zh, reset, valid, zero, g, dy)
+        dh = _recurrent_product_t(dzh, weights, precision)
+        h_dtype = jax.tree.leaves(h, is_leaf=_is_blocks)[0]
+        dh = jax.tree.map(lambda a: a.astype(jnp.result_type(h_dtype)), dh)
+        dc_in = blocked.evaluate(rec_in_vjp, w, c_prev, reset, zero, dh)
+        return jax.tree.map(jnp.add, dc, dc_in)
+
+    d_carry = jax.lax.fori_loop(0, lay.steps, body, d_final)
+    for ref, leaf in zip(d_carry_refs, jax.tree.leaves(d_carry, is_leaf=_is_blocks)):
+        _store(ref, (rows,), leaf, w)
+
+
+def _is_blocks(a):
+    return isinstance(a, Blocks)
+
+
+def _call(kernel, config, out_shape, args):
+    grid = (args[0].shape[1] // config.block_batch,)
+    extra = {}
+    if not config.interpret:
+        from jax.experimental.pallas import triton as plgpu  # GPU-only; not needed to interpret
+
+        extra["compiler_params"] = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
+    flat = [a for a in args if a is not None]
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=config.interpret, **extra)(*flat)
+
+
+def _xla_precision(precision: str) -> Any:
+    """The precision of the products XLA computes outside the kernels."""
+    return jax.lax.Precision.HIGHEST if precision == "highest" else jax.lax.Precision.DEFAULT
+
+
+def _masks_args(resets, valid):
+    # Absent masks travel as 1-element placeholders so the kernels' ref layout is fixed.
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return [dummy if resets is None else resets, dummy if valid is None else valid]
+
+
+def _forward(cell, config, params, carry, xs, resets, valid, zero, keep_carries):
+    lay = _layout(cell, params, carry, xs)
+    zx = matmul(xs, params.w_x, _xla_precision(config.precision))
+    rest_leaves = jax.tree.leaves(params._replace(w_x=None, w_h=None))
+    carry_leaves = jax.tree.leaves(carry)
+    ys_shape = jax.eval_shape(
+        lambda: _local(cell, params._replace(w_x=None, w_h=None), carry, zx[0], zx[0], None, None, zero)
+    )[1]
+    steps = lay.steps
+    out_shape = [jax.ShapeDtypeStruct((steps, *ys_shape.shape), ys_shape.dtype)]
+    out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in carry_leaves]
+    if keep_carries:
+        out_shape += [jax.ShapeDtypeStruct((steps, *c.shape), c.dtype) for c in carry_leaves]
+    args = [zx, params.w_h, *carry_leaves, *jax.tree.leaves(zero), *_masks_args(resets, valid), *rest_leaves]
+    kernel = functools.partial(_forward_kernel, cell, config, lay, keep_carries)
+    outs = _call(kernel, config, out_shape, args)
+    ys, final = outs[0], jax.tree.unflatten(lay.carry_def, outs[1 : 1 + lay.n_carry])
+    prevs = outs[1 + lay.n_carry :]
+    return ys, final, zx, prevs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_scan(cell, config, params, carry, xs, resets, valid, zero):
+    ys, final, _, _ = _forward(cell, config, params, carry, xs, resets, valid, zero, keep_carries=False)
+    return ys, final
+
+
+def _kernel_scan_fwd(cell, config, params, carry, xs, resets, valid, zero):
+    ys, final, zx, prevs = _forward(cell, config, params, carry, xs, resets, valid, zero, keep_carries=True)
+    return (ys, final), (params, carry, xs, resets, valid, zero, zx, prevs)
+
+
+def _kernel_scan_bwd(cell, config, res, cts):
+    params, carry, xs, resets, valid, zero, zx, prevs = res
+    d_ys, d_final = cts
+    lay = _layout(cell, params, carry, xs)
+    rest = params._replace(w_x=None, w_h=None)
+    carry_leaves = jax.tree.leaves(carry)
+    d_final_leaves = [d.astype(c.dtype) for d, c in zip(jax.tree.leaves(d_final), carry_leaves)]
+    out_shape = [jax.ShapeDtypeStruct((lay.steps, *c.shape), c.dtype) for c in carry_leaves]
+    out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in carry_leaves]
+    args = [zx, params.w_h, *prevs, d_ys, *d_final_leaves, *jax.tree.leaves(zero), *_masks_args(resets, valid)]
+    args += jax.tree.leaves(rest)
+    kernel = functools.partial(_backward_kernel, cell, config, lay)
+    outs = _call(kernel, config, out_shape, args)
+    gs = jax.tree.unflatten(lay.carry_def, outs[: lay.n_carry])
+    d_carry = jax.tree.unflatten(lay.carry_def, outs[lay.n_carry :])
+
+    # Everything else in parallel over all steps and rows: (T, rows) act as batch axes.
+    c_prevs = jax.tree.unflatten(lay.carry_def, prevs)
+    precision = _xla_precision(config.precision)
+    reset_b = None if resets is None else resets != 0
+    valid_b = None if valid is None else valid != 0
+    h_prevs = _rec_in(cell, c_prevs, reset_b, zero)
+    zh, vjp_h = jax.vjp(lambda w_h: matmul(h_prevs, w_h, precision), params.w_h)
+    _, vjp_local = jax.vjp(lambda r, a, b: _local(cell, r, c_prevs, a, b, reset_b, valid_b, zero), rest, zx, zh)
+    d_rest, dzx, dzh = vjp_local((gs, d_ys))
+    # The products' own derivatives (autodiff's, so 16-bit weights round as the forward did).
+    _, vjp_x = jax.vjp(lambda x, w_x: matmul(x, w_x, precision), xs, params.w_x)
+    d_xs, d_w_x = vjp_x(dzx)
+    (d_w_h,) = vjp_h(dzh)
+    d_params = d_rest._replace(w_x=d_w_x, w_h=d_w_h)
+    return d_params, d_carry, d_xs, None, None, None
+
+
+_kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd)
