@@ -91,7 +91,7 @@ def _cell_value(rec: dict | None, field: str = "median_s") -> str:
 
 
 # The rnnjax configurations the time table gives ratios to PyTorch and Flax for, when measured.
-RATIO_SYSTEMS = ("rnnjax", "rnnjax-fused", "rnnjax-shard", "rnnjax-shard-fused")
+RATIO_SYSTEMS = ("rnnjax", "rnnjax-autodiff", "rnnjax-shard")
 
 
 def _ratio(table, cell, mode, t, other, system="rnnjax") -> str:

@@ -97,8 +97,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["fwd,fwd+bwd"],
                    help="fwd (inference) and/or fwd+bwd (gradient of sum(outputs) w.r.t. params and inputs; default both)")
     p.add_argument("--systems", nargs="+", default=None,
-                   help="from benchmarks.systems.SYSTEMS (default: rnnjax rnnjax-fused rnnjax-remat rnnjax-remat-sqrt flax "
-                        "equinox torch attention, plus rnnjax-shard and rnnjax-shard-fused with --host-devices > 1, "
+                   help="from benchmarks.systems.SYSTEMS (default: rnnjax rnnjax-autodiff rnnjax-remat rnnjax-remat-sqrt flax "
+                        "equinox torch attention, plus rnnjax-shard with --host-devices > 1, "
                         "rnnjax-vmap at --vmap-length)")
     p.add_argument("--batch", type=int, help="B")
     p.add_argument("--input-size", type=int, help="D")
@@ -121,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host-devices", type=_host_devices, default=1,
                    help="N > 1, or auto (the most CPU cores that divide the batch): sets "
                         "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts and adds the "
-                        "rnnjax-shard and rnnjax-shard-fused systems (batch split over N CPU devices)")
+                        "rnnjax-shard system (batch split over N CPU devices)")
     p.add_argument("--malloc", choices=["default", "reuse"], default="default",
                    help="glibc's allocator for the whole process, every system alike. reuse: one arena, no mmap, "
                         "no trimming (mallopt before JAX starts), so XLA's per-call buffers reuse memory instead of "
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     names = list(args.systems and _words(args.systems) or S.DEFAULT_SYSTEMS)
     if args.systems is None and args.host_devices > 1:
-        at = names.index("rnnjax-fused") + 1
+        at = names.index("rnnjax-autodiff") + 1
         names[at:at] = S.HOST_DEVICE_SYSTEMS
     if args.vmap_length and "rnnjax-vmap" not in names:
         names.append("rnnjax-vmap")

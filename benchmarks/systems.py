@@ -535,9 +535,10 @@ SYSTEMS: dict[str, System] = {
     "rnnjax-unroll4": Rnnjax(method=rj.Sequential(unroll=4)),
     "rnnjax-unroll16": Rnnjax(method=rj.Sequential(unroll=16)),
     "rnnjax-unroll64": Rnnjax(method=rj.Sequential(unroll=64)),
-    "rnnjax-fused": Rnnjax(method=rj.Sequential(gradient="fused"), cells=("lstm", "gru", "elman"), modes=("fwd+bwd",),
-                           note='rnnjax-fused: rj.scan(method=rj.Sequential(gradient="fused")), the sequence-level '
-                                "backward pass; fwd+bwd only (its forward is rnnjax's loop)"),
+    "rnnjax-autodiff": Rnnjax(method=rj.Sequential(gradient="autodiff"), cells=("lstm", "gru", "elman"),
+                              modes=("fwd+bwd",),
+                              note='rnnjax-autodiff: rj.scan(method=rj.Sequential(gradient="autodiff")), JAX\'s own '
+                                   "derivative of the loop (the default before the sequence-level one); fwd+bwd only"),
     "rnnjax-assoc": Rnnjax(method=rj.Associative(), cells=LINEAR_CELLS),
     "rnnjax-chunked": Rnnjax(method=rj.Chunked(), cells=LINEAR_CELLS),
     "rnnjax-newton": Rnnjax(method=rj.Newton()),
@@ -546,10 +547,6 @@ SYSTEMS: dict[str, System] = {
                           note="rnnjax-bf16: rj.Mixed(cell, compute_dtype=bfloat16): float32 params and carry, bfloat16 outputs"),
     "rnnjax-f16": Rnnjax(wrap=functools.partial(rj.Mixed, compute_dtype=jnp.float16), same_as_rnnjax=False,
                          note="rnnjax-f16: rj.Mixed(cell, compute_dtype=float16): float32 params and carry, float16 outputs"),
-    "rnnjax-shard-fused": RnnjaxShard(method=rj.Sequential(gradient="fused"), cells=("lstm", "gru", "elman"),
-                                      modes=("fwd+bwd",),
-                                      note='rnnjax-shard-fused: rnnjax-shard with rj.Sequential(gradient="fused"); '
-                                           "fwd+bwd only"),
     "rnnjax-shard": RnnjaxShard(note="rnnjax-shard: batch split over the host devices by rj.distributed.data_parallel "
                                      "(shard_map), one all-reduce of parameter gradients after the loop"),
     "rnnjax-vmap": Rnnjax(vmap=True, only_at_vmap_length=True,
@@ -567,9 +564,10 @@ SYSTEMS: dict[str, System] = {
     "attention": Attention(),
 }
 
-DEFAULT_SYSTEMS = ("rnnjax", "rnnjax-fused", "rnnjax-remat", "rnnjax-remat-sqrt", "flax", "equinox", "torch", "attention")
-# With --host-devices N > 1 these follow rnnjax-fused in the default list.
-HOST_DEVICE_SYSTEMS = ("rnnjax-shard", "rnnjax-shard-fused")
+DEFAULT_SYSTEMS = ("rnnjax", "rnnjax-autodiff", "rnnjax-remat", "rnnjax-remat-sqrt", "flax", "equinox", "torch",
+                   "attention")
+# With --host-devices N > 1 these follow rnnjax-autodiff in the default list.
+HOST_DEVICE_SYSTEMS = ("rnnjax-shard",)
 
 
 @functools.cache

@@ -32,6 +32,8 @@ import optax
 
 import rnnjax as rj
 
+rj.distributed.use_cpu_cores()  # first: every CPU core a JAX device; train steps split the batch over them
+
 start_notebook = time.perf_counter()
 PACKAGES = ["asyncio", "email", "importlib", "logging", "multiprocessing", "xml"]
 MAX_WORDS, VOCAB = 40, 3000
@@ -138,7 +140,7 @@ def accuracy(params, data):
 
 STEPS, BATCH = 400, 64
 optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(2e-3))
-step = rj.train.make_train_step(loss_fn, optimizer)
+step = rj.train.make_train_step(loss_fn, optimizer, mesh="local")
 state = rj.train.TrainState.create(init(jax.random.key(0)), optimizer)
 state, history = rj.train.fit(
     step, state, batches(train, BATCH, seed=1), steps=STEPS,

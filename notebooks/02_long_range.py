@@ -29,6 +29,8 @@ import optax
 
 import rnnjax as rj
 
+rj.distributed.use_cpu_cores()  # first: every CPU core a JAX device; train steps split the batch over them
+
 start_notebook = time.perf_counter()
 WIDTH, BATCH, STEPS = 32, 64, 300
 CELLS = {
@@ -88,7 +90,7 @@ def adding_loss(cell):
 def train(cell, loss_fn, make_batch, input_size, output_size, T, seed=0):
     """Adam with gradient clipping, fresh random batches each step; returns (params, losses)."""
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(3e-3))
-    step = rj.train.make_train_step(loss_fn, optimizer)
+    step = rj.train.make_train_step(loss_fn, optimizer, mesh="local")
     params = init_model(cell, jax.random.key(seed), input_size, output_size)
     state = rj.train.TrainState.create(params, optimizer)
     keys = jax.random.split(jax.random.key(seed + 1), STEPS)

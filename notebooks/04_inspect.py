@@ -34,6 +34,8 @@ import optax
 
 import rnnjax as rj
 
+rj.distributed.use_cpu_cores()  # first: every CPU core a JAX device; train steps split the batch over them
+
 start_notebook = time.perf_counter()
 BITS, WIDTH, T, BATCH, STEPS = 3, 24, 64, 64, 600
 PULSE_PROBABILITY = 0.05
@@ -110,7 +112,7 @@ def apply_model(cell, params, inputs):
 def train(cell, seed=0):
     loss_fn = lambda p, batch: jnp.mean((apply_model(cell, p, batch["xs"]) - batch["ys"]) ** 2)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(optax.cosine_decay_schedule(1e-2, STEPS, 0.05)))
-    step = rj.train.make_train_step(loss_fn, optimizer)
+    step = rj.train.make_train_step(loss_fn, optimizer, mesh="local")
     state = rj.train.TrainState.create(init_model(cell, jax.random.key(seed)), optimizer)
     batches = (flipflop(k) for k in jax.random.split(jax.random.key(seed + 1), STEPS))
     state, history = rj.train.fit(step, state, batches, steps=STEPS, progress=False)

@@ -229,9 +229,9 @@ class DenseCell(Cell):
         (c_t, y_t) = \mathrm{update}(\theta, c_{t-1}, x_t W_x, h_{t-1} W_h),
         \qquad h_{t-1} = \mathrm{recurrent\_input}(c_{t-1}),
 
-    with ``update`` using no other product of ``w_x`` or ``w_h``. That lets
-    ``rj.Sequential(gradient="fused")`` (:mod:`rnnjax.engines.fused`) form the gradients of ``w_x``,
-    ``w_h`` and the inputs as single products over all steps. Elman, LSTM and GRU
+    with ``update`` using no other product of ``w_x`` or ``w_h``. That lets ``rj.Sequential()``
+    (:mod:`rnnjax.engines.fused`, ``gradient="auto"`` or ``"fused"``) form the derivatives of
+    ``w_x``, ``w_h`` and the inputs as single products over all steps. Elman, LSTM and GRU
     (``reset_after=True``) are dense cells; ``fusable`` says whether a configuration is.
     """
 

@@ -42,7 +42,7 @@ class RNN:
 
     Example:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
-      >>> layer = rj.RNN(rj.LSTM(8), method=rj.Sequential(gradient="fused"))
+      >>> layer = rj.RNN(rj.LSTM(8), method=rj.Sequential(remat="sqrt"))
       >>> params = layer.init(jax.random.key(0), input_size=3)
       >>> ys, (h, c) = layer.apply(params, jnp.ones((2, 5, 3)), lengths=jnp.array([5, 2]))
       >>> ys.shape, h.shape

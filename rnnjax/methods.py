@@ -32,7 +32,7 @@ from rnnjax.precision import Mixed, cast_floating
 from rnnjax.sequence import TimeMajor
 
 REMAT = (None, "step", "sqrt")
-GRADIENTS = ("autodiff", "fused")
+GRADIENTS = ("auto", "autodiff", "fused")
 
 
 class Method(abc.ABC):
@@ -96,16 +96,19 @@ class Sequential(Method):
         O(T) activations), ``"step"`` (each step from its carry), ``"sqrt"`` (nested
         checkpoints over about sqrt(T) blocks: O(sqrt(T)) activation memory for about one
         extra forward pass).
-      gradient: ``"autodiff"`` (JAX's transpose of the loop) or ``"fused"``: for dense
-        cells (:class:`rnnjax.cell.DenseCell`: Elman, LSTM, GRU with ``reset_after``), a
-        sequence-level backward pass that keeps only the recurrent product in the loop
-        (:mod:`rnnjax.engines.fused`); same gradients up to float rounding, and no forward
-        mode (``jax.jvp``) through it. It keeps its own residuals, so it takes no ``remat``.
+      gradient: how derivatives go through the loop. ``"fused"``: for dense cells
+        (:class:`rnnjax.cell.DenseCell`: Elman, LSTM, GRU with ``reset_after``), the
+        sequence-level derivative (:mod:`rnnjax.engines.fused`): products with the weights'
+        tangents and cotangents leave the loop as large products over all steps; forward
+        and reverse mode to any order; training 10-40% faster than autodiff on a CPU. It
+        keeps its own residuals, so it takes no ``remat``. ``"autodiff"``: JAX's own
+        derivative of the loop. ``"auto"`` (default): ``"fused"`` for dense cells without
+        ``remat``, ``"autodiff"`` otherwise.
 
     Example:
       >>> import rnnjax as rj
       >>> rj.Sequential(remat="sqrt")
-      Sequential(unroll='auto', remat='sqrt', gradient='autodiff')
+      Sequential(unroll='auto', remat='sqrt', gradient='auto')
       >>> rj.Sequential(remat="step", gradient="fused")
       Traceback (most recent call last):
         ...
@@ -115,7 +118,7 @@ class Sequential(Method):
     name: ClassVar[str] = "sequential"
     unroll: int | bool | str = "auto"
     remat: str | None = None
-    gradient: str = "autodiff"
+    gradient: str = "auto"
 
     def __post_init__(self):
         _check_unroll(self.unroll)
@@ -134,9 +137,15 @@ class Sequential(Method):
                 "rj.Sequential(gradient='autodiff')"
             )
 
+    def uses_fused(self, cell: Cell) -> bool:
+        """Whether this method differentiates ``cell`` by the sequence-level derivative."""
+        if self.gradient == "auto":
+            return self.remat is None and isinstance(cell, DenseCell) and cell.fusable
+        return self.gradient == "fused"
+
     def run(self, cell, params, seqs):
         unroll = resolve_unroll(self.unroll)
-        if self.gradient == "fused":
+        if self.uses_fused(cell):
             return fused.run(cell, params, seqs, unroll=unroll)
         return sequential.run(cell, params, seqs, unroll=unroll, remat=self.remat)
 

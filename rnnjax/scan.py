@@ -98,7 +98,7 @@ def scan(
       ((2, 10, 16), (2, 16))
       >>> bool((ys[1, 3:] == 0).all())
       True
-      >>> ys_fast, _ = rj.scan(cell, params, xs, method=rj.Sequential(gradient="fused"))
+      >>> ys_lean, _ = rj.scan(cell, params, xs, method=rj.Sequential(remat="sqrt"))
     """
     check_no_replaced_options(replaced, "rj.scan")
     method, reverse = as_method(method), sequence.check_reverse(reverse)

@@ -1,6 +1,7 @@
-"""rj.Sequential(gradient="fused") (rnnjax/engines/fused.py): the sequence-level backward pass of
-dense cells equals autodiff's gradients, with lengths, resets, reverse, an initial carry,
-several batch axes, vmap, jit and second-order reverse mode; bad combinations are errors."""
+"""rj.Sequential(gradient="fused") (rnnjax/engines/fused.py), the default derivative of dense
+cells: the sequence-level derivative equals autodiff's in reverse and forward mode, with
+lengths, resets, reverse, an initial carry, several batch axes, vmap, jit and second order;
+bad combinations are errors."""
 
 import jax
 import jax.numpy as jnp
@@ -101,12 +102,41 @@ def test_fused_rejects_what_it_cannot_do():
         rj.scan(cell, params, xs, method=fused)
     with pytest.raises(ValueError, match="does not combine with remat='sqrt'"):
         rj.Sequential(gradient="fused", remat="sqrt")
-    with pytest.raises(ValueError, match=r"gradient must be one of \('autodiff', 'fused'\), got 'manual'"):
+    with pytest.raises(ValueError, match=r"gradient must be one of \('auto', 'autodiff', 'fused'\), got 'manual'"):
         rj.Sequential(gradient="manual")
     with pytest.raises(ValueError, match="needs a dense cell"):
         rj.RNN(rj.LRU(4), method=fused)
     with pytest.raises(ValueError, match="needs a dense cell"):
         rj.RNN(rj.GRU(4, reset_after=False), method=fused)
+
+
+def test_the_default_derivative_of_dense_cells_is_the_fused_one():
+    default, lstm, gru_before = rj.Sequential(), rj.LSTM(4), rj.GRU(4, reset_after=False)
+    assert default.uses_fused(lstm) and not default.uses_fused(gru_before) and not default.uses_fused(rj.MinGRU(4))
+    assert not rj.Sequential(remat="step").uses_fused(lstm) and not rj.Sequential(gradient="autodiff").uses_fused(lstm)
+    params, xs, carry = random_case(lstm, 3, key=1, batch=(2,))
+    grad = lambda method: jax.make_jaxpr(jax.grad(lambda p: jnp.sum(rj.scan(lstm, p, xs, carry, method=method)[0])))
+    assert str(grad(default)(params)) == str(grad(rj.Sequential(gradient="fused"))(params))
+    assert str(grad(default)(params)) != str(grad(rj.Sequential(gradient="autodiff"))(params))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("name", ["lstm_proj_peephole", "gru"])
+def test_forward_mode_equals_autodiff(name, reverse):
+    # jax.jvp runs the tangent loop; jax.linearize and jax.jacfwd go through the same rule.
+    cell = CELL_CASES[name]
+    params, xs, carry = random_case(cell, STEPS, key=6, batch=(3,))
+    lengths = jnp.array([STEPS, 4, 0])
+    resets = jnp.zeros((3, STEPS), bool).at[:, 2].set(True)
+    tangents = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape), (params, xs, carry))
+
+    def run(gradient):
+        method = rj.Sequential(gradient=gradient)
+        f = lambda p, x, c: rj.scan(cell, p, x, c, lengths=lengths, resets=resets, reverse=reverse, method=method)
+        return jax.jit(lambda primals, tangents: jax.jvp(f, primals, tangents))((params, xs, carry), tangents)
+
+    for a, b in zip(jax.tree.leaves(run("fused")), jax.tree.leaves(run("autodiff"))):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("name", DENSE)

@@ -238,7 +238,7 @@ XS = jnp.ones((2, 5, INPUT_SIZE))
     [
         (MINGRU, dict(method="fast"), re.escape(
             "unknown method 'fast'; expected a method value such as rj.Sequential() or one of "
-            "['sequential', 'associative', 'chunked', 'newton', 'auto']")),
+            "['sequential', 'associative', 'chunked', 'newton', 'kernel', 'auto']")),
         (GRU, dict(method="associative"), re.escape(
             "rj.Associative() needs a cell with a linear recurrence (an rj.LinearCell such as MinGRU, "
             "MinLSTM, LRU); GRU is not one. Methods that can run it: rj.Sequential(), rj.Newton(), rj.Auto()")),

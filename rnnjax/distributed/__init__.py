@@ -8,13 +8,14 @@ rnnjax places work on a :class:`jax.sharding.Mesh` with JAX's ``jit`` shardings 
 - Sequence parallelism (:mod:`rnnjax.distributed.sequence`): :func:`sequence_scan` splits
   one long sequence over a mesh axis along time.
 
-On a multi-core CPU the devices are host devices: start Python with
-``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (or
-``jax.config.update("jax_num_cpu_devices", N)`` before JAX starts; rnnjax never sets it).
+On a multi-core CPU the devices are host devices: call :func:`use_cpu_cores` at the top of
+the script (it sets ``jax_num_cpu_devices`` before JAX starts; rnnjax never sets it on
+import) and pass ``mesh="local"`` to ``rj.train.make_train_step``.
 Across hosts, call ``jax.distributed.initialize()`` first; a mesh over ``jax.devices()`` then
 spans every process and :func:`shard_batch` assembles each process's local rows.
 """
 
+from rnnjax.distributed.cores import cpu_core_count, use_cpu_cores
 from rnnjax.distributed.data import (
     DataParallel,
     batch_shardings,
@@ -31,6 +32,8 @@ from rnnjax.distributed.sequence import sequence_scan
 from rnnjax.engines.affine import SequenceSharding
 
 __all__ = [
+    "use_cpu_cores",
+    "cpu_core_count",
     "data_parallel",
     "current_data_parallel",
     "shard_batch",

@@ -1,5 +1,5 @@
-r"""The sequential engine of a dense cell with a sequence-level backward pass
-(``rj.Sequential(gradient="fused")``).
+r"""The sequential engine of a dense cell with a sequence-level gradient: what
+``rj.Sequential()`` runs for Elman, LSTM and GRU (``gradient="auto"`` or ``"fused"``).
 
 A dense cell (:class:`rnnjax.cell.DenseCell`) computes its step as
 
@@ -8,23 +8,29 @@ A dense cell (:class:`rnnjax.cell.DenseCell`) computes its step as
     (c_t, y_t) = \mathrm{update}(\theta, c_{t-1}, x_t W_x, h_{t-1} W_h),
     \qquad h_{t-1} = \mathrm{recurrent\_input}(c_{t-1}).
 
-Only :math:`\bar h_{t-1} \mathrel{+}= \bar z^h_t W_h^\top` has to be sequential in the backward
-pass. So the backward loop does that and the elementwise derivatives of ``update`` (and
-accumulates the gradients of the small parameters ``update`` uses), stores
-:math:`\bar z^x_t, \bar z^h_t`, and after the loop
+The recurrence is a ``jax.custom_jvp``. Its tangent keeps every product with a weight's or an
+input's tangent out of the loop, as large products over all ``T * batch`` rows,
+
+.. math::
+
+    \dot Z^x = \dot X W_x + X \dot W_x, \qquad H_{\mathrm{prev}} \dot W_h,
+
+and its tangent loop holds only :math:`\dot h_{t-1} W_h` and the linearisation of ``update``,
+rematerialised per step (``jax.checkpoint``) from the carry and products the forward loop
+stored. Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) runs that loop. Reverse
+mode is JAX's transpose of it: a reverse loop with only :math:`\bar h_{t-1} \mathrel{+}= \bar
+z^h_t W_h^\top` and ``update``'s derivatives (recomputed from the stored values), then
 
 .. math::
 
     \bar W_x = X^\top \bar Z^x, \qquad \bar W_h = H_{\mathrm{prev}}^\top \bar Z^h, \qquad
     \bar X = \bar Z^x W_x^\top
 
-are three large matrix products over all ``T * batch`` rows. Where ``update`` reads columns
-only through :math:`z^x_t + z^h_t` (``DenseCell.summed_columns``) their two cotangents are
-equal, so each pass keeps those columns once. The forward pass is the sequential loop,
-storing the carries and the products. Gradients equal autodiff's up to float rounding. It is
-a ``jax.custom_vjp``: reverse mode to any order works, forward mode (``jax.jvp``,
-``jax.jacfwd``) does not. Measured by ``benchmarks/experiments/custom_vjp_experiment.py``;
-variants tried and dropped are in ``benchmarks/experiments/DECISIONS.md``.
+as three large products, instead of autodiff's per-step outer products. Where ``update``
+reads columns only through :math:`z^x_t + z^h_t` (``DenseCell.summed_columns``) their two
+tangents are one array, stored once per step. Derivatives of every order equal autodiff's up
+to float rounding. Measured by ``benchmarks/experiments/custom_jvp_experiment.py`` (as fast as
+the earlier reverse-only ``custom_vjp``); decisions in ``benchmarks/experiments/DECISIONS.md``.
 """
 
 from __future__ import annotations
@@ -43,14 +49,6 @@ from rnnjax.sequence import TimeMajor, mask_step, reset_carry
 def _rows(a: jax.Array) -> jax.Array:
     """``(T, *batch, k)`` -> ``(T * prod(batch), k)``."""
     return a.reshape(-1, a.shape[-1])
-
-
-def run(cell: Cell, params: Any, seqs: TimeMajor, *, unroll: int | bool):
-    """``(ys_tm, final, None)`` of the sequential engine, differentiable by the
-    sequence-level backward pass described above."""
-    cell.check_params(params)
-    final, ys = _fused(cell, seqs.backwards, unroll, params, seqs.carry, seqs.xs, seqs.resets, seqs.valid, seqs.zero)
-    return ys, final, None
 
 
 def _local(cell, rest, c_prev, zx, zh, reset, valid, zero):
@@ -76,7 +74,7 @@ def _kept(zx, zh, k):
 
 def _products(kept):
     """``(zx, zh)`` that ``update`` treats as the originals: the summed columns in ``zx``,
-    zeros in ``zh``. :func:`_cotangents` maps the kept arrays' cotangents back."""
+    zeros in ``zh``."""
     if len(kept) == 2:
         return kept
     if len(kept) == 1:
@@ -85,19 +83,9 @@ def _products(kept):
     return jnp.concatenate([summed, ax], -1), jnp.concatenate([jnp.zeros_like(summed), ah], -1)
 
 
-def _cotangents(d_kept):
-    """Column blocks ``[(cotangent, columns)]`` of ``zx``'s and of ``zh``'s cotangent, from
-    the cotangents of the kept arrays (a summed column's cotangent is both products')."""
-    if len(d_kept) == 2:
-        return [(d_kept[0], slice(None))], [(d_kept[1], slice(None))]
-    if len(d_kept) == 1:
-        return [(d_kept[0], slice(None))], [(d_kept[0], slice(None))]
-    ds, dax, dah = d_kept
-    k = ds.shape[-1]
-    return [(ds, slice(None, k)), (dax, slice(k, None))], [(ds, slice(None, k)), (dah, slice(k, None))]
-
-
-def _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
+def _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero, keep=True):
+    """``((final, ys), (c_prevs, kept))``: the loop, storing each step's carry and products
+    when ``keep`` (the tangent loop starts from them); ``(c_prevs, kept)`` is ``None`` otherwise."""
     rest = params._replace(w_x=None, w_h=None)
 
     def body(c, inputs):
@@ -105,56 +93,70 @@ def _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
         zx = matmul(x, params.w_x)
         zh = matmul(_rec_in(cell, c, reset, zero), params.w_h)
         new, y = _local(cell, rest, c, zx, zh, reset, ok, zero)
+        if not keep:
+            return new, y
         # Summed columns are kept once (XLA shares the sum with update's own).
         return new, (y, c, _kept(zx, zh, cell.summed_columns(zx.shape[-1])))
 
-    final, (ys, c_prevs, zs) = jax.lax.scan(body, carry, (xs_tm, resets, valid), reverse=reverse, unroll=unroll)
+    final, outs = jax.lax.scan(body, carry, (xs_tm, resets, valid), reverse=reverse, unroll=unroll)
+    if not keep:
+        return (final, outs), None
+    ys, c_prevs, zs = outs
     return (final, ys), (c_prevs, zs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def run(cell: Cell, params: Any, seqs: TimeMajor, *, unroll: int | bool):
+    """``(ys_tm, final, None)`` of the sequential loop over ``seqs``, differentiated as the
+    module docstring says."""
+    cell.check_params(params)
+    final, ys = _fused(cell, seqs.backwards, unroll, params, seqs.carry, seqs.xs, seqs.resets, seqs.valid, seqs.zero)
+    return ys, final, None
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _fused(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
-    return _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero)[0]
+    return _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero, keep=False)[0]
 
 
-def _fused_fwd(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero):
+@_fused.defjvp
+def _fused_jvp(cell, reverse, unroll, primals, tangents):
+    params, carry, xs_tm, resets, valid, zero = primals
+    d_params, d_carry, d_xs = tangents[:3]
     out, (c_prevs, zs) = _forward(cell, reverse, unroll, params, carry, xs_tm, resets, valid, zero)
-    return out, (params, xs_tm, resets, valid, zero, c_prevs, zs)
-
-
-def _fused_bwd(cell, reverse, unroll, res, cts):
-    params, xs_tm, resets, valid, zero, c_prevs, zs = res
-    d_final, d_ys = cts
-    rest = params._replace(w_x=None, w_h=None)
-    w_h_t = params.w_h.T
-
-    def body(acc, inputs):
-        d_new, d_rest = acc
-        dy, c_prev, kept, reset, ok = inputs
-        local = lambda r, c, *k: _local(cell, r, c, *_products(k), reset, ok, zero)
-        _, vjp = jax.vjp(local, rest, c_prev, *kept)
-        dr, dc_prev, *d_kept = vjp((d_new, dy))
-        # The recurrent product's input: h_{t-1} = recurrent_input(reset(c_{t-1})).
-        dzh = jnp.concatenate([d for d, _ in _cotangents(d_kept)[1]], -1)
-        _, vjp_in = jax.vjp(lambda c: _rec_in(cell, c, reset, zero), c_prev)
-        (dc_in,) = vjp_in(matmul(dzh, w_h_t).astype(kept[-1].dtype))
-        dc_prev = jax.tree.map(jnp.add, dc_prev, dc_in)
-        d_rest = jax.tree.map(jnp.add, d_rest, dr)
-        return (dc_prev, d_rest), tuple(d_kept)
-
-    d_rest0 = jax.tree.map(jnp.zeros_like, rest)
-    (d_carry, d_rest), d_kept = jax.lax.scan(
-        body, (d_final, d_rest0), (d_ys, c_prevs, zs, resets, valid), reverse=not reverse, unroll=unroll
-    )
-    x_blocks, h_blocks = _cotangents(d_kept)
+    rest, d_rest = params._replace(w_x=None, w_h=None), d_params._replace(w_x=None, w_h=None)
+    # The products with tangents of the weights and inputs, for all steps at once, on rows
+    # (T * batch, k): their transposes are then plain X^T dZ products (3-D operands made XLA
+    # transpose a (T * batch, k) array and run a slower product: 0.85x autodiff against 0.62x).
+    on_rows = lambda a, w: matmul(_rows(a), w).reshape(*a.shape[:-1], w.shape[-1])  # noqa: E731
+    d_zx = on_rows(d_xs, params.w_x) + on_rows(xs_tm, d_params.w_x)
     h_prevs = jax.vmap(lambda c, r: _rec_in(cell, c, r, zero), in_axes=(0, None if resets is None else 0))(
         c_prevs, resets
     )
-    d_w_x = jnp.concatenate([_rows(xs_tm).T @ _rows(d) for d, _ in x_blocks], -1).astype(params.w_x.dtype)
-    d_w_h = jnp.concatenate([_rows(h_prevs).T @ _rows(d) for d, _ in h_blocks], -1).astype(params.w_h.dtype)
-    d_xs = sum(d @ params.w_x[:, cols].T for d, cols in x_blocks).astype(xs_tm.dtype)
-    d_params = d_rest._replace(w_x=d_w_x, w_h=d_w_h)
-    return d_params, d_carry, d_xs, None, None, None
+    d_zh_w = on_rows(h_prevs, d_params.w_h)
+    k = cell.summed_columns(params.w_x.shape[-1])
+    # The tangents of what each step keeps, but for the recurrent product's own (added in the
+    # loop): one stacked array per kept block, so its cotangent is stored once per step.
+    d_kept_ext = _kept(d_zx, d_zh_w, k)
+    # The loop's product is d_h @ w_h_t.T, so that its transpose is dz @ w_h_t on a (g, h)
+    # array XLA lays out once, as the reverse-only custom_vjp did.
+    w_h_t = params.w_h.T
 
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def tangent_step(d_c, c_prev, kept, d_kept_t, reset, ok):
+        zx, zh = _products(kept)
+        _, d_h = jax.jvp(lambda c: _rec_in(cell, c, reset, zero), (c_prev,), (d_c,))
+        d_rec = matmul(d_h, w_h_t.T)
+        d_zx_t, d_zh_t = _products(
+            tuple(a + b for a, b in zip(d_kept_t, _kept(jnp.zeros_like(d_rec), d_rec.astype(d_kept_t[0].dtype), k)))
+        )
+        local = lambda r, c, a, b: _local(cell, r, c, a, b, reset, ok, zero)  # noqa: E731
+        return jax.jvp(local, (rest, c_prev, zx, zh), (d_rest, d_c, d_zx_t, d_zh_t))[1]
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+    def body(d_c, inputs):
+        d_new, d_y = tangent_step(d_c, *inputs)
+        return d_new, d_y
+
+    d_final, d_ys = jax.lax.scan(
+        body, d_carry, (c_prevs, zs, d_kept_ext, resets, valid), reverse=reverse, unroll=unroll
+    )
+    return out, (d_final, d_ys)

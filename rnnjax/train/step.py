@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
@@ -27,7 +28,7 @@ def make_train_step(
     clip_norm: float | None = None,
     has_aux: bool = False,
     donate: bool = True,
-    mesh: Mesh | None = None,
+    mesh: Mesh | str | None = None,
     data_axis: str = "data",
     model_axis: str | None = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
@@ -52,7 +53,11 @@ def make_train_step(
         equals the single-device step up to float rounding; the recurrence runs per
         shard (:func:`rnnjax.distributed.data_parallel`) and XLA reduces the gradients.
         A batch whose leading axis does not divide over ``data_axis``, or an axis the
-        mesh lacks, is an error before anything compiles.
+        mesh lacks, is an error before anything compiles. ``"local"``: the devices of
+        this process (the CPU cores exposed by :func:`rnnjax.distributed.use_cpu_cores`,
+        or the local GPUs) on one ``data_axis``: the batch is split over the largest
+        number of them that divides its leading axis (all of them for a multiple of the
+        device count; the plain step for one), compiled once per such number.
       data_axis, model_axis: mesh axis names (``model_axis`` optional).
 
     Returns:
@@ -101,9 +106,52 @@ def make_train_step(
         new_state, grad_norm = apply_gradients(state, grads, optimizer, clip_norm)
         return new_state, {"loss": loss, "grad_norm": grad_norm, **aux}
 
-    if mesh is not None:
-        return jit_over_mesh(train_step, mesh, data_axis, model_axis, donate, ("batch",))
-    return jit_step(train_step, donate)
+    return jit_for_mesh(train_step, mesh, data_axis, model_axis, donate, ("batch",))
+
+
+def jit_for_mesh(
+    step: Callable, mesh: Mesh | str | None, data_axis: str, model_axis: str | None, donate: bool, names: tuple
+) -> Callable:
+    """``step(state, *batch_like)`` jitted: plainly (``mesh=None``), over ``mesh``
+    (:func:`jit_over_mesh`), or for ``mesh="local"`` over the largest number of this
+    process's devices that divides the batch's leading axis (one compiled step per number)."""
+    if mesh is None:
+        return jit_step(step, donate)
+    if not isinstance(mesh, str):
+        return jit_over_mesh(step, mesh, data_axis, model_axis, donate, names)
+    check_local_mesh(mesh, data_axis, model_axis)
+    devices = jax.local_devices()
+    steps: dict[int, Callable] = {}
+
+    def for_batch(rest: tuple) -> Callable:
+        sizes = [jnp.shape(leaf)[0] for leaf in jax.tree.leaves(rest) if jnp.ndim(leaf)]
+        size = sizes[0] if sizes else 1
+        n = max(k for k in range(1, len(devices) + 1) if size % k == 0)
+        if n not in steps:
+            sub = None if n == 1 else Mesh(devices[:n], (data_axis,))
+            steps[n] = (
+                jit_step(step, donate) if sub is None else jit_over_mesh(step, sub, data_axis, None, donate, names)
+            )
+        return steps[n]
+
+    def local_step(state, *rest):
+        return for_batch(rest)(state, *rest)
+
+    local_step.lower = lambda state, *rest: for_batch(rest).lower(state, *rest)  # type: ignore[attr-defined]
+    return local_step
+
+
+def check_local_mesh(mesh: str, data_axis: str, model_axis: str | None) -> None:
+    """Raise unless ``mesh`` is ``"local"`` and usable in this process."""
+    if mesh != "local":
+        raise ValueError(f'mesh must be a jax.sharding.Mesh, "local" or None, got {mesh!r}')
+    if model_axis is not None:
+        raise ValueError('mesh="local" has one axis (data parallelism); pass a Mesh to use model_axis')
+    if jax.process_count() > 1:
+        raise ValueError(
+            f'mesh="local" spans this process\'s devices only, but {jax.process_count()} processes run: '
+            f"pass a mesh over jax.devices(), e.g. jax.make_mesh((jax.device_count(),), ({data_axis!r},))"
+        )
 
 
 class _StateChecked:

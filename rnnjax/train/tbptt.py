@@ -14,7 +14,7 @@ from rnnjax.cell import PyTree
 from rnnjax.checks import check_nonnegative_int, check_optimizer, check_positive_int, check_positive_number
 from rnnjax.train.checks import as_array, check_aux, check_loss
 from rnnjax.train.state import TrainState, apply_gradients, check_state
-from rnnjax.train.step import jit_over_mesh, jit_step
+from rnnjax.train.step import jit_for_mesh
 
 __all__ = ["make_tbptt_step"]
 
@@ -47,7 +47,7 @@ def make_tbptt_step(
     time_axis: int = 1,
     lengths_key: str = "lengths",
     donate: bool = True,
-    mesh: Mesh | None = None,
+    mesh: Mesh | str | None = None,
     data_axis: str = "data",
     model_axis: str | None = None,
 ) -> Callable[[TrainState, PyTree, PyTree], tuple[TrainState, PyTree, dict]]:
@@ -264,9 +264,7 @@ def make_tbptt_step(
         }
         return state, carry, metrics
 
-    if mesh is not None:
-        return jit_over_mesh(tbptt_step, mesh, data_axis, model_axis, donate, ("carry", "batch"))
-    return jit_step(tbptt_step, donate)
+    return jit_for_mesh(tbptt_step, mesh, data_axis, model_axis, donate, ("carry", "batch"))
 
 
 def _check_carry_leaves(carry: PyTree) -> None:
