@@ -9,8 +9,8 @@
 """
 
 from rnnjax import distributed, inspect, interop, parallel, train
-from rnnjax.cell import Cell, DenseCell, LinearCell
-from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM
+from rnnjax.cell import Cell, DenseCell, LinearCell, StructuredJacobian
+from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM, ParaGRU, ParaLSTM
 from rnnjax.layers import RNN, Bidirectional, Stack
 from rnnjax.methods import Associative, Auto, Chunked, Kernel, Method, Newton, Sequential
 from rnnjax.precision import Mixed
@@ -22,6 +22,7 @@ __all__ = [
     "Cell",
     "LinearCell",
     "DenseCell",
+    "StructuredJacobian",
     "Elman",
     "LSTM",
     "GRU",
@@ -31,6 +32,8 @@ __all__ = [
     "MinLSTM",
     "LRU",
     "ConvLSTM",
+    "ParaGRU",
+    "ParaLSTM",
     "RNN",
     "Bidirectional",
     "Stack",

@@ -220,7 +220,76 @@ class LinearCell(Cell):
         return h, self.readout(params, h, x)
 
 
-class DenseCell(Cell):
+JACOBIAN_KINDS = ("exact", "unit-diagonal")
+
+
+class StructuredJacobian(Cell):
+    r"""Capability: the cell gives the per-unit blocks of its state Jacobian cheaply.
+
+    Every leaf of the carry has shape ``(*batch, U)`` (``U`` units), and unit ``u``'s state is
+    the ``L`` numbers ``leaf_0[u], ..., leaf_{L-1}[u]`` (``L`` carry leaves). Its block is the
+    ``L x L`` matrix
+
+    .. math::
+
+        B_t[u]_{lm} = \partial\, \mathrm{leaf}_l[u]_t \,/\, \partial\, \mathrm{leaf}_m[u]_{t-1}.
+
+    :attr:`jacobian_kind` says what the blocks are:
+
+    - ``"exact"``: each unit's state depends on the previous step only through that unit's
+      own state, so the blocks *are* the Jacobian (``rj.ParaGRU``, ``rj.ParaLSTM``,
+      ``rj.IndRNN``). Newton's method with them is exact Newton (DEER) at the cost of
+      quasi-DEER: one elementwise (``L = 1``) or ``L x L``-block associative scan.
+    - ``"unit-diagonal"``: the blocks are the unit-diagonal part of a denser Jacobian (dense
+      cells mix units through ``W_h``); ``rj.Newton("quasi-deer")`` uses their diagonal
+      instead of a full ``jax.jacfwd``.
+    - ``None``: this configuration has no such structure (e.g. ``rj.LSTM(proj_size=...)``).
+
+    The default :meth:`step_with_jacobian` is one ``jax.linearize`` of ``step`` applied to the
+    ``L`` tangents "ones on leaf ``m``": exact whenever ``jacobian_kind == "exact"``.
+    """
+
+    @property
+    def jacobian_kind(self) -> str | None:
+        return "exact"
+
+    def step_with_jacobian(self, params: NamedTuple, carry: PyTree, x: Array) -> tuple[tuple[PyTree, Array], Array]:
+        """``((new_carry, y), blocks)``: :meth:`step` and the unit blocks, ``blocks`` of shape
+        ``(*batch, U, L, L)``."""
+        leaves, treedef = jax.tree_util.tree_flatten(carry)
+
+        def step(leaves):
+            new, y = self.step(params, jax.tree_util.tree_unflatten(treedef, leaves), x)
+            return jax.tree_util.tree_leaves(new), y
+
+        (new, y), tangent = jax.linearize(step, leaves)
+        blocks = _blocks_from_tangents(tangent, leaves)
+        return (jax.tree_util.tree_unflatten(treedef, new), y), blocks
+
+
+def _blocks_from_tangents(tangent: Callable[..., Any], leaves: list[Array]) -> Array:
+    """``(*batch, U, L, L)`` from a linear map of ``L`` carry leaves (to new leaves, y) whose
+    Jacobian is unit-local: column ``m`` is its image of "ones on leaf ``m``"."""
+    columns = []
+    for m in range(len(leaves)):
+        basis = [jnp.full_like(leaf, 1.0 if i == m else 0.0) for i, leaf in enumerate(leaves)]
+        new_tangents = tangent(basis)[0]
+        columns.append(jnp.stack(new_tangents, axis=-1))  # (*batch, U, L): d new_l / d leaf_m
+    return jnp.stack(columns, axis=-1)
+
+
+def unit_width(cell: Cell) -> int | None:
+    """``U`` when every leaf of ``cell``'s carry is real with one feature axis of the same width
+    ``U``; else ``None``."""
+    leaves = jax.tree_util.tree_leaves(jax.eval_shape(lambda: cell.init_carry(())))
+    widths = {leaf.shape for leaf in leaves}
+    if len(widths) != 1 or any(jnp.issubdtype(leaf.dtype, jnp.complexfloating) for leaf in leaves):
+        return None
+    (shape,) = widths
+    return shape[0] if len(shape) == 1 else None
+
+
+class DenseCell(StructuredJacobian):
     r"""A cell whose step is a function of two matrix products of its parameters
     ``w_x`` and ``w_h``:
 
@@ -251,6 +320,47 @@ class DenseCell(Cell):
     def recurrent_input(self, carry: PyTree) -> Array:
         """The array multiplied by ``w_h``: the carry itself unless a subclass says otherwise."""
         return carry
+
+    @property
+    def jacobian_kind(self) -> str | None:
+        """``"unit-diagonal"`` when the carry's leaves and the recurrent input all have the
+        same width ``U`` (so ``w_h``'s columns are gate blocks of ``U`` units), else ``None``."""
+        width = unit_width(self)
+        if width is None or not self.fusable:  # not fusable: step does not go through update
+            return None
+        recurrent = jax.eval_shape(lambda: self.recurrent_input(self.init_carry(())))
+        return "unit-diagonal" if tuple(recurrent.shape) == (width,) else None
+
+    def step_with_jacobian(self, params: NamedTuple, carry: PyTree, x: Array) -> tuple[tuple[PyTree, Array], Array]:
+        """The unit blocks of the Jacobian through ``update``: unit ``u`` reaches its own
+        columns ``u, U + u, 2U + u, ...`` of ``zh`` through ``w_h[u, k]`` (gate-major columns,
+        as every built-in dense cell lays them out); the other units' paths are left out."""
+        if self.jacobian_kind is None:
+            raise ValueError(
+                f"{self!r} has no unit structure in its Jacobian (its carry leaves and recurrent input "
+                "differ in width); use rj.Newton('deer') or a cell without a projection"
+            )
+        self.check_params(params)
+        self.check_input(params, x)
+        w_h = params.w_h  # type: ignore[attr-defined]
+        zx = matmul(x, params.w_x)  # type: ignore[attr-defined]
+        units = w_h.shape[0]
+        # w_h[k mod U, k]: the weight from unit (k mod U)'s recurrent input to column k.
+        own = w_h[jnp.arange(w_h.shape[1]) % units, jnp.arange(w_h.shape[1])]
+        leaves, treedef = jax.tree_util.tree_flatten(carry)
+
+        def step(leaves):
+            c = jax.tree_util.tree_unflatten(treedef, leaves)
+            r = self.recurrent_input(c)
+            fixed = jax.lax.stop_gradient(r)
+            # Value r @ w_h (the added term is zero); tangent only through each unit's own columns.
+            zh = matmul(fixed, w_h) + jnp.tile(r - fixed, w_h.shape[1] // units) * own
+            new, y = self.update(params, c, zx, zh)
+            return jax.tree_util.tree_leaves(new), y
+
+        (new, y), tangent = jax.linearize(step, leaves)
+        blocks = _blocks_from_tangents(tangent, leaves)
+        return (jax.tree_util.tree_unflatten(treedef, new), y), blocks
 
     @abc.abstractmethod
     def update(self, params: NamedTuple, carry: PyTree, zx: Array, zh: Array) -> tuple[PyTree, Array]:

@@ -7,7 +7,7 @@ transformations::
     rj.Sequential(unroll="auto", remat=None, gradient="autodiff")   # any cell
     rj.Associative()                  # LinearCell: one associative scan, O(log T) depth
     rj.Chunked(size=None)             # LinearCell: sequential in chunks, associative across
-    rj.Newton("quasi-deer", tol=None, max_iters=50, damping=None)   # any cell, in parallel
+    rj.Newton("quasi-deer", tol="auto", max_iters=50, init="zero")  # any cell, in parallel
     rj.Auto()                         # one of the above per backend, cell kind and T
 
 The strings ``"sequential"``, ``"associative"``, ``"chunked"``, ``"newton"`` and ``"auto"``
@@ -191,41 +191,66 @@ class Chunked(Method):
 
 @frozen
 class Newton(Method):
-    """Any cell by Newton iterations over all states at once, with a sequential fallback
-    when they do not converge (:mod:`rnnjax.engines.newton`;
-    :func:`rnnjax.parallel.newton_scan` also returns the iteration counts).
+    """Any cell by Newton iterations over all states at once (:mod:`rnnjax.engines.newton`;
+    :func:`rnnjax.parallel.newton_scan` also returns the iteration counts and the states).
+
+    Each iteration linearises every step around the current guess and solves the linear
+    recurrence with one associative scan. Cells that give their Jacobian's structure
+    (:class:`rnnjax.cell.StructuredJacobian`) are linearised by ``L`` tangents per step instead
+    of ``jax.jacfwd``'s ``n``: ``rj.ParaGRU``, ``rj.ParaLSTM`` and ``rj.IndRNN`` exactly (so
+    ``"deer"`` is exact Newton with elementwise or ``2 x 2``-block scans), the dense cells
+    (Elman, LSTM, GRU) for the diagonal ``"quasi-deer"`` uses.
 
     Args:
-      variant: ``"deer"`` (full Jacobians), ``"quasi-deer"`` (their diagonals), ``"elk"``
-        or ``"quasi-elk"`` (damped, Levenberg-Marquardt steps).
-      tol: convergence threshold on :math:`\\max_{t,i}|s_t - f(s_{t-1}, x_t)|`; ``None``:
-        ``1e-5`` for float32 states, ``1e-10`` for float64, ``2e-2`` for 16-bit.
-      max_iters: Newton steps before falling back to the sequential loop.
+      variant: ``"deer"`` (exact Jacobians: full ``n x n`` ones, or the cell's exact blocks),
+        ``"quasi-deer"`` (their diagonals), ``"elk"`` or ``"quasi-elk"`` (damped,
+        Levenberg-Marquardt steps).
+      tol: convergence threshold on :math:`\\max_{t,i}|s_t - f(s_{t-1}, x_t)|`; ``"auto"``:
+        ``1e-5`` for float32 states, ``1e-10`` for float64, ``2e-2`` for 16-bit. Iterating stops
+        there, and if it is not reached within ``max_iters`` steps the sequential loop's
+        values are returned instead. ``None``: exactly ``max_iters`` iterations, no check and
+        no fallback (a fixed-cost program, as ParaRNN trains: e.g. ``max_iters=3`` from
+        ``init="step"`` for a cell with exact structure).
+      max_iters: Newton steps (the cap, or with ``tol=None`` the count).
       damping: ELK's initial damping (``"elk"``, ``"quasi-elk"`` only); ``None``: 1.
+      init: the first iterate: ``"zero"`` states, or ``"step"``: one step of the cell from
+        zero states at every position, all at once (ParaRNN's guess). States from elsewhere
+        (e.g. the previous training step's) go in through ``rj.parallel.newton_scan(guess=)``.
+
+    Example:
+      >>> import rnnjax as rj
+      >>> rj.Newton("deer", tol=None, max_iters=3, init="step")
+      Newton(variant='deer', tol=None, max_iters=3, damping=None, init='step')
     """
 
     name: ClassVar[str] = "newton"
     variant: str = "quasi-deer"
-    tol: float | None = None
+    tol: float | str | None = "auto"
     max_iters: int = 50
     damping: float | None = None
+    init: str = "zero"
 
     def __post_init__(self):
         if self.variant not in newton.VARIANTS:
             raise ValueError(f"unknown Newton variant {self.variant!r}; expected one of {list(newton.VARIANTS)}")
-        if self.tol is not None:
+        if isinstance(self.tol, str):
+            if self.tol != "auto":
+                raise ValueError(f'tol must be a positive number, "auto" or None, got {self.tol!r}')
+        elif self.tol is not None:
             check_positive_number(self.tol, "tol")
         check_positive_int(self.max_iters, "max_iters")
         if self.damping is not None:
             check_positive_number(self.damping, "damping")
             if self.variant not in ("elk", "quasi-elk"):
                 raise ValueError(f"damping applies to the variants 'elk' and 'quasi-elk'; got {self.variant!r}")
+        if self.init not in newton.INITS:
+            raise ValueError(f"init must be one of {list(newton.INITS)}, got {self.init!r}")
 
-    def run(self, cell, params, seqs, time_sharding=None):
+    def run(self, cell, params, seqs, time_sharding=None, guess=None, keep_states=False):
         damping = self.damping
         if damping is None and self.variant in ("elk", "quasi-elk"):
             damping = 1.0
-        tol = None if self.tol is None else float(self.tol)
+        tol = self.tol if self.tol is None or isinstance(self.tol, str) else float(self.tol)
         return newton.run(
             cell,
             params,
@@ -235,6 +260,9 @@ class Newton(Method):
             max_iters=int(self.max_iters),
             damping=None if damping is None else float(damping),
             unroll=resolve_unroll("auto"),
+            init=self.init,
+            guess=guess,
+            keep_states=keep_states,
             time_sharding=time_sharding,
         )
 

@@ -15,6 +15,7 @@ module gives the same engines as functions with their own reports:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ from rnnjax.cell import Cell, LinearCell, PyTree
 from rnnjax.engines.newton import DEFAULT_TOL, VARIANTS, NewtonInfo
 from rnnjax.methods import BY_NAME, Associative, Chunked, Newton, Sequential
 from rnnjax.scan import evaluate
-from rnnjax.sequence import check_reverse, validate
+from rnnjax.sequence import canonical, check_reverse, flip_valid, restore, validate
 from rnnjax.tuning import cell_kind, choose_method, default_chunk_size
 
 Array = jax.Array
@@ -97,33 +98,47 @@ def newton_scan(
     resets: Array | None = None,
     reverse: bool = False,
     newton: str | None = None,
-    tol: float | None = None,
+    tol: float | str | None = "auto",
     max_iters: int | None = None,
     damping: float | None = None,
+    init: str = "zero",
+    guess: PyTree | None = None,
 ) -> tuple[Array, PyTree, NewtonInfo]:
     r"""Run any cell over time by Newton's method on all states at once
     (:mod:`rnnjax.engines.newton`); return ``(ys, final_carry, info)``.
 
-    ``rj.scan(..., method=rj.Newton(newton, tol, max_iters, damping))`` gives the same
-    ``(ys, final_carry)``. Variants: ``"deer"`` (full ``n x n`` Jacobians: quadratic
-    convergence, ``T n^2`` memory), ``"quasi-deer"`` (default; diagonals, elementwise scans,
-    linear convergence), ``"elk"``/``"quasi-elk"`` (Levenberg-Marquardt steps by a parallel
-    Kalman smoother, damping adapted as a trust region). The iteration stops when
+    ``rj.scan(..., method=rj.Newton(newton, tol, max_iters, damping, init))`` gives the same
+    ``(ys, final_carry)``. Variants: ``"deer"`` (exact Jacobians: quadratic convergence; full
+    ``n x n`` ones, ``T n^2`` memory, unless the cell gives exact structured ones, see
+    :class:`rnnjax.cell.StructuredJacobian`), ``"quasi-deer"`` (default; diagonals,
+    elementwise scans, linear convergence), ``"elk"``/``"quasi-elk"`` (Levenberg-Marquardt
+    steps by a parallel Kalman smoother, damping adapted as a trust region). With a
+    tolerance the iteration stops when
     :math:`\max_{t,i}|s^{(k)}_{t,i} - f(s^{(k)}_{t-1}, x_t)_i| \le` ``tol``; if that does not
     happen within ``max_iters`` steps (or the iterate is not finite) the result comes from a
     sequential scan, never a non-converged iterate. ``jax.lax.cond`` picks the branch, so
-    only one runs, except under ``jax.vmap``. Gradients come from the implicit function
-    theorem at the solution.
+    only one runs, except under ``jax.vmap``. With ``tol=None`` exactly ``max_iters`` steps
+    run, with no check and no fallback. Gradients come from the implicit function theorem at
+    the returned states (one reverse linear solve with exact Jacobians; iterations with
+    diagonal ones).
 
     Args:
       cell, params, xs, carry, lengths, resets, reverse: as :func:`rnnjax.scan`.
       newton: ``"deer"``, ``"quasi-deer"`` (``None``), ``"elk"`` or ``"quasi-elk"``.
-      tol: positive; ``None``: ``1e-5`` for float32 states, ``1e-10`` for float64.
-      max_iters: positive int, Newton steps before falling back; ``None``: 50.
+      tol: positive, ``"auto"`` (``1e-5`` for float32 states, ``1e-10`` for float64), or
+        ``None`` (a fixed ``max_iters`` iterations).
+      max_iters: positive int, Newton steps (before falling back, or in all with ``tol=None``);
+        ``None``: 50.
       damping: ELK's initial damping, only for ``"elk"``/``"quasi-elk"``; ``None``: 1.
+      init: the first iterate, ``"zero"`` or ``"step"`` (one cell step from zero states,
+        at every position at once), when no ``guess`` is given.
+      guess: the first iterate: carries after every step, shaped as ``info.states`` (each
+        carry leaf ``(*batch, T, ...)``), e.g. the states a previous call returned for nearby
+        parameters.
 
     Returns:
-      ``ys``, ``final_carry`` as :func:`rnnjax.scan` and a :class:`NewtonInfo`.
+      ``ys``, ``final_carry`` as :func:`rnnjax.scan` and a :class:`NewtonInfo` whose
+      ``states`` holds the carry after every step.
 
     Example:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
@@ -133,11 +148,56 @@ def newton_scan(
       >>> ys, h, info = rj.parallel.newton_scan(cell, params, xs, newton="deer")
       >>> bool(info.converged), bool(jnp.allclose(ys, rj.scan(cell, params, xs)[0], atol=1e-5))
       (True, True)
+      >>> info.states.shape
+      (2, 40, 4)
     """
-    method = Newton(newton or DEFAULT_NEWTON, tol, DEFAULT_MAX_ITERS if max_iters is None else max_iters, damping)
+    method = Newton(newton or DEFAULT_NEWTON, tol, DEFAULT_MAX_ITERS if max_iters is None else max_iters, damping, init)
     xs, carry, lengths, resets = validate(cell, params, xs, carry, lengths, resets)
     reverse = check_reverse(reverse)
-    if xs.shape[-(cell.input_ndim + 1)] == 0:  # nothing to solve
+    steps = xs.shape[-(cell.input_ndim + 1)]
+    if steps == 0:  # nothing to solve
         ys, final, _ = evaluate(cell, params, xs, carry, lengths, resets, reverse, Sequential())
-        return ys, final, NewtonInfo(jnp.int32(0), jnp.bool_(True), jnp.zeros((), jnp.float32))
-    return evaluate(cell, params, xs, carry, lengths, resets, reverse, method)
+        nb = xs.ndim - cell.input_ndim - 1  # batch axes
+        states = jax.tree.map(lambda c: jnp.zeros(c.shape[:nb] + (0,) + c.shape[nb:], c.dtype), final)
+        return ys, final, NewtonInfo(jnp.int32(0), jnp.bool_(True), jnp.zeros((), jnp.float32), states)
+    method.check(cell)
+    if guess is not None:
+        _check_guess(cell, guess, carry, xs, steps)
+    return _newton_scan(cell, method, reverse, params, xs, carry, lengths, resets, guess)
+
+
+def _check_guess(cell: Cell, guess: PyTree, carry: PyTree | None, xs: Array, steps: int) -> None:
+    x_step = jax.ShapeDtypeStruct(xs.shape[: -(cell.input_ndim + 1)] + xs.shape[-cell.input_ndim :], xs.dtype)
+    expected = jax.eval_shape(lambda: cell.carry_for(x_step))
+    axis = len(x_step.shape) - cell.input_ndim  # where the time axis sits in a carry leaf
+    want = jax.tree.map(lambda c: c.shape[:axis] + (steps,) + c.shape[axis:], expected)
+    if jax.tree_util.tree_structure(guess) != jax.tree_util.tree_structure(expected):  # type: ignore[operator]
+        raise ValueError(
+            f"guess has structure {jax.tree_util.tree_structure(guess)}; expected the carry's "
+            f"{jax.tree_util.tree_structure(expected)} with a time axis (info.states of newton_scan)"
+        )
+    for got, shape in zip(jax.tree_util.tree_leaves(guess), jax.tree_util.tree_leaves(want, is_leaf=_is_shape)):
+        if tuple(jnp.shape(got)) != tuple(shape):
+            raise ValueError(
+                f"guess has a leaf of shape {tuple(jnp.shape(got))}; expected {tuple(shape)}: the carry's "
+                "shape with the time axis before its features (info.states of newton_scan)"
+            )
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _newton_scan(cell, method, reverse, params, xs, carry, lengths, resets, guess):
+    seqs = canonical(cell, params, xs, carry, lengths, resets, reverse)
+    batch_axes = len(seqs.batch_shape)
+
+    def time_major(g):  # the user's layout -> seqs' order (restore's inverse)
+        g = jnp.moveaxis(g, batch_axes, 0)
+        return flip_valid(g, seqs.lengths) if seqs.reverse and seqs.lengths is not None else g
+
+    guess_tm = None if guess is None else jax.tree.map(time_major, guess)
+    ys, final, info = method.run(cell, params, seqs, guess=guess_tm, keep_states=True)
+    states = jax.tree.map(lambda s: restore(seqs, s), info.states)
+    return restore(seqs, ys), final, info._replace(states=states)

@@ -8,6 +8,7 @@ from rnnjax.cells.lru import LRU, LRUParams
 from rnnjax.cells.lstm import LSTM, LSTMParams, LSTMState
 from rnnjax.cells.mgu import MGU, MGUParams
 from rnnjax.cells.minimal import MinGRU, MinGRUParams, MinLSTM, MinLSTMParams
+from rnnjax.cells.para import ParaGRU, ParaGRUParams, ParaLSTM, ParaLSTMParams, ParaLSTMState
 
 __all__ = [
     "Elman",
@@ -30,4 +31,9 @@ __all__ = [
     "ConvLSTM",
     "ConvLSTMParams",
     "ConvLSTMState",
+    "ParaGRU",
+    "ParaGRUParams",
+    "ParaLSTM",
+    "ParaLSTMParams",
+    "ParaLSTMState",
 ]

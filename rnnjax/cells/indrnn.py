@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import HiddenStateCell, frozen
+from rnnjax.cell import HiddenStateCell, StructuredJacobian, frozen
 from rnnjax.checks import check_positive_int, check_positive_number
 from rnnjax.ops import Activation, Initializer, glorot_uniform, matmul, resolve_activation, zeros
 
@@ -20,7 +20,7 @@ class IndRNNParams(NamedTuple):
 
 
 @frozen
-class IndRNN(HiddenStateCell):
+class IndRNN(HiddenStateCell, StructuredJacobian):
     r"""Independently recurrent neural network (Li et al. 2018).
 
     Each unit sees only its own past, through a scalar weight ``u``:
@@ -35,6 +35,10 @@ class IndRNN(HiddenStateCell):
     ReLU their code uses ``|u| <= 2 ** (1 / T)``, i.e. ``recurrent_max_abs=2 ** (1 / T)``.
     The clip acts in the step, so ``u`` itself may leave the range during training (its
     gradient is zero outside it); clip the parameter after each update to keep it inside.
+
+    Each unit's new state depends on the previous step only through its own state, so the
+    state Jacobian is diagonal, ``u' * f'(pre)``: ``jacobian_kind == "exact"`` and
+    ``step_with_jacobian`` gives it as blocks of shape ``(*batch, hidden_size, 1, 1)``.
 
     Initialisation: ``w_x`` Glorot-uniform, ``u`` uniform in ``[0, 1)``, ``b`` zeros
     (each replaceable through the ``*_init`` fields, ``jax.nn.initializers`` style).

@@ -27,33 +27,45 @@ import jax.numpy as jnp
 
 from rnnjax.carry import CarryLayout
 from rnnjax.cell import Cell
-from rnnjax.engines.affine import DIAG, FULL, SequenceSharding, mv, solve_affine
+from rnnjax.engines.affine import DIAG, SequenceSharding, solve_affine
 from rnnjax.engines.elk import elk_step
+from rnnjax.engines.jacobians import Structure, jacobian_fn, structure_for
 from rnnjax.sequence import TimeMajor
 
 Array = jax.Array
 
 VARIANTS = ("deer", "quasi-deer", "elk", "quasi-elk")
-# Convergence threshold on max |s_t - f(s_{t-1}, x_t)| when tol=None, by the state's dtype:
+INITS = ("zero", "step")
+# Convergence threshold on max |s_t - f(s_{t-1}, x_t)| when tol="auto", by the state's dtype:
 # well above where float32 rounding leaves the residual of a bounded state (2e-7 for a
 # GRU over T=4096 after DEER converged), well below the accuracy models need.
 DEFAULT_TOL = {2: 2e-2, 4: 1e-5, 8: 1e-10}  # itemsize -> tol (2: bfloat16, float16)
 
 
 class NewtonInfo(NamedTuple):
-    r"""What a Newton solve did (scalars over the whole batch).
+    r"""What a Newton solve did (scalars over the whole batch, but ``states``).
 
     Attributes:
       iterations: ``()`` int32, Newton steps taken (each one parallel linear solve).
-      converged: ``()`` bool, whether ``residual <= tol`` within ``max_iters`` steps.
-        ``False`` means the returned values are the sequential driver's (the fallback).
+      converged: ``()`` bool, whether ``residual <= tol`` (with ``tol=None``: the dtype's
+        default tolerance, reported only). In the converging mode ``False`` means the returned
+        values are the sequential driver's (the fallback).
       residual: ``()`` float, :math:`\max_{t,i} |s_{t,i} - f(s_{t-1}, x_t)_i|` at the last
         iterate, over the real-valued flattened carry (complex parts count separately).
+      states: the carry after every step, each leaf ``(*batch, T, ...)`` aligned with the
+        inputs (what ``guess=`` of :func:`rnnjax.parallel.newton_scan` takes), or ``None``
+        (``rj.scan`` does not keep them).
     """
 
     iterations: Array
     converged: Array
     residual: Array
+    states: Any = None
+
+
+def default_tol(dtype: Any) -> float:
+    """The ``tol="auto"`` threshold for states of real dtype ``dtype``."""
+    return DEFAULT_TOL.get(jnp.dtype(dtype).itemsize, 1e-5)
 
 
 def run(
@@ -62,14 +74,21 @@ def run(
     seqs: TimeMajor,
     *,
     variant: str,
-    tol: float | None,
+    tol: float | str | None,
     max_iters: int,
     damping: float | None,
     unroll: int | bool,
+    init: str = "zero",
+    guess: Any = None,
+    keep_states: bool = False,
     time_sharding: SequenceSharding | None = None,
 ):
     """``(ys_tm, final, info)`` by Newton's method (``variant`` one of :data:`VARIANTS`);
-    ``T >= 1``."""
+    ``T >= 1``. ``tol``: a threshold, ``"auto"`` (:func:`default_tol`) or ``None`` (exactly
+    ``max_iters`` iterations, no check, no fallback). ``init``: the first iterate, zeros or
+    one step of the cell from zero states (:data:`INITS`); ``guess``: states to start from
+    instead, leaves ``(T, *batch, ...)`` in ``seqs``' time order; ``keep_states``: return
+    the carries after every step in that layout as ``info.states``."""
     fwd, back = seqs.forwards()
     steps = fwd.steps
     batch_shape = fwd.batch_shape
@@ -79,8 +98,8 @@ def run(
     carry = fwd.carry
     # One sequence's carry: its leaves without the batch axes (ConvLSTM keeps (H, W)).
     layout = CarryLayout(jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape[nb:], c.dtype), carry))
-    if tol is None:
-        tol = DEFAULT_TOL.get(jnp.dtype(layout.real).itemsize, 1e-5)
+    if isinstance(tol, str):
+        tol = default_tol(layout.real)
     x_p = fwd.xs.reshape((steps, batch) + features)
     r_p = jnp.zeros((steps, batch), bool) if fwd.resets is None else fwd.resets.reshape(steps, batch)
     v_p = jnp.ones((steps, batch), bool) if fwd.valid is None else fwd.valid.reshape(steps, batch)
@@ -88,16 +107,35 @@ def run(
         x_p, r_p, v_p = (time_sharding.constrain(a) for a in (x_p, r_p, v_p))
     carry_b = jax.tree.map(lambda c: c.reshape((batch,) + c.shape[nb:]), carry)
     h0 = jax.vmap(layout.flatten)(carry_b)  # (B, n)
+    s0 = None
+    if guess is not None:
+        guess = jax.tree.map(lambda g: back(g).reshape((steps, batch) + g.shape[1 + nb :]), guess)
+        s0 = jax.vmap(jax.vmap(layout.flatten))(guess)
 
     step = _step_fn(cell, layout)
-    solve = _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll, time_sharding)
-    states, iterations, converged, residual = solve(params, x_p, h0, r_p, v_p)
+    options = _Options(variant, tol, max_iters, damping, unroll, init, structure_for(cell, layout, variant))
+    solve = _newton_solver(cell, layout, options, time_sharding)
+    states, iterations, converged, residual = solve(params, x_p, h0, r_p, v_p, s0)
     prev = jnp.concatenate([h0[None], states[:-1]], axis=0)
     new, ys = jax.vmap(jax.vmap(step, (None, 0, 0, 0, 0)), (None, 0, 0, 0, 0))(params, prev, x_p, r_p, v_p)
     final = jax.vmap(layout.unflatten)(new[-1])
     final = jax.tree.map(lambda f, c: f.reshape(c.shape), final, carry)
+    carries = None
+    if keep_states:
+        carries = jax.vmap(jax.vmap(layout.unflatten))(new)
+        carries = jax.tree.map(lambda s, c: back(s.reshape((steps,) + c.shape)), carries, carry)
     ys = back(ys.reshape((steps,) + batch_shape + ys.shape[2:]))
-    return ys, final, NewtonInfo(iterations, converged, residual)
+    return ys, final, NewtonInfo(iterations, converged, residual, carries)
+
+
+class _Options(NamedTuple):
+    variant: str
+    tol: float | None
+    max_iters: int
+    damping: float | None
+    unroll: int | bool
+    init: str
+    structure: Structure
 
 
 def _step_fn(cell: Cell, layout: CarryLayout):
@@ -117,26 +155,24 @@ def _step_fn(cell: Cell, layout: CarryLayout):
     return step
 
 
-def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll, time_sharding=None):
-    """``solve(params, X, h0, R, V) -> (S, iterations, converged, residual)`` with ``S``
-    (T, B, n) the states after each step, differentiable by the implicit function theorem."""
-    full = variant in ("deer", "elk")
+def _newton_solver(cell, layout, options: _Options, time_sharding=None):
+    """``solve(params, X, h0, R, V, S0) -> (S, iterations, converged, residual)`` with ``S``
+    (T, B, n) the states after each step, differentiable by the implicit function theorem;
+    ``S0`` the first iterate or ``None``."""
+    variant, tol, max_iters, damping, unroll, init, structure = options
+    fixed = tol is None
+    report_tol = default_tol(layout.real) if fixed else tol
     elk = variant in ("elk", "quasi-elk")
     step = _step_fn(cell, layout)
     batched = (None, 0, 0, 0, 0)
+    one_jacobian = jacobian_fn(cell, layout, structure, step)
 
     def values(params, prev, X, R, V):
         return jax.vmap(jax.vmap(lambda *a: step(*a)[0], batched), batched)(params, prev, X, R, V)
 
     def jacobians(params, prev, X, R, V):
-        """``(J, F)``: J (T, B, n, n) or its diagonal (T, B, n), and F = f(prev)."""
-
-        def one(p, s, x, r, v):
-            out = lambda s: (step(p, s, x, r, v)[0],) * 2
-            jac, val = jax.jacfwd(out, has_aux=True)(s)
-            return (jac if full else jnp.diagonal(jac)), val
-
-        return jax.vmap(jax.vmap(one, batched), batched)(params, prev, X, R, V)
+        """``(J, F)``: J (T, B, ...) in ``structure``'s form, and F = f(prev)."""
+        return jax.vmap(jax.vmap(one_jacobian, batched), batched)(params, prev, X, R, V)
 
     def shift(S, h0):
         return jnp.concatenate([h0[None], S[:-1]], axis=0)
@@ -150,11 +186,15 @@ def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll, time_
 
         return jax.lax.scan(body, h0, (X, R, V), unroll=unroll)[1]
 
-    def forward(params, X, h0, R, V):
-        S = jnp.zeros(X.shape[:2] + (layout.n,), layout.real)
+    def forward(params, X, h0, R, V, S0):
+        if S0 is None:
+            S0 = jnp.zeros(X.shape[:2] + (layout.n,), layout.real)
+            if init == "step":  # one step of the cell from zero states, all steps at once
+                S0 = values(params, S0, X, R, V)
+        S = S0.astype(layout.real)
         F = values(params, shift(S, h0), X, R, V)
         lam = jnp.asarray(damping if elk else 0.0, layout.real)
-        init = (jnp.int32(0), S, F, jnp.max(jnp.abs(S - F)), lam, jnp.sum(jnp.square(S - F)))
+        init_state = (jnp.int32(0), S, F, jnp.max(jnp.abs(S - F)), lam, jnp.sum(jnp.square(S - F)))
 
         def cond(state):
             k, _, _, r, _, _ = state
@@ -164,12 +204,12 @@ def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll, time_
             k, S, F, r, lam, merit = state
             prev = shift(S, h0)
             J, F = jacobians(params, prev, X, R, V)
-            u = F - (mv(J, prev) if full else J * prev)
+            u = F - structure.matvec(J, prev)
             if not elk:
-                S_new = solve_affine(FULL if full else DIAG, (J, u), h0, None, time_sharding)
+                S_new = structure.solve(J, u, h0, time_sharding)
                 F_new = values(params, shift(S_new, h0), X, R, V)
                 return k + 1, S_new, F_new, jnp.max(jnp.abs(S_new - F_new)), lam, merit
-            S_new = elk_step(J, u, F, S, lam, full)
+            S_new = elk_step(J, u, F, S, lam, structure.kind == "full")
             F_new = values(params, shift(S_new, h0), X, R, V)
             merit_new = jnp.sum(jnp.square(S_new - F_new))
             # Levenberg-Marquardt: keep a step that lowers the merit and trust the model more
@@ -180,31 +220,34 @@ def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll, time_
             r_new = jnp.max(jnp.abs(S_new - F_new))
             return k + 1, pick(S_new, S), pick(F_new, F), pick(r_new, r), lam, pick(merit_new, merit)
 
-        k, S, F, residual, _, _ = jax.lax.while_loop(cond, body, init)
+        if fixed:  # ParaRNN's training mode: a fixed count, no data-dependent loop or branch
+            k, S, F, residual, _, _ = jax.lax.fori_loop(0, max_iters, lambda _, state: body(state), init_state)
+            return F, k, residual <= report_tol, residual
+        k, S, F, residual, _, _ = jax.lax.while_loop(cond, body, init_state)
         converged = residual <= tol
         S = jax.lax.cond(converged, lambda: F, lambda: sequential(params, X, h0, R, V))
         return S, k, converged, residual
 
     @jax.custom_vjp
-    def solve(params, X, h0, R, V):
-        return forward(params, X, h0, R, V)
+    def solve(params, X, h0, R, V, S0):
+        return forward(params, X, h0, R, V, S0)
 
-    def solve_fwd(params, X, h0, R, V):
-        out = forward(params, X, h0, R, V)
+    def solve_fwd(params, X, h0, R, V, S0):
+        out = forward(params, X, h0, R, V, S0)
         return out, (params, X, h0, R, V, out[0])
 
     def solve_bwd(res, cts):
         params, X, h0, R, V, S = res
         S_bar = cts[0]
         prev = shift(S, h0)
-        if full:
+        if structure.exact:  # one reverse linear solve with the Jacobians themselves
             J, _ = jacobians(params, prev, X, R, V)
-            lam = _adjoint_full(J, S_bar, time_sharding)
+            lam = _adjoint_exact(structure, J, S_bar, time_sharding)
         else:
             lam = _adjoint_quasi(lambda: jacobians(params, prev, X, R, V)[0], params, prev, X, R, V, S_bar)
         _, vjp = jax.vjp(lambda p, x, s: values(p, s, x, R, V), params, X, prev)
         p_bar, x_bar, prev_bar = vjp(lam)
-        return p_bar, x_bar, prev_bar[0], None, None
+        return p_bar, x_bar, prev_bar[0], None, None, None
 
     def _adjoint_quasi(diag_fn, params, prev, X, R, V, S_bar):
         """lambda_t = S_bar_t + J_{t+1}^T lambda_{t+1}, by iterations whose linear part keeps
@@ -236,6 +279,8 @@ def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll, time_
             q = jt(lam)
             return k + 1, lam, q, jnp.max(jnp.abs(lam - S_bar - q))
 
+        if fixed:
+            return jax.lax.fori_loop(0, max_iters, lambda _, state: body(state), (jnp.int32(0), lam, q, r))[1]
         _, lam, _, r = jax.lax.while_loop(cond, body, (jnp.int32(0), lam, q, r))
         ok = r <= tol * scale(lam)
         return jax.lax.cond(ok, lambda: lam, lambda: _adjoint_sequential(params, prev, X, R, V, S_bar))
@@ -258,8 +303,8 @@ def _newton_solver(cell, layout, variant, tol, max_iters, damping, unroll, time_
     return solve
 
 
-def _adjoint_full(J: Array, S_bar: Array, time_sharding=None) -> Array:
+def _adjoint_exact(structure: Structure, J: Array, S_bar: Array, time_sharding=None) -> Array:
     """lambda_t = S_bar_t + J_{t+1}^T lambda_{t+1}, lambda_T = S_bar_T, by a reverse scan."""
-    M = jnp.concatenate([jnp.swapaxes(J[1:], -1, -2), jnp.zeros_like(J[:1])], axis=0)
-    lam = solve_affine(FULL, (jnp.flip(M, 0), jnp.flip(S_bar, 0)), jnp.zeros_like(S_bar[0]), None, time_sharding)
+    M = jnp.concatenate([structure.transpose(J[1:]), jnp.zeros_like(J[:1])], axis=0)
+    lam = structure.solve(jnp.flip(M, 0), jnp.flip(S_bar, 0), jnp.zeros_like(S_bar[0]), time_sharding)
     return jnp.flip(lam, 0)

@@ -7,6 +7,8 @@ import pytest
 
 import rnnjax as rj
 from rnnjax.cells import IndRNNParams
+from tests.cells.test_para import assert_blocks_are_the_jacobian
+from tests.compat import enable_x64
 
 D, H = 3, 5
 
@@ -91,3 +93,26 @@ def test_init_shapes_and_defaults():
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         rj.IndRNN(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [rj.IndRNN(H, activation="tanh"), rj.IndRNN(H, activation="tanh", recurrent_max_abs=1.0), rj.IndRNN(H)],
+    ids=["tanh", "tanh_clipped", "relu"],
+)
+def test_blocks_are_the_exact_jacobian(cell):
+    assert isinstance(cell, rj.StructuredJacobian) and cell.jacobian_kind == "exact"
+    params = random_params(cell, seed=4)
+    rng = np.random.default_rng(4)
+    h, x = rng.normal(size=(2, H)), rng.normal(size=(2, D))
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    with enable_x64(True):
+        params, h, x = jax.tree.map(jnp.asarray, (params, h, x))
+        assert_blocks_are_the_jacobian(cell, params, h, x)
+        if cell.recurrent_max_abs is not None:
+            # Units whose |u| exceeds the bound have blocks u' f'(pre) with u' = +-bound, not u.
+            pre = x @ params.w_x + jnp.clip(params.u, -1.0, 1.0) * h + params.b
+            blocks = cell.step_with_jacobian(params, h, x)[1][..., 0, 0]
+            expected = jnp.clip(params.u, -1.0, 1.0) * (1 - jnp.tanh(pre) ** 2)
+            np.testing.assert_allclose(np.asarray(blocks), np.asarray(expected), atol=1e-14)
+            assert np.any(np.abs(np.asarray(params.u)) > 1.0)
