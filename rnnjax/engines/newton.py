@@ -192,25 +192,25 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
             if init == "step":  # one step of the cell from zero states, all steps at once
                 S0 = values(params, S0, X, R, V)
         S = S0.astype(layout.real)
-        F = values(params, shift(S, h0), X, R, V)
+        # Each iteration linearises at the states it produced, so the cell runs once per
+        # iteration: F (for the residual and the next right-hand side) comes with J.
+        J, F = jacobians(params, shift(S, h0), X, R, V)
         lam = jnp.asarray(damping if elk else 0.0, layout.real)
-        init_state = (jnp.int32(0), S, F, jnp.max(jnp.abs(S - F)), lam, jnp.sum(jnp.square(S - F)))
+        init_state = (jnp.int32(0), S, F, J, jnp.max(jnp.abs(S - F)), lam, jnp.sum(jnp.square(S - F)))
 
         def cond(state):
-            k, _, _, r, _, _ = state
+            k, _, _, _, r, _, _ = state
             return (k < max_iters) & (r > tol) & jnp.isfinite(r)
 
         def body(state):
-            k, S, F, r, lam, merit = state
-            prev = shift(S, h0)
-            J, F = jacobians(params, prev, X, R, V)
-            u = F - structure.matvec(J, prev)
+            k, S, F, J, r, lam, merit = state
+            u = F - structure.matvec(J, shift(S, h0))
             if not elk:
                 S_new = structure.solve(J, u, h0, time_sharding)
-                F_new = values(params, shift(S_new, h0), X, R, V)
-                return k + 1, S_new, F_new, jnp.max(jnp.abs(S_new - F_new)), lam, merit
+                J_new, F_new = jacobians(params, shift(S_new, h0), X, R, V)
+                return k + 1, S_new, F_new, J_new, jnp.max(jnp.abs(S_new - F_new)), lam, merit
             S_new = elk_step(J, u, F, S, lam, structure.kind == "full")
-            F_new = values(params, shift(S_new, h0), X, R, V)
+            J_new, F_new = jacobians(params, shift(S_new, h0), X, R, V)
             merit_new = jnp.sum(jnp.square(S_new - F_new))
             # Levenberg-Marquardt: keep a step that lowers the merit and trust the model more
             # next time; otherwise stay and damp ten times harder.
@@ -218,12 +218,12 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
             pick = lambda new, old: jnp.where(accept, new, old)
             lam = jnp.clip(jnp.where(accept, lam / 10, lam * 10), 1e-12, 1e12).astype(lam.dtype)
             r_new = jnp.max(jnp.abs(S_new - F_new))
-            return k + 1, pick(S_new, S), pick(F_new, F), pick(r_new, r), lam, pick(merit_new, merit)
+            return k + 1, pick(S_new, S), pick(F_new, F), pick(J_new, J), pick(r_new, r), lam, pick(merit_new, merit)
 
         if fixed:  # ParaRNN's training mode: a fixed count, no data-dependent loop or branch
-            k, S, F, residual, _, _ = jax.lax.fori_loop(0, max_iters, lambda _, state: body(state), init_state)
+            k, S, F, _, residual, _, _ = jax.lax.fori_loop(0, max_iters, lambda _, state: body(state), init_state)
             return F, k, residual <= report_tol, residual
-        k, S, F, residual, _, _ = jax.lax.while_loop(cond, body, init_state)
+        k, S, F, _, residual, _, _ = jax.lax.while_loop(cond, body, init_state)
         converged = residual <= tol
         S = jax.lax.cond(converged, lambda: F, lambda: sequential(params, X, h0, R, V))
         return S, k, converged, residual
