@@ -142,7 +142,8 @@ def test_the_step_guess_is_one_cell_step_from_zero_states_and_a_solution_guess_n
     )
     by_init = rj.parallel.newton_scan(cell, params, XS, tol=None, max_iters=1, init="step", **kw)
     by_guess = rj.parallel.newton_scan(cell, params, XS, tol=None, max_iters=1, guess=one_step, **kw)
-    assert_trees_close(by_init, by_guess, atol=0, rtol=0)
+    # Two programs compute the one-step states (in the engine; above): equal up to rounding.
+    assert_trees_close(by_init, by_guess, atol=1e-6, rtol=1e-6)
     ys, final, info = rj.parallel.newton_scan(cell, params, XS, **kw)
     again = rj.parallel.newton_scan(cell, params, XS, guess=info.states, **kw)
     assert int(again[2].iterations) <= 1 < int(info.iterations)
