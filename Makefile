@@ -50,11 +50,13 @@ demo: $(VENV)/.installed
 notebooks: $(VENV)/.installed
 	$(PY) notebooks/build.py
 
-# Tests on 2 processes. --dist loadgroup: a module whose tests share one subprocess
-# (tests/test_distributed.py, tests/test_multiprocess.py) runs on one worker, which starts it once.
+# Tests on 2 processes. --dist loadgroup: the tests that share one subprocess (tests/test_cores.py,
+# tests/test_distributed.py, tests/test_multiprocess.py) run on one worker, which starts it once
+# (the groups: XDIST_GROUPS in tests/conftest.py).
 PYTEST := $(PY) -m pytest -n 2 --dist loadgroup -q
 
-# The fast set (minutes): everything but the tests marked slow.
+# The fast set (minutes): everything but the tests marked slow, compiled for compile speed
+# (tests/conftest.py).
 test: $(VENV)/.installed
 	$(PYTEST) -m "not slow"
 

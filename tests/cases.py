@@ -7,6 +7,7 @@ costs several compilations.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import rnnjax as rj
 
@@ -31,6 +32,8 @@ CELL_CASES = {
     "lru": rj.LRU(5),
     "lru_ring": rj.LRU(5, r_min=0.5, r_max=0.99, max_phase=0.5),
     "convlstm": rj.ConvLSTM(2, kernel_size=3),
+    "paragru": rj.ParaGRU(5),
+    "paralstm": rj.ParaLSTM(5),
 }
 
 
@@ -47,11 +50,24 @@ def seq_shape(cell, batch_shape, steps):
     return (*batch_shape, steps, *step)
 
 
+def normal(seed, shape, dtype=jnp.float32):
+    """Standard normal test data of ``shape`` from NumPy's generator seeded with ``seed`` (an int).
+
+    ``jax.random.normal`` compiles once per shape and dtype, about 1 s each on a CPU: over the
+    suite's many small shapes that cost more than the tests. NumPy compiles nothing.
+    """
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
+
+
+def uniform(seed, shape, low, high, dtype=jnp.float32):
+    """Uniform test data on ``[low, high)``, from NumPy's generator as in :func:`normal`."""
+    return jnp.asarray(np.random.default_rng(seed).uniform(low, high, shape).astype(dtype))
+
+
 def random_case(cell, steps, key=0, dtype=jnp.float32, batch=(3,)):
     """``(params, xs, carry)`` for ``cell``: random params and inputs, a non-zero initial carry."""
-    kp, kx = jax.random.split(jax.random.key(key))
-    params = cell.init(kp, INPUT_SIZE, dtype)
-    xs = jax.random.normal(kx, seq_shape(cell, batch, steps), dtype)
-    x0 = jnp.take(xs, 0, axis=len(batch)) if steps else jnp.zeros(step_shape(cell, batch), dtype)
-    carry = jax.tree.map(lambda c: c + jnp.asarray(0.3, c.dtype), cell.carry_for(x0, dtype))
-    return params, xs, carry
+    params = cell.init(jax.random.key(key), INPUT_SIZE, dtype)
+    xs = np.random.default_rng(key).standard_normal(seq_shape(cell, batch, steps)).astype(dtype)
+    x0 = np.take(xs, 0, axis=len(batch)) if steps else np.zeros(step_shape(cell, batch), dtype)
+    carry = jax.tree.map(lambda c: jnp.asarray(np.asarray(c) + 0.3, c.dtype), cell.carry_for(jnp.asarray(x0), dtype))
+    return params, jnp.asarray(xs), carry

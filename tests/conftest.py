@@ -1,5 +1,7 @@
 import os
 
+import jax
+import pytest
 from hypothesis import settings
 
 # tests/multidevice_checks.py sets XLA_FLAGS and needs 8 host devices: it runs only as the
@@ -13,3 +15,78 @@ collect_ignore = ["multidevice_checks.py"]
 settings.register_profile("deterministic", deadline=None, derandomize=True, database=None, print_blob=True)
 settings.register_profile("random", deadline=None, derandomize=False, database=None, print_blob=True)
 settings.load_profile(os.environ.get("RNNJAX_HYPOTHESIS_PROFILE", "deterministic"))
+
+
+# The tests that share one xdist worker under --dist loadgroup (the Makefile's), by node-id
+# prefix: each group's tests need one expensive subprocess, which tests/once.py runs once per
+# session; on one worker, no other worker waits on its lock. Their modules mark them
+# xdist_group(name) too, and pytest_collection_modifyitems checks that the two agree. (xdist
+# groups by a suffix it adds to the node ids of marked tests, which pytest 9.2 no longer keeps,
+# pytest-dev/pytest-xdist#1386; its scheduler, in the controller process, sees node ids only.)
+XDIST_GROUPS = {
+    "tests/test_cores.py::": "four_cores",
+    "tests/test_distributed.py::test_multidevice": "multidevice",
+    "tests/test_distributed.py::test_every_multidevice_check_ran": "multidevice",
+    "tests/test_multiprocess.py::": "multiprocess",
+}
+
+
+def xdist_group_of(nodeid):
+    """The group in XDIST_GROUPS of the test ``nodeid``, or None."""
+    return next((group for prefix, group in XDIST_GROUPS.items() if nodeid.startswith(prefix)), None)
+
+
+class XdistGroups:
+    """The plugin that gives --dist loadgroup the groups of XDIST_GROUPS (registered when xdist runs)."""
+
+    @staticmethod
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") != "loadgroup":
+            return None
+        from xdist.scheduler import LoadGroupScheduling  # xdist is optional: -p no:xdist runs without it
+
+        class GroupScheduling(LoadGroupScheduling):
+            def _split_scope(self, nodeid):
+                return xdist_group_of(nodeid) or super()._split_scope(nodeid)
+
+        return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marked = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+        listed = xdist_group_of(item.nodeid)
+        if marked != ({listed} if listed else set()):
+            raise pytest.UsageError(f"{item.nodeid} is marked xdist_group {sorted(marked)} but XDIST_GROUPS in "
+                                    f"tests/conftest.py gives it {listed!r}: make them agree")
+
+
+FAST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def pytest_configure(config):
+    """The fast set (``make test``: ``-m "not slow"``) compiles with XLA's LLVM backend at
+    optimisation level 0 (``jax_disable_most_optimizations``) and XLA:CPU's older elemental
+    emitters for fusions (``--xla_cpu_use_fusion_emitters=false``) in place of its MLIR fusion
+    emitters.
+
+    The suite's time goes into compiling many small programs (about 0.1 s each, whatever their
+    size), and these cut it: the first by a third (measured: tests/test_cells.py and
+    tests/test_parallel.py, 214 -> 149 s of CPU), the second by 40% more (tests/test_scan.py
+    and tests/test_layers.py, 55 -> 31 s). XLA's HLO passes (fusion, layouts, buffer
+    assignment) are unchanged, and so is every assertion; the machine code is less optimised,
+    and results can differ from the default build's in the last bits of float32, as they do
+    between backends; two different programs that give the same bits under the defaults can
+    differ there, so a test asserting that is marked slow (as in tests/test_train.py).
+    ``make test-all`` (CI) keeps JAX's defaults. The environment variables
+    carry the settings to the subprocesses tests start; XLA reads its flags when JAX starts
+    its backend, after this hook.
+    """
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistGroups(), "rnnjax-xdist-groups")
+    else:  # xdist registers its mark; without it (-p no:xdist) the mark is still known
+        config.addinivalue_line("markers", "xdist_group(name): run on the xdist worker of the group's other tests")
+    if " ".join((config.getoption("markexpr") or "").split()) == "not slow":
+        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+        jax.config.update("jax_disable_most_optimizations", True)
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 
 import rnnjax as rj
+from tests.cases import normal
 
 D = 3
-XS = jax.random.normal(jax.random.key(1), (2, 6, D))
+XS = normal(1, (2, 6, D))
 LENGTHS = jnp.array([6, 3])
 RESETS = jnp.zeros((2, 6), bool).at[0, 3].set(True).at[1, 1].set(True)
 

@@ -11,6 +11,7 @@ import pytest
 
 import rnnjax as rj
 from rnnjax.ops import ACTIVATIONS, resolve_activation, stacked_init
+from tests.cases import normal
 
 
 class LeakyParams(NamedTuple):
@@ -47,7 +48,7 @@ class Leaky(rj.Cell):
 def test_a_user_defined_cell_runs_through_scan_and_layers():
     cell = Leaky(4)
     params = cell.init(jax.random.key(0), 3)
-    xs = jax.random.normal(jax.random.key(1), (2, 5, 3))
+    xs = normal(1, (2, 5, 3))
     ys, h = rj.scan(cell, params, xs, lengths=jnp.array([5, 2]), reverse=True)
     # By hand, for the second sequence (length 2, backwards).
     h_ref = jnp.zeros(4)

@@ -25,6 +25,7 @@ import pytest
 
 import rnnjax as rj
 from rnnjax.train import checkpoint_leaves
+from tests.cases import normal
 
 T = rj.train
 CELL = rj.GRU(4)
@@ -285,22 +286,23 @@ def test_a_checkpoint_of_an_earlier_rnnjax_is_listed_restored_and_pruned(tmp_pat
     assert T.checkpoint_steps(tmp_path) == [5]
 
 
+# The models are built when a test runs, not when the module is collected (in every xdist worker).
 @pytest.mark.parametrize(
-    "like, message",
+    "make_like, message",
     [
-        (params(rj.GRU(8)), r"params/rnn/w_x has shape \(3, 12\) in the checkpoint, \(3, 24\) in the model"),
-        (params(rj.GRU(4), input_size=2), r"params/rnn/w_x has shape \(3, 12\) in the checkpoint, \(2, 12\) in the model"),
-        ({"rnn": params()["rnn"], "out": jnp.zeros(2)}, "params/out is in the model but not in the checkpoint"),
-        ({}, r"params/rnn/\w+ is in the checkpoint but not in the model"),
-        (jax.tree.map(lambda x: x.astype(jnp.float16), params()), "params/rnn/w_x has dtype float32 in the checkpoint, float16 in the model"),
+        (lambda: params(rj.GRU(8)), r"params/rnn/w_x has shape \(3, 12\) in the checkpoint, \(3, 24\) in the model"),
+        (lambda: params(rj.GRU(4), input_size=2), r"params/rnn/w_x has shape \(3, 12\) in the checkpoint, \(2, 12\) in the model"),
+        (lambda: {"rnn": params()["rnn"], "out": jnp.zeros(2)}, "params/out is in the model but not in the checkpoint"),
+        (lambda: {}, r"params/rnn/\w+ is in the checkpoint but not in the model"),
+        (lambda: jax.tree.map(lambda x: x.astype(jnp.float16), params()), "params/rnn/w_x has dtype float32 in the checkpoint, float16 in the model"),
     ],
     ids=["wider", "other-input", "missing-leaf", "extra-leaf", "dtype"],
 )
-def test_a_mismatching_model_gets_an_error_naming_the_first_mismatching_path(tmp_path, like, message):
+def test_a_mismatching_model_gets_an_error_naming_the_first_mismatching_path(tmp_path, make_like, message):
     T.save_checkpoint(tmp_path, T.TrainState.create(params(), optax.sgd(0.1)), step=3)
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(ValueError, match="checkpoint at step 3 in .* does not match the model: " + message):
-        T.restore_checkpoint(tmp_path, T.TrainState.create(like, optax.sgd(0.1)))
+        T.restore_checkpoint(tmp_path, T.TrainState.create(make_like(), optax.sgd(0.1)))
     assert sorted(os.listdir(tmp_path)) == before
 
 
@@ -429,7 +431,7 @@ def test_an_error_placing_the_arrays_is_raised_as_it_is_and_never_skipped(tmp_pa
 def saved_steps(directory, steps):
     """Save a state at each step (``w`` = step, ``noise``: too large to be inlined in orbax's
     index); return the state of each step."""
-    states = {s: {"w": jnp.full(3, float(s)), "noise": jax.random.normal(jax.random.key(s), (32, 32))} for s in steps}
+    states = {s: {"w": jnp.full(3, float(s)), "noise": normal(s, (32, 32))} for s in steps}
     for s, state in states.items():
         T.save_checkpoint(directory, state, step=s, keep=None)
     return states

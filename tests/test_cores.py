@@ -14,6 +14,10 @@ import optax
 import pytest
 
 import rnnjax as rj
+from tests.once import once_per_session
+
+# One subprocess for the module's tests (tests/once.py); one worker runs them (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("four_cores")
 
 SCRIPT = textwrap.dedent(
     """
@@ -60,11 +64,16 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def four_cores():
+def run_script(folder):
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    (folder / "out.json").write_text(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def four_cores(tmp_path_factory):
+    # One subprocess for the session, whichever xdist workers run these tests (tests/once.py).
+    return json.loads((once_per_session(tmp_path_factory, "four_cores", run_script) / "out.json").read_text())
 
 
 def test_use_cpu_cores_exposes_the_cores_as_devices(four_cores):

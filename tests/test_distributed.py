@@ -4,9 +4,9 @@
 The default run (``-m "not slow"``) runs a fast subset of the checks (FAST: one of each kind:
 data-parallel training, errors before compiling, a sequence-parallel scan with gradients, the
 split over devices); ``make test-all`` runs every one. One subprocess runs all the checks
-the session selected; its tests share an xdist group so that one worker starts it once
-(``--dist loadgroup``, as the Makefile runs pytest)."""
+the session selected, once (tests/once.py), whichever xdist workers run its tests."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -19,6 +19,8 @@ import optax
 import pytest
 
 import rnnjax as rj
+from tests.cases import normal
+from tests.once import once_per_session
 
 CHECKS = Path(__file__).with_name("multidevice_checks.py")
 EXPECTED = [
@@ -49,15 +51,20 @@ def selected_checks(session) -> list[str]:
     return [name for name in EXPECTED if name in names] or FAST
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def multidevice(tmp_path_factory, request):
     """``{"checks": every check's name, "results": {name: {"ok", "detail", "seconds"}}}``."""
-    out = tmp_path_factory.mktemp("multidevice") / "results.json"
     only = ",".join(selected_checks(request.session))
-    proc = subprocess.run([sys.executable, str(CHECKS), "--out", str(out), "--only", only],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and out.exists(), f"checks did not finish:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(out.read_text())
+
+    def run(folder):
+        out = folder / "results.json"
+        proc = subprocess.run([sys.executable, str(CHECKS), "--out", str(out), "--only", only],
+                              capture_output=True, text=True, timeout=900)
+        finished = proc.returncode == 0 and out.exists()
+        assert finished, f"checks did not finish:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+    # One subprocess for the session, even when xdist sends these tests to both workers.
+    return json.loads((once_per_session(tmp_path_factory, "multidevice", run) / "results.json").read_text())
 
 
 @MULTIDEVICE
@@ -77,17 +84,24 @@ def test_multidevice(multidevice, name):
 
 MESH = jax.make_mesh((1,), ("data",))
 CELL = rj.GRU(6)
-PARAMS = CELL.init(jax.random.key(0), 3)
-XS = jax.random.normal(jax.random.key(1), (4, 9, 3))
+
+
+@functools.cache
+def cell_params():
+    """CELL's params (built on first use, not when the module is collected)."""
+    return CELL.init(jax.random.key(0), 3)
+
+
+XS = normal(1, (4, 9, 3))
 
 
 def test_data_parallel_context_on_one_device_equals_plain_scan():
     lengths = jnp.array([9, 3, 0, 5])
     with rj.distributed.data_parallel(MESH, "data"):
         assert rj.distributed.current_data_parallel().axis == "data"
-        ys, h = jax.jit(lambda p, x: rj.scan(CELL, p, x, lengths=lengths))(PARAMS, XS)
+        ys, h = jax.jit(lambda p, x: rj.scan(CELL, p, x, lengths=lengths))(cell_params(), XS)
     assert rj.distributed.current_data_parallel() is None
-    ref_ys, ref_h = rj.scan(CELL, PARAMS, XS, lengths=lengths)
+    ref_ys, ref_h = rj.scan(CELL, cell_params(), XS, lengths=lengths)
     np.testing.assert_allclose(ys, ref_ys, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(h, ref_h, rtol=1e-6, atol=1e-6)
 
@@ -95,7 +109,7 @@ def test_data_parallel_context_on_one_device_equals_plain_scan():
 def test_data_parallel_rejects_a_single_sequence_and_bad_axes():
     with rj.distributed.data_parallel(MESH, "data"):
         with pytest.raises(ValueError, match=r"single sequence .*sequence_scan"):
-            rj.scan(CELL, PARAMS, XS[0])
+            rj.scan(CELL, cell_params(), XS[0])
     with pytest.raises(ValueError, match=r"axis='batch' is not an axis of the mesh; its axes are \('data',\)"):
         with rj.distributed.data_parallel(MESH, "batch"):
             pass
@@ -110,7 +124,7 @@ def test_train_step_with_a_one_device_mesh_equals_plain_step():
 
     opt = optax.sgd(0.1)
     batch = {"x": XS, "y": jnp.ones((4, 9, 6))}
-    state = rj.train.TrainState.create(PARAMS, opt)
+    state = rj.train.TrainState.create(cell_params(), opt)
     a, ma = rj.train.make_train_step(loss_fn, opt, donate=False)(state, batch)
     b, mb = rj.train.make_train_step(loss_fn, opt, donate=False, mesh=MESH)(state, batch)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -129,11 +143,11 @@ def test_sequence_scan_one_device_and_errors():
     np.testing.assert_allclose(ys, ref_ys, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h, ref_h, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="runs 'deer' and 'quasi-deer'"):
-        rj.distributed.sequence_scan(CELL, PARAMS, XS, mesh=seq, axis="seq", method=rj.Newton("elk"))
+        rj.distributed.sequence_scan(CELL, cell_params(), XS, mesh=seq, axis="seq", method=rj.Newton("elk"))
     with pytest.raises(ValueError, match=r"sequence_scan runs rj.Associative\(\) or rj.Newton\(\)"):
         rj.distributed.sequence_scan(cell, params, XS, mesh=seq, axis="seq", method="chunked")
     with pytest.raises(ValueError, match="needs a cell with a linear recurrence"):
-        rj.distributed.sequence_scan(CELL, PARAMS, XS, mesh=seq, axis="seq", method=rj.Associative())
+        rj.distributed.sequence_scan(CELL, cell_params(), XS, mesh=seq, axis="seq", method=rj.Associative())
     with pytest.raises(ValueError, match=r"xs has shape \(4, 9, 4\); expected"):
         rj.distributed.sequence_scan(cell, params, jnp.ones((4, 9, 4)), mesh=seq, axis="seq")
 
@@ -143,9 +157,9 @@ def test_shard_batch_and_replicate_place_arrays():
     placed = rj.distributed.shard_batch(batch, MESH, "data")
     assert tuple(placed["x"].sharding.spec) == ("data",)
     assert tuple(placed["key"].sharding.spec) == ()
-    params = rj.distributed.replicate(PARAMS, MESH)
+    params = rj.distributed.replicate(cell_params(), MESH)
     assert all(tuple(p.sharding.spec) == () for p in jax.tree.leaves(params))
     two_d = jax.make_mesh((1, 1), ("data", "model"))
-    shardings = rj.distributed.state_shardings(PARAMS, two_d, "model")
+    shardings = rj.distributed.state_shardings(cell_params(), two_d, "model")
     assert tuple(shardings.w_h.spec) == (None, "model")  # (hidden, 3 * hidden): split the columns
     assert tuple(shardings.b_x.spec) == ()  # vectors stay replicated

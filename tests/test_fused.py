@@ -10,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 import rnnjax as rj
-from tests.cases import CELL_CASES, random_case
+from tests.cases import CELL_CASES, normal, random_case
 from tests.compat import enable_x64
 
 DENSE = [name for name, cell in CELL_CASES.items() if isinstance(cell, rj.cell.DenseCell) and cell.fusable]
@@ -38,8 +38,11 @@ def _loss(cell, vjp, reverse):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("name", DENSE)
+# Each dense configuration in one direction, forward and reverse by turns; make test-all runs
+# the other direction too (each case compiles two gradients).
+@pytest.mark.parametrize("name, reverse", [
+    pytest.param(name, reverse, marks=[pytest.mark.slow] if (i + reverse) % 2 else [], id=f"{name}-{reverse}")
+    for i, name in enumerate(DENSE) for reverse in (False, True)])
 def test_fused_gradients_equal_autodiff(name, reverse):
     cell = CELL_CASES[name]
     params, xs, carry = random_case(cell, STEPS, key=3, batch=(3,))
@@ -68,14 +71,15 @@ def test_fused_under_vmap_and_second_order():
     def loss(p, x, vjp):
         return jnp.sum(rj.scan(cell, p, x, method=rj.Sequential(gradient=vjp))[0] ** 2)
 
-    per_example = jax.vmap(jax.grad(lambda p, x: loss(p, x, "fused")), in_axes=(None, 0))(params, xs)
-    ref = jax.vmap(jax.grad(lambda p, x: loss(p, x, "autodiff")), in_axes=(None, 0))(params, xs)
+    # Jitted: one compilation each, instead of one per eager operation.
+    per_example = jax.jit(jax.vmap(jax.grad(lambda p, x: loss(p, x, "fused")), in_axes=(None, 0)))(params, xs)
+    ref = jax.jit(jax.vmap(jax.grad(lambda p, x: loss(p, x, "autodiff")), in_axes=(None, 0)))(params, xs)
     for a, b in zip(jax.tree.leaves(per_example), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
     with enable_x64(True):
         p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         x64 = xs[:2, :3].astype(jnp.float64)
-        check_grads(lambda p, x: loss(p, x, "fused"), (p64, x64), order=2, modes=["rev"], atol=1e-4, rtol=1e-4)
+        check_grads(jax.jit(lambda p, x: loss(p, x, "fused")), (p64, x64), order=2, modes=["rev"], atol=1e-4, rtol=1e-4)
 
 
 def test_fused_inside_data_parallel_and_layers():
@@ -83,13 +87,13 @@ def test_fused_inside_data_parallel_and_layers():
     layer = rj.Stack([rj.Bidirectional(rj.RNN(rj.LSTM(4), method=fused)), rj.RNN(rj.GRU(4), method=fused)])
     plain = rj.Stack([rj.Bidirectional(rj.RNN(rj.LSTM(4))), rj.RNN(rj.GRU(4))])
     params = layer.init(jax.random.key(0), 3)
-    xs = jax.random.normal(jax.random.key(1), (4, 6, 3))
+    xs = normal(1, (4, 6, 3))
     lengths = jnp.array([6, 3, 1, 5])
     loss = lambda lay: jax.grad(lambda p: jnp.sum(lay.apply(p, xs, lengths=lengths)[0] ** 2))
     mesh = jax.make_mesh((1,), ("data",))
     with rj.distributed.data_parallel(mesh, "data"):
         got = jax.jit(loss(layer))(params)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(loss(plain)(params))):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(jax.jit(loss(plain))(params))):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 

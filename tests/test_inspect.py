@@ -2,6 +2,7 @@
 against hand-built systems with known answers and explicit per-step Jacobians."""
 
 import dataclasses
+import functools
 import subprocess
 import sys
 from typing import NamedTuple
@@ -13,7 +14,7 @@ import optax
 import pytest
 
 import rnnjax as rj
-from tests.cases import random_case
+from tests.cases import normal, random_case, uniform
 
 INSPECT = rj.inspect
 
@@ -104,7 +105,7 @@ def test_fixed_point_of_a_linear_recurrence(eigenvalues, stability, newton_steps
     cell = Affine(3)
     params = affine_params(eigenvalues)
     x = jnp.array([0.3, -0.7])
-    starts = jax.random.normal(jax.random.key(0), (16, 3))
+    starts = normal(0, (16, 3))
     # Adam alone, or Adam and Newton. q's Hessian (I - A)^T (I - A) has a condition number of
     # up to ~450 here, slow for Adam alone.
     steps = 4000 if newton_steps == 0 else 200
@@ -129,7 +130,12 @@ def tanh_fixed_point():
 
 
 TANH_CELL = rj.Elman(2, use_bias=False)
-TANH_PARAMS = TANH_CELL.init(jax.random.key(0), 1)._replace(w_h=2.0 * jnp.eye(2))
+
+
+@functools.cache
+def tanh_params():
+    """TANH_CELL's params with w_h = 2 I (built on first use, not when the module is collected)."""
+    return TANH_CELL.init(jax.random.key(0), 1)._replace(w_h=2.0 * jnp.eye(2))
 
 
 def test_fixed_points_of_a_tanh_network_with_known_attractors():
@@ -137,8 +143,8 @@ def test_fixed_points_of_a_tanh_network_with_known_attractors():
     # so in 2-D: 4 stable corners, 4 saddles on the axes, an unstable origin.
     h_star = tanh_fixed_point()
     slope = 2.0 * (1.0 - h_star**2)
-    starts = jax.random.uniform(jax.random.key(1), (200, 2), minval=-1.2, maxval=1.2)
-    fp = INSPECT.fixed_points(TANH_CELL, TANH_PARAMS, jnp.zeros(1), starts)
+    starts = uniform(1, (200, 2), -1.2, 1.2)
+    fp = INSPECT.fixed_points(TANH_CELL, tanh_params(), jnp.zeros(1), starts)
     assert fp.counts() == {"stable": 4, "unstable": 1, "saddle": 4, "marginal": 0}
     assert fp.num_dropped + fp.num_merged + len(fp.points) == 200
     coords = {"stable": {-h_star, h_star}, "unstable": {0.0}, "saddle": {-h_star, 0.0, h_star}}
@@ -157,7 +163,7 @@ def test_fixed_points_accept_carries_and_complex_states():
     # real state space (real parts, then imaginary parts), are lambda and conj(lambda).
     cell = rj.LRU(3, r_min=0.3, r_max=0.95)
     params = cell.init(jax.random.key(0), 2)
-    starts = jax.random.normal(jax.random.key(1), (8, 3)) + 1j * jax.random.normal(jax.random.key(2), (8, 3))
+    starts = normal(1, (8, 3)) + 1j * normal(2, (8, 3))
     from_carry = INSPECT.fixed_points(cell, params, jnp.zeros(2), starts.astype(jnp.complex64))
     from_vectors = INSPECT.fixed_points(cell, params, jnp.zeros(2), jnp.concatenate([starts.real, starts.imag], -1))
     lam = np.asarray(cell.eigenvalues(params))
@@ -168,7 +174,7 @@ def test_fixed_points_accept_carries_and_complex_states():
     # An LSTM's carry (h, c) batched over K is the same as its state vectors [h, c].
     lstm = rj.LSTM(3)
     lstm_params = lstm.init(jax.random.key(3), 2)
-    vectors = jax.random.normal(jax.random.key(4), (6, 6)) * 0.5
+    vectors = normal(4, (6, 6)) * 0.5
     carry = lstm.init_carry((6,))._replace(h=vectors[:, :3], c=vectors[:, 3:])
     a = INSPECT.fixed_point_candidates(lstm, lstm_params, jnp.ones(2), carry, steps=50)
     b = INSPECT.fixed_point_candidates(lstm, lstm_params, jnp.ones(2), vectors, steps=50)
@@ -179,15 +185,15 @@ def test_fixed_points_accept_carries_and_complex_states():
 def test_fixed_point_candidates_use_the_given_optimizer_and_drop_slow_points():
     # q decreases with the optimiser; with too few steps nothing converges, and fixed_points
     # reports every candidate as dropped rather than returning unconverged points.
-    starts = jax.random.uniform(jax.random.key(1), (20, 2), minval=-1.2, maxval=1.2)
+    starts = uniform(1, (20, 2), -1.2, 1.2)
     q0 = jax.vmap(lambda h: 0.5 * jnp.sum((jnp.tanh(2.0 * h) - h) ** 2))(starts)
-    _, q = INSPECT.fixed_point_candidates(TANH_CELL, TANH_PARAMS, jnp.zeros(1), starts, optimizer=optax.sgd(0.1), steps=100)
+    _, q = INSPECT.fixed_point_candidates(TANH_CELL, tanh_params(), jnp.zeros(1), starts, optimizer=optax.sgd(0.1), steps=100)
     assert bool(jnp.all(q <= q0))
-    fp = INSPECT.fixed_points(TANH_CELL, TANH_PARAMS, jnp.zeros(1), starts, optimizer=optax.sgd(1e-4), steps=2,
+    fp = INSPECT.fixed_points(TANH_CELL, tanh_params(), jnp.zeros(1), starts, optimizer=optax.sgd(1e-4), steps=2,
                               newton_steps=0)
     assert len(fp.points) == 0 and fp.num_dropped == 20 and fp.eigenvalues.shape == (0, 2)
     # Newton steps alone converge from where the optimiser left off.
-    fp = INSPECT.fixed_points(TANH_CELL, TANH_PARAMS, jnp.zeros(1), starts, optimizer=optax.sgd(1e-4), steps=2,
+    fp = INSPECT.fixed_points(TANH_CELL, tanh_params(), jnp.zeros(1), starts, optimizer=optax.sgd(1e-4), steps=2,
                               newton_steps=20)
     assert fp.num_dropped < 20 and np.all(fp.q < 1e-12)
 
@@ -210,24 +216,35 @@ def explicit_vector(carry):
     return np.concatenate(parts)
 
 
-def explicit_horizon(cell, params, xs, carry, length, ord):
-    """Products of per-step Jacobians in float64, one step at a time."""
-    like = carry
+@functools.lru_cache(maxsize=None)
+def step_and_jacobians(cell):
+    """Jitted ``(params, v, x, like) -> (v', d F / d v, d F / d x)`` for one step ``F(v, x) = (v', y)``
+    on state vectors (``like``: a carry of the same structure): one compilation per cell, where
+    running ``jax.jacfwd`` eagerly compiled each of its operations on its own."""
 
-    def F(v, x):
+    def F(params, v, x, like):
         new, y = cell.step(params, INSPECT.carry_from_vector(v, like), x)
         return jnp.asarray(explicit_vector_jax(new)), y
 
+    def step(params, v, x, like):
+        jacobian = lambda argnum: jax.jacfwd(F, argnums=argnum)(params, v, x, like)
+        return F(params, v, x, like)[0], jacobian(1), jacobian(2)
+
+    return jax.jit(step)
+
+
+def explicit_horizon(cell, params, xs, carry, length, ord):
+    """Products of per-step Jacobians in float64, one step at a time."""
     v = jnp.asarray(explicit_vector(carry))
     J, K, Gy, Gx = [], [], [], []
     for t in range(length):
-        by_state = jax.jacfwd(F, argnums=0)(v, xs[t])  # (d h_t / d h_{t-1}, d y_t / d h_{t-1})
-        by_input = jax.jacfwd(F, argnums=1)(v, xs[t])  # (d h_t / d x_t, d y_t / d x_t)
+        # by_state: (d h_t / d h_{t-1}, d y_t / d h_{t-1}); by_input: (d h_t / d x_t, d y_t / d x_t)
+        next_v, by_state, by_input = step_and_jacobians(cell)(params, v, xs[t], carry)
         J.append(np.asarray(by_state[0], np.float64))
         Gy.append(np.asarray(by_state[1], np.float64))
         K.append(np.asarray(by_input[0], np.float64))
         Gx.append(np.asarray(by_input[1], np.float64))
-        v = F(v, xs[t])[0]
+        v = next_v
     norm = (lambda m: np.linalg.norm(m)) if ord == "fro" else (lambda m: np.linalg.norm(m, 2))
     steps = xs.shape[0]
     state, saliency = np.zeros(steps), np.zeros(steps)
@@ -254,8 +271,11 @@ def explicit_vector_jax(carry):
     return jnp.concatenate(parts)
 
 
-@pytest.mark.parametrize("name, cell", [("gru", rj.GRU(4)), ("lstm", rj.LSTM(3)), ("lru", rj.LRU(3, r_min=0.5))])
-@pytest.mark.parametrize("ord", ["fro", 2])
+# The fast set runs each cell with one norm, "fro" and 2 by turns; make test-all both.
+@pytest.mark.parametrize("name, cell, ord", [
+    pytest.param(name, cell, ord, id=f"{ord}-{name}", marks=[pytest.mark.slow] if (i + j) % 2 else [])
+    for i, (name, cell) in enumerate([("gru", rj.GRU(4)), ("lstm", rj.LSTM(3)), ("lru", rj.LRU(3, r_min=0.5))])
+    for j, ord in enumerate(["fro", 2])])
 def test_horizon_equals_products_of_explicit_jacobians(name, cell, ord):
     params, xs, carry = random_case(cell, 6, batch=(2,))
     lengths = jnp.array([6, 4])
@@ -315,7 +335,7 @@ def test_horizon_of_no_steps_is_empty():
 def test_integrated_gradients_are_complete():
     cell = rj.GRU(6)
     params, xs, _ = random_case(cell, 12, batch=(3,))
-    readout = jax.random.normal(jax.random.key(5), (6,))
+    readout = normal(5, (6,))
     fn = lambda xs: rj.scan(cell, params, xs)[0][..., -1, :] @ readout  # one output per sequence
     baseline = 0.1 * jnp.ones_like(xs)
     errors = {}
@@ -338,9 +358,9 @@ def test_integrated_gradients_are_complete():
 
 @pytest.mark.parametrize("rule", ["trapezoid", "midpoint", "left", "right"])
 def test_integrated_gradients_of_a_linear_function_are_exact(rule):
-    w = jax.random.normal(jax.random.key(0), (7, 3))
-    xs = jax.random.normal(jax.random.key(1), (7, 3))
-    baseline = jax.random.normal(jax.random.key(2), (7, 3))
+    w = normal(0, (7, 3))
+    xs = normal(1, (7, 3))
+    baseline = normal(2, (7, 3))
     ig = INSPECT.integrated_gradients(lambda x: jnp.sum(w * x), xs, baseline, steps=3, rule=rule)
     np.testing.assert_allclose(ig.values, w * (xs - baseline), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ig.per_step, jnp.sum(w * (xs - baseline), -1), rtol=1e-5, atol=1e-6)
@@ -370,7 +390,7 @@ def test_lyapunov_exponents_of_a_linear_recurrence_are_log_eigenvalue_moduli():
 def test_lyapunov_exponents_of_an_lru_and_with_lengths():
     cell = rj.LRU(3, r_min=0.4, r_max=0.95)
     params = cell.init(jax.random.key(0), 2)
-    xs = jax.random.normal(jax.random.key(1), (2, 300, 2))  # the input does not change a linear map's J
+    xs = normal(1, (2, 300, 2))  # the input does not change a linear map's J
     exps = INSPECT.lyapunov_exponents(cell, params, xs, k=6, lengths=jnp.array([300, 150]), burn_in=50)
     expected = np.sort(np.repeat(np.log(np.abs(np.asarray(cell.eigenvalues(params)))), 2))[::-1]
     np.testing.assert_allclose(exps, np.stack([expected, expected]), atol=2e-3)
@@ -447,11 +467,11 @@ def test_matplotlib_is_imported_only_by_the_plots():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    states = INSPECT.state_trajectory(TANH_CELL, TANH_PARAMS, jax.random.normal(jax.random.key(0), (4, 10, 1)),
-                                      carry=jax.random.uniform(jax.random.key(1), (4, 2), minval=-1, maxval=1))
-    fp = INSPECT.fixed_points(TANH_CELL, TANH_PARAMS, jnp.zeros(1), states.reshape(-1, 2))
+    states = INSPECT.state_trajectory(TANH_CELL, tanh_params(), normal(0, (4, 10, 1)),
+                                      carry=uniform(1, (4, 2), -1, 1))
+    fp = INSPECT.fixed_points(TANH_CELL, tanh_params(), jnp.zeros(1), states.reshape(-1, 2))
     ax = INSPECT.plot_pca_trajectories(states, fp)
     assert len(ax.lines) == 4 and len(ax.collections) == len(set(fp.stability.tolist()))
-    ax = INSPECT.plot_horizons({"tanh": INSPECT.jacobian_horizon(TANH_CELL, TANH_PARAMS, jnp.ones((3, 8, 1))).state})
+    ax = INSPECT.plot_horizons({"tanh": INSPECT.jacobian_horizon(TANH_CELL, tanh_params(), jnp.ones((3, 8, 1))).state})
     assert len(ax.lines) == 1 and float(ax.lines[0].get_ydata()[0]) == 1.0
     plt.close("all")

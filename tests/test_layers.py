@@ -8,10 +8,11 @@ from jax.test_util import check_grads
 
 import rnnjax as rj
 from rnnjax.layers import BidirectionalParams
+from tests.cases import normal
 from tests.compat import enable_x64
 from tests.helpers import assert_trees_close
 
-XS = jax.random.normal(jax.random.key(1), (3, 7, 4))
+XS = normal(1, (3, 7, 4))
 LENGTHS = jnp.array([7, 4, 0])
 F32 = dict(atol=1e-6, rtol=1e-5)  # float32 rounding
 
@@ -116,7 +117,7 @@ def test_layers_vmap_jit_and_gradients():
     params = stack.init(jax.random.key(0), 4)
     f = jax.jit(lambda p, x, n: stack.apply(p, x, lengths=n))
     batched = f(params, XS, LENGTHS)
-    single = jax.vmap(lambda x, n: stack.apply(params, x, lengths=n))(XS, LENGTHS)
+    single = jax.jit(jax.vmap(lambda x, n: stack.apply(params, x, lengths=n)))(XS, LENGTHS)
     assert_trees_close(single, batched, **F32)
     f(params, XS * 2, LENGTHS + 0)
     assert f._cache_size() == 1
@@ -124,7 +125,8 @@ def test_layers_vmap_jit_and_gradients():
         p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         x64 = XS[:2, :3].astype(jnp.float64)
         loss = lambda p, x: jnp.sum(stack.apply(p, x, lengths=jnp.array([3, 2]))[0] ** 2)
-        check_grads(loss, (p64, x64), order=1, modes=["rev"], atol=1e-4, rtol=1e-4)
+        # Jitted: one compilation for check_grads' calls, instead of one per eager operation.
+        check_grads(jax.jit(loss), (p64, x64), order=1, modes=["rev"], atol=1e-4, rtol=1e-4)
 
 
 def test_layer_configs_are_hashable_static_values():

@@ -12,6 +12,7 @@ import pytest
 
 import rnnjax as rj
 from rnnjax.cells.minimal import g
+from tests.cases import normal
 
 T = 100_000
 BATCH = 2
@@ -38,10 +39,9 @@ CASES = [(name, "sequential") for name in CELLS] + [
 @functools.lru_cache(maxsize=None)
 def _data(name):
     cell = CELLS[name]
-    kp, kx = jax.random.split(jax.random.key(0))
-    params = cell.init(kp, INPUT)
+    params = cell.init(jax.random.key(0), INPUT)
     shape = (BATCH, T, *SPATIAL, INPUT) if cell.input_ndim == 3 else (BATCH, T, INPUT)
-    return cell, params, jax.random.normal(kx, shape, jnp.float32)
+    return cell, params, normal(0, shape)
 
 
 def _bound(name, params, xs):

@@ -25,12 +25,15 @@ def test_sequence_mask():
     assert mask.dtype == jnp.bool_
 
 
-# two batch axes, a length 0 and a full length; labels -1 at padding
+# two batch axes, a length 0 and a full length; labels -1 at padding. Module-level arrays are
+# computed in NumPy: a jnp operation here compiles when the module is collected, in every
+# xdist worker.
 RNG = np.random.default_rng(3)
 LOGITS = jnp.asarray(RNG.normal(size=(2, 2, 6, C)), jnp.float32)
 LABELS = jnp.asarray(RNG.integers(0, C, (2, 2, 6)), jnp.int32)
 LENS2 = jnp.array([[6, 0], [2, 5]])
-PADDED_LABELS = jnp.where(T.sequence_mask(LENS2, 6), LABELS, -1)
+REAL_STEPS = np.arange(6) < np.asarray(LENS2)[..., None]  # (2, 2, 6)
+PADDED_LABELS = jnp.asarray(np.where(REAL_STEPS, np.asarray(LABELS), -1))
 
 
 def unpadded(values, lengths):
@@ -58,9 +61,10 @@ def test_softmax_cross_entropy_probability_labels():
     assert_trees_close(T.softmax_cross_entropy(LOGITS, probs, LENS2), ref, **F32)
 
 
-STEP_PADDING = ~T.sequence_mask(LENS2, 6)  # (2, 2, 6): True past a length
-SEQ_PADDING = LENS2 == 0  # (2, 2): sequences without a last step
-PROBS = jax.nn.softmax(jnp.asarray(RNG.normal(size=LOGITS.shape), jnp.float32))
+STEP_PADDING = jnp.asarray(~REAL_STEPS)  # (2, 2, 6): True past a length
+SEQ_PADDING = jnp.asarray(np.asarray(LENS2) == 0)  # (2, 2): sequences without a last step
+_EXP = np.exp(RNG.normal(size=LOGITS.shape).astype(np.float32))
+PROBS = jnp.asarray(_EXP / _EXP.sum(-1, keepdims=True))  # a softmax
 
 
 def sum_of_last_steps(ys, _, lengths):
@@ -70,11 +74,12 @@ def sum_of_last_steps(ys, _, lengths):
 # name: (loss(x, y, lengths), y, where y is padding); x is LOGITS, padded past the lengths
 PADDED_LOSSES = {
     "softmax_cross_entropy-int": (T.softmax_cross_entropy, LABELS, STEP_PADDING),
-    "softmax_cross_entropy-probs": (T.softmax_cross_entropy, PROBS, STEP_PADDING[..., None]),
-    "last_step_cross_entropy-int": (T.last_step_cross_entropy, LABELS[..., 0], SEQ_PADDING),
-    "last_step_cross_entropy-probs": (T.last_step_cross_entropy, PROBS[..., 0, :], SEQ_PADDING[..., None]),
-    "mean_squared_error": (T.mean_squared_error, PROBS, STEP_PADDING[..., None]),
-    "last_step": (sum_of_last_steps, PROBS, STEP_PADDING[..., None]),
+    "softmax_cross_entropy-probs": (T.softmax_cross_entropy, PROBS, jnp.asarray(~REAL_STEPS[..., None])),
+    "last_step_cross_entropy-int": (T.last_step_cross_entropy, jnp.asarray(np.asarray(LABELS)[..., 0]), SEQ_PADDING),
+    "last_step_cross_entropy-probs": (T.last_step_cross_entropy, jnp.asarray(np.asarray(PROBS)[..., 0, :]),
+                                      jnp.asarray(np.asarray(SEQ_PADDING)[..., None])),
+    "mean_squared_error": (T.mean_squared_error, PROBS, jnp.asarray(~REAL_STEPS[..., None])),
+    "last_step": (sum_of_last_steps, PROBS, jnp.asarray(~REAL_STEPS[..., None])),
 }
 
 
@@ -157,41 +162,44 @@ def test_mean_squared_error_over_real_steps_and_features():
     assert_trees_close(T.mean_squared_error(LOGITS, targets), np.mean((np.asarray(LOGITS) - np.asarray(targets)) ** 2), **F32)
 
 
+# The arguments are built when a test runs, not when the module is collected.
 LOSS_ERRORS = [
-    (T.softmax_cross_entropy, (LOGITS, LABELS[..., :5]), ValueError,
+    (T.softmax_cross_entropy, lambda: (LOGITS, LABELS[..., :5]), ValueError,
      r"labels has dtype int32 and shape \(2, 2, 5\); integer labels are class indices of shape \(\*batch, T\) = "
      r"\(2, 2, 6\) for logits of shape \(2, 2, 6, 5\) \(float labels are class probabilities of shape "
      r"\(\*batch, T, C\) = \(2, 2, 6, 5\)\)"),
-    (T.softmax_cross_entropy, (LOGITS, LABELS > 2), TypeError, "labels has dtype bool; expected integer class indices"),
-    (T.softmax_cross_entropy, (LOGITS, jnp.ones((2, 2, 6, 4))), ValueError,
+    (T.softmax_cross_entropy, lambda: (LOGITS, LABELS > 2), TypeError, "labels has dtype bool; expected integer class indices"),
+    (T.softmax_cross_entropy, lambda: (LOGITS, jnp.ones((2, 2, 6, 4))), ValueError,
      r"labels has dtype float32 and shape \(2, 2, 6, 4\); float labels are class probabilities of shape "
      r"\(\*batch, T, C\) = \(2, 2, 6, 5\) for logits .* \(integer labels are class indices of shape \(\*batch, T\)"),
     # float labels with the shape of class indices: the message says so, and how to cast
-    (T.softmax_cross_entropy, (LOGITS, jnp.ones((2, 2, 6))), ValueError,
+    (T.softmax_cross_entropy, lambda: (LOGITS, jnp.ones((2, 2, 6))), ValueError,
      r"labels has dtype float32 and shape \(2, 2, 6\); float labels are class probabilities of shape "
      r"\(\*batch, T, C\) = \(2, 2, 6, 5\) for logits of shape \(2, 2, 6, 5\); for class indices of shape "
      r"\(\*batch, T\) = \(2, 2, 6\), cast them: labels.astype\(jnp.int32\)"),
-    (T.softmax_cross_entropy, (LOGITS, LABELS, jnp.array([6, 6])), ValueError,
+    (T.softmax_cross_entropy, lambda: (LOGITS, LABELS, jnp.array([6, 6])), ValueError,
      r"lengths has shape \(2,\); expected \(2, 2\), the batch shape of logits of shape \(2, 2, 6, 5\)"),
-    (T.softmax_cross_entropy, (LOGITS, LABELS, jnp.full((2, 2), 3.0)), TypeError, "lengths has dtype float32; expected an integer"),
-    (T.softmax_cross_entropy, (LABELS, LABELS), TypeError, "logits has dtype int32; expected a floating dtype"),
-    (T.softmax_cross_entropy, (jnp.ones(5), jnp.ones(5)), ValueError, r"logits has shape \(5,\); expected \(\*batch, T, C\)"),
-    (T.last_step_cross_entropy, (LOGITS, LABELS), ValueError,
+    (T.softmax_cross_entropy, lambda: (LOGITS, LABELS, jnp.full((2, 2), 3.0)), TypeError, "lengths has dtype float32; expected an integer"),
+    (T.softmax_cross_entropy, lambda: (LABELS, LABELS), TypeError, "logits has dtype int32; expected a floating dtype"),
+    (T.softmax_cross_entropy, lambda: (jnp.ones(5), jnp.ones(5)), ValueError, r"logits has shape \(5,\); expected \(\*batch, T, C\)"),
+    (T.last_step_cross_entropy, lambda: (LOGITS, LABELS), ValueError,
      r"labels has dtype int32 and shape \(2, 2, 6\); integer labels are class indices of shape \(\*batch,\) = "
      r"\(2, 2\) .* \(\*batch, C\) = \(2, 2, 5\)"),
-    (T.last_step_cross_entropy, (LOGITS, jnp.ones((2, 2))), ValueError,
+    (T.last_step_cross_entropy, lambda: (LOGITS, jnp.ones((2, 2))), ValueError,
      r"labels has dtype float32 and shape \(2, 2\); float labels are class probabilities of shape \(\*batch, C\) "
      r"= \(2, 2, 5\) .*cast them"),
-    (T.last_step_cross_entropy, (LOGITS, LABELS[..., 0], jnp.array([1, 2, 3])), ValueError, r"lengths has shape \(3,\); expected \(2, 2\)"),
-    (T.last_step, (jnp.ones((2, 0, 3)),), ValueError, r"ys has shape \(2, 0, 3\); expected \(\*batch, T, F\) with T >= 1"),
-    (T.mean_squared_error, (LOGITS, LOGITS[..., :3]), ValueError, r"targets has shape \(2, 2, 6, 3\); expected \(2, 2, 6, 5\)"),
-    (T.mean_squared_error, (LOGITS, LABELS[..., None]), TypeError, "targets has dtype int32; expected a floating dtype"),
-    (T.sequence_mask, (jnp.array([1.0]), 3), TypeError, "lengths has dtype float32"),
+    (T.last_step_cross_entropy, lambda: (LOGITS, LABELS[..., 0], jnp.array([1, 2, 3])), ValueError, r"lengths has shape \(3,\); expected \(2, 2\)"),
+    (T.last_step, lambda: (jnp.ones((2, 0, 3)),), ValueError, r"ys has shape \(2, 0, 3\); expected \(\*batch, T, F\) with T >= 1"),
+    (T.mean_squared_error, lambda: (LOGITS, LOGITS[..., :3]), ValueError, r"targets has shape \(2, 2, 6, 3\); expected \(2, 2, 6, 5\)"),
+    (T.mean_squared_error, lambda: (LOGITS, LABELS[..., None]), TypeError, "targets has dtype int32; expected a floating dtype"),
+    (T.sequence_mask, lambda: (jnp.array([1.0]), 3), TypeError, "lengths has dtype float32"),
 ]
 
 
-@pytest.mark.parametrize("fn, args, error, message", LOSS_ERRORS, ids=lambda v: getattr(v, "__name__", ""))
-def test_loss_bad_input_raises_a_clear_error_at_trace_time(fn, args, error, message):
+@pytest.mark.parametrize("fn, make_args, error, message", LOSS_ERRORS,
+                         ids=lambda v: "" if getattr(v, "__name__", "") == "<lambda>" else getattr(v, "__name__", ""))
+def test_loss_bad_input_raises_a_clear_error_at_trace_time(fn, make_args, error, message):
+    args = make_args()
     with pytest.raises(error, match=message):
         fn(*args)
     with pytest.raises(error, match=message):
@@ -199,21 +207,21 @@ def test_loss_bad_input_raises_a_clear_error_at_trace_time(fn, args, error, mess
 
 
 @pytest.mark.parametrize(
-    "fn, args, message",
+    "fn, targets, length, message",
     [
-        (T.softmax_cross_entropy, (LOGITS, LABELS, jnp.full((2, 2), 7)), r"lengths has the value 7; expected every length in \[0, T=6\]"),
-        (T.mean_squared_error, (LOGITS, LOGITS, jnp.full((2, 2), -1)), r"lengths has the value -1"),
+        (T.softmax_cross_entropy, LABELS, 7, r"lengths has the value 7; expected every length in \[0, T=6\]"),
+        (T.mean_squared_error, LOGITS, -1, r"lengths has the value -1"),
     ],
 )
-def test_concrete_out_of_range_lengths_are_rejected(fn, args, message):
+def test_concrete_out_of_range_lengths_are_rejected(fn, targets, length, message):
     with pytest.raises(ValueError, match=message):
-        fn(*args)
+        fn(LOGITS, targets, jnp.full((2, 2), length))
 
 
 # (loss, labels with padding, a real and a padded position)
 LABELLED = {
     "softmax_cross_entropy": (T.softmax_cross_entropy, PADDED_LABELS, (1, 0, 1), (1, 0, 2)),
-    "last_step_cross_entropy": (T.last_step_cross_entropy, LABELS[..., 0], (1, 0), (0, 1)),
+    "last_step_cross_entropy": (T.last_step_cross_entropy, jnp.asarray(np.asarray(LABELS)[..., 0]), (1, 0), (0, 1)),
 }
 
 

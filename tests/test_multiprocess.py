@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 import rnnjax as rj
+from tests.once import once_per_session
 
-# Two fresh JAX processes (about 30 s): make test-all runs them. One xdist worker starts them
-# once for the module (--dist loadgroup).
+# Two fresh JAX processes (about 30 s): make test-all runs them, once per session
+# (tests/once.py), whichever xdist workers run these tests.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
@@ -66,11 +67,14 @@ def run_workers(tmp: Path) -> list[str]:
     return texts
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("multiprocess")
+def run_and_report(tmp: Path) -> None:
     for text in run_workers(tmp):
         print("\n" + next(line for line in text.splitlines() if line.startswith("process ")))
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory):
+    tmp = once_per_session(tmp_path_factory, "multiprocess", run_and_report)
     return tmp / "checkpoint", [dict(np.load(tmp / f"process_{pid}.npz")) for pid in range(PROCESSES)]
 
 

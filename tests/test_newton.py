@@ -15,7 +15,7 @@ from jax.test_util import check_grads
 import rnnjax as rj
 from rnnjax import parallel
 from rnnjax.engines.elk import elk_step, solve_small
-from tests.cases import CELL_CASES, INPUT_SIZE, random_case, seq_shape
+from tests.cases import CELL_CASES, INPUT_SIZE, normal, random_case, seq_shape
 from tests.compat import enable_x64
 from tests.helpers import assert_trees_close
 
@@ -31,12 +31,20 @@ def data(cell, key=0, dtype=jnp.float32, batch=(3,), steps=STEPS):
 
 # DEER and quasi-DEER over every cell but ConvLSTM (whose flattened state is a whole
 # frame; it runs with quasi-DEER), backwards so that lengths, resets and reverse all act;
-# forwards runs are in the tests further down.
-CASES = [(name, variant, True) for name in sorted(CELL_CASES) if name != "convlstm" for variant in ("deer", "quasi-deer")]
-CASES += [("gru", "elk", True), ("lstm_proj_peephole", "quasi-elk", False), ("convlstm", "quasi-deer", True)]
+# forwards runs are in the tests further down. Both variants differentiate the same step
+# (jax.jacfwd) and differ in the solver only: the fast set runs each cell with one of them,
+# DEER and quasi-DEER by turns, and make test-all runs the other too (each compiles a
+# Newton solver, about 3 s).
+NAMES = [name for name in sorted(CELL_CASES) if name != "convlstm"]
+CASES = [(name, variant, True, (i + j) % 2 == 1)  # (name, variant, reverse, slow)
+         for i, name in enumerate(NAMES) for j, variant in enumerate(("deer", "quasi-deer"))]
+CASES += [("gru", "elk", True, False), ("lstm_proj_peephole", "quasi-elk", False, False),
+          ("convlstm", "quasi-deer", True, False)]
 
 
-@pytest.mark.parametrize("name, variant, reverse", CASES, ids=[f"{n}-{v}-{'reverse' if r else 'forward'}" for n, v, r in CASES])
+@pytest.mark.parametrize("name, variant, reverse", [
+    pytest.param(n, v, r, marks=[pytest.mark.slow] if slow else [], id=f"{n}-{v}-{'reverse' if r else 'forward'}")
+    for n, v, r, slow in CASES])
 def test_newton_matches_sequential(name, variant, reverse):
     cell = CELL_CASES[name]
     params, xs, carry = data(cell)
@@ -55,7 +63,7 @@ def trained_like_gru(hidden=16, steps=256, key=0):
     params = cell.init(jax.random.key(key), INPUT_SIZE)
     b_x = params.b_x.at[hidden : 2 * hidden].set(1.0)
     params = params._replace(w_h=0.6 * params.w_h, b_x=b_x)
-    xs = jax.random.normal(jax.random.key(key + 1), (2, steps, INPUT_SIZE))
+    xs = normal(key + 1, (2, steps, INPUT_SIZE))
     return cell, params, xs
 
 
@@ -71,7 +79,7 @@ def chaotic_elman(steps=64):
     cell = rj.Elman(16)
     params = cell.init(jax.random.key(0), INPUT_SIZE)
     params = params._replace(w_h=3.0 * params.w_h)  # orthogonal * 3: expanding, chaotic under tanh
-    return cell, params, jax.random.normal(jax.random.key(1), (2, steps, INPUT_SIZE))
+    return cell, params, normal(1, (2, steps, INPUT_SIZE))
 
 
 def test_newton_falls_back_to_sequential_when_it_does_not_converge():

@@ -6,6 +6,7 @@ in tests/test_cells.py) on the same call: lengths, resets, reverse and a non-zer
 carry together. float32 tolerance: 1e-5 absolute.
 """
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -19,7 +20,7 @@ from jax.test_util import check_grads
 import rnnjax as rj
 from rnnjax import parallel, tuning
 from rnnjax.engines.affine import DIAG, solve_affine
-from tests.cases import CELL_CASES, INPUT_SIZE, random_case
+from tests.cases import CELL_CASES, INPUT_SIZE, normal, random_case
 from tests.compat import enable_x64
 from tests.helpers import assert_trees_close
 
@@ -35,9 +36,14 @@ def data(cell, key=0, dtype=jnp.float32, batch=(3,), steps=STEPS):
     return random_case(cell, steps, key, dtype, batch)
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("method", [rj.Associative(), rj.Chunked(3)], ids=["associative", "chunked"])
-@pytest.mark.parametrize("name", LINEAR)
+# Each (cell, method) in one direction, forward and reverse by turns; make test-all runs the
+# other direction too.
+@pytest.mark.parametrize("name, method, reverse", [
+    pytest.param(name, method, reverse, marks=[pytest.mark.slow] if (i + j + reverse) % 2 else [],
+                 id=f"{name}-{method_id}-{'reverse' if reverse else 'forward'}")
+    for i, name in enumerate(LINEAR)
+    for j, (method_id, method) in enumerate([("associative", rj.Associative()), ("chunked", rj.Chunked(3))])
+    for reverse in (False, True)])
 def test_linear_methods_match_sequential(name, method, reverse):
     cell = CELL_CASES[name]
     params, xs, carry = data(cell)
@@ -92,8 +98,9 @@ def test_associative_gradient_has_no_sequential_loop():
     assert not re.search(r"\b(scan|while)\[", jaxpr)
 
 
-@pytest.mark.parametrize("name, method", [("mingru", "associative"), ("lru", "associative"),
-                                          ("minlstm_identity_nobias", "chunked"), ("lru", "chunked")])
+@pytest.mark.parametrize("name, method", [("mingru", "associative"), ("lru", "chunked")] + [  # the others: make test-all
+    pytest.param(name, method, marks=pytest.mark.slow) for name, method in [("lru", "associative"),
+                                                                            ("minlstm_identity_nobias", "chunked")]])
 def test_check_grads_and_equal_to_sequential_gradients(name, method):
     cell = CELL_CASES[name]
     with enable_x64(True):
@@ -214,7 +221,7 @@ def test_every_table_row_names_a_method_the_cell_kind_can_run():
 def test_rnn_and_bidirectional_pass_the_method_to_scan():
     layer = rj.RNN(rj.MinGRU(5), method=rj.Chunked(2))
     params = layer.init(jax.random.key(0), INPUT_SIZE)
-    xs = jax.random.normal(jax.random.key(1), (3, STEPS, INPUT_SIZE))
+    xs = normal(1, (3, STEPS, INPUT_SIZE))
     assert_trees_close(layer.apply(params, xs, lengths=LENGTHS),
                        rj.scan(layer.cell, params, xs, lengths=LENGTHS, method=rj.Chunked(2)), atol=0, rtol=1e-5, check_dtypes=True)
     bidir = rj.Bidirectional(layer)
@@ -227,9 +234,13 @@ def test_rnn_and_bidirectional_pass_the_method_to_scan():
 # ---- bad input: clear errors at trace time, the same for every method ----
 
 GRU = rj.GRU(4)
-GRU_PARAMS = GRU.init(jax.random.key(0), INPUT_SIZE)
 MINGRU = rj.MinGRU(4)
-MINGRU_PARAMS = MINGRU.init(jax.random.key(0), INPUT_SIZE)
+
+
+@functools.cache
+def params_of(cell):
+    """``cell``'s params for INPUT_SIZE inputs (built on first use, not when the module is collected)."""
+    return cell.init(jax.random.key(0), INPUT_SIZE)
 XS = jnp.ones((2, 5, INPUT_SIZE))
 
 
@@ -248,7 +259,7 @@ XS = jnp.ones((2, 5, INPUT_SIZE))
     ids=lambda v: None if isinstance(v, dict) else "",
 )
 def test_bad_options_raise_a_clear_error(cell, kwargs, message):
-    params = GRU_PARAMS if cell is GRU else MINGRU_PARAMS
+    params = params_of(cell)
     with pytest.raises(ValueError, match=message):
         rj.scan(cell, params, XS, **kwargs)
     with pytest.raises(ValueError, match=message):
@@ -269,7 +280,7 @@ def test_bad_options_raise_a_clear_error(cell, kwargs, message):
     ids=lambda v: None if isinstance(v, dict) else "",
 )
 def test_bad_input_gives_the_sequential_drivers_error(method, kwargs, error, message):
-    args = dict(params=MINGRU_PARAMS, xs=XS, carry=None)
+    args = dict(params=params_of(MINGRU), xs=XS, carry=None)
     args.update(kwargs)
     params, xs, carry = args.pop("params"), args.pop("xs"), args.pop("carry")
     for m in ("sequential", method):

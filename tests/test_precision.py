@@ -14,7 +14,7 @@ import pytest
 import rnnjax as rj
 from rnnjax.ops import conv, matmul
 from rnnjax.precision import CARRY_MODES, cast_floating
-from tests.cases import CELL_CASES, random_case
+from tests.cases import CELL_CASES, normal, random_case
 from tests.helpers import assert_trees_close
 
 FAMILIES = ["elman", "lstm_proj_peephole", "gru", "mgu", "indrnn", "mingru", "minlstm", "lru", "convlstm"]
@@ -36,16 +36,19 @@ def _rel(a, b):
 
 @functools.lru_cache(maxsize=None)
 def _run(cell):
-    """One jitted function per cell: outputs, final carry and the gradient of sum(y^2)
-    with respect to the parameters, from one forward and one backward pass."""
+    """One jitted function per cell, ``(params, xs, carry0) -> (ys, carry, grads, step)``: outputs,
+    final carry and the gradient of sum(y^2) with respect to the parameters, from one forward
+    and one backward pass; and ``step``, the cell's step on its own from ``carry0`` and the
+    first input (rj.scan would cast a carry of another dtype back to the initial one's). One
+    program, one compilation."""
 
     def loss(params, xs):
         ys, carry = rj.scan(cell, params, xs)
         return jnp.sum(ys.astype(jnp.float32) ** 2), (ys, carry)
 
-    def run(params, xs):
+    def run(params, xs, carry0):
         grads, (ys, carry) = jax.grad(loss, has_aux=True)(params, xs)
-        return ys, carry, grads
+        return ys, carry, grads, cell.step(params, carry0, jnp.take(xs, 0, axis=len(BATCH)))
 
     return jax.jit(run)
 
@@ -70,19 +73,25 @@ def _tolerances(name, compute):
     return steps, (64 * u if name.startswith("lru") else 2 * steps)
 
 
-@pytest.mark.parametrize("mode", CARRY_MODES)
-@pytest.mark.parametrize("compute", COMPUTE, ids=list(COMPUTE))
-@pytest.mark.parametrize("name", FAMILIES)
+# The fast set runs every family once, and each (compute dtype, carry mode) pair on two or
+# three families: family i at dtype i % 2 and mode (i // 2) % 2. make test-all runs every
+# combination (each compiles its own program, about 1-3 s).
+CLOSENESS_CASES = [pytest.param(name, compute, mode, id=f"{name}-{compute}-{mode}",
+                                marks=[] if (j, k) == (i % 2, i // 2 % 2) else [pytest.mark.slow])
+                   for i, name in enumerate(FAMILIES) for j, compute in enumerate(COMPUTE)
+                   for k, mode in enumerate(CARRY_MODES)]
+
+
+@pytest.mark.parametrize("name, compute, mode", CLOSENESS_CASES)
 def test_dtypes_and_closeness_to_float32(name, compute, mode):
     cell = CELL_CASES[name]
     dtype = COMPUTE[compute]
     params, xs, carry0 = random_case(cell, STEPS, batch=BATCH)
     mixed = rj.Mixed(cell, compute_dtype=dtype, carry_mode=mode)
-    ys, carry, grads = _run(mixed)(params, xs)
-    ref_ys, ref_carry, ref_grads = _run(cell)(params, xs)
+    ys, carry, grads, (new, y) = _run(mixed)(params, xs, carry0)
+    ref_ys, ref_carry, ref_grads, _ = _run(cell)(params, xs, carry0)
 
-    # One step on its own (rj.scan would cast a carry of another dtype back to the initial one).
-    new, y = jax.jit(mixed.step)(params, carry0, jnp.take(xs, 0, axis=len(BATCH)))
+    # The step on its own (new, y): a carry of float32 (complex64), an output of the compute dtype.
     assert y.dtype == dtype
     for leaf, ref in zip(jax.tree.leaves(new), jax.tree.leaves(ref_carry)):
         assert leaf.dtype == _carry_dtype(ref.dtype)
@@ -104,8 +113,10 @@ def test_dtypes_and_closeness_to_float32(name, compute, mode):
             assert _rel(g, ref) < grad_tol, field
 
 
-@pytest.mark.parametrize("mode", CARRY_MODES)
-@pytest.mark.parametrize("name", FAMILIES)
+# Every family in one carry mode, keep and round by turns; make test-all runs the other too.
+@pytest.mark.parametrize("name, mode", [
+    pytest.param(name, mode, marks=[pytest.mark.slow] if (i + j) % 2 else [], id=f"{name}-{mode}")
+    for i, name in enumerate(FAMILIES) for j, mode in enumerate(CARRY_MODES)])
 def test_float32_compute_is_the_cell_itself(name, mode):
     cell = CELL_CASES[name]
     params, xs, carry = random_case(cell, 5, batch=BATCH)
@@ -127,9 +138,9 @@ def test_keep_mode_follows_the_stated_equations(reset_after):
     accumulated in float32, the parameters rounded to bfloat16, everything else float32."""
     cell = rj.GRU(4, reset_after=reset_after)
     params = cell.init(jax.random.key(0), 3)
-    params = params._replace(b_x=jax.random.normal(jax.random.key(3), params.b_x.shape))
-    h = jax.random.normal(jax.random.key(1), (2, 4))  # not representable in bfloat16
-    x = jax.random.normal(jax.random.key(2), (2, 3))
+    params = params._replace(b_x=normal(3, params.b_x.shape))
+    h = normal(1, (2, 4))  # not representable in bfloat16
+    x = normal(2, (2, 3))
     p = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     xr, xz, xn = jnp.split(_bf16_dot(x, p.w_x) + p.b_x, 3, axis=-1)
     if reset_after:
@@ -156,8 +167,8 @@ def test_round_mode_follows_the_stated_equations():
     y in compute dtype or output_dtype."""
     cell = rj.GRU(4)
     params = cell.init(jax.random.key(0), 3)
-    h = jax.random.normal(jax.random.key(1), (2, 4))  # not representable in bfloat16
-    x = jax.random.normal(jax.random.key(2), (2, 3))
+    h = normal(1, (2, 4))  # not representable in bfloat16
+    x = normal(2, (2, 3))
     bf = jnp.bfloat16
     n, y = cell.step(jax.tree.map(lambda a: a.astype(bf), params), h.astype(bf), x.astype(bf))
     assert n.dtype == bf
@@ -178,7 +189,7 @@ def test_round_mode_from_a_zero_carry_is_the_16_bit_cell():
     Mixed docstring)."""
     cell = rj.Elman(4)
     params = cell.init(jax.random.key(0), 3)
-    xs = jax.random.normal(jax.random.key(1), (5, 2, 3))
+    xs = normal(1, (5, 2, 3))
     mixed = rj.Mixed(cell, carry_mode="round")
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     h, h16 = mixed.init_carry((2,)), cell.init_carry((2,), jnp.bfloat16)
@@ -193,7 +204,7 @@ def test_keep_mode_is_closer_to_float32_than_round_mode():
     carry update and float32 results of the products drift less than rounding the carry."""
     for cell in (rj.LSTM(16), rj.GRU(16), rj.MinGRU(16)):
         params = cell.init(jax.random.key(0), 8)
-        xs = jax.random.normal(jax.random.key(1), (4, 200, 8))
+        xs = normal(1, (4, 200, 8))
         ref = rj.scan(cell, params, xs)[0]
         errors = {mode: _rel(rj.scan(rj.Mixed(cell, carry_mode=mode), params, xs)[0].astype(jnp.float32), ref)
                   for mode in CARRY_MODES}
@@ -241,7 +252,7 @@ def test_inside_rnn_bidirectional_and_stack():
     layer = rj.Stack([rj.Bidirectional(rj.RNN(gru)), rj.RNN(rj.Mixed(rj.LSTM(4), jnp.float16))])
     params = layer.init(jax.random.key(0), input_size=3)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
-    xs = jax.random.normal(jax.random.key(1), (2, 5, 3))
+    xs = normal(1, (2, 5, 3))
     lengths = jnp.array([5, 2])
     ys, ((h_fwd, h_bwd), (h, c)) = jax.jit(lambda p, x: layer.apply(p, x, lengths=lengths))(params, xs)
     assert ys.shape == (2, 5, 4) and ys.dtype == jnp.float16
@@ -262,7 +273,8 @@ def test_remat_and_newton_give_the_same_numbers():
     params, xs, _ = random_case(cell, 9, batch=(2,))
 
     def grads(method=rj.Sequential()):
-        return jax.grad(lambda p: jnp.sum(rj.scan(cell, p, xs, method=method)[0].astype(jnp.float32) ** 2))(params)
+        loss = lambda p: jnp.sum(rj.scan(cell, p, xs, method=method)[0].astype(jnp.float32) ** 2)
+        return jax.jit(jax.grad(loss))(params)  # one compilation, not one per eager operation
 
     ref = grads()
     for remat in ("step", "sqrt"):
@@ -383,14 +395,13 @@ def test_drift_script_smoke(tmp_path):
 
 
 def test_matmul_and_conv_are_the_plain_products_except_for_16_bit_weights():
-    ka, kw = jax.random.split(jax.random.key(0))
     dn = ("NHWC", "HWIO", "NHWC")
     for a_dtype, w_dtype in [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16),
                              (jnp.float32, jnp.float16), (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.bfloat16)]:
-        a = jax.random.normal(ka, (3, 5), a_dtype)
-        w = jax.random.normal(kw, (5, 4), w_dtype)
-        img = jax.random.normal(ka, (2, 4, 4, 3), a_dtype)
-        kernel = jax.random.normal(kw, (3, 3, 3, 2), w_dtype)
+        a = normal(0, (3, 5), a_dtype)
+        w = normal(1, (5, 4), w_dtype)
+        img = normal(0, (2, 4, 4, 3), a_dtype)
+        kernel = normal(1, (3, 3, 3, 2), w_dtype)
         autocast = w_dtype in HALF and a_dtype == jnp.float32
         if autocast:  # 16-bit operands, float32 result
             want = jnp.matmul(a.astype(w_dtype), w, preferred_element_type=jnp.float32)
@@ -414,7 +425,7 @@ def test_16_bit_params_with_float32_inputs_autocast_the_products():
     bfloat16 operands, its carry stays float32."""
     cell = rj.LSTM(4)
     params = cell.init(jax.random.key(0), 3, jnp.bfloat16)
-    xs = jax.random.normal(jax.random.key(1), (2, 6, 3))
+    xs = normal(1, (2, 6, 3))
     ys, (h, c) = rj.scan(cell, params, xs, carry=cell.init_carry((2,)))
     assert ys.dtype == h.dtype == c.dtype == jnp.float32
     ref, _ = rj.scan(cell, jax.tree.map(lambda a: a.astype(jnp.float32), params), xs)
@@ -427,8 +438,10 @@ INIT_CELLS = {"lstm": rj.LSTM(5, proj_size=3, peephole=True), "gru": rj.GRU(5), 
               "elman": rj.Elman(5), "mgu": rj.MGU(5), "convlstm": rj.ConvLSTM(4, kernel_size=3)}
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
-@pytest.mark.parametrize("name", INIT_CELLS)
+# The fast set runs each cell in one 16-bit dtype, bfloat16 and float16 by turns; make test-all both.
+@pytest.mark.parametrize("name, dtype", [
+    pytest.param(name, dtype, id=f"{name}-{dtype_id}", marks=[pytest.mark.slow] if (i + j) % 2 else [])
+    for i, name in enumerate(INIT_CELLS) for j, (dtype_id, dtype) in enumerate([("bf16", jnp.bfloat16), ("f16", jnp.float16)])])
 def test_16_bit_init_is_the_float32_init_rounded(name, dtype):
     cell = INIT_CELLS[name]
     key = jax.random.key(7)

@@ -7,11 +7,12 @@ import pytest
 
 import rnnjax as rj
 from rnnjax.sequence import flip_valid
+from tests.cases import normal
 from tests.helpers import assert_trees_close
 
 LSTM = rj.LSTM(6)
 PARAMS = LSTM.init(jax.random.key(0), 3)
-XS = jax.random.normal(jax.random.key(1), (2, 3, 7, 3))  # batch shape (2, 3), T = 7
+XS = normal(1, (2, 3, 7, 3))  # batch shape (2, 3), T = 7
 LENGTHS = jnp.array([[7, 0, 3], [1, 5, 7]])
 F32 = dict(atol=1e-6, rtol=1e-5)  # float32 rounding
 
@@ -104,14 +105,17 @@ def test_reset_and_length_together():
 
 
 def test_remat_and_unroll_give_same_values_and_gradients():
-    def loss(p, **kw):
-        ys, (h, c) = rj.scan(LSTM, p, XS, lengths=LENGTHS, **kw)
-        return jnp.sum(ys**2) + jnp.sum(c**2)
+    def value_and_grad(**kw):
+        def loss(p):
+            ys, (h, c) = rj.scan(LSTM, p, XS, lengths=LENGTHS, **kw)
+            return jnp.sum(ys**2) + jnp.sum(c**2)
 
-    base = jax.value_and_grad(loss)(PARAMS)
-    assert_trees_close(jax.value_and_grad(lambda p: loss(p, method=rj.Sequential(remat="step")))(PARAMS), base, atol=1e-5, rtol=1e-5)
-    assert_trees_close(jax.value_and_grad(lambda p: loss(p, method=rj.Sequential(unroll=4)))(PARAMS), base, atol=1e-5, rtol=1e-5)
-    assert_trees_close(jax.value_and_grad(lambda p: loss(p, method=rj.Sequential(unroll=16)))(PARAMS), base, atol=1e-5, rtol=1e-5)  # GPU's "auto"
+        return jax.jit(jax.value_and_grad(loss))(PARAMS)  # one compilation, not one per eager operation
+
+    base = value_and_grad()
+    assert_trees_close(value_and_grad(method=rj.Sequential(remat="step")), base, atol=1e-5, rtol=1e-5)
+    assert_trees_close(value_and_grad(method=rj.Sequential(unroll=4)), base, atol=1e-5, rtol=1e-5)
+    assert_trees_close(value_and_grad(method=rj.Sequential(unroll=16)), base, atol=1e-5, rtol=1e-5)  # GPU's "auto"
 
 
 def test_unroll_auto_is_decided_per_backend():
@@ -244,43 +248,43 @@ def test_given_carry_dtype_is_kept():
 # ---- bad input: a clear error at trace time, never a NaN or a silent broadcast ----
 
 
-@pytest.mark.parametrize(
-    "kwargs, error, message",
-    [
-        (dict(xs=jnp.ones((3,))), ValueError, r"xs has shape \(3,\); expected \(\.\.\., T, 3\)"),
-        (dict(xs=jnp.ones((2, 7, 4))), ValueError, r"xs has shape \(2, 7, 4\); expected \(\.\.\., T, 3\)"),
-        (dict(xs=jnp.ones((2, 7, 3), jnp.int32)), TypeError, "xs has dtype int32; expected a floating"),
-        (dict(lengths=jnp.array([7, 7])), ValueError, r"lengths has shape \(2,\); expected \(2, 3\)"),
-        (dict(lengths=jnp.full((2, 3), 2.0)), TypeError, "lengths has dtype float32; expected an integer"),
-        (dict(lengths=jnp.full((2, 3), -1)), ValueError, r"lengths has the value -1; expected every length in \[0, T=7\]"),
-        (dict(lengths=jnp.full((2, 3), 8)), ValueError, r"lengths has the value 8; expected every length in \[0, T=7\]"),
-        (dict(resets=jnp.zeros((2, 3, 6), bool)), ValueError, r"resets has shape \(2, 3, 6\); expected \(2, 3, 7\)"),
-        (dict(resets=jnp.zeros((2, 3, 7))), TypeError, "resets has dtype float32; expected bool"),
-        (dict(carry=jnp.zeros((2, 3, 6))), ValueError, "carry has structure"),
-        (dict(carry=rj.LSTM(6).init_carry((3,))), ValueError, r"carry has a leaf of shape \(3, 6\); expected \(2, 3, 6\)"),
-        (dict(carry=rj.LSTM(6).init_carry((2, 3, 1))), ValueError, r"expected \(2, 3, 6\)"),
-        (dict(carry=LSTM.init_carry((2, 3), jnp.int32)), TypeError,
-         "carry has a leaf of dtype int32; expected a floating dtype such as float32"),
-        (dict(carry=LSTM.init_carry((2, 3))._replace(c=jnp.zeros((2, 3, 6), bool))), TypeError,
-         "carry has a leaf of dtype bool; expected a floating dtype"),
-        (dict(params=PARAMS._replace(w_h=PARAMS.w_h.astype(jnp.int32))), TypeError,
-         "params.w_h has dtype int32; expected a floating dtype such as float32"),
-        (dict(reverse="yes"), TypeError, "reverse must be a bool, got 'yes'"),
-        (dict(method="fastest"), ValueError, r"unknown method 'fastest'; expected a method value such as rj.Sequential\(\)"),
-        (dict(unroll=4), TypeError, r"unroll= is now method=rj.Sequential\(unroll=...\)"),
-        (dict(vjp="fused"), TypeError, r"vjp= is now method=rj.Sequential\(gradient='fused'\)"),
-        (dict(chunk_size=4), TypeError, r"chunk_size= is now method=rj.Chunked\(size=...\)"),
-        (dict(tol=1e-3, newton="deer"), TypeError, r"tol= is now method=rj.Newton\(tol=...\); newton= is now"),
-        (dict(speed="max"), TypeError, r"rj.scan got unexpected keyword arguments \['speed'\]"),
-        (dict(params=rj.GRU(6).init(jax.random.key(0), 3)), TypeError, "params is a GRUParams; expected LSTMParams"),
-        (dict(params=rj.LSTM(6).init(jax.random.key(0), 4)), ValueError, r"xs has shape \(2, 3, 7, 3\); expected \(\.\.\., T, 4\)"),
-        (dict(params=rj.LSTM(5).init(jax.random.key(0), 3)), ValueError, r"params.w_x has shape \(3, 20\); expected \(3, 24\) for LSTM\(hidden_size=6"),
-    ],
-    ids=lambda v: None if isinstance(v, dict) else "",
-)
-def test_bad_input_raises_a_clear_error(kwargs, error, message):
+# The inputs are built when a test runs, not when the module is collected (in every xdist worker).
+BAD_INPUTS = [
+    (lambda: dict(xs=jnp.ones((3,))), ValueError, r"xs has shape \(3,\); expected \(\.\.\., T, 3\)"),
+    (lambda: dict(xs=jnp.ones((2, 7, 4))), ValueError, r"xs has shape \(2, 7, 4\); expected \(\.\.\., T, 3\)"),
+    (lambda: dict(xs=jnp.ones((2, 7, 3), jnp.int32)), TypeError, "xs has dtype int32; expected a floating"),
+    (lambda: dict(lengths=jnp.array([7, 7])), ValueError, r"lengths has shape \(2,\); expected \(2, 3\)"),
+    (lambda: dict(lengths=jnp.full((2, 3), 2.0)), TypeError, "lengths has dtype float32; expected an integer"),
+    (lambda: dict(lengths=jnp.full((2, 3), -1)), ValueError, r"lengths has the value -1; expected every length in \[0, T=7\]"),
+    (lambda: dict(lengths=jnp.full((2, 3), 8)), ValueError, r"lengths has the value 8; expected every length in \[0, T=7\]"),
+    (lambda: dict(resets=jnp.zeros((2, 3, 6), bool)), ValueError, r"resets has shape \(2, 3, 6\); expected \(2, 3, 7\)"),
+    (lambda: dict(resets=jnp.zeros((2, 3, 7))), TypeError, "resets has dtype float32; expected bool"),
+    (lambda: dict(carry=jnp.zeros((2, 3, 6))), ValueError, "carry has structure"),
+    (lambda: dict(carry=rj.LSTM(6).init_carry((3,))), ValueError, r"carry has a leaf of shape \(3, 6\); expected \(2, 3, 6\)"),
+    (lambda: dict(carry=rj.LSTM(6).init_carry((2, 3, 1))), ValueError, r"expected \(2, 3, 6\)"),
+    (lambda: dict(carry=LSTM.init_carry((2, 3), jnp.int32)), TypeError,
+     "carry has a leaf of dtype int32; expected a floating dtype such as float32"),
+    (lambda: dict(carry=LSTM.init_carry((2, 3))._replace(c=jnp.zeros((2, 3, 6), bool))), TypeError,
+     "carry has a leaf of dtype bool; expected a floating dtype"),
+    (lambda: dict(params=PARAMS._replace(w_h=PARAMS.w_h.astype(jnp.int32))), TypeError,
+     "params.w_h has dtype int32; expected a floating dtype such as float32"),
+    (lambda: dict(reverse="yes"), TypeError, "reverse must be a bool, got 'yes'"),
+    (lambda: dict(method="fastest"), ValueError, r"unknown method 'fastest'; expected a method value such as rj.Sequential\(\)"),
+    (lambda: dict(unroll=4), TypeError, r"unroll= is now method=rj.Sequential\(unroll=...\)"),
+    (lambda: dict(vjp="fused"), TypeError, r"vjp= is now method=rj.Sequential\(gradient='fused'\)"),
+    (lambda: dict(chunk_size=4), TypeError, r"chunk_size= is now method=rj.Chunked\(size=...\)"),
+    (lambda: dict(tol=1e-3, newton="deer"), TypeError, r"tol= is now method=rj.Newton\(tol=...\); newton= is now"),
+    (lambda: dict(speed="max"), TypeError, r"rj.scan got unexpected keyword arguments \['speed'\]"),
+    (lambda: dict(params=rj.GRU(6).init(jax.random.key(0), 3)), TypeError, "params is a GRUParams; expected LSTMParams"),
+    (lambda: dict(params=rj.LSTM(6).init(jax.random.key(0), 4)), ValueError, r"xs has shape \(2, 3, 7, 3\); expected \(\.\.\., T, 4\)"),
+    (lambda: dict(params=rj.LSTM(5).init(jax.random.key(0), 3)), ValueError, r"params.w_x has shape \(3, 20\); expected \(3, 24\) for LSTM\(hidden_size=6"),
+]
+
+
+@pytest.mark.parametrize("make_kwargs, error, message", BAD_INPUTS, ids=[f"kwargs{i}" for i in range(len(BAD_INPUTS))])
+def test_bad_input_raises_a_clear_error(make_kwargs, error, message):
     args = dict(params=PARAMS, xs=XS, carry=None)
-    args.update(kwargs)
+    args.update(make_kwargs())
     params, xs, carry = args.pop("params"), args.pop("xs"), args.pop("carry")
     with pytest.raises(error, match=message):
         rj.scan(LSTM, params, xs, carry, **args)
@@ -311,7 +315,7 @@ def test_narrow_integer_lengths_mean_what_int32_lengths_mean():
     # sequence: every place that mixes lengths with T computes in int32.
     cell = rj.Elman(2)
     params = cell.init(jax.random.key(0), 1)
-    xs = jax.random.normal(jax.random.key(1), (3, 300, 1))
+    xs = normal(1, (3, 300, 1))
     lengths = np.array([200, 0, 255])
     for reverse in (False, True):
         want = rj.scan(cell, params, xs, lengths=jnp.asarray(lengths, jnp.int32), reverse=reverse)
@@ -334,7 +338,7 @@ def _sum_of_squares(method):
     return lambda x: jnp.sum(rj.scan(cell, params, x, method=method)[0] ** 2)
 
 
-FORWARD_MODE_XS = jax.random.normal(jax.random.key(1), (4, 2))
+FORWARD_MODE_XS = normal(1, (4, 2))
 
 
 def test_forward_mode_through_a_custom_vjp_method_names_the_fix():

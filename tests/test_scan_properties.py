@@ -14,12 +14,20 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import rnnjax as rj
+from tests.cases import normal
 from tests.helpers import assert_trees_close
 
 BATCH, STEPS, FEATURES = 3, 6, 2
 CELLS = {"gru": rj.GRU(4), "lstm": rj.LSTM(4, proj_size=3)}
-PARAMS = {name: cell.init(jax.random.key(0), FEATURES) for name, cell in CELLS.items()}
-XS = np.asarray(jax.random.normal(jax.random.key(1), (BATCH, STEPS, FEATURES)))
+
+
+@functools.cache
+def params_of(name):
+    """The params of CELLS[name] (built on first use, not when the module is collected)."""
+    return CELLS[name].init(jax.random.key(0), FEATURES)
+
+
+XS = np.asarray(normal(1, (BATCH, STEPS, FEATURES)))
 F32 = dict(atol=1e-6, rtol=1e-6)  # float32 rounding
 
 PROPERTY = settings(max_examples=50)  # deadline, derandomize: the profile in tests/conftest.py
@@ -30,8 +38,8 @@ padding_values = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
 @functools.lru_cache(maxsize=None)
 def run(name, reverse):
-    cell = CELLS[name]
-    return jax.jit(lambda xs, n, r: rj.scan(cell, PARAMS[name], xs, lengths=n, resets=r, reverse=reverse))
+    cell, params = CELLS[name], params_of(name)  # built here, not while the lambda is traced
+    return jax.jit(lambda xs, n, r: rj.scan(cell, params, xs, lengths=n, resets=r, reverse=reverse))
 
 
 def no_resets(steps):
@@ -65,7 +73,7 @@ def test_padding_past_lengths_changes_nothing(name, lengths, xs_padded, reverse)
 @given(name=cell_names, lengths=lengths_st, reverse=st.booleans())
 def test_each_sequence_equals_its_unpadded_self(name, lengths, reverse):
     ys, carry = run(name, reverse)(XS, lengths, no_resets(STEPS))
-    cell, params = CELLS[name], PARAMS[name]
+    cell, params = CELLS[name], params_of(name)
     for b, n in enumerate(lengths):
         if n == 0:
             assert_trees_close(jax.tree.map(lambda c: c[b], carry), cell.init_carry(), **F32)
@@ -81,7 +89,7 @@ def test_reset_at_k_equals_a_fresh_sequence_from_k(name, k, lengths):
     resets = np.zeros((BATCH, STEPS), bool)
     resets[:, k] = True
     ys, carry = run(name, False)(XS, lengths, resets)
-    cell, params = CELLS[name], PARAMS[name]
+    cell, params = CELLS[name], params_of(name)
     for b, n in enumerate(lengths):
         if n <= k:  # the reset lies in padding: as if there were none
             ref_ys, ref_carry = rj.scan(cell, params, XS[b, :n]) if n else (ys[b, :0], cell.init_carry())
@@ -119,7 +127,7 @@ def values_and_grads(case):
 
     def loss(params, xs, carry, lengths, resets):
         ys, final = rj.scan(cell, params, xs, carry, lengths=lengths, resets=resets, reverse=reverse, method=method)
-        weights = jax.random.normal(jax.random.key(2), ys.shape)
+        weights = normal(2, ys.shape)
         total = jnp.sum(ys.astype(jnp.float32) * weights)
         total += sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(final))
         return total, (ys, final)

@@ -8,6 +8,7 @@ import pytest
 
 import rnnjax as rj
 from rnnjax.cells import ConvLSTMParams, ConvLSTMState
+from tests.cases import normal
 
 C, F, HW = 3, 2, (4, 5)
 
@@ -108,7 +109,7 @@ def test_output_shapes_for_any_batch_shape(batch):
 def test_scan_over_sequences_of_feature_maps_and_lengths_freeze_the_carry():
     cell = rj.ConvLSTM(F, kernel_size=3)
     params = cell.init(jax.random.key(1), C)
-    xs = jax.random.normal(jax.random.key(2), (2, 4, *HW, C))
+    xs = normal(2, (2, 4, *HW, C))
     ys, final = rj.scan(cell, params, xs, lengths=jnp.array([4, 2]))
     assert ys.shape == (2, 4, *HW, F)
     assert final.h.shape == final.c.shape == (2, *HW, F)

@@ -8,6 +8,7 @@ import pytest
 
 import rnnjax as rj
 from rnnjax.cells import LRUParams
+from tests.cases import normal
 from tests.compat import enable_x64
 
 D, N = 3, 5
@@ -95,7 +96,7 @@ def test_carry_is_complex_of_the_matching_precision():
 def test_bfloat16_inputs_with_float32_params():
     cell = rj.LRU(N)
     params = random_params(seed=5)
-    x = jax.random.normal(jax.random.key(0), (2, D))
+    x = normal(0, (2, D))
     h32, y32 = cell.step(params, cell.init_carry((2,)), x)
     h16, y16 = cell.step(params, cell.init_carry((2,)), x.astype(jnp.bfloat16))
     a, b = cell.coefficients(params, x.astype(jnp.bfloat16))
