@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# rj.scan's methods on one GPU in under 8 minutes: sequential, associative, chunked and "auto"
-# for minGRU and LRU over T = 1024 .. 65536, and DEER / quasi-DEER for a GRU with hidden 16,
-# forward and forward+backward. Writes benchmarks/results/gpu_parallel_<UTC time>.{json,md,png}
-# and the "auto" table those numbers imply (.auto_table.txt).
+# Parallel-in-time methods on one GPU, in 10-12 minutes, three parts (each logged, each with
+# its own time limit, results in benchmarks/results/gpu_parallel_<UTC time>.*):
+#
+# 1. benchmarks/newton_training.py: iterations of exact Newton to float32 rounding for ParaGRU,
+#    ParaLSTM, IndRNN (T=4096), and ParaGRU fwd+bwd by rj.Newton("deer", tol=None, max_iters=3,
+#    init="step") vs rj.Sequential() at T = 1024, 4096, 16384, B=16, H=256   (.newton.{json,md})
+# 2. benchmarks/parallel_sweep.py --preset gpu: rj.scan's methods for minGRU and LRU over
+#    T = 1024 .. 65536, DEER / quasi-DEER for a GRU with hidden 16, and sequential / Newton
+#    (converging, and fixed 3 iterations from init="step") for paragru, paralstm, indrnn;
+#    forward and forward+backward; the "auto" table those numbers imply   (.{json,md,png}, .auto_table.txt)
+# 3. examples/adding_problem.py at T=4096: ParaGRU trained by Newton and by the sequential scan
+#    from the same parameters on the same batches, loss curves side by side   (.adding.log)
 #
 #   bash benchmarks/gpu_parallel.sh                  # from anywhere, on the GPU machine
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_parallel.sh --T 1024,4096   # extra sweep options
+#   TINY=1 bash benchmarks/gpu_parallel.sh           # any machine, CPU too: tiny sizes, seconds to
+#                                                    # minutes, results in a temporary directory
+#   SKIP_NEWTON=1 / SKIP_SWEEP=1 / SKIP_ADDING=1     # leave a part out
+#   SWEEP_BUDGET=270  ADDING_ARGS="--steps 300 ..."  # the sweep's --budget-s; the example's options
 #
-# Needs a jax that sees a GPU. Targets from the issue, read off the Markdown's speed-up
-# table (fwd+bwd): minGRU/LRU associative or chunked >= 10x sequential at T >= 4096;
-# GRU hidden 16 newton(quasi-deer) >= 5x sequential at T >= 16384.
+# Needs a jax that sees a GPU (unless TINY=1). Targets from the issue (fwd+bwd, read off the
+# Markdown tables): minGRU/LRU associative or chunked >= 10x sequential at T >= 4096; GRU hidden 16
+# newton(quasi-deer) >= 5x sequential at T >= 16384; ParaGRU Newton (3 fixed iterations) >= 10x
+# sequential at T >= 4096 (B=16, H=256); exact Newton at float32 rounding in <= 4 iterations.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
@@ -17,15 +30,49 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"     # rnnjax from this checkout, installed or not
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}   # one GPU
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+TINY=${TINY:-}
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-"$PY" -c 'import jax, sys; print("jax", jax.__version__, jax.devices()); sys.exit(0 if jax.default_backend() == "gpu" else "no GPU for jax")' || exit 1
+if [ -n "$TINY" ]; then
+  OUT=$(mktemp -d)/gpu_parallel_tiny
+  NEWTON_ARGS=(--tiny)
+  SWEEP_ARGS=(--T 64,128 --batch 2 --hidden 8 --repeats 1 --budget-s 300)
+  ADDING=(--steps 3 --length 64 --hidden 8 --batch 4)
+  LIMIT_NEWTON=600 LIMIT_SWEEP=900 LIMIT_ADDING=300
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+  "$PY" -c 'import jax, sys; print("jax", jax.__version__, jax.devices()); sys.exit(0 if jax.default_backend() == "gpu" else "no GPU for jax")' || exit 1
+  OUT=benchmarks/results/gpu_parallel_$(date -u +%Y%m%dT%H%M%SZ)
+  NEWTON_ARGS=()
+  SWEEP_ARGS=(--budget-s "${SWEEP_BUDGET:-270}")
+  read -r -a ADDING <<< "${ADDING_ARGS:---steps 300 --length 4096 --hidden 64 --batch 64}"
+  LIMIT_NEWTON=300 LIMIT_SWEEP=$(( ${SWEEP_BUDGET:-270} + 90 )) LIMIT_ADDING=300
+fi
+mkdir -p "$(dirname "$OUT")"
+echo "results: $OUT.*"
+status=0
 
-OUT=benchmarks/results/gpu_parallel_$(date -u +%Y%m%dT%H%M%SZ)
-# The preset stops measuring after 360 s (--budget-s) and writes what it has (also after
-# every T, so the backstop timeout loses at most one T).
-timeout -s INT 450 "$PY" benchmarks/parallel_sweep.py --preset gpu --out "$OUT" "$@"
-status=$?
-[ -f "$OUT.json" ] && "$PY" benchmarks/parallel_sweep.py --auto-table "$OUT.json" | tee "$OUT.auto_table.txt"
-[ -f "$OUT.md" ] && grep -E "^\| (mingru|lru|gru:16) \| fwd\+bwd" "$OUT.md"
+if [ -z "${SKIP_NEWTON:-}" ]; then
+  echo "== newton_training: iterations to float32 rounding; ParaGRU Newton vs sequential"
+  timeout "$LIMIT_NEWTON" "$PY" benchmarks/newton_training.py "${NEWTON_ARGS[@]}" --out "$OUT.newton" \
+    > "$OUT.newton.log" 2>&1 || status=$?
+  tail -n 40 "$OUT.newton.log"
+fi
+
+if [ -z "${SKIP_SWEEP:-}" ]; then
+  echo "== parallel_sweep --preset gpu"
+  # The preset stops measuring after --budget-s and writes what it has (also after every T, so
+  # the backstop timeout loses at most one T).
+  timeout -s INT "$LIMIT_SWEEP" "$PY" benchmarks/parallel_sweep.py --preset gpu "${SWEEP_ARGS[@]}" --out "$OUT" "$@" \
+    > "$OUT.sweep.log" 2>&1 || status=$?
+  tail -n 5 "$OUT.sweep.log"
+  [ -f "$OUT.json" ] && "$PY" benchmarks/parallel_sweep.py --auto-table "$OUT.json" | tee "$OUT.auto_table.txt"
+  [ -f "$OUT.md" ] && grep -E "^\| (mingru|lru|gru:16|paragru|paralstm|indrnn) \| fwd\+bwd" "$OUT.md"
+fi
+
+if [ -z "${SKIP_ADDING:-}" ]; then
+  echo "== examples/adding_problem.py ${ADDING[*]}"
+  timeout "$LIMIT_ADDING" "$PY" examples/adding_problem.py "${ADDING[@]}" > "$OUT.adding.log" 2>&1 || status=$?
+  tail -n 30 "$OUT.adding.log"
+fi
+echo "exit status $status; results: $OUT.*"
 exit $status
