@@ -210,7 +210,8 @@ class Newton(Method):
         there, and if it is not reached within ``max_iters`` steps the sequential loop's
         values are returned instead. ``None``: exactly ``max_iters`` iterations, no check and
         no fallback (a fixed-cost program, as ParaRNN trains: e.g. ``max_iters=3`` from
-        ``init="step"`` for a cell with exact structure).
+        ``init="step"`` for ``rj.ParaGRU``/``rj.ParaLSTM``; ``rj.IndRNN`` needs 5 with tanh and
+        16 with relu at T=4096, ``benchmarks/results/cpu-newton-check.md``).
       max_iters: Newton steps (the cap, or with ``tol=None`` the count).
       damping: ELK's initial damping (``"elk"``, ``"quasi-elk"`` only); ``None``: 1.
       init: the first iterate: ``"zero"`` states, or ``"step"``: one step of the cell from
