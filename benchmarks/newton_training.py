@@ -52,6 +52,7 @@ CELLS = {
     "indrnn": rj.IndRNN,  # relu, the cell's default
     "indrnn-tanh": lambda h: rj.IndRNN(h, activation="tanh"),
 }
+TINY = dict(check_T=64, check_batch=2, check_hidden=8, check_input=4, T="64,128", batch=2, hidden=8, repeats=1, max_k=3)
 ROUNDING_FACTOR = 2.0  # "at float32 rounding": within this factor of the float32 sequential's own error
 
 
@@ -71,12 +72,13 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=3, help="Newton iterations of the timing part")
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--tiny", action="store_true", help="T=64, B=2, H=8: seconds, numbers meaningless")
+    p.add_argument("--tiny", action="store_true", help="T=64,128, B=2, H=8 unless given: seconds, numbers meaningless")
     p.add_argument("--out", type=Path, default=None, help="path without extension (.json, .md)")
     args = p.parse_args(argv)
-    if args.tiny:
-        args.check_T, args.check_batch, args.check_hidden, args.check_input = 64, 2, 8, 4
-        args.T, args.batch, args.hidden, args.repeats, args.max_k = "64,128", 2, 8, 1, 3
+    if args.tiny:  # fills the options the command line left at their defaults
+        for key, value in TINY.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
     return args
 
 
