@@ -27,7 +27,7 @@ def minus_linspace_first_row(key: jax.Array, shape: tuple[int, ...], dtype: Any 
     ParaRNN's ``"bias_minus_linspace"`` (the first gate's bias spread over ``[-1, 0]``)."""
     del key
     bias = jnp.zeros(shape, jnp.promote_types(dtype, jnp.float32))
-    return bias.at[0].set(-jnp.linspace(0.0, 1.0, shape[-1])).astype(dtype)
+    return bias.at[0].set(-jnp.linspace(0.0, 1.0, shape[-1], dtype=bias.dtype)).astype(dtype)
 
 
 class ParaGRUParams(NamedTuple):
