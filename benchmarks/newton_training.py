@@ -29,10 +29,7 @@ Writes ``--out``.json and .md (the device, library versions and command line inc
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -175,24 +172,7 @@ def timing_point(steps, args):
 
 
 def metadata(args):
-    import jaxlib
-
-    device = jax.devices()[0]
-    return dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-        backend=jax.default_backend(),
-        device_kind=device.device_kind,
-        device_count=jax.device_count(),
-        cpu_count=os.cpu_count(),
-        jax=jax.__version__,
-        jaxlib=jaxlib.__version__,
-        rnnjax=rj.__version__,
-        numpy=np.__version__,
-        python=platform.python_version(),
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        options={k: str(v) for k, v in vars(args).items()},
-    )
+    return dict(timing.environment(), options={k: str(v) for k, v in vars(args).items()})
 
 
 def needed(rows):

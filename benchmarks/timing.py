@@ -19,8 +19,12 @@ before ``--host-devices`` sets ``XLA_FLAGS``, which must happen before JAX start
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gc
+import os
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -146,3 +150,28 @@ def compare(targets: Mapping[K, Compiled | Run], rounds: int, warmup: int = 1) -
         if isinstance(target, Compiled):
             out[name].compile_s, out[name].lower_s = target.compile_s, target.lower_s
     return out
+
+
+def environment() -> dict[str, Any]:
+    """Where and with what a benchmark ran: date, command, device, library versions, XLA_FLAGS."""
+    import jax
+    import jaxlib
+    import numpy as np
+
+    import rnnjax
+
+    device = jax.devices()[0]
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+        backend=jax.default_backend(),
+        device_kind=device.device_kind,
+        device_count=jax.device_count(),
+        cpu_count=os.cpu_count(),
+        jax=jax.__version__,
+        jaxlib=jaxlib.__version__,
+        rnnjax=rnnjax.__version__,
+        numpy=np.__version__,
+        python=platform.python_version(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )

@@ -38,10 +38,7 @@ structured LSTM H=64 ``max_iters=1`` at 235 ms after them, 46-88 ms alone). Writ
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -258,21 +255,8 @@ def markdown(meta, rows):
 
 
 def metadata(args):
-    import jaxlib
-
-    device = jax.devices()[0]
     return dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-        backend=jax.default_backend(),
-        device_kind=device.device_kind,
-        cpu_count=os.cpu_count(),
-        jax=jax.__version__,
-        jaxlib=jaxlib.__version__,
-        rnnjax=rj.__version__,
-        numpy=np.__version__,
-        python=platform.python_version(),
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        timing.environment(),
         batch=args.batch,
         repeats=args.repeats,
         iters=[int(k) for k in args.iters.split(",")],
