@@ -131,12 +131,15 @@ class GRU(HiddenStateCell, DenseCell):
         hid = self.hidden_size
         # The gates' pre-activation sums the products first and the biases after, so it is
         # a function of zx + zh alone (summed_columns); the candidate keeps them apart.
-        pre = zx[..., : 2 * hid] + zh[..., : 2 * hid]
-        for b in (params.b_x, params.b_h):
-            if b is not None:
-                pre = pre + b[: 2 * hid]
-        xn = zx[..., 2 * hid :] if params.b_x is None else zx[..., 2 * hid :] + params.b_x[2 * hid :]
-        hn = zh[..., 2 * hid :] if params.b_h is None else zh[..., 2 * hid :] + params.b_h[2 * hid :]
+        # jnp.split rather than slices: the transposes are concatenates, not per-step zero pads.
+        (gx, xn), (gh, hn) = (jnp.split(a, [2 * hid], axis=-1) for a in (zx, zh))
+        pre = gx + gh
+        if params.b_x is not None:
+            b_gx, b_xn = jnp.split(params.b_x, [2 * hid])
+            pre, xn = pre + b_gx, xn + b_xn
+        if params.b_h is not None:
+            b_gh, b_hn = jnp.split(params.b_h, [2 * hid])
+            pre, hn = pre + b_gh, hn + b_hn
         r, z = jnp.split(gate(pre), 2, axis=-1)
         n = act(xn + r * hn)
         h = (1.0 - z) * n + z * carry

@@ -68,8 +68,12 @@ def _kept(zx, zh, k):
     ``(zx[:k] + zh[:k], zx[k:], zh[k:])`` (columns on the last axis)."""
     if k == 0:
         return zx, zh
-    summed = zx[..., :k] + zh[..., :k]
-    return (summed,) if k == zx.shape[-1] else (summed, zx[..., k:], zh[..., k:])
+    if k == zx.shape[-1]:
+        return (zx + zh,)
+    # jnp.split, not slicing: its transpose is a concatenate, where a slice's is a zero pad
+    # that XLA:CPU then materialises once per step (benchmarks/experiments/DECISIONS.md).
+    (sx, ax), (sh, ah) = jnp.split(zx, [k], axis=-1), jnp.split(zh, [k], axis=-1)
+    return sx + sh, ax, ah
 
 
 def _products(kept):
