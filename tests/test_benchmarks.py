@@ -146,6 +146,8 @@ EXPERIMENTS = {  # module -> (smallest arguments, a line its output must hold)
     "custom_vjp_experiment": (["--batch", "4", "--hidden", "8", "--length", "8", "--repeats", "1"], "custom"),
     "hoist_experiment": (["--length", "4", "--repeats", "1"], "hoisted  fwd+bwd"),
     "layout_experiment": (["elman", "4"], "batch_major"),
+    "interleaved_peers": (["--cells", "gru", "--systems", "rnnjax", "flax", "--batch", "2", "--hidden", "4",
+                           "--length", "4", "--rounds", "1"], "rnnjax/flax"),
     "split_transpose": (["--batch", "2", "--hidden", "4", "--length", "4", "--repeats", "1"], "split  pads in the optimised HLO: 0"),
     "data_parallel": (["--tiny", "--out", "{tmp}/data_parallel"], "| 1 device, fused |"),
 }
