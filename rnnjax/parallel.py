@@ -103,11 +103,12 @@ def newton_scan(
     damping: float | None = None,
     init: str = "zero",
     guess: PyTree | None = None,
+    solve: str = "auto",
 ) -> tuple[Array, PyTree, NewtonInfo]:
     r"""Run any cell over time by Newton's method on all states at once
     (:mod:`rnnjax.engines.newton`); return ``(ys, final_carry, info)``.
 
-    ``rj.scan(..., method=rj.Newton(newton, tol, max_iters, damping, init))`` gives the same
+    ``rj.scan(..., method=rj.Newton(newton, tol, max_iters, damping, init, solve))`` gives the same
     ``(ys, final_carry)``. Variants: ``"deer"`` (exact Jacobians: quadratic convergence; full
     ``n x n`` ones, ``T n^2`` memory, unless the cell gives exact structured ones, see
     :class:`rnnjax.cell.StructuredJacobian`), ``"quasi-deer"`` (default; diagonals,
@@ -135,6 +136,8 @@ def newton_scan(
       guess: the first iterate: carries after every step, shaped as ``info.states`` (each
         carry leaf ``(*batch, T, ...)``), e.g. the states a previous call returned for nearby
         parameters.
+      solve: ``"auto"``, ``"associative"`` or ``"sequential"``: how each iteration's linear
+        recurrence is solved (:class:`rnnjax.Newton`).
 
     Returns:
       ``ys``, ``final_carry`` as :func:`rnnjax.scan` and a :class:`NewtonInfo` whose
@@ -151,7 +154,9 @@ def newton_scan(
       >>> info.states.shape
       (2, 40, 4)
     """
-    method = Newton(newton or DEFAULT_NEWTON, tol, DEFAULT_MAX_ITERS if max_iters is None else max_iters, damping, init)
+    method = Newton(
+        newton or DEFAULT_NEWTON, tol, DEFAULT_MAX_ITERS if max_iters is None else max_iters, damping, init, solve
+    )
     xs, carry, lengths, resets = validate(cell, params, xs, carry, lengths, resets)
     reverse = check_reverse(reverse)
     steps = xs.shape[-(cell.input_ndim + 1)]

@@ -42,6 +42,14 @@ AUTO_TABLE: dict[str, dict[str, Any]] = {
 }
 
 
+# How rj.Newton(solve="auto") solves each iteration's linear recurrence. cpu: a sequential scan
+# was 2.5-3x faster than the associative scan on elementwise recurrences (T=1024-4096; the scan's
+# extra passes over memory cost more than its parallelism gains on a few cores); gpu: associative
+# (benchmarks/experiments/DECISIONS.md, "Newton's linear solves are sequential on CPU").
+AUTO_NEWTON_SOLVE = {"cpu": "sequential", "gpu": "associative"}
+NEWTON_SOLVES = ("auto", "associative", "sequential")
+
+
 def backend_key(backend: str | None = None) -> str:
     """``"cpu"`` or ``"gpu"``: the rows a backend (``jax.default_backend()`` when ``None``) uses."""
     backend = backend or jax.default_backend()
@@ -62,6 +70,19 @@ def auto_table(backend: str | None = None) -> dict[str, Any]:
 def auto_unroll(backend: str | None = None) -> int:
     """The unroll ``"auto"`` means on ``backend``."""
     return AUTO_UNROLL[backend_key(backend)]
+
+
+def newton_solve(solve: str = "auto", backend: str | None = None) -> str:
+    """``"associative"`` or ``"sequential"``: what ``rj.Newton(solve=solve)`` runs on ``backend``.
+
+    Example:
+      >>> from rnnjax.tuning import newton_solve
+      >>> newton_solve("auto", backend="cpu"), newton_solve("auto", backend="gpu")
+      ('sequential', 'associative')
+    """
+    if solve not in NEWTON_SOLVES:
+        raise ValueError(f"solve must be one of {list(NEWTON_SOLVES)}, got {solve!r}")
+    return AUTO_NEWTON_SOLVE[backend_key(backend)] if solve == "auto" else solve
 
 
 def cell_kind(cell: Cell) -> str:

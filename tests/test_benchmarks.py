@@ -148,6 +148,8 @@ EXPERIMENTS = {  # module -> (smallest arguments, a line its output must hold)
     "layout_experiment": (["elman", "4"], "batch_major"),
     "interleaved_peers": (["--cells", "gru", "--systems", "rnnjax", "flax", "--batch", "2", "--hidden", "4",
                            "--length", "4", "--rounds", "1"], "rnnjax/flax"),
+    "newton_solve": (["--sizes", "16:8", "--lengths", "8", "--batch", "2", "--hidden", "4", "--repeats", "1"],
+                     "ParaGRU fwd+bwd T=8"),
     "split_transpose": (["--batch", "2", "--hidden", "4", "--length", "4", "--repeats", "1"], "split  pads in the optimised HLO: 0"),
     "data_parallel": (["--tiny", "--out", "{tmp}/data_parallel"], "| 1 device, fused |"),
 }

@@ -177,6 +177,43 @@ def test_vmap_and_jit_equal_the_batched_call():
     assert_trees_close(jax.jit(run)(xs, carry, LENGTHS, RESETS), expected, atol=1e-6, rtol=1e-5, check_dtypes=True)
 
 
+# ---- how each iteration's linear recurrence is solved ----
+
+
+@pytest.mark.parametrize("name, variant", [
+    ("gru", "deer"),  # full Jacobians (jax.jacfwd)
+    ("gru", "quasi-deer"),  # the dense cell's unit diagonal, and the iterated adjoint
+    pytest.param("paralstm", "deer", marks=pytest.mark.slow),  # exact 2x2 blocks
+])
+def test_sequential_and_associative_linear_solves_give_the_same_values_and_gradients(name, variant):
+    cell = {"gru": rj.GRU(4), "paralstm": rj.ParaLSTM(4)}[name]
+    params, xs, carry = data(cell)
+    kw = dict(lengths=LENGTHS, resets=RESETS, reverse=True)
+
+    def run(solve):
+        method = rj.Newton(variant, tol=None, max_iters=STEPS, solve=solve)
+        return jax.value_and_grad(lambda p: jnp.sum(rj.scan(cell, p, xs, carry, method=method, **kw)[0] ** 2))(params)
+
+    sequential, associative = run("sequential"), run("associative")
+    assert_trees_close(sequential, associative, atol=1e-5, rtol=1e-5)
+    # Both are the sequential engine's numbers (STEPS iterations solve STEPS steps exactly).
+    exact = jax.value_and_grad(lambda p: jnp.sum(rj.scan(cell, p, xs, carry, **kw)[0] ** 2))(params)
+    assert_trees_close(sequential, exact, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_solves_sequentially_on_cpu_and_associatively_on_accelerators():
+    from rnnjax.tuning import newton_solve
+
+    assert newton_solve("auto", backend="cpu") == "sequential"
+    assert newton_solve("auto", backend="gpu") == newton_solve("auto", backend="tpu") == "associative"
+    assert newton_solve("associative", backend="cpu") == "associative"
+    cell = rj.GRU(4)
+    params, xs, _ = data(cell)
+    program = lambda solve: str(jax.make_jaxpr(  # noqa: E731
+        lambda x: rj.scan(cell, params, x, method=rj.Newton("quasi-deer", tol=None, max_iters=2, solve=solve))[0])(xs))
+    assert program("sequential").count("scan[") > program("associative").count("scan[")
+
+
 # ---- bad options ----
 
 
@@ -191,6 +228,7 @@ def test_vmap_and_jit_equal_the_batched_call():
         (dict(newton="newton"), r"unknown Newton variant 'newton'; expected one of \['deer', 'quasi-deer', 'elk', 'quasi-elk'\]"),
         (dict(newton="deer", damping=1.0), "damping applies to the variants 'elk' and 'quasi-elk'; got 'deer'"),
         (dict(newton="elk", damping=0.0), "damping must be a positive finite number, got 0.0"),
+        (dict(solve="scan"), r"solve must be one of \['auto', 'associative', 'sequential'\], got 'scan'"),
     ],
     ids=lambda v: None if isinstance(v, dict) else "",
 )

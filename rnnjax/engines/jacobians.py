@@ -75,11 +75,13 @@ class Structure(NamedTuple):
     def transpose(self, J: Array) -> Array:
         return J if self.kind == "diag" else jnp.swapaxes(J, -1, -2)
 
-    def solve(self, J: Array, u: Array, h0: Array, time_sharding=None) -> Array:
-        """All states of :math:`s_t = J_t s_{t-1} + u_t` from ``h0`` (time axis 0)."""
+    def solve(self, J: Array, u: Array, h0: Array, time_sharding=None, sequential: bool = False) -> Array:
+        """All states of :math:`s_t = J_t s_{t-1} + u_t` from ``h0`` (time axis 0): one
+        associative scan, or with ``sequential`` a sequential one (``time_sharding`` wins)."""
+        chunk = J.shape[0] if sequential else None  # one chunk of all steps: the sequential scan
         if self.kind != "block":
-            return solve_affine(FULL if self.kind == "full" else DIAG, (J, u), h0, None, time_sharding)
-        states = solve_affine(BLOCK, (J, self._split(u)), self._split(h0), None, time_sharding)
+            return solve_affine(FULL if self.kind == "full" else DIAG, (J, u), h0, chunk, time_sharding)
+        states = solve_affine(BLOCK, (J, self._split(u)), self._split(h0), chunk, time_sharding)
         return states.reshape(u.shape)
 
     def _split(self, s: Array) -> Array:

@@ -10,7 +10,8 @@ The states :math:`s_{1..T}` (each carry flattened to a real vector of size ``n``
 
     s_t = J_t s_{t-1} + f(s^{(k)}_{t-1}, x_t) - J_t s^{(k)}_{t-1}
 
-with an associative scan (Lim et al. 2023). ``"deer"`` uses full Jacobians, ``"quasi-deer"``
+with an associative scan (Lim et al. 2023), or on CPU by default a sequential scan of that
+cheap linear recurrence (``rj.Newton(solve=...)``). ``"deer"`` uses full Jacobians, ``"quasi-deer"``
 their diagonals (Gonzalez et al. 2024), ``"elk"``/``"quasi-elk"`` damped steps
 (:mod:`rnnjax.engines.elk`). Gradients come from the implicit function theorem at the
 solution: the adjoint :math:`\lambda_t = \bar s_t + J_{t+1}^\top \lambda_{t+1}` is a reverse
@@ -36,6 +37,7 @@ Array = jax.Array
 
 VARIANTS = ("deer", "quasi-deer", "elk", "quasi-elk")
 INITS = ("zero", "step")
+SOLVES = ("associative", "sequential")
 # Convergence threshold on max |s_t - f(s_{t-1}, x_t)| when tol="auto", by the state's dtype:
 # well above where float32 rounding leaves the residual of a bounded state (2e-7 for a
 # GRU over T=4096 after DEER converged), well below the accuracy models need.
@@ -82,13 +84,16 @@ def run(
     guess: Any = None,
     keep_states: bool = False,
     time_sharding: SequenceSharding | None = None,
+    solve: str = "associative",
 ):
     """``(ys_tm, final, info)`` by Newton's method (``variant`` one of :data:`VARIANTS`);
     ``T >= 1``. ``tol``: a threshold, ``"auto"`` (:func:`default_tol`) or ``None`` (exactly
     ``max_iters`` iterations, no check, no fallback). ``init``: the first iterate, zeros or
     one step of the cell from zero states (:data:`INITS`); ``guess``: states to start from
     instead, leaves ``(T, *batch, ...)`` in ``seqs``' time order; ``keep_states``: return
-    the carries after every step in that layout as ``info.states``."""
+    the carries after every step in that layout as ``info.states``; ``solve``:
+    ``"associative"`` or ``"sequential"``, how the (DEER and quasi-DEER) linear recurrences
+    and the adjoint's are solved (``time_sharding`` solves them across devices instead)."""
     fwd, back = seqs.forwards()
     steps = fwd.steps
     batch_shape = fwd.batch_shape
@@ -113,7 +118,10 @@ def run(
         s0 = jax.vmap(jax.vmap(layout.flatten))(guess)
 
     step = _step_fn(cell, layout)
-    options = _Options(variant, tol, max_iters, damping, unroll, init, structure_for(cell, layout, variant))
+    if solve not in SOLVES:
+        raise ValueError(f"solve must be one of {list(SOLVES)}, got {solve!r}")
+    structure = structure_for(cell, layout, variant)
+    options = _Options(variant, tol, max_iters, damping, unroll, init, structure, solve == "sequential")
     solve = _newton_solver(cell, layout, options, time_sharding)
     states, iterations, converged, residual = solve(params, x_p, h0, r_p, v_p, s0)
     prev = jnp.concatenate([h0[None], states[:-1]], axis=0)
@@ -136,6 +144,7 @@ class _Options(NamedTuple):
     unroll: int | bool
     init: str
     structure: Structure
+    sequential_solve: bool
 
 
 def _step_fn(cell: Cell, layout: CarryLayout):
@@ -159,7 +168,7 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
     """``solve(params, X, h0, R, V, S0) -> (S, iterations, converged, residual)`` with ``S``
     (T, B, n) the states after each step, differentiable by the implicit function theorem;
     ``S0`` the first iterate or ``None``."""
-    variant, tol, max_iters, damping, unroll, init, structure = options
+    variant, tol, max_iters, damping, unroll, init, structure, sequential_solve = options
     fixed = tol is None
     report_tol = default_tol(layout.real) if fixed else tol
     elk = variant in ("elk", "quasi-elk")
@@ -206,7 +215,7 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
             k, S, F, J, r, lam, merit = state
             u = F - structure.matvec(J, shift(S, h0))
             if not elk:
-                S_new = structure.solve(J, u, h0, time_sharding)
+                S_new = structure.solve(J, u, h0, time_sharding, sequential_solve)
                 J_new, F_new = jacobians(params, shift(S_new, h0), X, R, V)
                 return k + 1, S_new, F_new, J_new, jnp.max(jnp.abs(S_new - F_new)), lam, merit
             S_new = elk_step(J, u, F, S, lam, structure.kind == "full")
@@ -242,7 +251,7 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
         prev = shift(S, h0)
         if structure.exact:  # one reverse linear solve with the Jacobians themselves
             J, _ = jacobians(params, prev, X, R, V)
-            lam = _adjoint_exact(structure, J, S_bar, time_sharding)
+            lam = _adjoint_exact(structure, J, S_bar, time_sharding, sequential_solve)
         else:
             lam = _adjoint_quasi(lambda: jacobians(params, prev, X, R, V)[0], params, prev, X, R, V, S_bar)
         _, vjp = jax.vjp(lambda p, x, s: values(p, s, x, R, V), params, X, prev)
@@ -262,7 +271,8 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
 
         def reverse_solve(rhs):
             elems = (jnp.flip(D_next, 0), jnp.flip(rhs, 0))
-            return jnp.flip(solve_affine(DIAG, elems, jnp.zeros_like(rhs[0]), None, time_sharding), 0)
+            chunk = rhs.shape[0] if sequential_solve else None  # one chunk of all steps: sequential
+            return jnp.flip(solve_affine(DIAG, elems, jnp.zeros_like(rhs[0]), chunk, time_sharding), 0)
 
         lam = reverse_solve(S_bar)
         q = jt(lam)
@@ -303,8 +313,8 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
     return solve
 
 
-def _adjoint_exact(structure: Structure, J: Array, S_bar: Array, time_sharding=None) -> Array:
+def _adjoint_exact(structure: Structure, J: Array, S_bar: Array, time_sharding=None, sequential=False) -> Array:
     """lambda_t = S_bar_t + J_{t+1}^T lambda_{t+1}, lambda_T = S_bar_T, by a reverse scan."""
     M = jnp.concatenate([structure.transpose(J[1:]), jnp.zeros_like(J[:1])], axis=0)
-    lam = structure.solve(jnp.flip(M, 0), jnp.flip(S_bar, 0), jnp.zeros_like(S_bar[0]), time_sharding)
+    lam = structure.solve(jnp.flip(M, 0), jnp.flip(S_bar, 0), jnp.zeros_like(S_bar[0]), time_sharding, sequential)
     return jnp.flip(lam, 0)
