@@ -1,5 +1,6 @@
 """Measured per-backend choices: the loop unroll of ``rj.Sequential(unroll="auto")``, the
-method ``rj.Auto()`` picks, and the chunk size of ``rj.Chunked()``.
+method ``rj.Auto()`` picks, the chunk size of ``rj.Chunked()`` and how ``rj.Newton()`` solves
+its linear recurrences.
 
 Each table comes from a benchmark whose command and figures are recorded in
 ``benchmarks/experiments/DECISIONS.md``; change a row only with a new measurement.

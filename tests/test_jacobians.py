@@ -28,7 +28,8 @@ def layout_of(cell, dtype=jnp.float32):
     "cell",
     [
         pytest.param(rj.Elman(H), id="elman", marks=pytest.mark.slow),
-        pytest.param(rj.GRU(H), id="gru", marks=pytest.mark.slow),
+        pytest.param(rj.GRU(H), id="gru"),  # its own analytic diagonal
+        pytest.param(rj.GRU(H, use_bias=False, activation="relu"), id="gru_nobias_relu", marks=pytest.mark.slow),
         pytest.param(rj.LSTM(H, peephole=True), id="lstm_peephole"),
     ],
 )

@@ -16,7 +16,8 @@ below: ``jacobian_kind`` is ``None``, so ``rnnjax.engines.jacobians.structure_fo
   XLA:CPU fused the structured LSTM's blocks into a 3x slower program: 8.3 against 3.2 ms, H=16);
 - ``parts``: the rest of one iteration, the same for both paths: one evaluation of the step at
   all ``T x B`` positions (``values``; an iteration runs it once beside the Jacobians) and the
-  elementwise associative scan that solves the linearised recurrence (``solve``).
+  elementwise scan that solves the linearised recurrence (``solve``; sequential or associative
+  as ``rj.Newton(solve="auto")`` picks on this backend).
 
 XLA hoists loop-invariant work out of the Newton loop (the input projection, and in the
 ``jax.jacfwd`` path the tangents of ``W_h`` products with the basis vectors), so the difference
@@ -51,6 +52,7 @@ import rnnjax.cell
 from rnnjax.carry import CarryLayout
 from rnnjax.engines.affine import DIAG, solve_affine
 from rnnjax.engines.jacobians import jacobian_fn, structure_for
+from rnnjax.tuning import newton_solve
 
 if not __package__:  # run as a file: `benchmarks` is in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -139,7 +141,8 @@ def parts_programs(cell, steps, batch):
     h0 = jnp.zeros((batch, layout.n))
     return {
         "values": lambda p, s, x: per_step(p, s, x, r, v),
-        "solve": lambda j, u: solve_affine(DIAG, (j, u), h0),
+        # As rj.Newton(solve="auto") solves on this backend (sequential on CPU).
+        "solve": lambda j, u: solve_affine(DIAG, (j, u), h0, steps if newton_solve() == "sequential" else None),
     }, layout.n
 
 

@@ -124,10 +124,9 @@ class GRU(HiddenStateCell, DenseCell):
     def summed_columns(self, width: int) -> int:  # r and z read zx + zh; the candidate does not
         return 2 * self.hidden_size
 
-    def update(self, params: GRUParams, carry: jax.Array, zx: jax.Array, zh: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``reset_after=True`` only (see ``fusable``)."""
-        act = resolve_activation(self.activation)
-        gate = resolve_activation(self.gate_activation)
+    def _preactivations(self, params: GRUParams, zx: jax.Array, zh: jax.Array):
+        """``(pre, xn, hn)``: the gates' pre-activation ``(..., 2H)`` (r then z) and the
+        candidate's input and recurrent parts ``(..., H)``, biases added."""
         hid = self.hidden_size
         # The gates' pre-activation sums the products first and the biases after, so it is
         # a function of zx + zh alone (summed_columns); the candidate keeps them apart.
@@ -140,7 +139,41 @@ class GRU(HiddenStateCell, DenseCell):
         if params.b_h is not None:
             b_gh, b_hn = jnp.split(params.b_h, [2 * hid])
             pre, hn = pre + b_gh, hn + b_hn
+        return pre, xn, hn
+
+    def update(self, params: GRUParams, carry: jax.Array, zx: jax.Array, zh: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``reset_after=True`` only (see ``fusable``)."""
+        act = resolve_activation(self.activation)
+        gate = resolve_activation(self.gate_activation)
+        pre, xn, hn = self._preactivations(params, zx, zh)
         r, z = jnp.split(gate(pre), 2, axis=-1)
         n = act(xn + r * hn)
         h = (1.0 - z) * n + z * carry
         return h, h
+
+    def step_with_jacobian(self, params: GRUParams, carry: jax.Array, x: jax.Array):
+        r"""The step and the unit diagonal of its Jacobian (``reset_after=True``), written out:
+        with :math:`d_g = \sigma'(\cdot)\, W_{hg}[u, u]` for the gates,
+
+        .. math::
+
+            \frac{\partial h_{t,u}}{\partial h_{t-1,u}} = d_z (h_{t-1} - n) + (1 - z)\,
+            \tanh'(\cdot) \big(d_r (h_{t-1} W_{hn} + b_{hn}) + r\, W_{hn}[u, u]\big) + z,
+
+        the same numbers as the generic linearisation at about half its cost
+        (``benchmarks/experiments/DECISIONS.md``, quasi-DEER entry)."""
+        if not self.reset_after:
+            return super().step_with_jacobian(params, carry, x)  # raises: no unit structure
+        self.check_params(params)
+        self.check_input(params, x)
+        hid = self.hidden_size
+        pre, xn, hn = self._preactivations(params, matmul(x, params.w_x), matmul(carry, params.w_h))
+        # Values and elementwise derivatives of the activations in one pass each.
+        gates, d_gates = jax.jvp(resolve_activation(self.gate_activation), (pre,), (jnp.ones_like(pre),))
+        (r, z), (d_r, d_z) = jnp.split(gates, 2, axis=-1), jnp.split(d_gates, 2, axis=-1)
+        n_pre = xn + r * hn
+        n, d_n = jax.jvp(resolve_activation(self.activation), (n_pre,), (jnp.ones_like(n_pre),))
+        h = (1.0 - z) * n + z * carry
+        own_r, own_z, own_n = jnp.diagonal(params.w_h.reshape(hid, 3, hid), axis1=0, axis2=2)  # w_h[u, g*H + u]
+        diagonal = d_z * own_z * (carry - n) + (1.0 - z) * d_n * (d_r * own_r * hn + r * own_n) + z
+        return (h, h), diagonal[..., None, None]
