@@ -48,6 +48,9 @@ CELLS = {
     "paralstm": rj.ParaLSTM,
     "indrnn": rj.IndRNN,  # relu, the cell's default
     "indrnn-tanh": lambda h: rj.IndRNN(h, activation="tanh"),
+    # Shorter memory (u in [0, 0.5) instead of [0, 1)): how the iteration count depends on it.
+    "indrnn-u0.5": lambda h: rj.IndRNN(h, recurrent_init=jax.nn.initializers.uniform(0.5)),
+    "indrnn-tanh-u0.5": lambda h: rj.IndRNN(h, activation="tanh", recurrent_init=jax.nn.initializers.uniform(0.5)),
 }
 TINY = dict(check_T=64, check_batch=2, check_hidden=8, check_input=4, T="64,128", batch=2, hidden=8, repeats=1, max_k=3)
 ROUNDING_FACTOR = 2.0  # "at float32 rounding": within this factor of the float32 sequential's own error
