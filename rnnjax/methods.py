@@ -220,7 +220,7 @@ class Newton(Method):
       solve: how each iteration's linear recurrence (and the gradient's) is solved:
         ``"associative"`` (one parallel scan), ``"sequential"`` (a scan over time of that
         elementwise or small-block recurrence; the cell itself still runs at all steps at once)
-        or ``"auto"``: sequential on CPU, where it was 2.5-3x faster, associative on
+        or ``"auto"``: sequential on CPU, where it was 2.4-4x faster, associative on
         accelerators (:func:`rnnjax.tuning.newton_solve`). ELK's smoother is always associative.
 
     Example:

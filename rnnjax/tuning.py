@@ -44,7 +44,7 @@ AUTO_TABLE: dict[str, dict[str, Any]] = {
 
 
 # How rj.Newton(solve="auto") solves each iteration's linear recurrence. cpu: a sequential scan
-# was 2.5-3x faster than the associative scan on elementwise recurrences (T=1024-4096; the scan's
+# was 2.4-4x faster than the associative scan on elementwise recurrences (T=1024-4096; the scan's
 # extra passes over memory cost more than its parallelism gains on a few cores); gpu: associative
 # (benchmarks/experiments/DECISIONS.md, "Newton's linear solves are sequential on CPU").
 AUTO_NEWTON_SOLVE = {"cpu": "sequential", "gpu": "associative"}

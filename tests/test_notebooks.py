@@ -5,6 +5,7 @@ batched call, ...), so executing them without an error is the test.
 """
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import nbformat
@@ -34,8 +35,19 @@ def test_committed_notebook_matches_its_source(source):
 @pytest.mark.slow  # 30 s to 5 min each (they train models): make test-all runs them
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_notebook_runs(source):
+    from nbclient.exceptions import DeadKernelError
+
     nb = build.parse(source.read_text())
-    build.execute(nb)  # raises nbclient.exceptions.CellExecutionError on any failing cell
+    try:
+        build.execute(nb)  # raises nbclient.exceptions.CellExecutionError on any failing cell
+    except DeadKernelError:
+        # Once, in `make test-all` on 2 loaded cores, XLA:CPU aborted the kernel of notebook 02
+        # mid-training: "Termination timeout for `all reduce ...` of 40 seconds exceeded"
+        # (its two host devices' all-reduce never met; not reproduced alone or under a CPU
+        # hog). A kernel that dies is run once more and said; a cell that fails is not retried.
+        warnings.warn(f"{source.stem}: the kernel died; running the notebook once more", stacklevel=1)
+        nb = build.parse(source.read_text())
+        build.execute(nb)
     images = sum("image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs)
     assert images >= 1, f"{source.stem} shows no plot"
 
