@@ -11,12 +11,14 @@
 #    forward and forward+backward; the "auto" table those numbers imply   (.{json,md,png}, .auto_table.txt)
 # 3. examples/adding_problem.py at T=4096: ParaGRU trained by Newton and by the sequential scan
 #    from the same parameters on the same batches, loss curves side by side   (.adding.log)
+# 4. benchmarks/experiments/newton_solve.py: Newton's linear solve, associative vs sequential
+#    (rj.Newton(solve=...); "auto" is associative on GPUs, unmeasured there so far)   (.solve.log)
 #
 #   bash benchmarks/gpu_parallel.sh                  # from anywhere, on the GPU machine
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_parallel.sh --T 1024,4096   # extra sweep options
 #   TINY=1 bash benchmarks/gpu_parallel.sh           # any machine, CPU too: tiny sizes, seconds to
 #                                                    # minutes, results in a temporary directory
-#   SKIP_NEWTON=1 / SKIP_SWEEP=1 / SKIP_ADDING=1     # leave a part out
+#   SKIP_NEWTON=1 / SKIP_SWEEP=1 / SKIP_ADDING=1 / SKIP_SOLVE=1   # leave a part out
 #   SWEEP_BUDGET=270  ADDING_ARGS="--steps 300 ..."  # the sweep's --budget-s; the example's options
 #
 # Needs a jax that sees a GPU (unless TINY=1). Targets from the issue (fwd+bwd, read off the
@@ -37,7 +39,8 @@ if [ -n "$TINY" ]; then
   NEWTON_ARGS=(--tiny)
   SWEEP_ARGS=(--T 64,128 --batch 2 --hidden 8 --repeats 1 --budget-s 300)
   ADDING=(--steps 3 --length 64 --hidden 8 --batch 4)
-  LIMIT_NEWTON=600 LIMIT_SWEEP=900 LIMIT_ADDING=300
+  SOLVE=(--sizes 16:8 --lengths 8 --batch 2 --hidden 4 --repeats 1)
+  LIMIT_NEWTON=600 LIMIT_SWEEP=900 LIMIT_ADDING=300 LIMIT_SOLVE=300
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
   "$PY" -c 'import jax, sys; print("jax", jax.__version__, jax.devices()); sys.exit(0 if jax.default_backend() == "gpu" else "no GPU for jax")' || exit 1
@@ -45,7 +48,8 @@ else
   NEWTON_ARGS=()
   SWEEP_ARGS=(--budget-s "${SWEEP_BUDGET:-270}")
   read -r -a ADDING <<< "${ADDING_ARGS:---steps 300 --length 4096 --hidden 64 --batch 64}"
-  LIMIT_NEWTON=300 LIMIT_SWEEP=$(( ${SWEEP_BUDGET:-270} + 90 )) LIMIT_ADDING=300
+  SOLVE=(--lengths 4096,16384 --batch 16 --hidden 256)
+  LIMIT_NEWTON=300 LIMIT_SWEEP=$(( ${SWEEP_BUDGET:-270} + 90 )) LIMIT_ADDING=300 LIMIT_SOLVE=150
 fi
 mkdir -p "$(dirname "$OUT")"
 echo "results: $OUT.*"
@@ -73,6 +77,11 @@ if [ -z "${SKIP_ADDING:-}" ]; then
   echo "== examples/adding_problem.py ${ADDING[*]}"
   timeout "$LIMIT_ADDING" "$PY" examples/adding_problem.py "${ADDING[@]}" > "$OUT.adding.log" 2>&1 || status=$?
   tail -n 30 "$OUT.adding.log"
+fi
+if [ -z "${SKIP_SOLVE:-}" ]; then
+  echo "== newton_solve: associative vs sequential linear solves ${SOLVE[*]}"
+  timeout "$LIMIT_SOLVE" "$PY" -m benchmarks.experiments.newton_solve "${SOLVE[@]}" > "$OUT.solve.log" 2>&1 || status=$?
+  tail -n 12 "$OUT.solve.log"
 fi
 echo "exit status $status; results: $OUT.*"
 exit $status
