@@ -39,11 +39,8 @@ trace time, so it is the same program), measuring it only if that one was not ru
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -51,7 +48,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import rnnjax as rj
 from rnnjax import tuning
@@ -281,24 +277,8 @@ def measure(cell, method, opts, steps, args, dtype, mode):
 
 
 def metadata(args):
-    device = jax.devices()[0]
-    import jaxlib
-
     return dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-        backend=jax.default_backend(),
-        device=str(device),
-        device_kind=device.device_kind,
-        device_count=jax.device_count(),
-        jax=jax.__version__,
-        jaxlib=jaxlib.__version__,
-        rnnjax=rj.__version__,
-        numpy=np.__version__,
-        python=platform.python_version(),
-        machine=platform.machine(),
-        cpu_count=os.cpu_count(),
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        timing.environment(),
         options={k: v for k, v in vars(args).items() if k != "auto_table"},
         auto_table=tuning.auto_table(),
     )
