@@ -203,9 +203,10 @@ def configs(cell, methods, chunk_sizes, newton_variants, newton_linear, exact_va
     """(label, method, options) for every method run on ``cell``; options ``{"duplicate_of":
     label}`` mark a Newton spec that compiles to the same program as an earlier one."""
     linear = isinstance(cell, rj.LinearCell)
+    associative = rj.parallel.runs_associatively(cell)  # linear, or linear up to a clip (relu IndRNN)
     out = []
     for method in methods:
-        if method in ("associative", "chunked") and not linear:
+        if method in ("associative", "chunked") and not associative:
             continue
         if method == "chunked":
             for size in chunk_sizes:
@@ -312,7 +313,7 @@ def sweep(args, save=lambda rows: None, rows=None):
         save(rows)  # what is measured so far survives a kill
         for spec, cell in cells:
             kind = tuning.cell_kind(cell)
-            if kind == "nonlinear" and steps > args.nonlinear_max_T:
+            if kind in ("nonlinear", "clipped_linear") and steps > args.nonlinear_max_T:
                 continue
             base = dict(
                 cell=spec,
@@ -482,6 +483,7 @@ def plot(rows, path):
 KIND_METHODS = {
     "log_linear": ("sequential", "associative", "chunked"),
     "linear": ("sequential", "associative", "chunked"),
+    "clipped_linear": ("sequential", "associative", "chunked", "newton"),
     "nonlinear": ("sequential", "newton"),
 }
 
@@ -569,8 +571,8 @@ def main(argv=None):
         backend, table, worst = auto_table(args.auto_table)
         key = "cpu" if backend == "cpu" else "gpu"
         print(f"# from {' '.join(args.auto_table)}; paste into rnnjax/tuning.py:")
-        print(f'_AUTO_TABLE["{key}"] = {{')
-        for kind in ("log_linear", "linear", "nonlinear"):
+        print(f'AUTO_TABLE["{key}"] = {{')
+        for kind in tuning.CELL_KINDS:
             print(f'    "{kind}": {table[kind]!r},')
         print(f'    "chunk_size": {table["chunk_size"]!r},')
         print("}")

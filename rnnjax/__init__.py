@@ -9,7 +9,7 @@
 """
 
 from rnnjax import distributed, inspect, interop, parallel, train
-from rnnjax.cell import Cell, DenseCell, LinearCell, StructuredJacobian
+from rnnjax.cell import Cell, ClippedLinearCell, DenseCell, LinearCell, StructuredJacobian
 from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM, ParaGRU, ParaLSTM
 from rnnjax.layers import RNN, Bidirectional, Stack
 from rnnjax.methods import Associative, Auto, Chunked, Kernel, Method, Newton, Sequential
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Cell",
     "LinearCell",
+    "ClippedLinearCell",
     "DenseCell",
     "StructuredJacobian",
     "Elman",

@@ -15,7 +15,7 @@ Because a carry's leading shape is always the step input's shape without its las
 axis, a driver can build the carry of any cell from the input alone
 (:func:`carry_batch_shape`). Cells whose recurrence is linear in the carry,
 ``h_t = a_t * h_{t-1} + b_t``, also subclass :class:`LinearCell` so parallel-in-time
-drivers can evaluate them.
+drivers can evaluate them; those linear up to a clip (:class:`ClippedLinearCell`) too.
 """
 
 from __future__ import annotations
@@ -218,6 +218,40 @@ class LinearCell(Cell):
         a, b = self.coefficients(params, x)
         h = a * carry + b
         return h, self.readout(params, h, x)
+
+
+class ClippedLinearCell(Cell):
+    r"""Capability: for some configurations the carry follows an elementwise recurrence that
+    is linear up to a clip,
+
+    .. math::
+
+        h_t = \min(\max(a_t \odot h_{t-1} + b_t,\ lo),\ hi),
+
+    with :math:`(a_t, b_t)` depending on :math:`x_t` only (``rj.IndRNN`` with a ``"relu"``,
+    ``"relu6"``, ``"hard_tanh"`` or identity activation). Maps
+    :math:`h \mapsto \mathrm{clip}(a h + b, lo, hi)` are closed under composition, so
+    ``rj.Associative()`` and ``rj.Chunked()`` give the states exactly, in parallel, with no
+    Newton iterations (:mod:`rnnjax.engines.clipped`); derivatives come from the cell's own
+    ``step`` at those states. The carry is the array ``h`` itself.
+    """
+
+    @property
+    @abc.abstractmethod
+    def clip_range(self) -> tuple[float, float] | None:
+        """``(lo, hi)`` (``-inf``/``inf`` where unbounded) when this configuration's step is the
+        clipped recurrence above, else ``None`` (then only the methods for any cell run it)."""
+
+    @abc.abstractmethod
+    def clipped_coefficients(self, params: NamedTuple, x: Array) -> tuple[Array, Array]:
+        """``(a_t, b_t)`` for inputs ``x`` of shape ``(*batch, input_size)``; each ``(*batch, N)``
+        or broadcastable to it."""
+
+
+def runs_associatively(cell: Cell) -> bool:
+    """Whether ``rj.Associative()`` and ``rj.Chunked()`` can run ``cell``: a :class:`LinearCell`,
+    or a :class:`ClippedLinearCell` whose configuration has a ``clip_range``."""
+    return isinstance(cell, LinearCell) or (isinstance(cell, ClippedLinearCell) and cell.clip_range is not None)
 
 
 JACOBIAN_KINDS = ("exact", "unit-diagonal")

@@ -5,8 +5,8 @@ says which cells it can run (:meth:`Method.check`), in the style of optax's grad
 transformations::
 
     rj.Sequential(unroll="auto", remat=None, gradient="autodiff")   # any cell
-    rj.Associative()                  # LinearCell: one associative scan, O(log T) depth
-    rj.Chunked(size=None)             # LinearCell: sequential in chunks, associative across
+    rj.Associative()                  # LinearCell (or clipped): one associative scan, O(log T) depth
+    rj.Chunked(size=None)             # the same cells: sequential in chunks, associative across
     rj.Newton("quasi-deer", tol="auto", max_iters=50, init="zero")  # any cell, in parallel
     rj.Auto()                         # one of the above per backend, cell kind and T
 
@@ -25,9 +25,9 @@ from typing import Any, ClassVar
 import jax
 
 from rnnjax import tuning
-from rnnjax.cell import Cell, DenseCell, LinearCell, frozen
+from rnnjax.cell import Cell, ClippedLinearCell, DenseCell, LinearCell, frozen, runs_associatively
 from rnnjax.checks import check_positive_int, check_positive_number, is_int
-from rnnjax.engines import fused, kernel, linear, newton, sequential
+from rnnjax.engines import clipped, fused, kernel, linear, newton, sequential
 from rnnjax.precision import Mixed, cast_floating
 from rnnjax.sequence import TimeMajor
 
@@ -57,18 +57,25 @@ class Method(abc.ABC):
 
 def _methods_for(cell: Cell) -> str:
     names = ["rj.Sequential()", "rj.Newton()", "rj.Auto()"]
-    if isinstance(cell, LinearCell):
+    if runs_associatively(cell):
         names[1:1] = ["rj.Associative()", "rj.Chunked()"]
     return ", ".join(names)
 
 
 def _check_linear(method: Method, cell: Cell) -> None:
-    if not isinstance(cell, LinearCell):
+    if not runs_associatively(cell):
+        what = type(cell).__name__
+        if isinstance(cell, ClippedLinearCell):  # one whose configuration is not clipped-linear
+            what = f"{cell!r} (its clip_range is None: the activation is not a clip)"
         raise ValueError(
             f"rj.{type(method).__name__}() needs a cell with a linear recurrence (an rj.LinearCell such as "
-            f"MinGRU, MinLSTM, LRU); {type(cell).__name__} is not one. Methods that can run it: "
-            f"{_methods_for(cell)}"
+            f"MinGRU, MinLSTM, LRU, or one linear up to a clip such as rj.IndRNN with 'relu'); {what} is "
+            f"not one. Methods that can run it: {_methods_for(cell)}"
         )
+
+
+def _linear_engine(cell: Cell):
+    return linear if isinstance(cell, LinearCell) else clipped
 
 
 def _check_unroll(unroll: Any) -> None:
@@ -153,7 +160,9 @@ class Sequential(Method):
 @frozen
 class Associative(Method):
     """``jax.lax.associative_scan`` over the ``(a_t, b_t)`` of an :class:`rnnjax.LinearCell`
-    (MinGRU, MinLSTM, LRU, yours): O(log T) depth; gradients by parallel scans too."""
+    (MinGRU, MinLSTM, LRU, yours), or over the clipped maps of a
+    :class:`rnnjax.cell.ClippedLinearCell` (``rj.IndRNN`` with ``"relu"``): O(log T) depth, exact
+    states; gradients by parallel scans too."""
 
     name: ClassVar[str] = "associative"
 
@@ -161,13 +170,14 @@ class Associative(Method):
         _check_linear(self, cell)
 
     def run(self, cell, params, seqs, time_sharding=None):
-        return linear.run(cell, params, seqs, chunk_size=None, time_sharding=time_sharding)
+        return _linear_engine(cell).run(cell, params, seqs, chunk_size=None, time_sharding=time_sharding)
 
 
 @frozen
 class Chunked(Method):
-    """A :class:`rnnjax.LinearCell` sequentially within chunks of ``size`` steps (all
-    chunks at once) and associatively across the chunks' summaries.
+    """A :class:`rnnjax.LinearCell` (or :class:`rnnjax.cell.ClippedLinearCell`) sequentially
+    within chunks of ``size`` steps (all chunks at once) and associatively across the chunks'
+    summaries.
 
     Args:
       size: steps per chunk; ``None``: the per-backend default
@@ -186,7 +196,7 @@ class Chunked(Method):
 
     def run(self, cell, params, seqs):
         size = self.size or tuning.default_chunk_size(seqs.steps)
-        return linear.run(cell, params, seqs, chunk_size=int(size))
+        return _linear_engine(cell).run(cell, params, seqs, chunk_size=int(size))
 
 
 @frozen
@@ -211,7 +221,8 @@ class Newton(Method):
         values are returned instead. ``None``: exactly ``max_iters`` iterations, no check and
         no fallback (a fixed-cost program, as ParaRNN trains: e.g. ``max_iters=3`` from
         ``init="step"`` for ``rj.ParaGRU``/``rj.ParaLSTM``; ``rj.IndRNN`` needs 5 with tanh and
-        16 with relu at T=4096, ``benchmarks/results/cpu-newton-check.md``).
+        16 with relu at T=4096, ``benchmarks/results/cpu-newton-check.md``; a relu IndRNN runs
+        exactly in one scan with ``rj.Associative()`` instead).
       max_iters: Newton steps (the cap, or with ``tol=None`` the count).
       damping: ELK's initial damping (``"elk"``, ``"quasi-elk"`` only); ``None``: 1.
       init: the first iterate: ``"zero"`` states, or ``"step"``: one step of the cell from

@@ -53,6 +53,30 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+# The activations that are a clip, f(x) = min(max(x, lo), hi): a cell whose step applies one to
+# an affine function of its state can be evaluated by an associative scan
+# (rnnjax.cell.ClippedLinearCell).
+CLIP_RANGES: dict[Callable[[Array], Array], tuple[float, float]] = {
+    jax.nn.relu: (0.0, float("inf")),
+    jax.nn.relu6: (0.0, 6.0),
+    jax.nn.hard_tanh: (-1.0, 1.0),
+    _identity: (float("-inf"), float("inf")),
+}
+
+
+def clip_range(activation: Activation) -> tuple[float, float] | None:
+    """``(lo, hi)`` when ``activation`` (a name or a callable) is ``x -> min(max(x, lo), hi)``:
+    ``"relu"``, ``"relu6"``, ``"hard_tanh"``, ``"identity"``/``"linear"`` and their functions;
+    else ``None``.
+
+    Example:
+      >>> from rnnjax.ops import clip_range
+      >>> clip_range("relu"), clip_range("tanh")
+      ((0.0, inf), None)
+    """
+    return CLIP_RANGES.get(resolve_activation(activation))
+
+
 def resolve_activation(activation: Activation, name: str = "activation") -> Callable[[Array], Array]:
     """Return the function for an activation given by name or as a callable."""
     if callable(activation):

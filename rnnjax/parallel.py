@@ -4,13 +4,15 @@ r"""Parallel-in-time evaluation: the whole sequence at once.
 module gives the same engines as functions with their own reports:
 
 - :func:`linear_scan`: cells with a linear recurrence :math:`h_t = a_t \odot h_{t-1} + b_t`
-  (:class:`rnnjax.LinearCell`: MinGRU, MinLSTM, LRU, yours), by an associative scan
-  (``rj.Associative()``) or in chunks (``rj.Chunked(size)``).
+  (:class:`rnnjax.LinearCell`: MinGRU, MinLSTM, LRU, yours) or one linear up to a clip
+  (:class:`rnnjax.cell.ClippedLinearCell`: ``rj.IndRNN`` with ``"relu"``), by an associative
+  scan (``rj.Associative()``) or in chunks (``rj.Chunked(size)``).
 - :func:`newton_scan`: any cell, by Newton iterations over all states at once (DEER,
   quasi-DEER, ELK; ``rj.Newton()``), with a sequential fallback; it also returns a
   :class:`NewtonInfo`.
 - :func:`choose_method`, :func:`cell_kind`, :func:`default_chunk_size`: what ``rj.Auto()``
-  and ``rj.Chunked()`` pick, from :mod:`rnnjax.tuning`.
+  and ``rj.Chunked()`` pick, from :mod:`rnnjax.tuning`; :func:`runs_associatively`: whether
+  ``rj.Associative()`` and ``rj.Chunked()`` can run a cell.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import Cell, LinearCell, PyTree
+from rnnjax.cell import Cell, ClippedLinearCell, LinearCell, PyTree, runs_associatively
 from rnnjax.engines.newton import DEFAULT_TOL, VARIANTS, NewtonInfo
 from rnnjax.methods import BY_NAME, Associative, Chunked, Newton, Sequential
 from rnnjax.scan import evaluate
@@ -42,6 +44,7 @@ __all__ = [
     "linear_scan",
     "choose_method",
     "cell_kind",
+    "runs_associatively",
     "default_chunk_size",
 ]
 
@@ -53,7 +56,7 @@ DEFAULT_DAMPING = 1.0
 
 
 def linear_scan(
-    cell: LinearCell,
+    cell: LinearCell | ClippedLinearCell,
     params: Any,
     xs: Array,
     carry: Array | None = None,
@@ -63,7 +66,8 @@ def linear_scan(
     reverse: bool = False,
     chunk_size: int | None = None,
 ) -> tuple[Array, Array]:
-    r"""Run a :class:`rnnjax.LinearCell` over time in parallel (:mod:`rnnjax.engines.linear`):
+    r"""Run a :class:`rnnjax.LinearCell` (:mod:`rnnjax.engines.linear`) or a
+    :class:`rnnjax.cell.ClippedLinearCell` (:mod:`rnnjax.engines.clipped`) over time in parallel:
     ``rj.scan`` with ``rj.Associative()`` (``chunk_size=None``) or ``rj.Chunked(chunk_size)``.
 
     Returns:

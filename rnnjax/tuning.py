@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from rnnjax.cell import Cell, LinearCell
+from rnnjax.cell import Cell, LinearCell, runs_associatively
 
 # Steps per loop iteration for unroll="auto". cpu: unroll 8 slowed training 2-3x, 4 was no
 # faster than 1; gpu: 16 gave 2.3-3.3x over 1 on an H200 (benchmarks/results/nvidia-h200-unroll).
@@ -26,21 +26,26 @@ AUTO_UNROLL = {"cpu": 1, "gpu": 16}
 # cpu: the sequential loop was fastest at every T from 256 to 65536 for minGRU, LRU and a GRU
 # (benchmarks/results/cpu_auto.md). gpu: "associative" was 67-282x the sequential loop for
 # linear cells at T = 1024-16384; Newton on a GRU was 1.0-1.56x, a near-tie, so nonlinear cells
-# stay sequential (benchmarks/results/gpu_parallel_20261127T063310Z.md).
+# stay sequential (benchmarks/results/gpu_parallel_20261127T063310Z.md). "clipped_linear" (a
+# relu IndRNN): cpu: the sequential loop was 1.5-3.3x faster than the clipped associative scan
+# (benchmarks/results/cpu-clipped-scan.log); gpu: not measured yet, so sequential as before.
 AUTO_TABLE: dict[str, dict[str, Any]] = {
     "cpu": {
         "log_linear": ((0, "sequential"),),
         "linear": ((0, "sequential"),),
+        "clipped_linear": ((0, "sequential"),),
         "nonlinear": ((0, "sequential"),),
         "chunk_size": "sqrt",
     },
     "gpu": {
         "log_linear": ((0, "associative"),),
         "linear": ((0, "associative"),),
+        "clipped_linear": ((0, "sequential"),),
         "nonlinear": ((0, "sequential"),),
         "chunk_size": "sqrt",
     },
 }
+CELL_KINDS = ("log_linear", "linear", "clipped_linear", "nonlinear")
 
 
 # How rj.Newton(solve="auto") solves each iteration's linear recurrence. cpu: a sequential scan
@@ -88,10 +93,11 @@ def newton_solve(solve: str = "auto", backend: str | None = None) -> str:
 
 def cell_kind(cell: Cell) -> str:
     """``"log_linear"`` (a LinearCell evaluated in log space), ``"linear"`` (another
-    LinearCell) or ``"nonlinear"``: the rows of the auto table a cell uses."""
-    if not isinstance(cell, LinearCell):
-        return "nonlinear"
-    return "log_linear" if cell.log_space else "linear"
+    LinearCell), ``"clipped_linear"`` (a :class:`rnnjax.cell.ClippedLinearCell` in a clipped
+    configuration: a relu IndRNN) or ``"nonlinear"``: the rows of the auto table a cell uses."""
+    if isinstance(cell, LinearCell):
+        return "log_linear" if cell.log_space else "linear"
+    return "clipped_linear" if runs_associatively(cell) else "nonlinear"
 
 
 def choose_method(cell: Cell, steps: int, backend: str | None = None) -> str:

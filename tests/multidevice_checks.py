@@ -259,6 +259,7 @@ SEQ_CASES = {
     "MinGRU": (rj.MinGRU(6), "associative"),
     "MinLSTM": (rj.MinLSTM(6), "associative"),
     "LRU": (rj.LRU(6), "associative"),
+    "IndRNNRelu": (rj.IndRNN(4), "associative"),  # the clipped scan: a relu IndRNN is linear up to a clip
     "Elman": (rj.Elman(4), "newton"),
     "GRU": (rj.GRU(4), "newton"),
     "LSTM": (rj.LSTM(3), "newton"),
@@ -280,7 +281,7 @@ def seq_inputs(cell, seed):
     return params, xs, lengths, resets
 
 
-GRADIENT_CASES = ("MinGRU", "LRU", "GRU", "LSTM")  # associative (log space, complex) and Newton
+GRADIENT_CASES = ("MinGRU", "LRU", "IndRNNRelu", "GRU", "LSTM")  # associative (log space, complex, clipped), Newton
 
 for i, (name, (cell, method)) in enumerate(SEQ_CASES.items()):
 

@@ -152,6 +152,7 @@ EXPERIMENTS = {  # module -> (smallest arguments, a line its output must hold)
                      "ParaGRU fwd+bwd T=8"),
     "split_transpose": (["--batch", "2", "--hidden", "4", "--length", "4", "--repeats", "1"], "split  pads in the optimised HLO: 0"),
     "data_parallel": (["--tiny", "--out", "{tmp}/data_parallel"], "| 1 device, fused |"),
+    "clipped_scan": (["--tiny"], "  associative  ys"),
 }
 
 

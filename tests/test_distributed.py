@@ -31,7 +31,7 @@ EXPECTED = [
     "remat_policies_same_gradients_data_parallel",
     "data_parallel_flax_module",
     "bad_input_errors_before_compiling",
-    *(f"sequence_parallel_{name}_associative" for name in ("MinGRU", "MinLSTM", "LRU")),
+    *(f"sequence_parallel_{name}_associative" for name in ("MinGRU", "MinLSTM", "LRU", "IndRNNRelu")),
     *(f"sequence_parallel_{name}_newton" for name in ("Elman", "GRU", "LSTM", "MGU", "IndRNN", "ConvLSTM")),
     "sequence_parallel_is_split_over_devices",
 ]

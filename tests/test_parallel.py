@@ -194,6 +194,7 @@ def test_auto_on_cpu_runs_what_the_table_says(monkeypatch):
     assert_trees_close(rj.scan(cell, params, xs, carry, method="auto", lengths=LENGTHS), rj.scan(cell, params, xs, carry, lengths=LENGTHS), **F32)
     assert parallel.cell_kind(rj.GRU(3)) == "nonlinear" and parallel.cell_kind(rj.LRU(3)) == "linear"
     assert parallel.cell_kind(rj.MinLSTM(3, candidate="identity")) == "linear"
+    assert parallel.cell_kind(rj.IndRNN(3)) == "clipped_linear" and parallel.cell_kind(rj.IndRNN(3, activation="tanh")) == "nonlinear"
     # Another table: associative from T=4 on, for log-space cells only.
     table = dict(tuning.AUTO_TABLE["cpu"], log_linear=((0, "sequential"), (4, "associative")))
     monkeypatch.setitem(tuning.AUTO_TABLE, "cpu", table)
@@ -206,10 +207,13 @@ def test_auto_on_cpu_runs_what_the_table_says(monkeypatch):
 
 def test_every_table_row_names_a_method_the_cell_kind_can_run():
     for backend, table in tuning.AUTO_TABLE.items():
-        for kind in ("log_linear", "linear", "nonlinear"):
+        assert set(table) == {*tuning.CELL_KINDS, "chunk_size"}, backend
+        for kind in tuning.CELL_KINDS:
             rows = table[kind]
             assert rows[0][0] == 0 and list(rows) == sorted(rows), (backend, kind)
-            allowed = ("sequential", "newton") if kind == "nonlinear" else ("sequential", "associative", "chunked")
+            allowed = {"nonlinear": ("sequential", "newton"),
+                       "clipped_linear": ("sequential", "associative", "chunked", "newton")}.get(
+                kind, ("sequential", "associative", "chunked"))
             assert all(method in allowed for _, method in rows), (backend, kind)
         assert table["chunk_size"] == "sqrt" or int(table["chunk_size"]) >= 1
     assert parallel.default_chunk_size(1, backend="cpu") >= 1
@@ -252,7 +256,8 @@ XS = jnp.ones((2, 5, INPUT_SIZE))
             "['sequential', 'associative', 'chunked', 'newton', 'kernel', 'auto']")),
         (GRU, dict(method="associative"), re.escape(
             "rj.Associative() needs a cell with a linear recurrence (an rj.LinearCell such as MinGRU, "
-            "MinLSTM, LRU); GRU is not one. Methods that can run it: rj.Sequential(), rj.Newton(), rj.Auto()")),
+            "MinLSTM, LRU, or one linear up to a clip such as rj.IndRNN with 'relu'); GRU is not one. "
+            "Methods that can run it: rj.Sequential(), rj.Newton(), rj.Auto()")),
         (GRU, dict(method="chunked"), r"rj.Chunked\(\) needs a cell with a linear recurrence"),
         (MINGRU, dict(method=rj.Chunked), "unknown method <class"),
     ],

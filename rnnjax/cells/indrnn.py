@@ -8,9 +8,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import HiddenStateCell, StructuredJacobian, frozen
+from rnnjax.cell import ClippedLinearCell, HiddenStateCell, StructuredJacobian, frozen
 from rnnjax.checks import check_positive_int, check_positive_number
-from rnnjax.ops import Activation, Initializer, glorot_uniform, matmul, resolve_activation, zeros
+from rnnjax.ops import Activation, Initializer, clip_range, glorot_uniform, matmul, resolve_activation, zeros
 
 
 class IndRNNParams(NamedTuple):
@@ -20,7 +20,7 @@ class IndRNNParams(NamedTuple):
 
 
 @frozen
-class IndRNN(HiddenStateCell, StructuredJacobian):
+class IndRNN(HiddenStateCell, StructuredJacobian, ClippedLinearCell):
     r"""Independently recurrent neural network (Li et al. 2018).
 
     Each unit sees only its own past, through a scalar weight ``u``:
@@ -39,6 +39,11 @@ class IndRNN(HiddenStateCell, StructuredJacobian):
     Each unit's new state depends on the previous step only through its own state, so the
     state Jacobian is diagonal, ``u' * f'(pre)``: ``jacobian_kind == "exact"`` and
     ``step_with_jacobian`` gives it as blocks of shape ``(*batch, hidden_size, 1, 1)``.
+
+    With a clip for ``f`` (``"relu"``, the default, ``"relu6"``, ``"hard_tanh"``, ``"identity"``)
+    the step is ``clip(u' * h + (x W + b), lo, hi)``: a :class:`rnnjax.cell.ClippedLinearCell`,
+    which ``rj.Associative()`` and ``rj.Chunked()`` evaluate exactly in parallel
+    (``clip_range`` is ``None`` for other activations, e.g. ``"tanh"``: use ``rj.Newton()``).
 
     Initialisation: ``w_x`` Glorot-uniform, ``u`` uniform in ``[0, 1)``, ``b`` zeros
     (each replaceable through the ``*_init`` fields, ``jax.nn.initializers`` style).
@@ -90,11 +95,20 @@ class IndRNN(HiddenStateCell, StructuredJacobian):
     def step(self, params: IndRNNParams, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         self.check_params(params)
         self.check_input(params, x)
+        u, drive = self.clipped_coefficients(params, x)
+        h = resolve_activation(self.activation)(u * carry + drive)
+        return h, h
+
+    @property
+    def clip_range(self) -> tuple[float, float] | None:
+        return clip_range(self.activation)
+
+    def clipped_coefficients(self, params: IndRNNParams, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(u', x W + b)``: shapes ``(hidden,)`` and ``(*batch, hidden)``."""
         u = params.u
         if self.recurrent_max_abs is not None:
             u = jnp.clip(u, -self.recurrent_max_abs, self.recurrent_max_abs)
-        pre = matmul(x, params.w_x) + u * carry
+        drive = matmul(x, params.w_x)
         if params.b is not None:
-            pre = pre + params.b
-        h = resolve_activation(self.activation)(pre)
-        return h, h
+            drive = drive + params.b
+        return u, drive

@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax
 from jax.sharding import Mesh
 
-from rnnjax.cell import Cell, LinearCell, PyTree
+from rnnjax.cell import Cell, PyTree, runs_associatively
 from rnnjax.distributed.mesh import automatic_axes, check_mesh_axis, require_shard_map
 from rnnjax.engines.affine import SequenceSharding
 from rnnjax.methods import Associative, Auto, Method, Newton, as_method
@@ -31,14 +31,15 @@ def sequence_scan(
 ) -> tuple[jax.Array, PyTree]:
     r""":func:`rnnjax.scan` with the time axis split over ``mesh``'s ``axis``.
 
-    ``method=rj.Associative()`` (linear cells, :class:`rnnjax.LinearCell`): each device
-    composes its shard's affine maps :math:`h \mapsto a_t h + b_t` into one; the devices
+    ``method=rj.Associative()`` (linear cells, :class:`rnnjax.LinearCell`, and those linear up
+    to a clip, :class:`rnnjax.cell.ClippedLinearCell`): each device composes its shard's maps
+    :math:`h \mapsto a_t h + b_t` (or their clipped form) into one; the devices
     exchange these summaries (one ``all_gather``) and each runs its shard from the state its
     predecessors produce (:class:`rnnjax.engines.affine.SequenceSharding`).
     ``method=rj.Newton("deer" | "quasi-deer")`` (any cell): Newton's method with the cell
     evaluated on every device's shard and each linear solve split as above; gradients by the
-    implicit function theorem, solved the same way. ``"auto"``: associative for linear
-    cells, ``rj.Newton()`` otherwise.
+    implicit function theorem, solved the same way. ``"auto"``: associative for the cells
+    it can run, ``rj.Newton()`` otherwise.
 
     ``T`` need not divide by the number of devices (the last shard is padded with identity
     steps) but must be at least that number. ``lengths``, ``resets``, ``reverse`` and the
@@ -68,7 +69,7 @@ def sequence_scan(
         )
     method = as_method(method)
     if isinstance(method, Auto):
-        method = Associative() if isinstance(cell, LinearCell) else Newton()
+        method = Associative() if runs_associatively(cell) else Newton()
     if not isinstance(method, (Associative, Newton)):
         raise ValueError(
             f"sequence_scan runs rj.Associative() or rj.Newton() (or rj.Auto() for either), got {method!r}"

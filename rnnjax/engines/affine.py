@@ -1,11 +1,13 @@
 r"""Affine recurrences :math:`s_t = A_t s_{t-1} + c_t` as monoids, solved in parallel.
 
 An element ``(A, c)`` is the map :math:`s \mapsto A s + c`; ``combine(earlier, later)``
-composes two maps and ``apply`` runs a composed map on a state. Three algebras: elementwise
+composes two maps and ``apply`` runs a composed map on a state. Four algebras: elementwise
 (:data:`DIAG`, diagonal ``A``, real or complex), full matrices (:data:`FULL`, ``A`` of shape
-``(..., n, n)``) and log space (:func:`log_monoid`) for positive diagonal recurrences. The
-linear and Newton engines solve every recurrence with :func:`solve_affine`: one associative
-scan, chunks, or the time axis split over devices (:class:`SequenceSharding`).
+``(..., n, n)``), log space (:func:`log_monoid`) for positive diagonal recurrences, and
+elementwise maps clipped to a range (:data:`CLIP`, :math:`s \mapsto \mathrm{clip}(a s + c,
+lo, hi)`, closed under composition too). The linear, clipped and Newton engines solve every
+recurrence with :func:`solve_affine`: one associative scan, chunks, or the time axis split
+over devices (:class:`SequenceSharding`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,37 @@ FULL = Monoid(
     _full_combine,
     lambda e: (jnp.broadcast_to(jnp.eye(e[0].shape[-1], dtype=e[0].dtype), e[0].shape), jnp.zeros_like(e[1])),
     lambda e, h: mv(e[0], h) + e[1],
+)
+
+
+def _clip(v: Array, lo: Array, hi: Array) -> Array:
+    return jnp.minimum(jnp.maximum(v, lo), hi)
+
+
+def _clip_combine(e1, e2):
+    a1, b1, lo1, hi1 = e1
+    a2, b2, lo2, hi2 = e2
+    # a2 * clip(z, lo1, hi1) + b2 = clip(a2 z + b2, a2 lo1 + b2, a2 hi1 + b2), the bounds
+    # swapped when a2 < 0; a2 = 0 leaves the constant b2 (where 0 * inf would be nan).
+    low, high = jnp.where(a2 < 0, hi1, lo1), jnp.where(a2 < 0, lo1, hi1)
+    low = jnp.where(a2 == 0, b2, a2 * low + b2)
+    high = jnp.where(a2 == 0, b2, a2 * high + b2)
+    # clip(clip(v, low, high), lo2, hi2) = clip(v, clip(low, lo2, hi2), clip(high, lo2, hi2)).
+    return a1 * a2, a2 * b1 + b2, _clip(low, lo2, hi2), _clip(high, lo2, hi2)
+
+
+# Clipped maps h -> clip(a h + b, lo, hi), elementwise, with infinite bounds where there are none.
+# Not differentiable through the bounds' infinities: rnnjax.engines.clipped differentiates the
+# states with the cell's own step instead.
+CLIP = Monoid(
+    _clip_combine,
+    lambda e: (
+        jnp.ones_like(e[0]),
+        jnp.zeros_like(e[1]),
+        jnp.full_like(e[2], -jnp.inf),
+        jnp.full_like(e[3], jnp.inf),
+    ),
+    lambda e, h: _clip(e[0] * h + e[1], e[2], e[3]),
 )
 
 

@@ -1,0 +1,204 @@
+"""Cells linear up to a clip (rj.ClippedLinearCell: rj.IndRNN with a relu, relu6, hard-tanh or
+identity activation) under rj.Associative and rj.Chunked (rnnjax/engines/clipped.py), and
+the clipped maps' algebra (rnnjax.engines.affine.CLIP).
+
+Every method is compared with the sequential driver (itself checked against a plain loop in
+tests/test_cells.py) on one call with lengths, resets, reverse and a non-zero initial carry.
+float32 tolerance: 1e-5 relative to the values' scale. The scan composes maps pairwise, so
+its rounding error grows like log2(T) units, not T: at T <= 1024 a few 1e-7 of the scale.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import rnnjax as rj
+from rnnjax.engines.affine import CLIP, solve_affine
+from rnnjax.ops import clip_range, resolve_activation
+from tests.cases import normal, random_case
+from tests.compat import enable_x64
+from tests.helpers import assert_trees_close
+
+STEPS = 9
+LENGTHS = jnp.array([9, 5, 0])
+RESETS = jnp.zeros((3, STEPS), bool).at[0, 3].set(True).at[1, 1].set(True).at[1, 2].set(True).at[1, 6].set(True)
+F32 = dict(atol=1e-5, rtol=1e-5, check_dtypes=True)
+
+
+def signed_uniform(key, shape, dtype=jnp.float32):
+    """Recurrent weights in [-1, 1): a negative ``u`` swaps a clip's bounds when maps compose."""
+    return jax.random.uniform(key, shape, dtype, -1.0, 1.0)
+
+
+CELLS = {
+    "relu": rj.IndRNN(5),
+    "relu6-signed": rj.IndRNN(5, activation="relu6", recurrent_init=signed_uniform, recurrent_max_abs=0.9),
+    "hard_tanh-signed-nobias": rj.IndRNN(5, activation="hard_tanh", use_bias=False, recurrent_init=signed_uniform),
+    "identity": rj.IndRNN(5, activation="identity"),
+}
+
+
+def data(cell, key=0, dtype=jnp.float32, batch=(3,), steps=STEPS):
+    params, xs, carry = random_case(cell, steps, key, dtype, batch)
+    return params, 3 * xs, carry  # large enough that relu6's and hard_tanh's upper bounds act
+
+
+def test_clip_range_names_exactly_the_activations_that_are_clips():
+    x = jnp.concatenate([normal(0, (200,)) * 5, jnp.array([0.0, -1.0, 1.0, 6.0, -jnp.inf, jnp.inf])])
+    for name in ("relu", "relu6", "hard_tanh", "identity", "linear"):
+        lo, hi = clip_range(name)
+        np.testing.assert_array_equal(resolve_activation(name)(x), jnp.clip(x, lo, hi), err_msg=name)
+        assert clip_range(resolve_activation(name)) == (lo, hi)
+    assert clip_range("tanh") is None and clip_range("hard_sigmoid") is None and clip_range(lambda v: v) is None
+    assert rj.IndRNN(3).clip_range == (0.0, float("inf"))
+    assert rj.IndRNN(3, activation="tanh").clip_range is None
+
+
+def test_clipped_maps_compose_earlier_then_later():
+    # Negative and zero a, finite and infinite bounds: each case of the combine is taken.
+    rng = np.random.default_rng(1)
+    steps, width = 12, 64
+    a = rng.uniform(-1.5, 1.5, (steps, width)).astype(np.float32)
+    a[rng.random((steps, width)) < 0.15] = 0.0
+    b = rng.standard_normal((steps, width)).astype(np.float32)
+    lo = np.where(rng.random((steps, width)) < 0.3, -np.inf, rng.uniform(-1.0, 0.0, (steps, width))).astype(np.float32)
+    hi = np.where(rng.random((steps, width)) < 0.3, np.inf, rng.uniform(0.0, 1.0, (steps, width))).astype(np.float32)
+    h0 = rng.standard_normal(width).astype(np.float32)
+    h, expected = h0, []
+    for t in range(steps):
+        h = np.minimum(np.maximum(a[t] * h + b[t], lo[t]), hi[t])
+        expected.append(h)
+    for chunk in (None, 5, steps):
+        states = solve_affine(CLIP, tuple(map(jnp.asarray, (a, b, lo, hi))), jnp.asarray(h0), chunk)
+        np.testing.assert_allclose(states, np.stack(expected), rtol=1e-5, atol=1e-6, err_msg=f"chunk={chunk}")
+
+
+@pytest.mark.parametrize(
+    "name, method, reverse",
+    [
+        pytest.param(
+            name,
+            method,
+            reverse,
+            marks=[pytest.mark.slow] if (i + j + reverse) % 2 else [],
+            id=f"{name}-{method_id}-{'reverse' if reverse else 'forward'}",
+        )
+        for i, name in enumerate(CELLS)
+        for j, (method_id, method) in enumerate([("associative", rj.Associative()), ("chunked", rj.Chunked(4))])
+        for reverse in (False, True)
+    ],
+)
+def test_parallel_methods_match_sequential(name, method, reverse):
+    cell = CELLS[name]
+    params, xs, carry = data(cell)
+    kw = dict(lengths=LENGTHS, resets=RESETS, reverse=reverse)
+    expected = rj.scan(cell, params, xs, carry, **kw)
+    ys, final = rj.scan(cell, params, xs, carry, method=method, **kw)
+    assert_trees_close((ys, final), expected, **F32)
+    assert not np.any(np.asarray(ys[1, 5:])) and not np.any(np.asarray(ys[2]))
+    lo, hi = cell.clip_range
+    assert float(jnp.min(ys[0])) >= lo and float(jnp.max(ys[0])) <= hi
+
+
+@pytest.mark.parametrize(
+    "name, method",
+    [("relu", "associative"), ("hard_tanh-signed-nobias", "chunked")]
+    + [
+        pytest.param(name, method, marks=pytest.mark.slow)
+        for name, method in [("relu6-signed", "associative"), ("relu", "chunked")]
+    ],
+)
+def test_check_grads_both_modes_and_equal_to_sequential_derivatives(name, method):
+    cell = CELLS[name]
+    with enable_x64(True):
+        params, xs, carry = data(cell, key=3, dtype=jnp.float64, batch=(2,), steps=6)
+        lengths, resets = jnp.array([6, 4]), jnp.zeros((2, 6), bool).at[0, 2].set(True)
+
+        def loss(p, x, c, method=method):
+            ys, h = rj.scan(
+                cell,
+                p,
+                x,
+                c,
+                lengths=lengths,
+                resets=resets,
+                reverse=True,
+                method=rj.Chunked(4) if method == "chunked" else method,
+            )
+            return jnp.sum(jnp.sin(ys)) + jnp.sum(h**2)
+
+        loss = jax.jit(loss, static_argnames="method")  # one compilation for check_grads' calls
+        check_grads(loss, (params, xs, carry), order=1, modes=["fwd", "rev"])
+        sequential = rj.Sequential(gradient="autodiff")
+        got = jax.grad(loss, argnums=(0, 1, 2))(params, xs, carry)
+        want = jax.grad(lambda *a: loss(*a, method=sequential), argnums=(0, 1, 2))(params, xs, carry)
+        assert_trees_close(got, want, atol=1e-10, rtol=1e-8, check_dtypes=True)
+        tangents = jax.tree.map(jnp.ones_like, (params, xs, carry))
+        got = jax.jvp(loss, (params, xs, carry), tangents)
+        want = jax.jvp(lambda *a: loss(*a, method=sequential), (params, xs, carry), tangents)
+        assert_trees_close(got, want, atol=1e-10, rtol=1e-8, check_dtypes=True)
+
+
+def test_gradient_has_no_sequential_loop():
+    cell = CELLS["relu"]
+    params, xs, carry = data(cell)
+
+    def loss(p):
+        ys, h = rj.scan(cell, p, xs, carry, lengths=LENGTHS, resets=RESETS, reverse=True, method="associative")
+        return jnp.sum(ys**2) + jnp.sum(h**2)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+    assert not re.search(r"\b(scan|while)\[", jaxpr)
+
+
+def test_vmap_over_single_sequences_equals_batched_call():
+    cell = CELLS["relu6-signed"]
+    params, xs, carry = data(cell, key=4)
+    run = lambda x, c, n, r: rj.scan(cell, params, x, c, lengths=n, resets=r, reverse=True, method="associative")
+    assert_trees_close(jax.vmap(run)(xs, carry, LENGTHS, RESETS), run(xs, carry, LENGTHS, RESETS), **F32)
+
+
+def test_long_sequence_with_long_memory_stays_close():
+    # The default u in [0, 1): units with u near 1 sum hundreds of steps, states grow to ~10.
+    cell = CELLS["relu"]
+    params = cell.init(jax.random.key(5), 8)
+    xs = normal(5, (2, 1024, 8))
+    expected = rj.scan(cell, params, xs)
+    scale = float(jnp.max(jnp.abs(expected[0])))
+    assert scale > 3
+    for method in (rj.Associative(), rj.Chunked()):
+        assert_trees_close(rj.scan(cell, params, xs, method=method), expected, atol=1e-5 * scale, rtol=0)
+
+
+def test_sequence_scan_picks_the_clipped_scan():
+    cell = CELLS["relu"]
+    params, xs, carry = data(cell, key=6)
+    mesh = jax.make_mesh((1,), ("seq",))
+    got = rj.distributed.sequence_scan(cell, params, xs, carry, mesh=mesh, axis="seq", lengths=LENGTHS, resets=RESETS)
+    assert_trees_close(got, rj.scan(cell, params, xs, carry, lengths=LENGTHS, resets=RESETS), **F32)
+    assert rj.parallel.choose_method(cell, 4096, backend="cpu") == "sequential"  # unmeasured elsewhere: no change
+
+
+@pytest.mark.parametrize(
+    "cell, message",
+    [
+        (
+            rj.IndRNN(3, activation="tanh"),
+            "IndRNN(hidden_size=3, activation='tanh', use_bias=True, recurrent_max_abs=None) "
+            "(its clip_range is None: the activation is not a clip) is not one",
+        ),
+        (rj.IndRNN(3, activation=jnp.tanh), "its clip_range is None"),
+    ],
+)
+def test_a_configuration_that_is_not_a_clip_is_refused_by_name(cell, message):
+    for method in (rj.Associative(), rj.Chunked()):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(message) + r".*Methods that can run it: rj.Sequential\(\), "
+            r"rj.Newton\(\), rj.Auto\(\)",
+        ):
+            rj.RNN(cell, method=method)
