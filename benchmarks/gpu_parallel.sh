@@ -7,7 +7,8 @@
 #    init="step") vs rj.Sequential() at T = 1024, 4096, 16384, B=16, H=256   (.newton.{json,md})
 # 2. benchmarks/parallel_sweep.py --preset gpu: rj.scan's methods for minGRU and LRU over
 #    T = 1024 .. 65536, DEER / quasi-DEER for a GRU with hidden 16, and sequential / Newton
-#    (converging, and fixed 3 iterations from init="step") for paragru, paralstm, indrnn;
+#    (converging, and fixed 3 iterations from init="step") for paragru, paralstm, indrnn, plus
+#    the exact clipped scan (associative, chunked) for indrnn (relu);
 #    forward and forward+backward; the "auto" table those numbers imply   (.{json,md,png}, .auto_table.txt)
 # 3. examples/adding_problem.py at T=4096: ParaGRU trained by Newton and by the sequential scan
 #    from the same parameters on the same batches, loss curves side by side   (.adding.log)
