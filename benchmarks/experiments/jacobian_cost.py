@@ -119,8 +119,8 @@ def flat_step(cell, layout):
 
 
 def jacobians_program(cell, steps, batch):
-    """``f(params, S, X) -> (J, F)``: the engine's quasi-DEER Jacobians at all ``T x B`` steps and
-    the new states it computes with them."""
+    """``f(params, S, X) -> (J, F, Y)``: the engine's quasi-DEER Jacobians at all ``T x B`` steps
+    and the new states and outputs it computes with them."""
     layout = CarryLayout(cell.init_carry(()))
     structure = structure_for(cell, layout, "quasi-deer")
     one = jacobian_fn(cell, layout, structure, flat_step(cell, layout))

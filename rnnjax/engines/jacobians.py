@@ -112,29 +112,34 @@ def structure_for(cell: Cell, layout: CarryLayout, variant: str) -> Structure:
 
 
 def jacobian_fn(cell: Cell, layout: CarryLayout, structure: Structure, step):
-    """``one(params, s_prev, x, reset, valid) -> (J, F)`` for one sequence's step, ``F`` the
-    new state; ``step`` is the engine's masked step on flattened states."""
+    """``one(params, s_prev, x, reset, valid) -> (J, F, y)`` for one sequence's step: ``F`` the
+    new state and ``y`` the output, as ``step`` (the engine's masked step on flattened states)
+    gives them."""
 
     if not structure.from_cell:
 
         def by_jacfwd(p, s, x, r, v):
-            out = lambda s: (step(p, s, x, r, v)[0],) * 2
-            jac, val = jax.jacfwd(out, has_aux=True)(s)
-            return (jac if structure.kind == "full" else jnp.diagonal(jac)), val
+            def out(s):
+                new, y = step(p, s, x, r, v)
+                return new, (new, y)
+
+            jac, (val, y) = jax.jacfwd(out, has_aux=True)(s)
+            return (jac if structure.kind == "full" else jnp.diagonal(jac)), val, y
 
         return by_jacfwd
 
     def by_blocks(p: Any, s: Array, x: Array, r: Array, v: Array):
         s_in = jnp.where(r, jnp.zeros_like(s), s)
-        (new, _), blocks = cell.step_with_jacobian(p, layout.unflatten(s_in), x)  # type: ignore[attr-defined]
+        (new, y), blocks = cell.step_with_jacobian(p, layout.unflatten(s_in), x)  # type: ignore[attr-defined]
         blocks = blocks.astype(layout.real)
         # A reset cuts the dependence on s_prev; a step past the length is the identity map.
         eye = jnp.eye(blocks.shape[-1], dtype=blocks.dtype)
         blocks = jnp.where(v, jnp.where(r, jnp.zeros_like(blocks), blocks), eye)
         new = jnp.where(v, layout.flatten(new), s)
+        y = jnp.where(v, y, jnp.zeros((), y.dtype))
         if structure.kind == "block":
-            return blocks, new
+            return blocks, new, y
         diagonal = jnp.diagonal(blocks, axis1=-2, axis2=-1)  # (U, L): leaf l's entry of unit u
-        return diagonal.T.reshape(-1), new  # leaf-major, as CarryLayout.flatten
+        return diagonal.T.reshape(-1), new, y  # leaf-major, as CarryLayout.flatten
 
     return by_blocks

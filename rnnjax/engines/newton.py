@@ -117,20 +117,17 @@ def run(
         guess = jax.tree.map(lambda g: back(g).reshape((steps, batch) + g.shape[1 + nb :]), guess)
         s0 = jax.vmap(jax.vmap(layout.flatten))(guess)
 
-    step = _step_fn(cell, layout)
     if solve not in SOLVES:
         raise ValueError(f"solve must be one of {list(SOLVES)}, got {solve!r}")
     structure = structure_for(cell, layout, variant)
     options = _Options(variant, tol, max_iters, damping, unroll, init, structure, solve == "sequential")
     solver = _newton_solver(cell, layout, options, time_sharding)
-    states, iterations, converged, residual = solver(params, x_p, h0, r_p, v_p, s0)
-    prev = jnp.concatenate([h0[None], states[:-1]], axis=0)
-    new, ys = jax.vmap(jax.vmap(step, (None, 0, 0, 0, 0)), (None, 0, 0, 0, 0))(params, prev, x_p, r_p, v_p)
-    final = jax.vmap(layout.unflatten)(new[-1])
+    states, ys, iterations, converged, residual = solver(params, x_p, h0, r_p, v_p, s0)
+    final = jax.vmap(layout.unflatten)(states[-1])
     final = jax.tree.map(lambda f, c: f.reshape(c.shape), final, carry)
     carries = None
     if keep_states:
-        carries = jax.vmap(jax.vmap(layout.unflatten))(new)
+        carries = jax.vmap(jax.vmap(layout.unflatten))(states)
         carries = jax.tree.map(lambda s, c: back(s.reshape((steps,) + c.shape)), carries, carry)
     ys = back(ys.reshape((steps,) + batch_shape + ys.shape[2:]))
     return ys, final, NewtonInfo(iterations, converged, residual, carries)
@@ -165,9 +162,10 @@ def _step_fn(cell: Cell, layout: CarryLayout):
 
 
 def _newton_solver(cell, layout, options: _Options, time_sharding=None):
-    """``solve(params, X, h0, R, V, S0) -> (S, iterations, converged, residual)`` with ``S``
-    (T, B, n) the states after each step, differentiable by the implicit function theorem;
-    ``S0`` the first iterate or ``None``."""
+    """``solve(params, X, h0, R, V, S0) -> (S, Y, iterations, converged, residual)`` with ``S``
+    (T, B, n) the states after each step and ``Y`` (T, B, ...) the outputs, both from one
+    evaluation of the step at the last iterate and differentiable by the implicit function
+    theorem; ``S0`` the first iterate or ``None``."""
     variant, tol, max_iters, damping, unroll, init, structure, sequential_solve = options
     fixed = tol is None
     report_tol = default_tol(layout.real) if fixed else tol
@@ -179,19 +177,22 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
     def values(params, prev, X, R, V):
         return jax.vmap(jax.vmap(lambda *a: step(*a)[0], batched), batched)(params, prev, X, R, V)
 
+    def outputs(params, prev, X, R, V):
+        return jax.vmap(jax.vmap(step, batched), batched)(params, prev, X, R, V)
+
     def jacobians(params, prev, X, R, V):
-        """``(J, F)``: J (T, B, ...) in ``structure``'s form, and F = f(prev)."""
+        """``(J, F, Y)``: J (T, B, ...) in ``structure``'s form, F = f(prev) and the outputs Y."""
         return jax.vmap(jax.vmap(one_jacobian, batched), batched)(params, prev, X, R, V)
 
     def shift(S, h0):
         return jnp.concatenate([h0[None], S[:-1]], axis=0)
 
     def sequential(params, X, h0, R, V):
-        one = jax.vmap(lambda p, s, x, r, v: step(p, s, x, r, v)[0], (None, 0, 0, 0, 0))
+        one = jax.vmap(step, (None, 0, 0, 0, 0))
 
         def body(s, inputs):
-            s = one(params, s, *inputs)
-            return s, s
+            s, y = one(params, s, *inputs)
+            return s, (s, y)
 
         return jax.lax.scan(body, h0, (X, R, V), unroll=unroll)[1]
 
@@ -202,24 +203,25 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
                 S0 = values(params, S0, X, R, V)
         S = S0.astype(layout.real)
         # Each iteration linearises at the states it produced, so the cell runs once per
-        # iteration: F (for the residual and the next right-hand side) comes with J.
-        J, F = jacobians(params, shift(S, h0), X, R, V)
+        # iteration: F (for the residual and the next right-hand side) and the outputs Y come
+        # with J, and the returned states and outputs are that evaluation's (no extra one).
+        J, F, Y = jacobians(params, shift(S, h0), X, R, V)
         lam = jnp.asarray(damping if elk else 0.0, layout.real)
-        init_state = (jnp.int32(0), S, F, J, jnp.max(jnp.abs(S - F)), lam, jnp.sum(jnp.square(S - F)))
+        init_state = (jnp.int32(0), S, F, Y, J, jnp.max(jnp.abs(S - F)), lam, jnp.sum(jnp.square(S - F)))
 
         def cond(state):
-            k, _, _, _, r, _, _ = state
+            k, _, _, _, _, r, _, _ = state
             return (k < max_iters) & (r > tol) & jnp.isfinite(r)
 
         def body(state):
-            k, S, F, J, r, lam, merit = state
+            k, S, F, Y, J, r, lam, merit = state
             u = F - structure.matvec(J, shift(S, h0))
             if not elk:
                 S_new = structure.solve(J, u, h0, time_sharding, sequential_solve)
-                J_new, F_new = jacobians(params, shift(S_new, h0), X, R, V)
-                return k + 1, S_new, F_new, J_new, jnp.max(jnp.abs(S_new - F_new)), lam, merit
+                J_new, F_new, Y_new = jacobians(params, shift(S_new, h0), X, R, V)
+                return k + 1, S_new, F_new, Y_new, J_new, jnp.max(jnp.abs(S_new - F_new)), lam, merit
             S_new = elk_step(J, u, F, S, lam, structure.kind == "full")
-            J_new, F_new = jacobians(params, shift(S_new, h0), X, R, V)
+            J_new, F_new, Y_new = jacobians(params, shift(S_new, h0), X, R, V)
             merit_new = jnp.sum(jnp.square(S_new - F_new))
             # Levenberg-Marquardt: keep a step that lowers the merit and trust the model more
             # next time; otherwise stay and damp ten times harder.
@@ -227,15 +229,16 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
             pick = lambda new, old: jnp.where(accept, new, old)
             lam = jnp.clip(jnp.where(accept, lam / 10, lam * 10), 1e-12, 1e12).astype(lam.dtype)
             r_new = jnp.max(jnp.abs(S_new - F_new))
-            return k + 1, pick(S_new, S), pick(F_new, F), pick(J_new, J), pick(r_new, r), lam, pick(merit_new, merit)
+            kept = (pick(S_new, S), pick(F_new, F), pick(Y_new, Y), pick(J_new, J), pick(r_new, r))
+            return k + 1, *kept, lam, pick(merit_new, merit)
 
         if fixed:  # ParaRNN's training mode: a fixed count, no data-dependent loop or branch
-            k, S, F, _, residual, _, _ = jax.lax.fori_loop(0, max_iters, lambda _, state: body(state), init_state)
-            return F, k, residual <= report_tol, residual
-        k, S, F, _, residual, _, _ = jax.lax.while_loop(cond, body, init_state)
+            k, _, F, Y, _, residual, _, _ = jax.lax.fori_loop(0, max_iters, lambda _, state: body(state), init_state)
+            return F, Y, k, residual <= report_tol, residual
+        k, _, F, Y, _, residual, _, _ = jax.lax.while_loop(cond, body, init_state)
         converged = residual <= tol
-        S = jax.lax.cond(converged, lambda: F, lambda: sequential(params, X, h0, R, V))
-        return S, k, converged, residual
+        S, Y = jax.lax.cond(converged, lambda: (F, Y), lambda: sequential(params, X, h0, R, V))
+        return S, Y, k, converged, residual
 
     @jax.custom_vjp
     def solve(params, X, h0, R, V, S0):
@@ -247,15 +250,21 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
 
     def solve_bwd(res, cts):
         params, X, h0, R, V, S = res
-        S_bar = cts[0]
+        S_bar, Y_bar = cts[0], cts[1]
         prev = shift(S, h0)
+        # (S_t, Y_t) = step(S_{t-1}, x_t): Y_t's cotangent reaches the states through S_{t-1}
+        # (joining S's own cotangent before the adjoint solve), and the parameters, inputs and
+        # h0 in the one product with the step's transpose below.
+        _, vjp_y = jax.vjp(lambda s: outputs(params, s, X, R, V)[1], prev)
+        prev_bar_y = vjp_y(Y_bar)[0]
+        S_bar = S_bar + jnp.concatenate([prev_bar_y[1:], jnp.zeros_like(prev_bar_y[:1])], axis=0)
         if structure.exact:  # one reverse linear solve with the Jacobians themselves
-            J, _ = jacobians(params, prev, X, R, V)
+            J = jacobians(params, prev, X, R, V)[0]
             lam = _adjoint_exact(structure, J, S_bar, time_sharding, sequential_solve)
         else:
             lam = _adjoint_quasi(lambda: jacobians(params, prev, X, R, V)[0], params, prev, X, R, V, S_bar)
-        _, vjp = jax.vjp(lambda p, x, s: values(p, s, x, R, V), params, X, prev)
-        p_bar, x_bar, prev_bar = vjp(lam)
+        _, vjp = jax.vjp(lambda p, x, s: outputs(p, s, x, R, V), params, X, prev)
+        p_bar, x_bar, prev_bar = vjp((lam, Y_bar))
         return p_bar, x_bar, prev_bar[0], None, None, None
 
     def _adjoint_quasi(diag_fn, params, prev, X, R, V, S_bar):
