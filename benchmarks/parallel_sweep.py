@@ -313,7 +313,7 @@ def sweep(args, save=lambda rows: None, rows=None):
         save(rows)  # what is measured so far survives a kill
         for spec, cell in cells:
             kind = tuning.cell_kind(cell)
-            if kind in ("nonlinear", "clipped_linear") and steps > args.nonlinear_max_T:
+            if kind in ("nonlinear", "exact_jacobian", "clipped_linear") and steps > args.nonlinear_max_T:
                 continue
             base = dict(
                 cell=spec,
@@ -484,6 +484,7 @@ KIND_METHODS = {
     "log_linear": ("sequential", "associative", "chunked"),
     "linear": ("sequential", "associative", "chunked"),
     "clipped_linear": ("sequential", "associative", "chunked", "newton"),
+    "exact_jacobian": ("sequential", "newton"),
     "nonlinear": ("sequential", "newton"),
 }
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from rnnjax.cell import Cell, LinearCell, runs_associatively
+from rnnjax.cell import Cell, LinearCell, StructuredJacobian, runs_associatively
 
 # Steps per loop iteration for unroll="auto". cpu: unroll 8 slowed training 2-3x, 4 was no
 # faster than 1; gpu: 16 gave 2.3-3.3x over 1 on an H200 (benchmarks/results/nvidia-h200-unroll).
@@ -29,11 +29,16 @@ AUTO_UNROLL = {"cpu": 1, "gpu": 16}
 # stay sequential (benchmarks/results/gpu_parallel_20261127T063310Z.md). "clipped_linear" (a
 # relu IndRNN): cpu: the sequential loop was 1.5-3.3x faster than the clipped associative scan
 # (benchmarks/results/cpu-clipped-scan.log); gpu: not measured yet, so sequential as before.
+# "exact_jacobian" (ParaGRU, ParaLSTM, a tanh IndRNN: exact Newton at quasi-DEER's cost): cpu:
+# the sequential loop was 1.3-1.8x faster than 3 exact Newton iterations in training and
+# 2.9-3.6x in the forward pass (ParaGRU, B=16, H=64, T=1024-4096;
+# benchmarks/results/cpu-newton-timing.md, cpu-newton-outputs.log); gpu: not measured yet.
 AUTO_TABLE: dict[str, dict[str, Any]] = {
     "cpu": {
         "log_linear": ((0, "sequential"),),
         "linear": ((0, "sequential"),),
         "clipped_linear": ((0, "sequential"),),
+        "exact_jacobian": ((0, "sequential"),),
         "nonlinear": ((0, "sequential"),),
         "chunk_size": "sqrt",
     },
@@ -41,11 +46,12 @@ AUTO_TABLE: dict[str, dict[str, Any]] = {
         "log_linear": ((0, "associative"),),
         "linear": ((0, "associative"),),
         "clipped_linear": ((0, "sequential"),),
+        "exact_jacobian": ((0, "sequential"),),
         "nonlinear": ((0, "sequential"),),
         "chunk_size": "sqrt",
     },
 }
-CELL_KINDS = ("log_linear", "linear", "clipped_linear", "nonlinear")
+CELL_KINDS = ("log_linear", "linear", "clipped_linear", "exact_jacobian", "nonlinear")
 
 
 # How rj.Newton(solve="auto") solves each iteration's linear recurrence. cpu: a sequential scan
@@ -92,12 +98,18 @@ def newton_solve(solve: str = "auto", backend: str | None = None) -> str:
 
 
 def cell_kind(cell: Cell) -> str:
-    """``"log_linear"`` (a LinearCell evaluated in log space), ``"linear"`` (another
-    LinearCell), ``"clipped_linear"`` (a :class:`rnnjax.cell.ClippedLinearCell` in a clipped
-    configuration: a relu IndRNN) or ``"nonlinear"``: the rows of the auto table a cell uses."""
+    """The rows of the auto table a cell uses: ``"log_linear"`` (a LinearCell evaluated in log
+    space), ``"linear"`` (another LinearCell), ``"clipped_linear"`` (a
+    :class:`rnnjax.cell.ClippedLinearCell` in a clipped configuration: a relu IndRNN),
+    ``"exact_jacobian"`` (a :class:`rnnjax.cell.StructuredJacobian` whose blocks are its whole
+    Jacobian: ParaGRU, ParaLSTM, a tanh IndRNN) or ``"nonlinear"`` (any other cell)."""
     if isinstance(cell, LinearCell):
         return "log_linear" if cell.log_space else "linear"
-    return "clipped_linear" if runs_associatively(cell) else "nonlinear"
+    if runs_associatively(cell):
+        return "clipped_linear"
+    if isinstance(cell, StructuredJacobian) and cell.jacobian_kind == "exact":
+        return "exact_jacobian"
+    return "nonlinear"
 
 
 def choose_method(cell: Cell, steps: int, backend: str | None = None) -> str:

@@ -194,7 +194,8 @@ def test_auto_on_cpu_runs_what_the_table_says(monkeypatch):
     assert_trees_close(rj.scan(cell, params, xs, carry, method="auto", lengths=LENGTHS), rj.scan(cell, params, xs, carry, lengths=LENGTHS), **F32)
     assert parallel.cell_kind(rj.GRU(3)) == "nonlinear" and parallel.cell_kind(rj.LRU(3)) == "linear"
     assert parallel.cell_kind(rj.MinLSTM(3, candidate="identity")) == "linear"
-    assert parallel.cell_kind(rj.IndRNN(3)) == "clipped_linear" and parallel.cell_kind(rj.IndRNN(3, activation="tanh")) == "nonlinear"
+    assert parallel.cell_kind(rj.IndRNN(3)) == "clipped_linear" and parallel.cell_kind(rj.IndRNN(3, activation="tanh")) == "exact_jacobian"
+    assert parallel.cell_kind(rj.ParaLSTM(3)) == "exact_jacobian" and parallel.cell_kind(rj.LSTM(3, proj_size=2)) == "nonlinear"
     # Another table: associative from T=4 on, for log-space cells only.
     table = dict(tuning.AUTO_TABLE["cpu"], log_linear=((0, "sequential"), (4, "associative")))
     monkeypatch.setitem(tuning.AUTO_TABLE, "cpu", table)
@@ -211,7 +212,7 @@ def test_every_table_row_names_a_method_the_cell_kind_can_run():
         for kind in tuning.CELL_KINDS:
             rows = table[kind]
             assert rows[0][0] == 0 and list(rows) == sorted(rows), (backend, kind)
-            allowed = {"nonlinear": ("sequential", "newton"),
+            allowed = {"nonlinear": ("sequential", "newton"), "exact_jacobian": ("sequential", "newton"),
                        "clipped_linear": ("sequential", "associative", "chunked", "newton")}.get(
                 kind, ("sequential", "associative", "chunked"))
             assert all(method in allowed for _, method in rows), (backend, kind)
