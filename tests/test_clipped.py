@@ -202,3 +202,37 @@ def test_a_configuration_that_is_not_a_clip_is_refused_by_name(cell, message):
             r"rj.Newton\(\), rj.Auto\(\)",
         ):
             rj.RNN(cell, method=method)
+
+
+def test_training_with_the_clipped_scan_follows_the_sequential_loss_curve():
+    # The parallel method changes the speed, not the model: 25 Adam steps from the same
+    # parameters on the same batches. float64, so that the curves may differ by rounding only.
+    import optax
+
+    cell = rj.IndRNN(6, recurrent_max_abs=1.0)
+    with enable_x64(True):
+        params = {"rnn": cell.init(jax.random.key(7), 2, jnp.float64), "out": jnp.zeros(6)}
+        xs = jnp.asarray(np.random.default_rng(7).uniform(size=(8, 40, 2)))
+        target = jnp.mean(xs[..., 0] * xs[..., 1], axis=1)
+        optimizer = optax.adam(3e-2)
+
+        def curve(method):
+            def loss(p):
+                _, last = rj.scan(cell, p["rnn"], xs, lengths=jnp.arange(8) * 4 + 12, method=method)
+                return jnp.mean((last @ p["out"] - target) ** 2)
+
+            @jax.jit
+            def step(p, state):
+                value, grads = jax.value_and_grad(loss)(p)
+                updates, state = optimizer.update(grads, state, p)
+                return optax.apply_updates(p, updates), state, value
+
+            p, state, values = params, optimizer.init(params), []
+            for _ in range(25):
+                p, state, value = step(p, state)
+                values.append(float(value))
+            return np.array(values)
+
+        sequential, parallel = curve(rj.Sequential()), curve(rj.Associative())
+    assert sequential[-1] < 0.5 * sequential[0]  # it learns
+    np.testing.assert_allclose(parallel, sequential, rtol=1e-9)
