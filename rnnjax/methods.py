@@ -221,7 +221,7 @@ class Newton(Method):
         values are returned instead. ``None``: exactly ``max_iters`` iterations, no check and
         no fallback (a fixed-cost program, as ParaRNN trains: e.g. ``max_iters=3`` from
         ``init="step"`` for ``rj.ParaGRU``/``rj.ParaLSTM``; ``rj.IndRNN`` needs 5 with tanh and
-        16 with relu at T=4096, ``benchmarks/results/cpu-newton-check.md``; a relu IndRNN runs
+        16 or more with relu at T=4096, ``benchmarks/results/cpu-newton-check.md``; a relu IndRNN runs
         exactly in one scan with ``rj.Associative()`` instead).
       max_iters: Newton steps (the cap, or with ``tol=None`` the count).
       damping: ELK's initial damping (``"elk"``, ``"quasi-elk"`` only); ``None``: 1.
