@@ -22,3 +22,11 @@ def test_the_guides_have_examples():
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(DOCS)))
 def test_docs_examples_run(page):
     assert run_examples.run_page(page), f"a python block of {page.relative_to(DOCS)} failed (its output names it)"
+
+
+def test_every_public_name_has_an_api_page():
+    """The check ``make docs`` runs (docs/api_coverage.py), here so ``make test`` fails first."""
+    spec = importlib.util.spec_from_file_location("api_coverage", DOCS / "api_coverage.py")
+    api_coverage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(api_coverage)
+    assert api_coverage.undocumented_names() == [], "add these to an autosummary table in docs/api/*.md"
