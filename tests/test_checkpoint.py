@@ -190,6 +190,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow  # a subprocess with its own JAX start: make test-all
 def test_concurrent_saves_of_one_step_publish_exactly_one_writers_state(tmp_path):
     """Two OS processes save step 2 into one directory at once: one publishes its complete
     state, the other gets a clear error, and a restore holds one writer's arrays only."""
@@ -512,6 +513,7 @@ gc.collect()
 """
 
 
+@pytest.mark.slow  # a subprocess with its own JAX start: make test-all
 def test_a_failed_restore_prints_no_tracebacks_of_the_reads_orbax_abandoned():
     """Each failing restore used to print up to hundreds of tracebacks ("Event loop is
     closed", "Exception ignored in: <coroutine object _read_array_index_and_device_put>",

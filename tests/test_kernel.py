@@ -74,10 +74,10 @@ def check_against_sequential(cell, batch_shape, steps, input_size, reverse, mask
 @pytest.mark.parametrize(
     "cell, batch_shape, reverse",
     [
-        (rj.LSTM(8), (5,), True),  # 5 rows: two programs, three padded rows
-        (rj.GRU(8), (2, 3), False),  # any batch shape; GRU's 3-block products
+        pytest.param(rj.LSTM(8), (5,), True, id="lstm-reverse"),  # 5 rows: two programs, three padded rows
+        # any batch shape; GRU's 3-block products (make test-all)
+        pytest.param(rj.GRU(8), (2, 3), False, id="gru-batch2x3", marks=pytest.mark.slow),
     ],
-    ids=["lstm-reverse", "gru-batch2x3"],
 )
 def test_outputs_carries_and_gradients_equal_the_sequential_engines(cell, batch_shape, reverse):
     check_against_sequential(cell, batch_shape, steps=6, input_size=3, reverse=reverse)

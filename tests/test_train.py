@@ -230,6 +230,7 @@ np.savez(sys.argv[1], devices=len(jax.devices()), **out)
 """
 
 
+@pytest.mark.slow  # a subprocess with its own JAX start: make test-all
 def test_data_parallel_step_with_nan_in_padding_on_two_devices(tmp_path):
     # depends on rj.scan keeping padded inputs out of the cell (rnnjax/sequence.py)
     root = Path(__file__).resolve().parents[1]
