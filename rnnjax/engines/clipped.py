@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from rnnjax.cell import ClippedLinearCell
 from rnnjax.engines.affine import CLIP, DIAG, SequenceSharding, solve_affine
-from rnnjax.sequence import TimeMajor, expand_to
+from rnnjax.sequence import TimeMajor, expand_to, mask_step, reset_carry
 
 
 def run(
@@ -47,19 +47,14 @@ def run(
     prev = jnp.concatenate([h0[None].astype(states.dtype), states[:-1]], axis=0).astype(h0.dtype)
     # The outputs (and the final carry) are the cell's own step at the solved states.
     new, ys = _masked_step(cell, params, prev, xs, resets, valid)
-    if valid is not None:
-        ys = jnp.where(expand_to(valid, ys), ys, jnp.zeros((), ys.dtype))
     return back(ys), new[-1], None
 
 
 def _masked_step(cell, params, prev, xs, resets, valid):
     """``cell.step`` at every step at once (time is one more batch axis), with a reset's zero
-    carry and the frozen carry past a length folded in."""
-    s_in = prev if resets is None else jnp.where(expand_to(resets, prev), jnp.zeros((), prev.dtype), prev)
-    new, ys = cell.step(params, s_in, xs)
-    if valid is not None:
-        new = jnp.where(expand_to(valid, new), new, prev)
-    return new, ys
+    carry, and the frozen carry and a zero output past a length, as the sequential engine's."""
+    new, ys = cell.step(params, reset_carry(prev, resets, jnp.zeros((), prev.dtype)), xs)
+    return mask_step(new, ys, prev, valid)
 
 
 def _states_fn(cell: ClippedLinearCell, chunk_size: int | None, time_sharding: SequenceSharding | None):
