@@ -35,7 +35,7 @@ assert not any(n.startswith(("tests/", "benchmarks/", "docs/")) for n in names),
 print("   sdist: LICENSE README.md pyproject.toml; wheel: py.typed, LICENSE")
 PYEOF
 
-echo "== fresh virtual environment, wheel installed from PyPI dependencies"
+echo "== fresh virtual environment, wheel installed with its core dependencies only (no extras)"
 "$PY" -m venv "$TMP/venv"  # from a venv's python, venv uses the base interpreter
 "$TMP/venv/bin/python" -m pip install --quiet --upgrade pip >"$TMP/pip.log" 2>&1 || { cat "$TMP/pip.log"; exit 1; }
 "$TMP/venv/bin/python" -m pip install --quiet "$wheel" >>"$TMP/pip.log" 2>&1 || { cat "$TMP/pip.log"; exit 1; }
@@ -43,10 +43,20 @@ echo "== fresh virtual environment, wheel installed from PyPI dependencies"
 echo "== smoke test from $TMP (outside the checkout)"
 cd "$TMP"
 "$TMP/venv/bin/python" - "$ROOT" <<'PYEOF'
-import pathlib, sys
+import importlib.util, pathlib, sys
 
 import jax, jax.numpy as jnp, optax
 import rnnjax as rj
+
+# The core installs neither Flax nor Orbax (extras rnnjax[flax], rnnjax[checkpoint]).
+for optional in ("flax", "orbax"):
+    assert importlib.util.find_spec(optional) is None, f"{optional} was installed without its extra"
+try:
+    import rnnjax.flax
+except ImportError as err:
+    assert "rnnjax[flax]" in str(err), err
+else:
+    raise AssertionError("import rnnjax.flax worked without flax installed")
 
 root = pathlib.Path(sys.argv[1]).resolve()
 package = pathlib.Path(rj.__file__).resolve().parent

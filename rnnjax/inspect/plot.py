@@ -3,12 +3,14 @@ one is drawn."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from rnnjax.inspect.fixed_points import STABILITY_CLASSES, FixedPoints
+from rnnjax.optional import require
 
 _STYLE = {
     "stable": {"marker": "o", "color": "black", "s": 60, "zorder": 5},
@@ -19,11 +21,8 @@ _STYLE = {
 
 
 def _pyplot():
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("rnnjax.inspect's plots need matplotlib: pip install 'rnnjax[plot]'") from error
-    return plt
+    require("matplotlib", "rnnjax.inspect's plots")
+    return importlib.import_module("matplotlib.pyplot")
 
 
 def plot_pca_trajectories(

@@ -48,6 +48,7 @@ from rnnjax.cells.lstm import LSTM, LSTMParams, LSTMState
 from rnnjax.interop.weights import GATE_BLOCKS, to_jax, to_numpy
 from rnnjax.layers import RNN, Bidirectional, BidirectionalParams, Stack
 from rnnjax.ops import ACTIVATIONS
+from rnnjax.optional import require
 
 __all__ = ["from_torch", "from_torch_state_dict", "torch_final_state", "to_torch_state_dict"]
 
@@ -397,7 +398,7 @@ def to_torch_state_dict(layer: Any, params: Any, *, tensors: bool = True) -> dic
         out_size = dirs[0][0].output_size(0)
     if not tensors:
         return out
-    import torch  # PyTorch (an absolute import, not this module), lazily: rnnjax never needs torch
+    torch = require("torch", "to_torch_state_dict(..., tensors=True)")  # lazily: rnnjax never needs torch
 
     def tensor(a: np.ndarray):
         if a.dtype == jnp.bfloat16:

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from rnnjax.checks import check_nonnegative_int, check_positive_int, is_int
+from rnnjax.optional import require
 from rnnjax.train import checkpoint_leaves as leaves
 from rnnjax.train import checkpoint_quiet as quiet
 from rnnjax.train import checkpoint_store as store
@@ -168,6 +169,7 @@ def save_checkpoint(
       >>> type(restored).__name__, restored.params["w"].tolist()
       ('TrainState', [1.0, 1.0, 1.0])
     """
+    require("orbax.checkpoint", "rj.train.save_checkpoint")
     path = _directory(directory)
     _check_state(state)
     step = _step_of(state, step)
@@ -362,6 +364,7 @@ def restore_checkpoint(
         first mismatching path, e.g. ``params/w_h has shape (8, 24) in the checkpoint,
         (16, 48) in the model``.
     """
+    require("orbax.checkpoint", "rj.train.restore_checkpoint")
     path = _directory(directory)
     steps = store.list_steps(path)
     if not steps:
