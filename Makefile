@@ -56,9 +56,9 @@ notebooks: $(VENV)/.installed
 PYTEST := $(PY) -m pytest -n 2 --dist loadgroup -q
 
 # The fast set (minutes): everything but the tests marked slow, compiled for compile speed
-# (tests/conftest.py).
+# (--fast-compile, tests/conftest.py).
 test: $(VENV)/.installed
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow" --fast-compile
 
 # Only the tests marked slow (notebooks, README examples, every multidevice check, ...).
 test-slow: $(VENV)/.installed

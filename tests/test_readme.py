@@ -14,8 +14,9 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 RUNNABLE = [b for b in BLOCKS if not any(k in b for k in ("torch_module", "keras_layer"))]
 
 
-def test_readme_has_examples():
-    assert len(RUNNABLE) >= 1  # the first example; the guides' examples run in tests/test_docs.py
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_examples_are_valid_python(index):
+    compile(BLOCKS[index], f"README.md python block {index}", "exec")  # a SyntaxError fails it
 
 
 @pytest.mark.slow  # about 100 s of compiles: make test-all runs it
