@@ -4,10 +4,15 @@ NaN, donated states, errors in the middle of fit, and bad input. (Losses: test_l
 
 import functools
 import io
+import itertools
 import os
+import queue
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -483,3 +488,108 @@ def test_fit_hands_back_the_last_good_state_on_any_exception():
         T.fit(failing, fresh_state(), good, progress=False)
     assert info.value.state is None and info.value.history["step"] == [1]
     assert any("the state after step 1 was consumed by the failure" in note for note in info.value.__notes__)
+
+
+# ---- fit and Ctrl-C -----------------------------------------------------------------------
+
+
+def sigint_after_step(presses, at):
+    """``train_step()`` that sends itself ``presses`` SIGINTs right after the jitted call
+    returned at its ``at``-th call: the state passed in is donated by then."""
+    calls = []
+
+    def step(state, batch):
+        out = train_step()(state, batch)
+        calls.append(1)
+        if len(calls) == at:
+            for _ in range(presses):
+                signal.raise_signal(signal.SIGINT)
+        return out
+
+    return step
+
+
+def test_ctrl_c_right_after_a_step_donated_the_state_stops_with_the_new_state():
+    file = io.StringIO()
+    state, history = T.fit(sigint_after_step(1, at=3), fresh_state(), itertools.repeat(make_batch()), file=file)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+    assert int(state.step) == 3 and history["step"] == [1, 2, 3] and len(history["loss"]) == 3
+    assert "fit: 3 steps" in file.getvalue() and "(interrupted)" in file.getvalue()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # fit's own handler is gone
+
+
+def test_a_second_ctrl_c_raises_keyboard_interrupt_with_the_state_after_the_step():
+    with pytest.raises(KeyboardInterrupt) as info:
+        T.fit(sigint_after_step(2, at=2), fresh_state(), itertools.repeat(make_batch()), progress=False)
+    err = info.value
+    assert int(err.state.step) == 2 and not any(leaf.is_deleted() for leaf in jax.tree.leaves(err.state))
+    assert err.history["step"] == [1, 2]
+    assert any("the last good state (after step 2) is in err.state" in note for note in err.__notes__)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_third_ctrl_c_inside_a_step_raises_at_once_and_says_the_state_was_consumed():
+    with pytest.raises(KeyboardInterrupt) as info:
+        T.fit(sigint_after_step(3, at=2), fresh_state(), itertools.repeat(make_batch()), progress=False)
+    assert info.value.state is None and info.value.history["step"] == [1]
+    assert any("the state after step 1 was consumed" in note for note in info.value.__notes__)
+
+
+def test_without_fits_handler_an_interrupt_after_a_donation_raises_rather_than_reading_deleted_arrays():
+    """Someone else's SIGINT handler is left in place; fit in another thread installs none."""
+
+    def users_handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, users_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            T.fit(sigint_after_step(1, at=2), fresh_state(), itertools.repeat(make_batch()), progress=False)
+        assert signal.getsignal(signal.SIGINT) is users_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert info.value.state is None and info.value.history["step"] == [1]
+    results = []
+    thread = threading.Thread(target=lambda: results.append(T.fit(train_step(), fresh_state(), [make_batch()] * 2, progress=False)))
+    thread.start()
+    thread.join()
+    assert int(results[0][0].step) == 2
+
+
+def test_ctrl_c_at_random_moments_always_returns_the_state_of_the_steps_done():
+    """Real SIGINTs from another thread, at random delays into runs that only an interrupt ends;
+    the step does Python work after its donating call, where an interrupt used to lose the state."""
+    calls, runs = [0], queue.Queue()
+
+    def step(state, batch):
+        out = train_step()(state, batch)
+        calls[0] += 1
+        time.sleep(0.001)
+        return out
+
+    def press():  # one SIGINT per run, sent after the run's first batch: it lands in that run
+        while (run := runs.get(timeout=60)) is not None:
+            time.sleep(run)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    sender = threading.Thread(target=press)
+    sender.start()
+    state = fresh_state()
+    try:
+        for delay in np.random.default_rng(0).uniform(0.0, 0.02, 6):
+            before, calls[0] = int(state.step), 0
+
+            def batches(i, delay=delay, before=before):
+                if i == before:
+                    runs.put(delay)
+                if i > before + 100_000:  # the signal was lost: fail rather than hang
+                    raise RuntimeError("no interrupt arrived")
+                return make_batch()
+
+            state, history = T.fit(step, state, batches, steps=10**9, progress=False)
+            assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+            assert int(state.step) - before == calls[0] == len(history["loss"]) >= 1
+    finally:
+        runs.put(None)
+        sender.join()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import jax
@@ -52,6 +55,75 @@ class _Progress:
             self.width = 0
         self.file.write(text + "\n")
         self.file.flush()
+
+
+class _Interrupts:
+    """Ctrl-C while ``fit`` runs, with its own SIGINT handler installed (:func:`_sigint`).
+
+    The first press asks ``fit`` to stop after the current step. A second raises
+    ``KeyboardInterrupt`` at once (a batch iterator or ``eval_fn`` that blocks), except
+    inside a step, where it waits until the step's outputs are bound: a step that consumed
+    the state by donation has then handed back the new one. A third press inside a step
+    raises at once (a step that hangs), even if that loses a donated state.
+    Without the handler (not the main thread, or SIGINT handled by someone else) nothing
+    is pressed here and ``KeyboardInterrupt`` arrives as Python raises it.
+    """
+
+    def __init__(self) -> None:
+        self.presses = 0
+        self.in_step = False
+        self.held = False  # a second press waits for the step to end
+        self.raised = False  # a KeyboardInterrupt came from a second or third press
+        self.finished = False  # fit has its outcome: presses no longer raise
+
+    @property
+    def stop(self) -> bool:
+        return self.presses > 0
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.presses += 1
+        if self.presses == 1 or self.finished:
+            return
+        if self.presses == 2 and self.in_step:
+            self.held = True
+            return
+        self.raised = True
+        raise KeyboardInterrupt
+
+    def step_starts(self) -> None:
+        self.in_step = True
+
+    def step_ends(self) -> None:
+        self.in_step = False
+        if self.held:
+            self.held = False
+            self.raised = True
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigint() -> Iterator[_Interrupts]:
+    """Route SIGINT to an :class:`_Interrupts` while the context runs, when ``fit`` runs in
+    the main thread and SIGINT has Python's default handler (a signal handler can only be
+    set there; someone else's handler is left alone); the previous handler comes back after."""
+    interrupts = _Interrupts()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupts
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        yield interrupts
+        return
+    signal.signal(signal.SIGINT, interrupts.handle)
+    try:
+        yield interrupts
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _lost(state: PyTree) -> bool:
+    """Whether an array of ``state`` was deleted (donated to a step that did not return)."""
+    return any(isinstance(leaf, jax.Array) and leaf.is_deleted() for leaf in jax.tree.leaves(state))
 
 
 def _format_metrics(values: Mapping[str, Any]) -> str:
@@ -105,10 +177,18 @@ def fit(
     Returns:
       ``(state, history)``: ``history["step"]`` and one list per metric with every
       step's value; ``history["eval_step"]`` and ``history["eval_<name>"]`` (``"eval"``
-      for a scalar ``eval_fn``). Interrupting (Ctrl-C) stops after the current step and
-      returns what was done.
+      for a scalar ``eval_fn``).
+
+    Ctrl-C stops the run after the current step, wherever the signal lands, and returns
+    what was done (without a final evaluation). A second Ctrl-C raises
+    ``KeyboardInterrupt`` with ``err.state`` as below (inside a step: once the step has
+    returned); a third inside a step raises at once, for a step that hangs (``err.state``
+    is then ``None`` if the step had consumed it). ``fit`` handles SIGINT itself only in
+    the main thread and over Python's default handler; otherwise a ``KeyboardInterrupt``
+    returns what was done, or is raised as below if a step had consumed the state.
 
     Raises:
+      KeyboardInterrupt: a second Ctrl-C, with ``err.state`` and ``err.history`` as below.
       Exception: any other exception (from ``step_fn``, ``batches``, ``eval_fn``,
         ``on_log``, ...) stops the run and is re-raised as it is, with the last good state
         attached: ``err.state`` is the state after the last completed step (the one to
@@ -209,54 +289,68 @@ def fit(
         mark = (time.perf_counter(), mark[1])  # evaluation time is not training time
 
     last_eval_done = 0
-    try:
+    with _sigint() as sigint:
         try:
-            while steps is None or done < steps:
-                index = first_step + done
-                if iterator is None:
-                    batch = batches(index)  # type: ignore[operator]  # the callable form
-                else:
+            try:
+                while (steps is None or done < steps) and not sigint.stop:
+                    index = first_step + done
+                    if iterator is None:
+                        batch = batches(index)  # type: ignore[operator]  # the callable form
+                    else:
+                        try:
+                            batch = next(iterator)
+                        except StopIteration:
+                            break
+                    # From the call until the outputs are bound, a donated state exists only
+                    # inside the step: a second Ctrl-C waits for step_ends.
+                    sigint.step_starts()
                     try:
-                        batch = next(iterator)
-                    except StopIteration:
-                        break
-                if carry is None:
-                    state, metrics = step_fn(state, batch)
-                else:
-                    state, carry, metrics = step_fn(state, carry, batch)
-                done += 1
-                if not isinstance(metrics, Mapping):
-                    raise TypeError(f"step_fn must return a dict of metrics last, got {type(metrics).__name__}")
-                pending.append((index + 1, metrics))
-                if done == 1 or done % log_every == 0 or done == total:
-                    flush()
-                if eval_fn is not None and done % eval_every == 0:
-                    flush()
-                    evaluate(first_step + done)
-                    last_eval_done = done
-        except KeyboardInterrupt:
-            interrupted = True
-        flush()
-        if eval_fn is not None and done > last_eval_done and not interrupted:
-            evaluate(first_step + done)
-        jax.block_until_ready(state)
-    except Exception as err:
+                        if carry is None:
+                            state, metrics = step_fn(state, batch)
+                        else:
+                            state, carry, metrics = step_fn(state, carry, batch)
+                        done += 1
+                        if not isinstance(metrics, Mapping):
+                            raise TypeError(f"step_fn must return a dict of metrics last, got {type(metrics).__name__}")
+                        pending.append((index + 1, metrics))
+                    finally:
+                        sigint.step_ends()
+                    if done == 1 or done % log_every == 0 or done == total:
+                        flush()
+                    if eval_fn is not None and done % eval_every == 0 and not sigint.stop:
+                        flush()
+                        evaluate(first_step + done)
+                        last_eval_done = done
+            except KeyboardInterrupt:
+                # Raised by Python's own handler (fit's is not installed) or by the step: the
+                # state is good unless a step consumed it; a second press stops fit itself.
+                if sigint.raised or _lost(state):
+                    raise
+                interrupted = True
+            interrupted = interrupted or sigint.stop
+            flush()
+            if eval_fn is not None and done > last_eval_done and not interrupted:
+                evaluate(first_step + done)
+            jax.block_until_ready(state)
+        except (Exception, KeyboardInterrupt) as err:
+            sigint.finished = True
+            if carry is not None:
+                history["carry"] = carry
+            _attach_last_good(err, state, history, first_step + done)
+            try:  # the steps done before the error still count (history, on_log, progress)
+                flush()
+                bar.line(
+                    _summary(done, time.perf_counter() - start, first_loss, last_loss, last_eval)
+                    + f" (stopped by {type(err).__name__})"
+                )
+            except Exception as lost:  # noqa: BLE001 - the first error is the one to raise
+                err.add_note(f"rj.train.fit could not record the last metrics: {type(lost).__name__}: {lost}")
+            raise
+        sigint.finished = True
         if carry is not None:
             history["carry"] = carry
-        _attach_last_good(err, state, history, first_step + done)
-        try:  # the steps done before the error still count (history, on_log, progress)
-            flush()
-            bar.line(
-                _summary(done, time.perf_counter() - start, first_loss, last_loss, last_eval)
-                + f" (stopped by {type(err).__name__})"
-            )
-        except Exception as lost:  # noqa: BLE001 - the first error is the one to raise
-            err.add_note(f"rj.train.fit could not record the last metrics: {type(lost).__name__}: {lost}")
-        raise
-    if carry is not None:
-        history["carry"] = carry
-    summary = _summary(done, time.perf_counter() - start, first_loss, last_loss, last_eval)
-    bar.line(summary + (" (interrupted)" if interrupted else ""))
+        summary = _summary(done, time.perf_counter() - start, first_loss, last_loss, last_eval)
+        bar.line(summary + (" (interrupted)" if interrupted else ""))
     return state, history
 
 
@@ -275,8 +369,9 @@ def _summary(
 def _attach_last_good(err: BaseException, state: PyTree, history: dict, step: int) -> None:
     """Hand the last good state back on ``err``: ``err.state``, ``err.history`` and a note."""
     try:  # a state donated to the step that failed is deleted; one it computed may hold the error
-        jax.block_until_ready(state)
-        lost = any(isinstance(leaf, jax.Array) and leaf.is_deleted() for leaf in jax.tree.leaves(state))
+        lost = _lost(state)
+        if not lost:
+            jax.block_until_ready(state)
     except Exception:  # noqa: BLE001 - whatever reading it raises, it is not a good state
         lost = True
     err.state, err.history = (None if lost else state), history  # type: ignore[attr-defined]
