@@ -550,3 +550,76 @@ def test_only_the_reports_of_abandoned_reads_are_silenced(tmp_path, monkeypatch,
     with caplog.at_level("ERROR", logger="asyncio"):
         logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=(RuntimeError, other, other.__traceback__))
     assert [r.exc_info[1] for r in caplog.records] == [other]
+
+
+def one_character_edits(text):
+    """``text`` with each character in turn replaced: a digit by the next, a letter by the next
+    lower-case letter, anything else by ``x``."""
+    for i, c in enumerate(text):
+        if c.isdigit():
+            new = str((int(c) + 1) % 10)
+        elif c.isalpha():
+            new = chr((ord(c.lower()) - ord("a") + 1) % 26 + ord("a"))
+        else:
+            new = "x"
+        yield i, text[:i] + new + text[i + 1 :]
+
+
+def test_every_one_character_edit_of_the_record_is_reported_as_corruption(tmp_path):
+    state = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3, jnp.bfloat16), "key": jax.random.key(1)}
+    T.save_checkpoint(tmp_path, state, step=3)
+    record = tmp_path / "3" / "rnnjax_checkpoint.json"
+    text = record.read_text()
+    missed = []
+    for i, edited in one_character_edits(text):
+        record.write_text(edited)
+        try:
+            T.restore_checkpoint(tmp_path, state)
+            missed.append((i, edited[max(0, i - 12) : i + 12], "restored"))
+        except T.CorruptCheckpointError as e:
+            assert f"checkpoint of step 3 in {tmp_path / '3'} cannot be read: its record" in str(e)
+        except Exception as e:  # noqa: BLE001 - a model mismatch, or anything else, is the wrong report
+            missed.append((i, edited[max(0, i - 12) : i + 12], f"{type(e).__name__}: {e}"))
+    assert not missed, f"{len(missed)} of {len(text)} edits not reported as corruption, e.g. {missed[:3]}"
+    record.write_text(text)
+    restored = T.restore_checkpoint(tmp_path, state)
+    leaves_equal(restored["w"], state["w"])
+
+
+def test_a_record_of_format_1_is_read_and_its_inconsistent_edits_are_reported_as_corruption(tmp_path):
+    """Records written before format 2 carry no checksum: they are checked for consistency."""
+    state = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3, jnp.bfloat16)}
+    T.save_checkpoint(tmp_path, state, step=3)
+    record = tmp_path / "3" / "rnnjax_checkpoint.json"
+    content = json.loads(record.read_text())
+    content.pop("checksum", None)
+    text = json.dumps({**content, "format": 1})
+    record.write_text(text)
+    leaves_equal(T.restore_checkpoint(tmp_path, state), state)
+    edits = {
+        '"shape": [2, 3]': ('"shape": [2, 4]', r"leaf 1 \(w\) has shape \[2, 4\] but is stored with shape \[2, 3\]"),
+        '"dtype": "bfloat16"': ('"dtype": "float16"', r"leaf 0 \(b\) has dtype float16 but is stored as bfloat16"),
+        '"step": 3': ('"step": 4', "its record rnnjax_checkpoint.json is of step 4"),
+        '"format": 1': ('"format": 2', "has format 2 but no checksum"),
+    }
+    for old, (new, reason) in edits.items():
+        assert text.count(old) == 1
+        record.write_text(text.replace(old, new))
+        with pytest.raises(T.CorruptCheckpointError, match=reason):
+            T.restore_checkpoint(tmp_path, state)
+
+
+def test_a_symlinked_lock_file_is_refused_not_followed(tmp_path):
+    directory, target = tmp_path / "run", tmp_path / "precious"
+    directory.mkdir()
+    target.write_text("keep me")
+    lock = directory / ".rnnjax.lock"
+    lock.symlink_to(target)
+    with pytest.raises(ValueError, match=re.escape(f"{lock} is a symbolic link")):
+        T.save_checkpoint(directory, {"w": jnp.ones(3)}, step=1)
+    assert target.read_text() == "keep me" and os.listdir(directory) == [".rnnjax.lock"]
+    lock.unlink()
+    lock.symlink_to(tmp_path / "absent")  # a dangling link: following it would create the file
+    with pytest.raises(ValueError, match=re.escape(f"{lock} is a symbolic link")):
+        T.save_checkpoint(directory, {"w": jnp.ones(3)}, step=1)
+    assert not os.path.lexists(tmp_path / "absent") and T.checkpoint_steps(directory) == []

@@ -2,8 +2,9 @@
 
 A checkpoint directory holds one folder per saved step, ``<directory>/<step>``: orbax's
 item ``default/`` and rnnjax's record ``rnnjax_checkpoint.json`` (each leaf's path, shape
-and dtype). Only folders with a record are checkpoints; nothing else in the directory is
-listed or deleted (:mod:`rnnjax.train.checkpoint_store`).
+and dtype, and a checksum of the record's content). Only folders with a record are
+checkpoints; nothing else in the directory is listed or deleted
+(:mod:`rnnjax.train.checkpoint_store`).
 
 Writers. Each save writes into a staging folder of its own and publishes it with one
 rename under ``fcntl.flock`` of ``<directory>/.rnnjax.lock``, refusing to replace an
@@ -19,8 +20,10 @@ always the step just saved. Saving a step lower than existing ones (a run restar
 an earlier checkpoint) warns: :func:`restore_checkpoint` keeps returning the highest step
 unless given ``step=``.
 
-Reading. A checkpoint whose files are missing, truncated or disagree with its record
-raises :class:`CorruptCheckpointError` naming its folder and the other steps;
+Reading. A checkpoint whose files are missing, truncated or disagree with its record, or
+whose record was edited or damaged (its checksum disagrees; a record of format 1, from
+before checksums, must be consistent with itself and orbax's metadata), raises
+:class:`CorruptCheckpointError` naming its folder and the other steps;
 ``restore_checkpoint(..., skip_unreadable=True)`` restores the highest readable step
 instead, warning for each step it skips. The tracebacks orbax's abandoned reads print after
 such a failure are dropped (:mod:`rnnjax.train.checkpoint_quiet`).
@@ -46,13 +49,13 @@ from rnnjax.train import checkpoint_quiet as quiet
 from rnnjax.train import checkpoint_store as store
 
 PyTree = Any
-_FORMAT = 1
+_FORMAT = 2  # 2: the record carries its checksum; 1 (read too): none
 
 __all__ = ["CorruptCheckpointError", "checkpoint_steps", "restore_checkpoint", "save_checkpoint"]
 
 
 class CorruptCheckpointError(ValueError):
-    """A listed checkpoint cannot be read (a file is missing, truncated or inconsistent)."""
+    """A listed checkpoint cannot be read (a file is missing, truncated, edited or inconsistent)."""
 
 
 def _directory(directory: Any) -> Path:
@@ -156,7 +159,8 @@ def save_checkpoint(
 
     Raises:
       ValueError: the step exists already, also when another process saved it during
-        this save (this one is then discarded); or bad input.
+        this save (this one is then discarded); or bad input; or the lock file
+        ``<directory>/.rnnjax.lock`` is a symbolic link (it is not followed).
       TypeError: ``state`` holds something other than arrays, or a traced value.
 
     Example:
@@ -256,6 +260,8 @@ def _records(folder: Path) -> list[dict[str, Any]]:
 
     try:
         record = store.read_record(folder)
+    except store.DamagedRecordError as e:
+        raise CorruptCheckpointError(f"its record {store.RECORD} is damaged or was edited: {e}") from e
     except (OSError, ValueError) as e:
         raise CorruptCheckpointError(f"its record {store.RECORD} cannot be read ({_reason(e)})") from e
     item = folder / store.ITEM
@@ -273,6 +279,8 @@ def _records(folder: Path) -> list[dict[str, Any]]:
             {"path": p, "shape": list(s), "dtype": d, "stored_shape": list(s), "stored_dtype": d}
             for p, (s, d) in on_disk.items()
         ]
+    if "step" in record and record["step"] != int(folder.name):
+        raise CorruptCheckpointError(f"its record {store.RECORD} is of step {record['step']!r}, not {folder.name}")
     try:
         leaves.check_records(record["leaves"])
     except ValueError as e:

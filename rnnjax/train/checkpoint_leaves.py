@@ -14,11 +14,15 @@ the value as it is:
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rnnjax.checks import is_int
 
 PyTree = Any
 Spec = tuple[tuple[int, ...], str | None]  # (shape, dtype name); None: not known
@@ -71,19 +75,31 @@ def _storable(dtype: np.dtype) -> bool:
     return True
 
 
+def _stored_dtype(dtype: np.dtype) -> np.dtype | None:
+    """The dtype orbax stores an array of ``dtype`` as; None where it cannot."""
+    if _storable(dtype):
+        return dtype
+    if jnp.issubdtype(dtype, jnp.integer) and dtype.itemsize == 1:  # sub-byte integers
+        return np.dtype(np.int8 if jnp.issubdtype(dtype, jnp.signedinteger) else np.uint8)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:  # as their bits
+        return np.dtype(np.uint8)
+    return None
+
+
 def _to_storable(value: Any, path: str) -> Any:
     dtype = np.dtype(value.dtype)
-    if _storable(dtype):
-        return value
-    if jnp.issubdtype(dtype, jnp.integer) and dtype.itemsize == 1:  # sub-byte integers
-        return value.astype(np.int8 if jnp.issubdtype(dtype, jnp.signedinteger) else np.uint8)
-    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
-        return (
-            np.asarray(value).view(np.uint8)
-            if isinstance(value, np.ndarray)
-            else jax.lax.bitcast_convert_type(value, jnp.uint8)
+    stored = _stored_dtype(dtype)
+    if stored is None:
+        raise TypeError(
+            f"state's array at {path} has dtype {dtype}, which orbax cannot store; cast it (e.g. to float32)"
         )
-    raise TypeError(f"state's array at {path} has dtype {dtype}, which orbax cannot store; cast it (e.g. to float32)")
+    if stored == dtype:
+        return value
+    if jnp.issubdtype(dtype, jnp.integer):
+        return value.astype(stored)
+    return (
+        np.asarray(value).view(stored) if isinstance(value, np.ndarray) else jax.lax.bitcast_convert_type(value, stored)
+    )
 
 
 def encode(state: PyTree) -> tuple[PyTree, list[dict[str, Any]]]:
@@ -115,13 +131,63 @@ _FIELDS = {"path": str, "shape": list, "dtype": str, "stored_shape": list, "stor
 
 
 def check_records(records: list[Any]) -> None:
-    """Raise ValueError naming the first leaf record that lacks a field :func:`encode` writes."""
+    """Raise ValueError naming the first leaf record that lacks a field :func:`encode` writes,
+    or whose stored shape and dtype are not what :func:`encode` makes of its shape and dtype."""
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise ValueError(f"leaf {i} is a {type(record).__name__}, not a dict")
         for field, kind in _FIELDS.items():
             if not isinstance(record.get(field), kind):
                 raise ValueError(f"leaf {i} ({record.get('path', '?')}) has no {kind.__name__} {field!r}")
+        try:
+            _check_storage(record)
+        except ValueError as e:
+            raise ValueError(f"leaf {i} ({record['path']}) {e}") from None
+
+
+@functools.cache
+def _key_spec(impl: str) -> tuple[str, tuple[int, ...], str] | None:
+    """A typed key's dtype name, and its data's shape and dtype name, for a PRNG impl's name;
+    None for a name JAX does not know (a user's impl: not checked)."""
+    try:
+        key = jax.eval_shape(lambda: jax.random.key(0, impl=impl))
+        data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
+    except (ValueError, TypeError):
+        return None
+    return str(key.dtype), tuple(data.shape), str(data.dtype)
+
+
+def _check_storage(record: dict[str, Any]) -> None:
+    """Raise ValueError unless the record's stored shape and dtype are :func:`encode`'s."""
+    shape, stored_shape = record["shape"], record["stored_shape"]
+    for name, dims in (("shape", shape), ("stored_shape", stored_shape)):
+        if not all(is_int(d) and d >= 0 for d in dims):
+            raise ValueError(f"has {name} {dims}, not a shape")
+    if "key_impl" in record:
+        spec = _key_spec(str(record["key_impl"]))
+        if spec is None:
+            expected_shape, expected_dtype = stored_shape[: len(shape)], None
+        else:
+            dtype, data_shape, expected_dtype = spec
+            if record["dtype"] != dtype:
+                raise ValueError(f"has dtype {record['dtype']} but key impl {record['key_impl']} (dtype {dtype})")
+            expected_shape = [*shape, *data_shape]
+    else:
+        try:
+            stored = _stored_dtype(np.dtype(jnp.dtype(record["dtype"])))
+        except TypeError:
+            raise ValueError(f"has dtype {record['dtype']!r}, which is not a dtype") from None
+        if stored is None:
+            raise ValueError(f"has dtype {record['dtype']}, which orbax cannot store")
+        expected_shape, expected_dtype = shape, str(stored)
+    if stored_shape != expected_shape:
+        raise ValueError(f"has shape {shape} but is stored with shape {stored_shape}")
+    if expected_dtype is not None and record["stored_dtype"] != expected_dtype:
+        raise ValueError(f"has dtype {record['dtype']} but is stored as {record['stored_dtype']}")
+    if bool(record.get("empty")) != (math.prod(stored_shape) == 0):
+        raise ValueError(
+            f"is {'' if record.get('empty') else 'not '}marked empty but is stored with shape {stored_shape}"
+        )
 
 
 def orbax_specs(metadata: Any) -> dict[str, Spec]:

@@ -1,9 +1,9 @@
 """The folders of a checkpoint directory: which are checkpoints, and how a save publishes one.
 
 ``<directory>/<step>`` is a checkpoint when it holds the record ``rnnjax_checkpoint.json``
-(written last, before the folder gets its name) or, for checkpoints of earlier rnnjax
-versions, orbax's ``_CHECKPOINT_METADATA`` next to the item folder ``default``. No other
-folder is listed, and no other folder is ever deleted.
+(written last, before the folder gets its name, with a checksum of its own content) or,
+for checkpoints of earlier rnnjax versions, orbax's ``_CHECKPOINT_METADATA`` next to the
+item folder ``default``. No other folder is listed, and no other folder is ever deleted.
 
 A save writes into a staging folder of its own, ``<directory>/.rnnjax-tmp-<step>-<token>``,
 and publishes it by renaming it to ``<step>`` while holding ``fcntl.flock`` on
@@ -11,7 +11,9 @@ and publishes it by renaming it to ``<step>`` while holding ``fcntl.flock`` on
 of one step, one publishes and the other gets :class:`StepExistsError`. Pruning, and the
 removal of staging folders of killed saves (their writer no longer holds the folder's
 ``.writer.lock``), happen under the same lock. Where the file system has no ``flock``, the
-rename still keeps writers apart: it never replaces a non-empty folder.
+rename still keeps writers apart: it never replaces a non-empty folder. The lock file is
+opened without following a symbolic link: a link there is refused, never locked or created
+through.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 RECORD = "rnnjax_checkpoint.json"
+_CHECKSUM = "checksum"  # in records of format 2 on; format 1 (and older) records have none
 ITEM = "default"  # orbax's item folder, as orbax's CheckpointManager names it
 _LEGACY_MARKER = "_CHECKPOINT_METADATA"
 _LOCK = ".rnnjax.lock"
@@ -39,11 +43,15 @@ _STEP = re.compile(r"0|[1-9][0-9]*")
 # flock is advisory and not offered by every file system; without it the rename decides.
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
-__all__ = ["ITEM", "RECORD", "StepExistsError", "commit", "list_steps", "read_record", "staging"]
+__all__ = ["ITEM", "RECORD", "DamagedRecordError", "StepExistsError", "commit", "list_steps", "read_record", "staging"]
 
 
 class StepExistsError(ValueError):
     """Another writer published the step first."""
+
+
+class DamagedRecordError(ValueError):
+    """A record parses, but its content is not what was written (its checksum disagrees)."""
 
 
 def step_of(name: str) -> int | None:
@@ -70,17 +78,34 @@ def list_steps(directory: Path) -> list[int]:
     return sorted(steps)
 
 
+def _checksum(record: dict[str, Any]) -> str:
+    """The SHA-256 of the record's content (without its checksum) as canonical JSON: a
+    change of any value or name changes it; a change of layout (spaces) does not."""
+    content = {name: value for name, value in record.items() if name != _CHECKSUM}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
 def read_record(folder: Path) -> dict[str, Any] | None:
-    """The parsed record of a checkpoint folder; None for a legacy checkpoint.
+    """The parsed record of a checkpoint folder, its checksum verified; None for a legacy
+    checkpoint. A record without a checksum is read only if its format is 1 (or unnamed).
 
     Raises:
+      DamagedRecordError: the content does not match its checksum, or the checksum is missing.
       OSError, ValueError: the record cannot be read or is not a record.
     """
     path = folder / RECORD
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    if not isinstance(record, dict) or not isinstance(record.get("leaves"), list):
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not an rnnjax checkpoint record (not a JSON object)")
+    if _CHECKSUM in record:
+        if record[_CHECKSUM] != _checksum(record):
+            raise DamagedRecordError("its content does not match its checksum")
+    elif record.get("format", 1) != 1:
+        raise DamagedRecordError(f"it has format {record['format']!r} but no checksum")
+    if not isinstance(record.get("leaves"), list):
         raise ValueError(f"{path} is not an rnnjax checkpoint record (no 'leaves' list)")
     return record
 
@@ -99,7 +124,16 @@ def _flock(fd: int, flags: int) -> bool:
 @contextlib.contextmanager
 def _directory_lock(directory: Path) -> Iterator[bool]:
     """Hold ``<directory>/.rnnjax.lock``; yields whether the file system gave the lock."""
-    fd = os.open(directory / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = directory / _LOCK
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        if os.path.islink(lock):  # ELOOP on Linux; other systems name it otherwise
+            raise ValueError(
+                f"{lock} is a symbolic link; rnnjax locks the checkpoint directory through a regular file "
+                f"there and does not follow links (it would lock, or create, the file linked to): remove the link"
+            ) from error
+        raise
     try:
         yield _flock(fd, fcntl.LOCK_EX)
     finally:
@@ -121,7 +155,7 @@ def staging(directory: Path, step: int, token: str, *, owner: bool) -> Iterator[
     directory.mkdir(parents=True, exist_ok=True)
     with _directory_lock(directory):  # a cleaner never sees the folder without its lock
         folder.mkdir()
-        fd = os.open(folder / _WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder / _WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         yield folder
@@ -140,7 +174,7 @@ def commit(folder: Path, directory: Path, step: int, record: dict[str, Any], kee
       StepExistsError: ``<directory>/<step>`` exists (another writer published it).
     """
     with open(folder / RECORD, "w") as f:
-        f.write(json.dumps(record))
+        f.write(json.dumps({**record, _CHECKSUM: _checksum(record)}))
         f.flush()
         os.fsync(f.fileno())  # orbax syncs its files; the record that makes them a checkpoint too
     final = directory / str(step)
@@ -194,7 +228,7 @@ def _remove_leftovers(directory: Path) -> None:
 def _writer_gone(folder: Path) -> bool:
     """Whether no process holds ``folder``'s writer lock (the lock dies with its process)."""
     try:
-        fd = os.open(folder / _WRITER_LOCK, os.O_RDWR)
+        fd = os.open(folder / _WRITER_LOCK, os.O_RDWR | os.O_NOFOLLOW)
     except FileNotFoundError:
         return True  # created with its lock under the directory lock: the writer died
     except OSError:
