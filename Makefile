@@ -19,6 +19,8 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0 || echo "PyTorch not installed: its rows will be skipped"
 	touch $@
 
+# Writes bench-results/cpu-quick/ (git-ignored): the committed reference runs in benchmarks/results/
+# change only when a command names one with --out (benchmarks/results/README.md).
 bench: $(VENV)/.bench
 	$(PY) -m benchmarks.run --quick --host-devices auto
 

@@ -8,7 +8,8 @@ Every system gets the same input (batch-first ``(B, T, D)``, same dtype, same de
 is built once per (cell, mode, T), compiled ahead of time (compile time reported apart),
 warmed up once, and timed as the median of ``--repeats`` calls that wait for their
 result. Output: ``results.json``, ``results.md``, ``time_memory.png`` and ``time.png``/``memory.png``/
-``compile.png`` under ``--out``; the time table is printed at the end.
+``compile.png`` under ``--out`` (default ``bench-results/<device>-<preset>/``, git-ignored);
+the time table is printed at the end.
 
 This module imports JAX only inside :func:`main`, after ``--host-devices`` has set
 ``XLA_FLAGS``: the flag must be in the environment before JAX starts its CPU backend.
@@ -28,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import timing
+from benchmarks import output, timing
 
 # Presets. Default shapes are those of the speed targets: B=32, D=H=128, float32.
 # quick: T=64..2048 forward, 64..1024 forward+backward (the backward at 2048 would double
@@ -131,7 +132,9 @@ def parser() -> argparse.ArgumentParser:
                    help="compare every rnnjax variant's outputs/gradients with rnnjax's (one extra call each); "
                         "the largest difference goes in the JSON and the notes")
     p.add_argument("--seed", type=int, default=0, help="inputs and parameters (default 0)")
-    p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>-<preset>)")
+    p.add_argument("--out", type=Path,
+                   help="output folder (default bench-results/<device>-<preset>, git-ignored; name a folder "
+                        "under benchmarks/results/ only to refresh a committed reference result)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     return p
 
@@ -238,6 +241,11 @@ def _git() -> dict:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def default_out(device_kind: str, preset: str) -> Path:
+    """``bench-results/<device>-<preset>``: outside the tracked tree (benchmarks.output)."""
+    return output.default_out(f"{_slug(device_kind)}-{preset}")
 
 
 def _leaves(result) -> list:
@@ -370,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     dev = jax.devices()[0]
     preset = args.preset + ("-tiny" if args.tiny else "")
-    out = args.out or Path("benchmarks/results") / f"{_slug(dev.device_kind)}-{preset}"
+    out = args.out or default_out(dev.device_kind, preset)
     meta = {
         "device": {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count()},
         "versions": {"python": platform.python_version(), **S.versions()},

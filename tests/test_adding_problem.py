@@ -51,7 +51,7 @@ def test_newton_and_sequential_loss_curves_agree_to_the_stated_tolerance(result,
 
 
 def test_tolerance_rejects_a_newton_solve_stopped_before_float32_rounding(result, demo):
-    # One iteration from init="step" leaves errors ~1e-2 in the outputs (benchmarks/newton_training.py
+    # One iteration from init="step" leaves errors ~1e-2 in the outputs (benchmarks/lab/newton_training.py
     # --parts check): the comparison must notice, or agreement within TOLERANCE would prove nothing.
     hidden, length = SIZES["hidden"], SIZES["length"]
     newton = rj.Newton("deer", tol=None, max_iters=1, init="step")

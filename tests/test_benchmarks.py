@@ -1,8 +1,12 @@
-"""Smoke tests of the benchmark suite (benchmarks/): tiny sizes, one repeat, no timing claims."""
+"""Smoke tests of the benchmark suite (benchmarks/) and the lab (benchmarks/lab/): tiny sizes,
+one repeat, no timing claims; where runs write, and the indexes of the lab and the results."""
 
+import ast
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,7 +15,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import run, timing
+from benchmarks import output, run, timing
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONAL = [name for name in ("equinox", "torch") if importlib.util.find_spec(name) is not None]
@@ -161,15 +165,55 @@ EXPERIMENTS = {  # module -> (smallest arguments, a line its output must hold)
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
 def test_decision_scripts_run_at_their_smallest_sizes(name, tmp_path, capsys):
     argv, expected = EXPERIMENTS[name]
-    module = importlib.import_module(f"benchmarks.experiments.{name}")
+    module = importlib.import_module(f"benchmarks.lab.{name}")
     module.main([a.format(tmp=tmp_path) for a in argv])
     assert expected in capsys.readouterr().out
 
 
 def test_compare_hlo_ignores_names_and_locations_but_not_instructions():
-    from benchmarks.experiments.compare_hlo import normalised
+    from benchmarks.lab.compare_hlo import normalised
 
     a = 'ENTRY %main.12 {\n  %dot.3 = f32[2,2] dot(%p.1, %p.2), metadata={op_name="a" stack_frame_id=4}\n}'
     b = 'ENTRY %main.7 {\n  %dot.9 = f32[2,2] dot(%q.5, %q.6), metadata={op_name="b" stack_frame_id=8}\n}'
     c = b.replace("dot(", "add(")
     assert normalised(a) == normalised(b) != normalised(c)
+
+
+def test_runs_write_outside_the_tracked_tree_unless_told():
+    """make bench on a fresh clone must leave git status clean: the suite's and the lab's
+    default folders are relative to the current directory and git-ignored."""
+    from benchmarks.lab import precision_drift
+
+    defaults = [run.default_out("NVIDIA H200", "gpu"), precision_drift.parse_args([]).out]
+    assert defaults[0] == Path("bench-results/nvidia-h200-gpu")
+    assert all(not p.is_absolute() and p.parts[0] == output.ROOT.name for p in defaults), defaults
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [str(p / "results.json") for p in defaults]
+    ignored = subprocess.run([git, "check-ignore", *paths], check=False, cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == paths, ignored
+
+
+def test_the_suite_does_not_import_the_lab():
+    offenders = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("benchmarks.lab")]
+    assert not offenders, offenders
+
+
+def test_the_lab_and_results_indexes_list_every_entry():
+    lab = ROOT / "benchmarks" / "lab"
+    index = (lab / "README.md").read_text()
+    scripts = [p.name for p in sorted(lab.iterdir()) if p.suffix in (".py", ".sh") and p.name != "__init__.py"]
+    assert scripts and [s for s in scripts if f"| `{s}` |" not in index] == []
+
+    results = ROOT / "benchmarks" / "results"
+    index = (results / "README.md").read_text()
+    entries = sorted({p.name.split(".")[0] for p in results.iterdir() if p.name != "README.md"})
+    assert [e for e in entries if not re.fullmatch(r"[a-z0-9]+-[A-Za-z0-9-]+-\d{8}", e)] == []
+    assert [e for e in entries if f"| `{e}" not in index] == []

@@ -116,7 +116,7 @@ def test_four_exact_newton_steps_from_the_one_step_guess_give_the_sequential_val
     params = cell.init(jax.random.key(0), D)
     run = lambda p, method: jax.value_and_grad(lambda p: loss(cell, p, method, reverse))(p)
     # Quadratic convergence: float32 rounding is reached in 3 steps at T = 4096
-    # (benchmarks/newton_training.py --check); 1e-5 is about 100 ulps of the bounded states.
+    # (benchmarks/lab/newton_training.py --check); 1e-5 is about 100 ulps of the bounded states.
     assert_trees_close(run(params, FIXED), run(params, rj.Sequential()), atol=1e-5, rtol=1e-5)
 
 

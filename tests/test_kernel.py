@@ -3,7 +3,7 @@
 
 The interpreter runs the same kernel bodies (the loop over time, the traced ``update`` and its
 derivative, the column blocks) that Triton compiles on a GPU, so equality with the sequential
-engine here checks the engine's logic; benchmarks/kernel_gpu.py checks the compiled kernels on a
+engine here checks the engine's logic; benchmarks/lab/kernel_gpu.py checks the compiled kernels on a
 GPU. Both engines do the same float32 arithmetic in a different order (the kernel adds the
 products of column tiles and computes the gradients of W_x, W_h and the inputs as products over
 all steps), so results agree to float32 rounding: relative error of a few ulps per step, far

@@ -1,6 +1,6 @@
 """rj.Mixed (rnnjax/precision.py): bfloat16 and float16 compute with float32 parameters and
 carry on every cell family, in both carry modes, the float32 identity, layers, vmap,
-lengths, grads, errors, a smoke run of benchmarks/precision_drift.py; and what it relies on
+lengths, grads, errors, a smoke run of benchmarks/lab/precision_drift.py; and what it relies on
 in rnnjax/cell.py: the autocast products (matmul, conv) and 16-bit initialisation."""
 
 import functools
@@ -200,7 +200,7 @@ def test_round_mode_from_a_zero_carry_is_the_16_bit_cell():
 
 
 def test_keep_mode_is_closer_to_float32_than_round_mode():
-    """What benchmarks/precision_drift.py measured (T = 10 000), on a short run: the float32
+    """What benchmarks/lab/precision_drift.py measured (T = 10 000), on a short run: the float32
     carry update and float32 results of the products drift less than rounding the carry."""
     for cell in (rj.LSTM(16), rj.GRU(16), rj.MinGRU(16)):
         params = cell.init(jax.random.key(0), 8)
@@ -362,7 +362,7 @@ def test_cast_floating_touches_real_and_complex_floats_only():
 
 @pytest.mark.slow  # two runs of the drift script: make test-all runs it
 def test_drift_script_smoke(tmp_path):
-    from benchmarks import precision_drift
+    from benchmarks.lab import precision_drift
 
     variants = ("bf16-keep", "bf16-round", "f16-keep")
     result = precision_drift.main(["--tiny", "--cells", "gru,lru", "--variants", ",".join(variants),

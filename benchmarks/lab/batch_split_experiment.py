@@ -1,13 +1,13 @@
 """Decision script: does splitting the batch into independent parts inside one step let
 XLA:CPU run them on both cores? (It did not: forward equal, forward+backward slower.)
 
-    python -m benchmarks.experiments.batch_split_experiment       # LSTM B=32 D=H=128 T=1024, 7 rounds
-    python -m benchmarks.experiments.batch_split_experiment --batch 4 --hidden 8 --length 16 --repeats 1
+    python -m benchmarks.lab.batch_split_experiment       # LSTM B=32 D=H=128 T=1024, 7 rounds
+    python -m benchmarks.lab.batch_split_experiment --batch 4 --hidden 8 --length 16 --repeats 1
 
 Compares, forward and forward+backward (gradient of the sum of outputs with respect to the
 parameters and the inputs), one ``rj.scan`` over the batch ("base") with one ``lax.scan``
 whose step runs the cell on 2 or 4 batch parts ("split2", "split4"). Prints median ms over
-interleaved rounds. Figures: ``benchmarks/experiments/DECISIONS.md``.
+interleaved rounds. Figures: ``benchmarks/lab/DECISIONS.md``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 (``rj.Associative()``, :mod:`rnnjax.engines.clipped`) against the sequential loop and exact
 Newton.
 
-    python -m benchmarks.experiments.clipped_scan [--repeats 15]
+    python -m benchmarks.lab.clipped_scan [--repeats 15]
 
 Two parts:
 
@@ -15,7 +15,7 @@ Two parts:
   H=D=``--hidden``, every program compiled ahead and timed in interleaved rounds (medians);
   speed-up = the sequential loop's time / the column's time.
 
-Figures: ``benchmarks/experiments/DECISIONS.md``.
+Figures: ``benchmarks/lab/DECISIONS.md``.
 """
 
 from __future__ import annotations

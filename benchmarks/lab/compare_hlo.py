@@ -3,9 +3,9 @@ B=32, D=H=128, T=1024), names and source locations stripped, so that two version
 rnnjax can be compared exactly: a refactor that leaves these files equal cannot change
 speed. Used for the driver-layer restructuring (see DECISIONS.md).
 
-    python -m benchmarks.experiments.compare_hlo /tmp/new.json
-    (cd old-checkout && PYTHONPATH=. python -m benchmarks.experiments.compare_hlo /tmp/old.json)
-    python -m benchmarks.experiments.compare_hlo --diff /tmp/old.json /tmp/new.json
+    python -m benchmarks.lab.compare_hlo /tmp/new.json
+    (cd old-checkout && PYTHONPATH=. python -m benchmarks.lab.compare_hlo /tmp/old.json)
+    python -m benchmarks.lab.compare_hlo --diff /tmp/old.json /tmp/new.json
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ alternation in one process:
 The reverse-only ``custom_vjp`` it replaced (``fused.run`` at commit 88910dd) measured
 alongside in the same process before it was removed: ``DECISIONS.md`` has those figures.
 
-    python -m benchmarks.experiments.custom_jvp_experiment [--cells lstm gru elman] [--repeats 9]
+    python -m benchmarks.lab.custom_jvp_experiment [--cells lstm gru elman] [--repeats 9]
 
 Prints median ms per gradient and the ratios to autodiff. Figures: ``DECISIONS.md``.
 """

@@ -7,11 +7,11 @@ and the elementwise gate derivatives in the loop, stores ``dz`` for every step, 
 the loop forms ``dW_x = X^T dZ``, ``dW_h = H_prev^T dZ``, ``db = sum dZ`` and ``dX = dZ W_x^T``
 as single large matrix products (which XLA:CPU runs on every core).
 
-    python -m benchmarks.experiments.custom_vjp_experiment                 # 1 device
-    python -m benchmarks.experiments.custom_vjp_experiment --host-devices 2  # also the batch split over 2
+    python -m benchmarks.lab.custom_vjp_experiment                 # 1 device
+    python -m benchmarks.lab.custom_vjp_experiment --host-devices 2  # also the batch split over 2
 
 Prints median ms over interleaved repeats and the largest gradient difference.
-Figures: ``benchmarks/experiments/DECISIONS.md``.
+Figures: ``benchmarks/lab/DECISIONS.md``.
 """
 
 from __future__ import annotations

@@ -14,10 +14,11 @@ output, Adam) five ways in one process, interleaved round by round:
   inside the loop, once per step.
 
 It checks that all give the same parameters after one step (float32 rounding) and
-writes JSON and Markdown (``--out``, default ``benchmarks/results/data_parallel_<cell>_<devices>dev``).
+writes JSON and Markdown (``--out``, a path without extension; default
+``bench-results/data-parallel-<cell>-<devices>dev``, git-ignored).
 
-    python -m benchmarks.experiments.data_parallel --host-devices 2          # this machine: 2 cores
-    python -m benchmarks.experiments.data_parallel --host-devices 2 --tiny   # seconds, numbers meaningless
+    python -m benchmarks.lab.data_parallel --host-devices 2          # this machine: 2 cores
+    python -m benchmarks.lab.data_parallel --host-devices 2 --tiny   # seconds, numbers meaningless
 
 ``--host-devices N`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX
 is imported (the library itself never sets it).
@@ -32,7 +33,7 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import timing
+from benchmarks import output, timing
 
 
 def parse_args(argv=None):
@@ -139,7 +140,7 @@ def main(argv=None) -> dict:
                      f"{r['max_param_diff_after_one_step']:.1e} |")
     md = "\n".join(lines) + "\n"
     print(md)
-    out = args.out or Path("benchmarks/results") / f"data_parallel_{args.cell}_{n}dev"
+    out = args.out or output.default_out(f"data-parallel-{args.cell}-{n}dev")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(md)

@@ -1,10 +1,10 @@
 """Decision script: LSTM with the input projection inside the step vs hoisted out of the loop.
 
-    python -m benchmarks.experiments.hoist_experiment [--length 1024] [--repeats 7]
+    python -m benchmarks.lab.hoist_experiment [--length 1024] [--repeats 7]
 
 Prints median ms for forward and forward+backward (grad w.r.t. params and inputs of the
 sum of outputs), B=32, D=H=128, float32, both variants in one process, interleaved.
-Figures: ``benchmarks/experiments/DECISIONS.md``.
+Figures: ``benchmarks/lab/DECISIONS.md``.
 """
 
 import argparse

@@ -3,7 +3,7 @@ and the ratios are taken per round, then their median. ``benchmarks.run`` times 
 after another, so a machine that changes speed between systems moves its ratios (two
 identical XLA programs measured 1.05-1.15 there); this script is its check.
 
-    python -m benchmarks.experiments.interleaved_peers --mode fwd+bwd --rounds 15 \\
+    python -m benchmarks.lab.interleaved_peers --mode fwd+bwd --rounds 15 \\
         --systems rnnjax rnnjax-shard flax torch --host-devices 2
 
 Systems are those of ``benchmarks.systems.SYSTEMS``, built exactly as ``benchmarks.run``

@@ -29,11 +29,11 @@ group per path, so that drift on a shared machine hits the two iteration counts 
 and the ``jax.jacfwd`` programs' gigabytes of temporaries (freed back to the system after each
 call, then faulted in again) do not slow the structured path's calls that follow them (seen:
 structured LSTM H=64 ``max_iters=1`` at 235 ms after them, 46-88 ms alone). Writes
-``--out``.json and .md.
+``--out``.json and .md (without ``--out`` it only prints).
 
-    python -m benchmarks.experiments.jacobian_cost                      # ~10 min on 2 cores
-    python -m benchmarks.experiments.jacobian_cost --tiny               # seconds: checks it runs
-    python -m benchmarks.experiments.jacobian_cost --cells gru --points 1024:16,4096:64
+    python -m benchmarks.lab.jacobian_cost                      # ~10 min on 2 cores
+    python -m benchmarks.lab.jacobian_cost --tiny               # seconds: checks it runs
+    python -m benchmarks.lab.jacobian_cost --cells gru --points 1024:16,4096:64
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from rnnjax.engines.affine import DIAG, solve_affine
 from rnnjax.engines.jacobians import jacobian_fn, structure_for
 from rnnjax.tuning import newton_solve
 
-if not __package__:  # run as a file: `benchmarks` is in the repository root
+if not __package__:  # run as a file (python benchmarks/lab/<name>.py): `benchmarks` is in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import timing  # noqa: E402
 

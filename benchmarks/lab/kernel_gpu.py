@@ -10,8 +10,8 @@ small sweep of its launch options against ``rj.Sequential()`` in one process.
 2. **Sweep**: forward medians at B=32, D=H=128, T=1024, float32 and bfloat16, with ``W_h``
    streamed from L2 or held on chip, interleaved with ``rj.Sequential()`` (same-process ratios).
 
-    python benchmarks/kernel_gpu.py            # on the GPU
-    python benchmarks/kernel_gpu.py --tiny     # anywhere (interpreted on CPU): seconds, small shapes
+    python -m benchmarks.lab.kernel_gpu            # on the GPU
+    python -m benchmarks.lab.kernel_gpu --tiny     # anywhere (interpreted on CPU): seconds, small shapes
 
 Prints a table per part; exits non-zero when a check fails.
 """

@@ -1,10 +1,10 @@
 """Decision script: would a batch-major loop (read x[:, t], write y[:, t] in place) beat
 rj.scan's time-major loop (transpose xs in, ys out)? Forward only.
 
-    python -m benchmarks.experiments.layout_experiment elman 256 1024 4096 16384
+    python -m benchmarks.lab.layout_experiment elman 256 1024 4096 16384
 
 B=32, D=H=128, float32; for each T, prints the median ms (and µs per step) of both loops
-over 9 interleaved rounds. Figures: ``benchmarks/experiments/DECISIONS.md``.
+over 9 interleaved rounds. Figures: ``benchmarks/lab/DECISIONS.md``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Decision script: what Newton's engine returns as outputs, timed against the sequential loop.
 
-    python -m benchmarks.experiments.newton_outputs [--repeats 15]
+    python -m benchmarks.lab.newton_outputs [--repeats 15]
 
 ``rj.ParaGRU`` (B=16, D=H=64) trained by ``rj.Newton("deer", tol=None, max_iters=3,
 init="step")`` and by ``rj.Sequential()``, forward and forward+backward (gradient of
@@ -8,7 +8,7 @@ init="step")`` and by ``rj.Sequential()``, forward and forward+backward (gradien
 each median and Newton / sequential. The ratio is what to compare between two versions of the
 engine, each run in its own process (the sequential loop is the same program in both).
 
-Figures: ``benchmarks/experiments/DECISIONS.md``.
+Figures: ``benchmarks/lab/DECISIONS.md``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Decision script: how a Newton iteration solves its linear recurrence on this backend,
 one associative scan or a sequential scan over time (``rj.Newton(solve=...)``).
 
-    python -m benchmarks.experiments.newton_solve [--repeats 21]
+    python -m benchmarks.lab.newton_solve [--repeats 21]
 
 Two parts, every program compiled ahead and timed in interleaved rounds (medians):
 
@@ -13,7 +13,7 @@ Two parts, every program compiled ahead and timed in interleaved rounds (medians
   parameters) with ``rj.Newton("deer", tol=None, max_iters=3, init="step")`` and each solve,
   beside ``rj.Sequential()`` (B=4, H=64, D=64).
 
-Figures: ``benchmarks/experiments/DECISIONS.md``.
+Figures: ``benchmarks/lab/DECISIONS.md``.
 """
 
 from __future__ import annotations

@@ -18,12 +18,13 @@ Two parts (``--parts``, default both):
   ahead, one warm-up, medians of interleaved calls. The issue's GPU target: Newton >= 10x
   sequential at T >= 4096 (fwd+bwd). On a 2-core CPU the numbers are information only.
 
-    python benchmarks/newton_training.py --tiny                      # seconds: checks that it runs
-    python benchmarks/newton_training.py --parts check --out benchmarks/results/cpu-newton-check
-    python benchmarks/newton_training.py --parts timing --T 1024,4096 --batch 4 --hidden 64
-    python benchmarks/newton_training.py --out benchmarks/results/gpu-newton-training   # a GPU
+    python -m benchmarks.lab.newton_training --tiny                      # seconds: checks that it runs
+    python -m benchmarks.lab.newton_training --parts check --out benchmarks/results/cpu-newton-check-20261130
+    python -m benchmarks.lab.newton_training --parts timing --T 1024,4096 --batch 4 --hidden 64
+    python -m benchmarks.lab.newton_training --out bench-results/gpu-newton-training   # a GPU
 
-Writes ``--out``.json and .md (the device, library versions and command line included).
+Writes ``--out``.json and .md (the device, library versions and command line included);
+without ``--out`` it only prints.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import numpy as np
 
 import rnnjax as rj
 
-if not __package__:  # run as a file (python benchmarks/newton_training.py): `benchmarks` is in the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a file (python benchmarks/lab/<name>.py): `benchmarks` is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import timing  # noqa: E402
 
 CELLS = {

@@ -3,15 +3,16 @@
 For every cell, method and T: jit, warm up, time `repeats` calls with block_until_ready and
 report the median, forward and forward+backward (gradient of a sum-of-squares loss with
 respect to the parameters); compilation is timed apart. Results go to OUT.json and OUT.md
-(and OUT.png when matplotlib is installed), with the device and library versions.
+(and OUT.png when matplotlib is installed), with the device and library versions; without
+``--out`` it only prints.
 
-    python benchmarks/parallel_sweep.py --cells mingru,lru,gru:16 --methods sequential,associative,newton \\
-        --T 1024,4096 --batch 8 --hidden 64 --out benchmarks/results/my_sweep
+    python -m benchmarks.lab.parallel_sweep --cells mingru,lru,gru:16 --methods sequential,associative,newton \\
+        --T 1024,4096 --batch 8 --hidden 64 --out bench-results/my_sweep
 
 Presets: ``--preset cpu-auto`` (the measurement behind "auto"'s CPU table, < 6 min on 2 cores)
-and ``--preset gpu`` (benchmarks/gpu_parallel.sh). Then
+and ``--preset gpu`` (benchmarks/lab/gpu_parallel.sh). Then
 
-    python benchmarks/parallel_sweep.py --auto-table benchmarks/results/cpu_auto.json
+    python -m benchmarks.lab.parallel_sweep --auto-table benchmarks/results/cpu-auto-20261127.json
 
 prints the auto table entry for rnnjax/tuning.py derived from the measurements, and
 how far from the fastest method the table's choice is at every measured point.
@@ -54,8 +55,8 @@ from rnnjax import tuning
 from rnnjax.carry import CarryLayout
 from rnnjax.engines.jacobians import structure_for
 
-if not __package__:  # run as a file (python benchmarks/parallel_sweep.py): `benchmarks` is in the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a file (python benchmarks/lab/<name>.py): `benchmarks` is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import timing  # noqa: E402
 
 CELLS = {

@@ -17,9 +17,9 @@ float32 (float64 in the comparison) before the difference.
 The summary gives, per compute dtype, the geometric mean over cells of the ratio of the
 two modes' mean output errors (keep / round; < 1: keep is closer to float32).
 
-    python benchmarks/precision_drift.py                   # T=10000, B=8, H=64: ~1-2 min on 2 CPU cores
-    python benchmarks/precision_drift.py --tiny --out /tmp/drift   # seconds: checks that it runs
-    python benchmarks/precision_drift.py --round-products --variants bf16-keep,f16-keep --out /tmp/rp
+    python -m benchmarks.lab.precision_drift                   # T=10000, B=8, H=64: ~1-2 min on 2 CPU cores
+    python -m benchmarks.lab.precision_drift --tiny --out /tmp/drift   # seconds: checks that it runs
+    python -m benchmarks.lab.precision_drift --round-products --variants bf16-keep,f16-keep --out /tmp/rp
 
 ``--round-products`` is an experiment on the library's internals: it makes the autocast
 products of ``carry_mode="keep"`` (``rnnjax.ops.matmul`` and ``conv``: 16-bit weights, a
@@ -27,7 +27,7 @@ wider operand) return the 16-bit dtype instead of float32, to measure what their
 result buys.
 
 Writes ``OUT/precision_drift.json`` and ``OUT/precision_drift.md`` (``--out``, default
-``benchmarks/results``) and prints the Markdown table.
+``bench-results/precision-drift``, git-ignored) and prints the Markdown table.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ import rnnjax as rj
 import rnnjax.cell
 import rnnjax.ops
 
-if not __package__:  # run as a file (python benchmarks/precision_drift.py): `benchmarks` is in the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import timing  # noqa: E402
+if not __package__:  # run as a file (python benchmarks/lab/<name>.py): `benchmarks` is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks import output, timing  # noqa: E402
 
 CONV_SPATIAL = (4, 4)  # ConvLSTM frames (H, W); its width is capped by --conv-hidden
 
@@ -81,7 +81,7 @@ TINY = dict(length=150, batch=2, hidden_size=8, input_size=8, conv_hidden=4)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python benchmarks/precision_drift.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lab.precision_drift", description=__doc__.split("\n\n")[0])
     p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, any of {', '.join(CELLS)}")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, any of {', '.join(VARIANTS)}")
     p.add_argument("--length", type=int, help="T (default 10000)")
@@ -95,7 +95,8 @@ def parse_args(argv=None):
                    help="experiment: autocast products return the 16-bit dtype instead of float32")
     p.add_argument("--tiny", action="store_true",
                    help="T=150, B=2, H=D=8, ConvLSTM 4: checks that the script runs (explicit options win)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    p.add_argument("--out", type=Path, default=output.default_out("precision-drift"),
+                   help="output folder (default bench-results/precision-drift, git-ignored)")
     args = p.parse_args(argv)
     for key, value in (TINY if args.tiny else DEFAULTS).items():
         if getattr(args, key) is None:
@@ -235,7 +236,7 @@ def metadata(args, argv) -> dict:
 
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(["python benchmarks/precision_drift.py", *argv]),
+        command=" ".join(["python -m benchmarks.lab.precision_drift", *argv]),
         backend=jax.default_backend(), device=str(device), device_kind=device.device_kind,
         jax=jax.__version__, jaxlib=jaxlib.__version__, rnnjax=rj.__version__, numpy=np.__version__,
         python=platform.python_version(), cpu_count=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""),

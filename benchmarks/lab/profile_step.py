@@ -1,7 +1,7 @@
 """Where the time of one benchmark point goes: HLO op counts and per-op timings.
 
-    python -m benchmarks.profile_step --cell lstm --length 1024 --mode fwd+bwd
-    python -m benchmarks.profile_step --system rnnjax-remat --hlo /tmp/lstm.hlo --trace /tmp/prof
+    python -m benchmarks.lab.profile_step --cell lstm --length 1024 --mode fwd+bwd
+    python -m benchmarks.lab.profile_step --system rnnjax-remat --hlo /tmp/lstm.hlo --trace /tmp/prof
 
 Builds the point exactly as ``benchmarks.run`` does (same system registry), then prints
 compile time, median run time, XLA's cost and memory analysis, the op counts of the
@@ -60,7 +60,7 @@ def trace_op_times(trace_dir: Path) -> list[tuple[str, float, int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lab.profile_step", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--system", default="rnnjax", help="a JAX system of benchmarks.systems.SYSTEMS")
     p.add_argument("--cell", default="lstm")

@@ -1,13 +1,13 @@
 """Decision script: GRU's sequence-level gradient with the gate columns cut by slicing
 (``zx[..., :2H]``) against ``jnp.split``, in ``GRU.update`` and the fused engine's ``_kept``.
 
-    python -m benchmarks.experiments.split_transpose [--length 1024] [--hidden 128] [--repeats 15]
+    python -m benchmarks.lab.split_transpose [--length 1024] [--hidden 128] [--repeats 15]
 
 The transpose of a slice is a zero pad to the full width; that of ``jnp.split`` is a
 concatenate. Prints, for both variants compiled in one process (B=32, D=H=128, float32,
 gradient of sum(outputs) w.r.t. parameters and inputs), the pads in the optimised HLO and
 the median ms of interleaved calls, with Flax's ``nn.GRUCell`` under ``nn.RNN`` alongside.
-Figures: ``benchmarks/experiments/DECISIONS.md``.
+Figures: ``benchmarks/lab/DECISIONS.md``.
 """
 
 from __future__ import annotations
