@@ -318,8 +318,12 @@ class Kernel(Method):
         is not a GPU). Interpreted, the engine is exact but slow: it is how the tests check
         it on CPU. ``rj.Auto()`` never picks this method on CPU.
 
-    Gradients equal autodiff's up to float rounding (a ``jax.custom_vjp``: reverse mode to
-    any order, no forward mode). On a GPU the carry widths must be powers of two.
+    Gradients equal autodiff's up to float rounding (a ``jax.custom_vjp``). Higher
+    derivatives, reverse over reverse or forward over reverse (``jax.hessian``), work to any
+    order: they differentiate the kernels through a ``lax.scan`` of the same steps, at the
+    sequential loop's speed. Forward mode alone (``jax.jvp`` or ``jax.jacfwd`` of the scan) is
+    refused with an error naming ``rj.Sequential()``. float64 runs in float64 when
+    interpreted and is refused on a GPU. On a GPU the carry widths must be powers of two.
     """
 
     name: ClassVar[str] = "kernel"

@@ -19,6 +19,7 @@ import pytest
 
 import rnnjax as rj
 from rnnjax.engines import blocked
+from tests.compat import enable_x64
 
 KERNEL = rj.Kernel(block_batch=4, interpret=True)
 RTOL = 1e-5  # relative (norm-wise) error, float32, T <= 7: see the module docstring
@@ -104,6 +105,108 @@ def test_mixed_bfloat16_matches_the_sequential_engine_on_the_same_cell():
     check_against_sequential(cell, (5,), steps=6, input_size=3, reverse=False, rtol=2**-8)
 
 
+@pytest.mark.slow
+def test_block_batch_wider_than_the_carry_with_lengths_and_resets():
+    # 4 rows per program, carry width 2: each step's masks hold more rows than the block width.
+    check_against_sequential(rj.Elman(2), (3,), steps=3, input_size=2, reverse=False)
+
+
+@pytest.mark.slow
+def test_lstm_projection_wider_than_the_block_width():
+    # LSTM(6, proj_size=4): products 24 and 4 wide, carries 4 and 6, so the block width is 2
+    # and the projection weight (6, 4) is held as blocks, as is the (rows, 6) it multiplies.
+    check_against_sequential(rj.LSTM(6, proj_size=4), (3,), steps=3, input_size=2, reverse=True, masks=False)
+
+
+def to_float64(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+@pytest.mark.slow
+def test_float64_is_computed_in_float64():
+    # Both engines in float64: results agree to float64 rounding (a few ulps per step: 1e-12
+    # leaves a wide margin at T = 4); a float32 product anywhere leaves errors near 1e-8.
+    cell = rj.LSTM(4)
+    with enable_x64(True):
+        params, xs, carry, lengths, resets = to_float64(problem(cell, (3,), steps=4, input_size=2))
+        want = scan_and_grads(cell, rj.Sequential(), params, xs, carry, lengths, resets, False)
+        got = scan_and_grads(cell, KERNEL, params, xs, carry, lengths, resets, False)
+        assert jax.tree.leaves(got)[0].dtype == jnp.float64
+        assert_close_trees(got, want, rtol=1e-12)
+
+
+def test_float64_on_a_gpu_is_refused_naming_the_fix():
+    cell = rj.Elman(2)
+    with enable_x64(True):
+        params = cell.init(jax.random.key(0), 2, jnp.float64)
+        with pytest.raises(ValueError, match=r"params, xs, carry hold float64.*interpret=True.*rj\.Sequential\(\)"):
+            rj.scan(cell, params, jnp.ones((3, 2), jnp.float64), method=rj.Kernel(interpret=False))
+
+
+def second_order_problem():
+    cell = rj.Elman(2)
+    params = cell.init(jax.random.key(0), 2, jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (3, 3, 2), jnp.float64)
+    lengths, resets = jnp.array([3, 1, 2]), jnp.array([[0, 0, 1], [0, 0, 0], [0, 1, 0]], bool)
+
+    def loss(method, params, xs):
+        ys, h = rj.scan(cell, params, xs, lengths=lengths, resets=resets, method=method)
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(h**2)
+
+    return params, xs, loss
+
+
+# Second derivatives in float64 on both sides agree to float64 rounding; 1e-10 leaves room for
+# the different order of the products' sums.
+
+
+@pytest.mark.slow
+def test_reverse_over_reverse_equals_the_sequential_engines():
+    with enable_x64(True):
+        params, xs, loss = second_order_problem()
+
+        def grad_of_grad(method):
+            def inner(p):
+                g = jax.grad(loss, argnums=(1, 2))(method, p, xs)
+                return sum(jnp.sum(jnp.cos(leaf)) for leaf in jax.tree.leaves(g))
+
+            return jax.grad(inner)(params)
+
+        assert_close_trees(grad_of_grad(KERNEL), grad_of_grad(rj.Sequential()), rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_hessian_forward_over_reverse_equals_the_sequential_engines():
+    with enable_x64(True):
+        params, xs, loss = second_order_problem()
+        want = jax.hessian(functools.partial(loss, rj.Sequential(), params))(xs)
+        got = jax.hessian(functools.partial(loss, KERNEL, params))(xs)
+        assert_close_trees(got, want, rtol=1e-10)
+
+
+def test_vmap_over_an_empty_axis():
+    cell = rj.Elman(2)
+    params = cell.init(jax.random.key(0), 3)
+
+    def shapes(method, vmap, xs):
+        out = vmap(lambda x: rj.scan(cell, params, x, method=method))(xs)
+        return jax.tree.map(lambda a: (a.shape, a.dtype), out)
+
+    twice = lambda f: jax.vmap(jax.vmap(f))  # noqa: E731
+    for vmap, xs in [
+        (jax.vmap, jnp.zeros((0, 5, 3))),
+        (twice, jnp.zeros((0, 2, 5, 3))),
+        (twice, jnp.zeros((2, 0, 5, 3))),
+    ]:
+        assert shapes(KERNEL, vmap, xs) == shapes(rj.Sequential(), vmap, xs)
+
+
+@pytest.mark.slow
+def test_no_rows_and_a_single_step():
+    check_against_sequential(rj.Elman(2), (0,), steps=1, input_size=3, reverse=False)
+    check_against_sequential(rj.Elman(2), (3,), steps=1, input_size=3, reverse=False)
+
+
 def test_an_empty_sequence_and_an_unbatched_one():
     cell = rj.GRU(4)
     params = cell.init(jax.random.key(0), 3)
@@ -164,7 +267,9 @@ def test_the_method_is_named_and_hashable():
 
 def as_whole(tree):
     return jax.tree.map(
-        lambda a: a.join() if isinstance(a, blocked.Blocks) else a, tree, is_leaf=lambda a: isinstance(a, blocked.Blocks)
+        lambda a: a.join() if isinstance(a, blocked.Blocks) else a,
+        tree,
+        is_leaf=lambda a: isinstance(a, blocked.Blocks),
     )
 
 

@@ -316,12 +316,25 @@ def _squeeze(eqn, invals, w):
 def _dot_general(eqn, invals, w):
     lhs, rhs = invals
     (lc, rc), batch = eqn.params["dimension_numbers"]
-    if batch != ((), ()) or len(lc) != 1 or (isinstance(lhs, Blocks) and isinstance(rhs, Blocks)):
+    if batch != ((), ()) or len(lc) != 1:
         raise NotImplementedError(
             f"a matrix product with dimension numbers {eqn.params['dimension_numbers']} on blocks"
         )
     if not isinstance(lhs, Blocks) and not isinstance(rhs, Blocks):
         return [split(_bind(eqn, invals)[0], w)]  # narrow operands, a wide product
+    if isinstance(lhs, Blocks) and isinstance(rhs, Blocks):
+        # Both wide (an LSTM projection wider than w: blocked activations times a blocked weight).
+        lhs_last, rhs_last = lc[0] == lhs.parts[0].ndim - 1, rc[0] == rhs.parts[0].ndim - 1
+        if lhs_last and rhs_last:  # both contract their blocked axis: a sum over the blocks
+            out = None
+            for r in (_bind(eqn, [a, b])[0] for a, b in zip(lhs.parts, _parts(rhs, len(lhs.parts), w))):
+                out = r if out is None else out + r
+            return [split(out, w)]
+        if not rhs_last:  # rhs's blocked axis is the output's last: one product per rhs block
+            return [_wrap([_dot_general(eqn, [lhs, part], w)[0] for part in rhs.parts])]
+        raise NotImplementedError(
+            f"a matrix product with dimension numbers {eqn.params['dimension_numbers']} on two blocked operands"
+        )
     blocked_lhs = isinstance(lhs, Blocks)
     parts = (lhs if blocked_lhs else rhs).parts
     other, other_axis = (rhs, rc[0]) if blocked_lhs else (lhs, lc[0])

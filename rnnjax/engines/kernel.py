@@ -25,8 +25,17 @@ products' and carries' widths) are held as column blocks (:mod:`rnnjax.engines.b
 because Triton can neither slice a value nor hold an array whose size is not a power of two.
 On a GPU every carry width, the block width and ``block_batch`` must be powers of two (and
 ``block_batch`` at least 16, Triton's smallest matrix product); under ``interpret=True`` (how
-the tests run it on CPU) any shapes work. Forward mode does not go through the
-``custom_vjp``.
+the tests run it on CPU) any shapes work.
+
+**Derivatives.** Forward mode does not go through the ``custom_vjp``. Differentiating its
+backward (second derivatives, reverse or forward over reverse) differentiates the two kernels:
+each is a ``jax.custom_jvp`` whose value is the kernel's and whose tangent is that of the same
+loop in ``lax.scan`` (so derivatives of any order exist; past the first they run at the
+sequential loop's speed).
+
+**Precision.** Products accumulate in float32, or in float64 for float64 operands. Interpreted,
+float64 runs in float64 throughout; on a GPU it is refused (Triton's float64 products are
+untested here).
 """
 
 from __future__ import annotations
@@ -102,6 +111,13 @@ def run(
 ):
     """``(ys_tm, final, None)`` of the sequences ``seqs`` by the kernels described above."""
     cell.check_params(params)
+    if not interpret:
+        wide = [name for name, a in (("params", params), ("xs", seqs.xs), ("carry", seqs.carry)) if _has_float64(a)]
+        if wide:
+            raise ValueError(
+                f"rj.Kernel() on a GPU runs float32 and 16-bit arrays; {', '.join(wide)} hold float64. "
+                "Use interpret=True (float64 throughout, slow), rj.Sequential(), or float32"
+            )
     batch = seqs.batch_shape
     rows = math.prod(batch)
     padded = -(-max(rows, 1) // block_batch) * block_batch
@@ -123,15 +139,19 @@ def run(
         seqs.resets is not None,
         seqs.valid is not None,
     )
-    masks = [
-        None if m is None else flat(m.astype(jnp.int32), (steps,)) for m in (seqs.resets, seqs.valid)
-    ]  # Triton loads no booleans
+    # (T, rows, 1) int32: Triton loads no booleans, and a column broadcasts against the carry
+    # inside blocked.evaluate, where a (rows,) vector wider than the block width would be split.
+    masks = [None if m is None else flat(m.astype(jnp.int32)[..., None], (steps,)) for m in (seqs.resets, seqs.valid)]
     carry = jax.tree.map(lambda a: flat(a, ()), seqs.carry)
     zero = jax.tree.map(lambda a: flat(a, ()), seqs.zero)
     ys, final = _kernel_scan(cell, config, params, carry, flat(seqs.xs, (steps,)), *masks, zero)
     ys = ys[:, :rows].reshape(steps, *batch, ys.shape[-1])
     final = jax.tree.map(lambda a: a[:rows].reshape(*batch, a.shape[-1]), final)
     return ys, final, None
+
+
+def _has_float64(tree) -> bool:
+    return any(jnp.dtype(a.dtype) == jnp.float64 for a in jax.tree.leaves(tree))
 
 
 # ---- one step, as the kernels trace it ------------------------------------------------------
@@ -182,7 +202,8 @@ def _recurrent_product(h, weights: _Weights, precision):
     for k in range(weights.cols):
         acc = None
         for j, part in enumerate(h_parts):
-            p = matmul(part, weights.tile(j, k), precision).astype(jnp.float32)
+            p = matmul(part, weights.tile(j, k), precision)
+            p = p.astype(jnp.promote_types(p.dtype, jnp.float32))  # 16-bit products sum in float32
             acc = p if acc is None else acc + p
         out.append(acc)
     return _wrap(out)
@@ -198,7 +219,8 @@ def _recurrent_product_t(dz, weights: _Weights, precision):
         for k, part in enumerate(dz_parts):
             tile = weights.tile(j, k)
             part = part.astype(tile.dtype) if tile.dtype.itemsize < part.dtype.itemsize else part
-            p = jax.lax.dot_general(part, tile, dims, precision=precision, preferred_element_type=jnp.float32)
+            acc_dtype = jnp.promote_types(part.dtype, jnp.float32)
+            p = jax.lax.dot_general(part, tile, dims, precision=precision, preferred_element_type=acc_dtype)
             acc = p if acc is None else acc + p
         out.append(acc)
     return _wrap(out)
@@ -223,8 +245,8 @@ def _step_index(config: Config, s, steps):
 
 def _masks(config, refs, t, rows):
     resets_ref, valid_ref = refs
-    reset = resets_ref[t, rows] != 0 if config.has_resets else None
-    valid = valid_ref[t, rows] != 0 if config.has_valid else None
+    reset = resets_ref[t, rows, :] != 0 if config.has_resets else None
+    valid = valid_ref[t, rows, :] != 0 if config.has_valid else None
     return reset, valid
 
 
@@ -244,13 +266,12 @@ class _Layout(NamedTuple):
     n_rest: int
 
 
-def _layout(cell, params, carry, xs) -> _Layout:
-    rest = params._replace(w_x=None, w_h=None)
+def _layout(w_h, rest, carry, steps) -> _Layout:
     carry_leaves, carry_def = jax.tree.flatten(carry)
     rest_leaves, rest_def = jax.tree.flatten(rest)
-    h_in, g = params.w_h.shape
+    h_in, g = w_h.shape
     w = blocked.block_width(g, h_in, *(c.shape[-1] for c in carry_leaves))
-    return _Layout(xs.shape[0], w, h_in, g, carry_def, rest_def, len(carry_leaves), len(rest_leaves))
+    return _Layout(steps, w, h_in, g, carry_def, rest_def, len(carry_leaves), len(rest_leaves))
 
 
 def _split_refs(refs, counts):
@@ -328,8 +349,8 @@ def _backward_kernel(cell, config, lay: _Layout, *refs):
         dy = _load(dys_ref, (t, rows), w)
         dc, dzh = blocked.evaluate(step_vjp, w, rest, c_prev, zx, zh, reset, valid, zero, g, dy)
         dh = _recurrent_product_t(dzh, weights, precision)
-        h_dtype = jax.tree.leaves(h, is_leaf=_is_blocks)[0]
-        dh = jax.tree.map(lambda a: a.astype(jnp.result_type(h_dtype)), dh)
+        h_dtype = jax.tree.leaves(h)[0].dtype
+        dh = jax.tree.map(lambda a: a.astype(h_dtype), dh)
         dc_in = blocked.evaluate(rec_in_vjp, w, c_prev, reset, zero, dh)
         return jax.tree.map(jnp.add, dc, dc_in)
 
@@ -350,7 +371,27 @@ def _call(kernel, config, out_shape, args):
 
         extra["compiler_params"] = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
     flat = [a for a in args if a is not None]
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=config.interpret, **extra)(*flat)
+    call = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=config.interpret, **extra)
+    return _empty_axis_safe(lambda *a: list(call(*a)), list(out_shape))(*flat)
+
+
+def _empty_axis_safe(fn, out_shape):
+    """``fn`` (arrays in, arrays of ``out_shape`` out), batched by ``jax.vmap`` as Pallas
+    batches it, except over an empty axis: there it returns empty arrays without running
+    ``fn``, because Pallas' interpreter (JAX 0.10) fails on an empty batch axis (it slices a
+    block of 1 from it)."""
+    guarded = jax.custom_batching.custom_vmap(fn)
+
+    @guarded.def_vmap
+    def rule(axis_size, in_batched, *args):
+        batched = [True] * len(out_shape)
+        if axis_size == 0:
+            return [jnp.zeros((0, *s.shape), s.dtype) for s in out_shape], batched
+        vmapped = jax.vmap(fn, in_axes=[0 if b else None for b in in_batched])
+        shapes = [jax.ShapeDtypeStruct((axis_size, *s.shape), s.dtype) for s in out_shape]
+        return _empty_axis_safe(vmapped, shapes)(*args), batched  # a vmap around this one may be empty
+
+    return guarded
 
 
 def _xla_precision(precision: str) -> Any:
@@ -360,63 +401,144 @@ def _xla_precision(precision: str) -> Any:
 
 def _masks_args(resets, valid):
     # Absent masks travel as 1-element placeholders so the kernels' ref layout is fixed.
-    dummy = jnp.zeros((1, 1), jnp.int32)
+    dummy = jnp.zeros((1, 1, 1), jnp.int32)
     return [dummy if resets is None else resets, dummy if valid is None else valid]
 
 
-def _forward(cell, config, params, carry, xs, resets, valid, zero, keep_carries):
-    lay = _layout(cell, params, carry, xs)
-    zx = matmul(xs, params.w_x, _xla_precision(config.precision))
-    rest_leaves = jax.tree.leaves(params._replace(w_x=None, w_h=None))
+def _forward_call(cell, config, zx, w_h, rest, carry, zero, resets, valid, keep_carries):
+    """The forward kernel: ``(ys, final, prevs)``, ``prevs`` the carry before each step (when
+    ``keep_carries``; else ``None``)."""
+    lay = _layout(w_h, rest, carry, zx.shape[0])
     carry_leaves = jax.tree.leaves(carry)
-    ys_shape = jax.eval_shape(
-        lambda: _local(cell, params._replace(w_x=None, w_h=None), carry, zx[0], zx[0], None, None, zero)
-    )[1]
+    ys_shape = jax.eval_shape(lambda: _local(cell, rest, carry, zx[0], zx[0], None, None, zero))[1]
     steps = lay.steps
     out_shape = [jax.ShapeDtypeStruct((steps, *ys_shape.shape), ys_shape.dtype)]
     out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in carry_leaves]
     if keep_carries:
         out_shape += [jax.ShapeDtypeStruct((steps, *c.shape), c.dtype) for c in carry_leaves]
-    args = [zx, params.w_h, *carry_leaves, *jax.tree.leaves(zero), *_masks_args(resets, valid), *rest_leaves]
+    args = [zx, w_h, *carry_leaves, *jax.tree.leaves(zero), *_masks_args(resets, valid), *jax.tree.leaves(rest)]
     kernel = functools.partial(_forward_kernel, cell, config, lay, keep_carries)
     outs = _call(kernel, config, out_shape, args)
     ys, final = outs[0], jax.tree.unflatten(lay.carry_def, outs[1 : 1 + lay.n_carry])
-    prevs = outs[1 + lay.n_carry :]
-    return ys, final, zx, prevs
+    prevs = jax.tree.unflatten(lay.carry_def, outs[1 + lay.n_carry :]) if keep_carries else None
+    return ys, final, prevs
+
+
+def _backward_call(cell, config, zx, w_h, rest, prevs, zero, resets, valid, d_ys, d_final):
+    """The backward kernel: ``(gs, d_carry)``, ``gs`` the cotangent of the carry after each
+    step, ``d_carry`` that of the initial carry."""
+    prev_leaves = jax.tree.leaves(prevs)
+    lay = _layout(w_h, rest, jax.tree.map(lambda a: a[0], prevs), zx.shape[0])
+    out_shape = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in prev_leaves]
+    out_shape += [jax.ShapeDtypeStruct(c.shape[1:], c.dtype) for c in prev_leaves]
+    args = [zx, w_h, *prev_leaves, d_ys, *jax.tree.leaves(d_final), *jax.tree.leaves(zero)]
+    args += [*_masks_args(resets, valid), *jax.tree.leaves(rest)]
+    kernel = functools.partial(_backward_kernel, cell, config, lay)
+    outs = _call(kernel, config, out_shape, args)
+    gs = jax.tree.unflatten(lay.carry_def, outs[: lay.n_carry])
+    return gs, jax.tree.unflatten(lay.carry_def, outs[lay.n_carry :])
+
+
+# ---- the kernels' own derivatives (see "Derivatives" above) ---------------------------------
+
+
+def _bools(resets, valid):
+    return [None if m is None else m != 0 for m in (resets, valid)]
+
+
+def _recurrent_product_xla(cell, config, c, w_h, reset, zero):
+    h = _rec_in(cell, c, reset, zero)
+    zh = matmul(h, w_h, _xla_precision(config.precision))
+    return zh.astype(jnp.promote_types(zh.dtype, jnp.float32))  # as the kernel accumulates
+
+
+def _forward_reference(cell, config, zx, w_h, rest, carry, zero, resets, valid):
+    def step(c, inputs):
+        zx_t, reset, ok = inputs
+        zh = _recurrent_product_xla(cell, config, c, w_h, reset, zero)
+        new, y = _local(cell, rest, c, zx_t, zh, reset, ok, zero)
+        return new, (y, c)
+
+    final, (ys, prevs) = jax.lax.scan(step, carry, (zx, *_bools(resets, valid)), reverse=config.backwards)
+    return ys, final, prevs
+
+
+def _backward_reference(cell, config, zx, w_h, rest, prevs, zero, resets, valid, d_ys, d_final):
+    def step(g, inputs):
+        zx_t, c_prev, dy, reset, ok = inputs
+
+        def local(c):
+            zh = _recurrent_product_xla(cell, config, c, w_h, reset, zero)
+            return _local(cell, rest, c, zx_t, zh, reset, ok, zero)
+
+        _, vjp = jax.vjp(local, c_prev)
+        return vjp((g, dy))[0], g
+
+    inputs = (zx, prevs, d_ys, *_bools(resets, valid))
+    d_carry, gs = jax.lax.scan(step, d_final, inputs, reverse=not config.backwards)
+    return gs, d_carry
+
+
+def _cast_like(tree, like):
+    return jax.tree.map(lambda a, b: a.astype(b.dtype), tree, like)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _forward_pass(cell, config, zx, w_h, rest, carry, zero, resets, valid):
+    return _forward_call(cell, config, zx, w_h, rest, carry, zero, resets, valid, keep_carries=True)
+
+
+@_forward_pass.defjvp
+def _forward_pass_jvp(cell, config, primals, tangents):
+    out = _forward_pass(cell, config, *primals)
+    _, d_out = jax.jvp(functools.partial(_forward_reference, cell, config), primals, tangents)
+    return out, _cast_like(d_out, out)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _backward_pass(cell, config, zx, w_h, rest, prevs, zero, resets, valid, d_ys, d_final):
+    return _backward_call(cell, config, zx, w_h, rest, prevs, zero, resets, valid, d_ys, d_final)
+
+
+@_backward_pass.defjvp
+def _backward_pass_jvp(cell, config, primals, tangents):
+    out = _backward_pass(cell, config, *primals)
+    _, d_out = jax.jvp(functools.partial(_backward_reference, cell, config), primals, tangents)
+    return out, _cast_like(d_out, out)
+
+
+# ---- the sequence's gradient -----------------------------------------------------------------
+
+
+def _rest(params):
+    return params._replace(w_x=None, w_h=None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _kernel_scan(cell, config, params, carry, xs, resets, valid, zero):
-    ys, final, _, _ = _forward(cell, config, params, carry, xs, resets, valid, zero, keep_carries=False)
+    zx = matmul(xs, params.w_x, _xla_precision(config.precision))
+    ys, final, _ = _forward_call(
+        cell, config, zx, params.w_h, _rest(params), carry, zero, resets, valid, keep_carries=False
+    )
     return ys, final
 
 
 def _kernel_scan_fwd(cell, config, params, carry, xs, resets, valid, zero):
-    ys, final, zx, prevs = _forward(cell, config, params, carry, xs, resets, valid, zero, keep_carries=True)
+    zx = matmul(xs, params.w_x, _xla_precision(config.precision))
+    ys, final, prevs = _forward_pass(cell, config, zx, params.w_h, _rest(params), carry, zero, resets, valid)
     return (ys, final), (params, carry, xs, resets, valid, zero, zx, prevs)
 
 
 def _kernel_scan_bwd(cell, config, res, cts):
-    params, carry, xs, resets, valid, zero, zx, prevs = res
+    params, carry, xs, resets, valid, zero, zx, c_prevs = res
     d_ys, d_final = cts
-    lay = _layout(cell, params, carry, xs)
-    rest = params._replace(w_x=None, w_h=None)
-    carry_leaves = jax.tree.leaves(carry)
-    d_final_leaves = [d.astype(c.dtype) for d, c in zip(jax.tree.leaves(d_final), carry_leaves)]
-    out_shape = [jax.ShapeDtypeStruct((lay.steps, *c.shape), c.dtype) for c in carry_leaves]
-    out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in carry_leaves]
-    args = [zx, params.w_h, *prevs, d_ys, *d_final_leaves, *jax.tree.leaves(zero), *_masks_args(resets, valid)]
-    args += jax.tree.leaves(rest)
-    kernel = functools.partial(_backward_kernel, cell, config, lay)
-    outs = _call(kernel, config, out_shape, args)
-    gs = jax.tree.unflatten(lay.carry_def, outs[: lay.n_carry])
-    d_carry = jax.tree.unflatten(lay.carry_def, outs[lay.n_carry :])
+    rest = _rest(params)
+    d_final = _cast_like(d_final, carry)
+    gs, d_carry = _backward_pass(cell, config, zx, params.w_h, rest, c_prevs, zero, resets, valid, d_ys, d_final)
 
     # Everything else in parallel over all steps and rows: (T, rows) act as batch axes.
-    c_prevs = jax.tree.unflatten(lay.carry_def, prevs)
     precision = _xla_precision(config.precision)
-    reset_b = None if resets is None else resets != 0
-    valid_b = None if valid is None else valid != 0
+    reset_b, valid_b = _bools(resets, valid)
     h_prevs = _rec_in(cell, c_prevs, reset_b, zero)
     zh, vjp_h = jax.vjp(lambda w_h: matmul(h_prevs, w_h, precision), params.w_h)
     _, vjp_local = jax.vjp(lambda r, a, b: _local(cell, r, c_prevs, a, b, reset_b, valid_b, zero), rest, zx, zh)
