@@ -15,8 +15,8 @@ import jax
 
 from rnnjax import sequence
 from rnnjax.cell import Cell, PyTree
-from rnnjax.distributed.data import current_data_parallel, split_batch
 from rnnjax.methods import Method, Sequential, as_method
+from rnnjax.sharding.data import current_data_parallel, split_batch
 
 # Options that were keywords of rj.scan before method values, and what replaced them.
 _REPLACED = {

@@ -16,7 +16,8 @@ spans every process and :func:`shard_batch` assembles each process's local rows.
 """
 
 from rnnjax.distributed.cores import cpu_core_count, use_cpu_cores
-from rnnjax.distributed.data import (
+from rnnjax.distributed.sequence import sequence_scan
+from rnnjax.sharding.data import (
     DataParallel,
     batch_shardings,
     check_batch,
@@ -27,9 +28,7 @@ from rnnjax.distributed.data import (
     split_batch,
     state_shardings,
 )
-from rnnjax.distributed.mesh import check_mesh_axis
-from rnnjax.distributed.sequence import sequence_scan
-from rnnjax.engines.affine import SequenceSharding
+from rnnjax.sharding.mesh import SequenceSharding, check_mesh_axis
 
 __all__ = [
     "use_cpu_cores",

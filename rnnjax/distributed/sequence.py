@@ -9,11 +9,10 @@ import jax
 from jax.sharding import Mesh
 
 from rnnjax.cell import Cell, PyTree, runs_associatively
-from rnnjax.distributed.mesh import automatic_axes, check_mesh_axis, require_shard_map
-from rnnjax.engines.affine import SequenceSharding
 from rnnjax.methods import Associative, Auto, Method, Newton, as_method
 from rnnjax.scan import evaluate
 from rnnjax.sequence import validate
+from rnnjax.sharding.mesh import SequenceSharding, automatic_axes, check_mesh_axis, require_shard_map
 
 
 def sequence_scan(

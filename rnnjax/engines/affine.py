@@ -12,16 +12,14 @@ over devices (:class:`SequenceSharding`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from rnnjax.distributed.mesh import place
+from rnnjax.sharding.mesh import SequenceSharding, place
 
 Array = jax.Array
 PyTree = Any
@@ -123,7 +121,7 @@ def solve_affine(
     chunk per device.
     """
     if time_sharding is not None:
-        return time_sharding.solve(monoid, elems, h0)
+        return _solve_sharded(monoid, elems, h0, time_sharding)
     steps = jax.tree_util.tree_leaves(elems)[0].shape[0]
     if chunk_size is None or chunk_size >= steps:
         if chunk_size is not None:  # one chunk: a plain sequential scan
@@ -158,53 +156,32 @@ def _sequential_affine(monoid: Monoid, elems: Any, h0: Array) -> Array:
     return jax.lax.scan(body, h0, elems)[1]
 
 
-@dataclasses.dataclass(frozen=True)
-class SequenceSharding:
-    """The time axis split over ``mesh``'s ``axis`` (``rj.distributed.sequence_scan``).
+def _solve_sharded(monoid: Monoid, elems: PyTree, h0: Array, sharding: SequenceSharding) -> Array:
+    """All states ``s_t`` (time axis 0) of ``elems`` from ``h0``, the time axis split over
+    ``sharding``'s devices: local prefix maps on each device, an ``all_gather`` of each shard's
+    total map, then each shard runs from the state the shards before it produce."""
+    steps = jax.tree_util.tree_leaves(elems)[0].shape[0]
+    elems = _pad_identity(monoid, elems, -steps % sharding.shards)
+    axis, mesh = sharding.axis, sharding.mesh
 
-    Hashable, so it is static configuration of the parallel engines, which call
-    :meth:`solve` for every affine recurrence and :meth:`constrain` on time-major arrays.
-    """
+    def local(elems, h0):
+        prefix = jax.lax.associative_scan(monoid.combine, elems)  # this shard's prefix maps
+        total = jax.tree.map(lambda e: e[-1:], prefix)
+        totals = jax.tree.map(lambda e: jax.lax.all_gather(e, axis, axis=0, tiled=True), total)
+        upto = jax.lax.associative_scan(monoid.combine, totals)  # (n, ...) inclusive over shards
+        i = jax.lax.axis_index(axis)
+        before = jax.tree.map(lambda e: e[jnp.maximum(i - 1, 0)], upto)
+        start = jnp.where(i == 0, h0, monoid.apply(before, h0))
+        return monoid.apply(prefix, start[None])
 
-    mesh: Mesh
-    axis: str
-
-    @property
-    def shards(self) -> int:
-        return int(self.mesh.shape[self.axis])
-
-    def constrain(self, x: Array) -> Array:
-        """Ask XLA to split a time-major array's axis 0 over the devices (when it divides)."""
-        if x.shape[0] % self.shards:
-            return x
-        return place(x, self.mesh, P(self.axis))
-
-    def solve(self, monoid: Monoid, elems: PyTree, h0: Array) -> Array:
-        """All states ``s_t`` (time axis 0) of ``elems`` from ``h0``, the time axis split over
-        the devices: local prefix maps on each device, an ``all_gather`` of each shard's total
-        map, then each shard runs from the state the shards before it produce."""
-        steps = jax.tree_util.tree_leaves(elems)[0].shape[0]
-        elems = _pad_identity(monoid, elems, -steps % self.shards)
-        axis = self.axis
-
-        def local(elems, h0):
-            prefix = jax.lax.associative_scan(monoid.combine, elems)  # this shard's prefix maps
-            total = jax.tree.map(lambda e: e[-1:], prefix)
-            totals = jax.tree.map(lambda e: jax.lax.all_gather(e, axis, axis=0, tiled=True), total)
-            upto = jax.lax.associative_scan(monoid.combine, totals)  # (n, ...) inclusive over shards
-            i = jax.lax.axis_index(axis)
-            before = jax.tree.map(lambda e: e[jnp.maximum(i - 1, 0)], upto)
-            start = jnp.where(i == 0, h0, monoid.apply(before, h0))
-            return monoid.apply(prefix, start[None])
-
-        states = jax.shard_map(
-            local,
-            mesh=self.mesh,
-            in_specs=(P(axis), P()),
-            out_specs=P(axis),
-            axis_names=frozenset({axis}),
-        )(place(elems, self.mesh, P(axis)), place(h0, self.mesh, P()))
-        return states[:steps]
+    states = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(axis), P()),
+        out_specs=P(axis),
+        axis_names=frozenset({axis}),
+    )(place(elems, mesh, P(axis)), place(h0, mesh, P()))
+    return states[:steps]
 
 
 def _pad_identity(monoid: Monoid, elems: PyTree, pad: int) -> PyTree:

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import ClippedLinearCell
-from rnnjax.engines.affine import CLIP, DIAG, SequenceSharding, solve_affine
+from rnnjax.engines.affine import CLIP, DIAG, solve_affine
 from rnnjax.sequence import TimeMajor, expand_to, mask_step, reset_carry
+from rnnjax.sharding.mesh import SequenceSharding
 
 
 def run(

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import LinearCell
-from rnnjax.engines.affine import DIAG, SequenceSharding, log_monoid, solve_affine
+from rnnjax.engines.affine import DIAG, log_monoid, solve_affine
 from rnnjax.sequence import TimeMajor, expand_to
+from rnnjax.sharding.mesh import SequenceSharding
 
 
 def run(

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 
 from rnnjax.carry import CarryLayout
 from rnnjax.cell import Cell
-from rnnjax.engines.affine import DIAG, SequenceSharding, solve_affine
+from rnnjax.engines.affine import DIAG, solve_affine
 from rnnjax.engines.elk import elk_step
 from rnnjax.engines.jacobians import Structure, jacobian_fn, structure_for
 from rnnjax.sequence import TimeMajor
+from rnnjax.sharding.mesh import SequenceSharding
 
 Array = jax.Array
 

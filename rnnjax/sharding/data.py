@@ -23,8 +23,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rnnjax.cell import Cell, carry_batch_shape
-from rnnjax.distributed.mesh import automatic_axes, check_mesh_axis, place, require_shard_map
 from rnnjax.sequence import compute_dtype
+from rnnjax.sharding.mesh import automatic_axes, check_mesh_axis, place, require_shard_map
 
 PyTree = Any
 

@@ -1,8 +1,9 @@
-"""Mesh helpers shared by data and sequence parallelism: axis checks, automatic axes,
-layout hints."""
+"""Mesh helpers shared by data and sequence parallelism: axis checks, automatic axes, layout
+hints, and the time axis split (:class:`SequenceSharding`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -46,3 +47,27 @@ def place(tree: PyTree, mesh: Mesh, spec: P) -> PyTree:
     """Ask XLA to lay ``tree`` out as ``spec`` on ``mesh`` (inside a traced function)."""
     sharding = NamedSharding(mesh, spec)
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSharding:
+    """The time axis split over ``mesh``'s ``axis`` (``rj.distributed.sequence_scan``).
+
+    Hashable, so it is static configuration: :class:`rnnjax.TimeSharded` carries it to the
+    parallel engines, which solve every affine recurrence across the devices
+    (:func:`rnnjax.engines.affine.solve_affine`) and call :meth:`constrain` on time-major arrays.
+    """
+
+    mesh: Mesh
+    axis: str
+
+    @property
+    def shards(self) -> int:
+        """The number of devices along ``axis``."""
+        return int(self.mesh.shape[self.axis])
+
+    def constrain(self, x: jax.Array) -> jax.Array:
+        """Ask XLA to split a time-major array's axis 0 over the devices (when it divides)."""
+        if x.shape[0] % self.shards:
+            return x
+        return place(x, self.mesh, P(self.axis))

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from rnnjax import distributed
 from rnnjax.cell import PyTree
 from rnnjax.checks import check_optimizer, check_positive_number
-from rnnjax.distributed.mesh import automatic_axes
+from rnnjax.sharding.mesh import automatic_axes
 from rnnjax.train.checks import check_aux, check_loss, check_not_donated
 from rnnjax.train.state import TrainState, apply_gradients, check_state
 
