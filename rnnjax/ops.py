@@ -139,8 +139,8 @@ def matmul(a: Array, w: Array, precision: Any = None) -> Array:
     to ``w``'s dtype, the product runs on 16-bit operands (the speed point of 16-bit weights
     on accelerators) and accumulates and returns in float32
     (``preferred_element_type``): what follows, gates and the carry's update, is float32.
-    (Returning the 16-bit dtype instead drifted 1.4-1.8x farther from float32 on the gated
-    cells over 10 000 steps: ``benchmarks/precision_drift.py --round-products``.)
+    (Measured by ``python -m benchmarks.lab.precision_drift --round-products``, see
+    ``benchmarks/lab/DECISIONS.md``.)
     In every other case this is exactly ``a @ w``: float32, float64 and all-16-bit products
     are untouched. ``precision`` is ``jnp.matmul``'s (``None``: the backend's default)."""
     narrow = _autocast_dtype(a, w)

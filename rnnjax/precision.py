@@ -98,17 +98,11 @@ class Mixed(Cell):
     ``y_t`` is returned in ``output_dtype`` (default: ``compute_dtype``; ask for
     ``jnp.float32`` to get float32 outputs).
 
-    Why ``"keep"`` is the default: ``benchmarks/precision_drift.py`` (T = 10 000 steps, B = 8,
-    H = D = 64, CPU, each cell's default init; ``benchmarks/results/precision_drift.md``)
-    measured the mean relative output error from float32 with ``"keep"`` at 0.64 times
-    ``"round"``'s for bfloat16 and 0.63 times for float16 (geometric means over the nine
-    cells): 0.47-0.57 for LSTM, GRU, MGU, ConvLSTM, minGRU and minLSTM, 0.84-0.87 for
-    Elman, equal for the LRU, and for IndRNN 1.08 (bfloat16) and 0.99 (float16). Rounding
-    the products' results to ``compute_dtype`` instead of returning float32 drifted 1.4-1.8x
-    farther on the gated cells (``--round-products``). What remains is the rounding of the
-    parameters and of the products' operands: about the unit roundoff of ``compute_dtype``
-    (bfloat16 3.9e-3, float16 4.9e-4) times a small factor, not growing with T for cells
-    that contract.
+    ``"keep"`` is the default because it drifts less from float32 over long sequences (measured
+    by ``python -m benchmarks.lab.precision_drift``, see ``benchmarks/lab/DECISIONS.md``). What
+    remains is the rounding of the parameters and of the products' operands: about the unit
+    roundoff of ``compute_dtype`` (bfloat16 3.9e-3, float16 4.9e-4) times a small factor, not
+    growing with T for cells that contract.
 
     - Casts touch real floating leaves only. Integer and boolean leaves are left alone.
       Complex leaves (the :class:`rnnjax.LRU` state) go to the complex dtype whose parts

@@ -3,7 +3,7 @@ method ``rj.Auto()`` picks, the chunk size of ``rj.Chunked()`` and how ``rj.Newt
 its linear recurrences.
 
 Each table comes from a benchmark whose command and figures are recorded in
-``benchmarks/experiments/DECISIONS.md``; change a row only with a new measurement.
+``benchmarks/lab/DECISIONS.md``; change a row only with a new measurement.
 Backends other than ``"cpu"`` use the ``"gpu"`` rows (TPU is not measured).
 """
 
@@ -16,23 +16,14 @@ import jax
 
 from rnnjax.cell import Cell, LinearCell, StructuredJacobian, runs_associatively
 
-# Steps per loop iteration for unroll="auto". cpu: unroll 8 slowed training 2-3x, 4 was no
-# faster than 1; gpu: 16 gave 2.3-3.3x over 1 on an H200 (benchmarks/results/nvidia-h200-unroll).
+# Steps per loop iteration for unroll="auto" (DECISIONS.md, "Unroll per backend").
 AUTO_UNROLL = {"cpu": 1, "gpu": 16}
 
 # What rj.Auto() runs, per backend and cell kind: ``(min_T, method name)`` rows sorted by
 # min_T, the last row with min_T <= T wins; "chunk_size" is rj.Chunked()'s default rule
-# ("sqrt": the power of two nearest sqrt(T), clipped to [16, 1024]).
-# cpu: the sequential loop was fastest at every T from 256 to 65536 for minGRU, LRU and a GRU
-# (benchmarks/results/cpu_auto.md). gpu: "associative" was 67-282x the sequential loop for
-# linear cells at T = 1024-16384; Newton on a GRU was 1.0-1.56x, a near-tie, so nonlinear cells
-# stay sequential (benchmarks/results/gpu_parallel_20261127T063310Z.md). "clipped_linear" (a
-# relu IndRNN): cpu: the sequential loop was 1.5-3.3x faster than the clipped associative scan
-# (benchmarks/results/cpu-clipped-scan.log); gpu: not measured yet, so sequential as before.
-# "exact_jacobian" (ParaGRU, ParaLSTM, a tanh IndRNN: exact Newton at quasi-DEER's cost): cpu:
-# the sequential loop was 1.3-1.8x faster than 3 exact Newton iterations in training and
-# 2.9-3.6x in the forward pass (ParaGRU, B=16, H=64, T=1024-4096;
-# benchmarks/results/cpu-newton-timing.md, cpu-newton-outputs.log); gpu: not measured yet.
+# ("sqrt": the power of two nearest sqrt(T), clipped to [16, 1024]). Rows not measured on a
+# backend keep the sequential loop (DECISIONS.md: "The 'auto' method table", "A relu IndRNN is
+# solved by one clipped scan", "Newton returns its last evaluation's outputs").
 AUTO_TABLE: dict[str, dict[str, Any]] = {
     "cpu": {
         "log_linear": ((0, "sequential"),),
@@ -53,11 +44,20 @@ AUTO_TABLE: dict[str, dict[str, Any]] = {
 }
 CELL_KINDS = ("log_linear", "linear", "clipped_linear", "exact_jacobian", "nonlinear")
 
+# What rj.Auto() runs with the time axis split over devices (rj.distributed.sequence_scan, any
+# backend): one associative scan for the cells it solves exactly, Newton's method for the others
+# (the only two methods whose engines split time).
+TIME_SHARDED = {
+    "log_linear": "associative",
+    "linear": "associative",
+    "clipped_linear": "associative",
+    "exact_jacobian": "newton",
+    "nonlinear": "newton",
+}
 
-# How rj.Newton(solve="auto") solves each iteration's linear recurrence. cpu: a sequential scan
-# was 2.4-4x faster than the associative scan on elementwise recurrences (T=1024-4096; the scan's
-# extra passes over memory cost more than its parallelism gains on a few cores); gpu: associative
-# (benchmarks/experiments/DECISIONS.md, "Newton's linear solves are sequential on CPU").
+
+# How rj.Newton(solve="auto") solves each iteration's linear recurrence (DECISIONS.md,
+# "Newton's linear solves are sequential on CPU").
 AUTO_NEWTON_SOLVE = {"cpu": "sequential", "gpu": "associative"}
 NEWTON_SOLVES = ("auto", "associative", "sequential")
 
@@ -112,8 +112,9 @@ def cell_kind(cell: Cell) -> str:
     return "nonlinear"
 
 
-def choose_method(cell: Cell, steps: int, backend: str | None = None) -> str:
-    """The name of the method ``rj.Auto()`` runs for ``cell`` over ``steps`` time steps.
+def choose_method(cell: Cell, steps: int, backend: str | None = None, time_sharded: bool = False) -> str:
+    """The name of the method ``rj.Auto()`` runs for ``cell`` over ``steps`` time steps
+    (``time_sharded``: with the time axis split over devices, :data:`TIME_SHARDED`).
 
     Example:
       >>> import rnnjax as rj
@@ -121,7 +122,11 @@ def choose_method(cell: Cell, steps: int, backend: str | None = None) -> str:
       'sequential'
       >>> choose_method(rj.MinGRU(8), 4096, backend="gpu")
       'associative'
+      >>> choose_method(rj.GRU(8), 4096, time_sharded=True)
+      'newton'
     """
+    if time_sharded:
+        return TIME_SHARDED[cell_kind(cell)]
     rows = AUTO_TABLE[backend_key(backend)][cell_kind(cell)]
     method = rows[0][1]
     for min_steps, name in rows:

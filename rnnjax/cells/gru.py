@@ -161,7 +161,7 @@ class GRU(HiddenStateCell, DenseCell):
             \tanh'(\cdot) \big(d_r (h_{t-1} W_{hn} + b_{hn}) + r\, W_{hn}[u, u]\big) + z,
 
         the same numbers as the generic linearisation at about half its cost
-        (``benchmarks/experiments/DECISIONS.md``, quasi-DEER entry)."""
+        (``benchmarks/lab/DECISIONS.md``, quasi-DEER entry)."""
         if not self.reset_after:
             return super().step_with_jacobian(params, carry, x)  # raises: no unit structure
         self.check_params(params)

@@ -29,8 +29,8 @@ z^h_t W_h^\top` and ``update``'s derivatives (recomputed from the stored values)
 as three large products, instead of autodiff's per-step outer products. Where ``update``
 reads columns only through :math:`z^x_t + z^h_t` (``DenseCell.summed_columns``) their two
 tangents are one array, stored once per step. Derivatives of every order equal autodiff's up
-to float rounding. Measured by ``benchmarks/experiments/custom_jvp_experiment.py`` (as fast as
-the earlier reverse-only ``custom_vjp``); decisions in ``benchmarks/experiments/DECISIONS.md``.
+to float rounding. Measured by ``python -m benchmarks.lab.custom_jvp_experiment``, see
+``benchmarks/lab/DECISIONS.md``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _kept(zx, zh, k):
     if k == zx.shape[-1]:
         return (zx + zh,)
     # jnp.split, not slicing: its transpose is a concatenate, where a slice's is a zero pad
-    # that XLA:CPU then materialises once per step (benchmarks/experiments/DECISIONS.md).
+    # that XLA:CPU then materialises once per step (benchmarks/lab/DECISIONS.md).
     (sx, ax), (sh, ah) = jnp.split(zx, [k], axis=-1), jnp.split(zh, [k], axis=-1)
     return sx + sh, ax, ah
 

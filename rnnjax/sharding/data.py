@@ -6,7 +6,7 @@ for the global batch, so masked means mean what they mean on one device; only th
 recurrence runs per shard: inside the context, :func:`rnnjax.scan` runs its loop under
 ``jax.shard_map`` with the parameters replicated, so the backward pass reduces the
 parameter gradients with one all-reduce after the loop (automatic partitioning reduced
-them inside the loop, measured slower: ``benchmarks/experiments/DECISIONS.md``).
+them inside the loop, measured slower: ``benchmarks/lab/DECISIONS.md``).
 """
 
 from __future__ import annotations
