@@ -310,7 +310,9 @@ class Kernel(Method):
       precision: the float32 products': ``"default"`` (TF32 on the GPU's tensor cores, as
         XLA's default and PyTorch's cuDNN RNNs), ``"highest"`` (full float32), or ``None``:
         what ``jax_default_matmul_precision`` says (unset: ``"default"``), like XLA's products.
-      num_warps: Triton warps per program.
+      num_warps: Triton warps per program (8: the fewest with which the LSTM and GRU kernels
+        of width 128 spill no registers, float32 or 16-bit; measured by
+        ``benchmarks/lab/kernel_report.py``, see ``benchmarks/lab/DECISIONS.md``).
       weights: ``"stream"`` (read ``W_h`` from L2 at every step: any size) or ``"hold"``
         (read it once and keep it on chip: only where it fits in a multiprocessor's
         registers and shared memory, e.g. 16-bit or small ``W_h``).
@@ -329,7 +331,7 @@ class Kernel(Method):
     name: ClassVar[str] = "kernel"
     block_batch: int = 16
     precision: str | None = None
-    num_warps: int = 4
+    num_warps: int = 8
     weights: str = "stream"
     interpret: bool | None = None
 

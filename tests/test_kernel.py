@@ -111,6 +111,45 @@ def test_block_batch_wider_than_the_carry_with_lengths_and_resets():
     check_against_sequential(rj.Elman(2), (3,), steps=3, input_size=2, reverse=False)
 
 
+def _inner_jaxprs(eqn):
+    for v in eqn.params.values():
+        for x in v if isinstance(v, (tuple, list)) else [v]:
+            if isinstance(x, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+                yield getattr(x, "jaxpr", x)
+
+
+def _eqns(jaxpr, name, deep=True):
+    for e in jaxpr.eqns:
+        if e.primitive.name == name:
+            yield e
+        elif deep:
+            for inner in _inner_jaxprs(e):
+                yield from _eqns(inner, name)
+
+
+@pytest.mark.parametrize("weights, looped", [("stream", True), ("hold", False)])
+def test_streamed_w_h_is_multiplied_one_column_tile_at_a_time(weights, looped):
+    """Streamed, each step's products with W_h's column tiles are a loop whose body multiplies
+    one tile (unrolled, Triton held every tile's operand in registers at once and spilled:
+    benchmarks/lab/kernel_report.py); held tiles stay unrolled. Forward and reverse kernels."""
+    cell = rj.LSTM(8)  # 4 column tiles of 8
+    params, xs, carry, *_ = problem(cell, (4,), 3, 8, masks=False)
+    method = rj.Kernel(block_batch=4, interpret=True, weights=weights)
+    loss = lambda p: jnp.sum(rj.scan(cell, p, xs, carry, method=method)[0])  # noqa: E731
+    kernels = list(_eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, "pallas_call"))
+    assert len(kernels) == 2  # the forward kernel keeping the carries, the reverse kernel
+    for kernel in kernels:
+        (steps,) = _eqns(kernel.params["jaxpr"], "scan", deep=False)
+        body = steps.params["jaxpr"].jaxpr
+        tile_loops = [e.params["jaxpr"].jaxpr for e in _eqns(body, "scan", deep=False)]
+        direct = list(_eqns(body, "dot_general", deep=False))
+        if looped:
+            assert direct == [] and tile_loops
+            assert [len(list(_eqns(j, "dot_general"))) for j in tile_loops] == [1] * len(tile_loops)
+        else:
+            assert tile_loops == [] and len(direct) >= 4
+
+
 @pytest.mark.slow
 def test_lstm_projection_wider_than_the_block_width():
     # LSTM(6, proj_size=4): products 24 and 4 wide, carries 4 and 6, so the block width is 2

@@ -195,33 +195,69 @@ def _wrap(parts):
     return parts[0] if len(parts) == 1 else Blocks(parts)
 
 
+def _accumulator(a, weights: _Weights):
+    """Zeros ``(rows, w)`` in the dtype the products of ``a`` with ``W_h`` sum in (16-bit: float32)."""
+    dtype = jnp.promote_types(jnp.promote_types(a.dtype, weights.ref.dtype), jnp.float32)
+    return jnp.zeros((a.shape[0], weights.w), dtype)
+
+
 def _recurrent_product(h, weights: _Weights, precision):
-    """``h @ W_h`` by tiles: ``h`` ``(rows, h_in)`` plain or blocked, result blocked."""
+    """``h @ W_h`` by tiles: ``h`` ``(rows, h_in)`` plain or blocked, result blocked.
+
+    Streamed, the column tiles are a loop, not unrolled: unrolled, Triton converts every
+    tile's operand to registers before the first product (all of ``W_h``: 512 float32
+    registers a thread for LSTM(128) on 4 warps), and the spills made the float32 kernel
+    30x slower (measured by ``benchmarks/lab/kernel_report.py``, see
+    ``benchmarks/lab/DECISIONS.md``)."""
     h_parts = _parts(h)
-    out = []
-    for k in range(weights.cols):
+
+    def column(k):
         acc = None
         for j, part in enumerate(h_parts):
             p = matmul(part, weights.tile(j, k), precision)
             p = p.astype(jnp.promote_types(p.dtype, jnp.float32))  # 16-bit products sum in float32
             acc = p if acc is None else acc + p
-        out.append(acc)
-    return _wrap(out)
+        return acc
+
+    if weights.held is not None or weights.cols == 1:
+        return _wrap([column(k) for k in range(weights.cols)])
+
+    def body(k, out):  # a static list of blocks cannot be indexed by k: select into each
+        p = column(k)
+        return [jnp.where(k == i, p.astype(o.dtype), o) for i, o in enumerate(out)]
+
+    zeros = [_accumulator(h_parts[0], weights)] * weights.cols
+    return _wrap(jax.lax.fori_loop(0, weights.cols, body, zeros))
 
 
 def _recurrent_product_t(dz, weights: _Weights, precision):
-    """``dz @ W_h^T`` by tiles: ``dz`` ``(rows, g)`` blocked, result ``(rows, h_in)``."""
+    """``dz @ W_h^T`` by tiles: ``dz`` ``(rows, g)`` blocked, result ``(rows, h_in)``; streamed,
+    the column tiles are a loop as in :func:`_recurrent_product`."""
     dz_parts = _parts(dz)
     dims = (((1,), (1,)), ((), ()))
+
+    def term(j, k, part):
+        tile = weights.tile(j, k)
+        part = part.astype(tile.dtype) if tile.dtype.itemsize < part.dtype.itemsize else part
+        acc_dtype = jnp.promote_types(part.dtype, jnp.float32)
+        return jax.lax.dot_general(part, tile, dims, precision=precision, preferred_element_type=acc_dtype)
+
     out = []
     for j in range(weights.rows):
-        acc = None
-        for k, part in enumerate(dz_parts):
-            tile = weights.tile(j, k)
-            part = part.astype(tile.dtype) if tile.dtype.itemsize < part.dtype.itemsize else part
-            acc_dtype = jnp.promote_types(part.dtype, jnp.float32)
-            p = jax.lax.dot_general(part, tile, dims, precision=precision, preferred_element_type=acc_dtype)
-            acc = p if acc is None else acc + p
+        if weights.held is not None or len(dz_parts) == 1:
+            acc = None
+            for k, part in enumerate(dz_parts):
+                p = term(j, k, part)
+                acc = p if acc is None else acc + p
+        else:
+
+            def body(k, acc, j=j):
+                part = dz_parts[0]
+                for i in range(1, len(dz_parts)):
+                    part = jnp.where(k == i, dz_parts[i], part)
+                return acc + term(j, k, part).astype(acc.dtype)
+
+            acc = jax.lax.fori_loop(0, len(dz_parts), body, _accumulator(dz_parts[0], weights))
         out.append(acc)
     return _wrap(out)
 
