@@ -378,17 +378,17 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 -- a configuration that does not compile is a finding
             rows.append({**case, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
             print(f"{cell} H={hidden} {dtype} {precision} {weights} {program}: {rows[-1]['error']}", flush=True)
-            continue
-        for k in kernels:
-            rows.append({**case, "role": _role(program, k["kernel"]), **k})
-        print(
-            f"{cell} H={hidden} {dtype} {precision} {weights} {program}: {len(kernels)} kernels, "
-            f"{time.perf_counter() - t0:.1f} s",
-            flush=True,
-        )
-    table = markdown(rows)
-    (args.out / "report.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "report.md").write_text(table)
+        else:
+            rows += [{**case, "role": _role(program, k["kernel"]), **k} for k in kernels]
+            print(
+                f"{cell} H={hidden} {dtype} {precision} {weights} {program}: {len(kernels)} kernels, "
+                f"{time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
+        # Written after every case: a long run stopped early keeps what it compiled.
+        table = markdown(rows)
+        (args.out / "report.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "report.md").write_text(table)
     print()
     print(table)
     print(f"written: {args.out / 'report.md'}, {args.out / 'report.json'}")
