@@ -9,9 +9,14 @@ small sweep of its launch options against ``rj.Sequential()`` in one process.
    the default precision costs. Every case runs on fresh random inputs; NaN fails.
 2. **Sweep**: forward medians at B=32, D=H=128, T=1024, float32 and bfloat16, with ``W_h``
    streamed from L2 or held on chip, interleaved with ``rj.Sequential()`` (same-process ratios).
+3. **Table** (``--table``): the suite's table (``benchmarks.run --preset gpu``) of LSTM, GRU and
+   Elman at T = 1024 and 4096, forward and forward+backward: the kernel and the scan in float32
+   and under ``rj.Mixed`` bfloat16, cuDNN through PyTorch, ``jax.experimental.rnn`` (LSTM).
+   The predictions to set beside it: ``benchmarks/lab/gpu_kernel_predictions.md``.
 
     python -m benchmarks.lab.kernel_gpu            # on the GPU
     python -m benchmarks.lab.kernel_gpu --tiny     # anywhere (interpreted on CPU): seconds, small shapes
+    python -m benchmarks.lab.kernel_gpu --skip-sweep --table     # checks, then the table
 
 Prints a table per part; exits non-zero when a check fails.
 """
@@ -134,10 +139,26 @@ def run_sweep(hidden, batch, steps, interpret, rounds):
                 print(f"{name:6s} {label:28s} {r.median_s * 1e3:10.3f} {ratio} {compiled[label].compile_s:9.1f}")
 
 
+TABLE_SYSTEMS = ("rnnjax-kernel", "rnnjax", "torch", "rnnjax-kernel-bf16", "rnnjax-bf16", "jax-cudnn")
+
+
+def run_table(tiny, out, max_minutes):
+    """The suite's table for the kernel's cells, lengths and peers (one process, one table)."""
+    from benchmarks import run
+
+    argv = ["--preset", "gpu", "--cells", "lstm", "gru", "elman", "--lengths", "1024", "4096"]
+    argv += ["--systems", *TABLE_SYSTEMS, "--no-plot", "--out", str(out), "--max-minutes", str(max_minutes)]
+    print(f"\n== table: python -m benchmarks.run {' '.join(argv + ['--tiny'] * tiny)} ==", flush=True)
+    run.main(argv + ["--tiny"] * tiny)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="small shapes, interpreted kernels: checks the script runs")
     p.add_argument("--skip-sweep", action="store_true")
+    p.add_argument("--table", action="store_true", help="then the table against cuDNN and jax.experimental.rnn")
+    p.add_argument("--out", default="bench-results/kernel-gpu-table", help="the table's folder (git-ignored default)")
+    p.add_argument("--max-minutes", type=float, default=4.0, help="the table's time budget (0: none)")
     args = p.parse_args(argv)
     print("jax", jax.__version__, jax.devices())
     interpret = jax.default_backend() != "gpu"
@@ -149,6 +170,8 @@ def main(argv=None) -> int:
         ok = run_checks(hidden=128, batch=37, steps=64, interpret=interpret)
         if not args.skip_sweep:
             run_sweep(hidden=128, batch=32, steps=1024, interpret=interpret, rounds=10)
+    if args.table:
+        run_table(args.tiny, args.out, args.max_minutes)
     print("\nchecks:", "all passed" if ok else "FAILED")
     return 0 if ok else 1
 
