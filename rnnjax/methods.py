@@ -33,6 +33,7 @@ from rnnjax.sequence import TimeMajor
 
 REMAT = (None, "step", "sqrt")
 GRADIENTS = ("auto", "autodiff", "fused")
+MAX_ITERS = 2**31 - 1  # rj.Newton's bound on max_iters: its iteration counter is an int32
 
 
 class Method(abc.ABC):
@@ -223,7 +224,7 @@ class Newton(Method):
         ``init="step"`` for ``rj.ParaGRU``/``rj.ParaLSTM``; ``rj.IndRNN`` needs 5 with tanh and
         16 or more with relu at T=4096, ``benchmarks/results/cpu-newton-check.md``; a relu IndRNN runs
         exactly in one scan with ``rj.Associative()`` instead).
-      max_iters: Newton steps (the cap, or with ``tol=None`` the count).
+      max_iters: Newton steps (the cap, or with ``tol=None`` the count), at most ``2**31 - 1``.
       damping: ELK's initial damping (``"elk"``, ``"quasi-elk"`` only); ``None``: 1.
       init: the first iterate: ``"zero"`` states, or ``"step"``: one step of the cell from
         zero states at every position, all at once (ParaRNN's guess). States from elsewhere
@@ -257,6 +258,8 @@ class Newton(Method):
         elif self.tol is not None:
             check_positive_number(self.tol, "tol")
         check_positive_int(self.max_iters, "max_iters")
+        if self.max_iters > MAX_ITERS:
+            raise ValueError(f"max_iters must be at most 2**31 - 1 = {MAX_ITERS}, got {self.max_iters}")
         if self.damping is not None:
             check_positive_number(self.damping, "damping")
             if self.variant not in ("elk", "quasi-elk"):

@@ -96,8 +96,9 @@ def test_newton_falls_back_to_sequential_when_it_does_not_converge():
     assert_trees_close(rj.scan(cell, params, xs, method=rj.Newton("deer", max_iters=1)), expected, atol=1e-6, rtol=1e-5, check_dtypes=True)
 
 
-def test_elk_step_is_the_damped_least_squares_solution():
-    steps, n, damping = 5, 3, 0.7
+@pytest.mark.parametrize("steps", [5, 1])  # T = 1: the smoother has no step to go back over
+def test_elk_step_is_the_damped_least_squares_solution(steps):
+    n, damping = 3, 0.7
     rng = np.random.default_rng(0)
     J = rng.normal(size=(steps, 1, n, n))
     u, guess = rng.normal(size=(steps, 1, n)), rng.normal(size=(steps, 1, n))
@@ -180,6 +181,20 @@ def test_vmap_and_jit_equal_the_batched_call():
 # ---- how each iteration's linear recurrence is solved ----
 
 
+def test_an_empty_batch_through_every_newton_front_door():
+    # Batch 0: the sequential method's empty arrays (the residual of no states is 0), and the
+    # reports of a solve that had nothing to do.
+    cell = rj.GRU(4)
+    params, xs, carry = data(cell, batch=(0,))
+    want = rj.scan(cell, params, xs, carry)
+    ys, final, info = rj.parallel.newton_scan(cell, params, xs, carry)
+    assert_trees_close((ys, final), want, atol=0, rtol=0, check_dtypes=True)
+    assert bool(info.converged) and int(info.iterations) == 0 and info.states.shape == (0, STEPS, 4)
+    mesh = jax.make_mesh((1,), ("seq",))
+    got = rj.distributed.sequence_scan(cell, params, xs, carry, mesh=mesh, method=rj.Newton())
+    assert_trees_close(got, want, atol=0, rtol=0, check_dtypes=True)
+
+
 @pytest.mark.parametrize("name, variant", [
     ("gru", "deer"),  # full Jacobians (jax.jacfwd)
     ("gru", "quasi-deer"),  # the dense cell's unit diagonal, and the iterated adjoint
@@ -225,6 +240,7 @@ def test_auto_solves_sequentially_on_cpu_and_associatively_on_accelerators():
         (dict(tol=float("nan")), "tol must be a positive finite number, got nan"),
         (dict(max_iters=0), "max_iters must be a positive int, got 0"),
         (dict(max_iters=2.0), "max_iters must be a positive int, got 2.0"),
+        (dict(max_iters=2**31), r"max_iters must be at most 2\*\*31 - 1 = 2147483647, got 2147483648"),
         (dict(newton="newton"), r"unknown Newton variant 'newton'; expected one of \['deer', 'quasi-deer', 'elk', 'quasi-elk'\]"),
         (dict(newton="deer", damping=1.0), "damping applies to the variants 'elk' and 'quasi-elk'; got 'deer'"),
         (dict(newton="elk", damping=0.0), "damping must be a positive finite number, got 0.0"),

@@ -111,7 +111,7 @@ def elk_step(J: Array, u: Array, F: Array, S: Array, damping: float, full: bool)
     G = ops.mm(ops.mm(J_next, P_), ops.t(J_next)) + ops.eye(P_)
     E = ops.t(ops.solve(G, ops.mm(J_next, P_)))  # P J^T G^{-1}, G and P symmetric
     g = m_ - ops.mv(E, ops.mv(J_next, m_) + u_next)
-    E = jnp.concatenate([E, jnp.zeros_like(E[:1])], axis=0)
+    E = jnp.concatenate([E, jnp.zeros_like(J[:1])], axis=0)  # J[:1], not E[:1]: E is empty when T = 1
     g = jnp.concatenate([g, m[-1:]], axis=0)
     monoid = FULL if full else DIAG
     x = solve_affine(monoid, (jnp.flip(E, 0), jnp.flip(g, 0)), jnp.zeros_like(g[0]))

@@ -15,7 +15,10 @@ cheap linear recurrence (``rj.Newton(solve=...)``). ``"deer"`` uses full Jacobia
 their diagonals (Gonzalez et al. 2024), ``"elk"``/``"quasi-elk"`` damped steps
 (:mod:`rnnjax.engines.elk`). Gradients come from the implicit function theorem at the
 solution: the adjoint :math:`\lambda_t = \bar s_t + J_{t+1}^\top \lambda_{t+1}` is a reverse
-linear recurrence solved the same way.
+linear recurrence solved the same way. Second derivatives (``jax.hessian``, ``jax.grad`` of
+``jax.grad``) are exact too: the solve and the quasi variants' adjoint iterations differentiate
+as their solutions do (``jax.custom_jvp`` rules with the exact Jacobians' linear recurrences),
+not as their iterations, which follow approximate Jacobians.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rnnjax.carry import CarryLayout
 from rnnjax.cell import Cell
@@ -197,6 +201,7 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
 
         return jax.lax.scan(body, h0, (X, R, V), unroll=unroll)[1]
 
+    @jax.custom_jvp
     def forward(params, X, h0, R, V, S0):
         if S0 is None:
             S0 = jnp.zeros(X.shape[:2] + (layout.n,), layout.real)
@@ -208,7 +213,7 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
         # with J, and the returned states and outputs are that evaluation's (no extra one).
         J, F, Y = jacobians(params, shift(S, h0), X, R, V)
         lam = jnp.asarray(damping if elk else 0.0, layout.real)
-        init_state = (jnp.int32(0), S, F, Y, J, jnp.max(jnp.abs(S - F)), lam, jnp.sum(jnp.square(S - F)))
+        init_state = (jnp.int32(0), S, F, Y, J, _max_abs(S - F), lam, jnp.sum(jnp.square(S - F)))
 
         def cond(state):
             k, _, _, _, _, r, _, _ = state
@@ -220,7 +225,7 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
             if not elk:
                 S_new = structure.solve(J, u, h0, time_sharding, sequential_solve)
                 J_new, F_new, Y_new = jacobians(params, shift(S_new, h0), X, R, V)
-                return k + 1, S_new, F_new, Y_new, J_new, jnp.max(jnp.abs(S_new - F_new)), lam, merit
+                return k + 1, S_new, F_new, Y_new, J_new, _max_abs(S_new - F_new), lam, merit
             S_new = elk_step(J, u, F, S, lam, structure.kind == "full")
             J_new, F_new, Y_new = jacobians(params, shift(S_new, h0), X, R, V)
             merit_new = jnp.sum(jnp.square(S_new - F_new))
@@ -229,7 +234,7 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
             accept = merit_new < merit
             pick = lambda new, old: jnp.where(accept, new, old)
             lam = jnp.clip(jnp.where(accept, lam / 10, lam * 10), 1e-12, 1e12).astype(lam.dtype)
-            r_new = jnp.max(jnp.abs(S_new - F_new))
+            r_new = _max_abs(S_new - F_new)
             kept = (pick(S_new, S), pick(F_new, F), pick(Y_new, Y), pick(J_new, J), pick(r_new, r))
             return k + 1, *kept, lam, pick(merit_new, merit)
 
@@ -240,6 +245,40 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
         converged = residual <= tol
         S, Y = jax.lax.cond(converged, lambda: (F, Y), lambda: sequential(params, X, h0, R, V))
         return S, Y, k, converged, residual
+
+    @forward.defjvp
+    def forward_jvp(primals, tangents):
+        # The returned states solve S = f(shift(S)) (to tol), so their tangent is the implicit
+        # function theorem's: dS_t = J_t dS_{t-1} + the step's tangent at fixed states, with the
+        # exact J_t. Autodiff through the iteration would follow the Jacobians it iterated with
+        # instead (diagonals; a DenseCell's step_with_jacobian has the step's values but only
+        # their unit-diagonal state tangents). jax.hessian takes this path, forward mode over
+        # the custom_vjp's residuals.
+        params, X, h0, R, V, _ = primals
+        d_params, d_X, d_h0 = tangents[:3]
+        out = forward(*primals)
+        prev = shift(out[0], h0)
+        if structure.exact:
+            _, (d_F, _) = jax.jvp(lambda p, x: outputs(p, prev, x, R, V), (params, X), (d_params, d_X))
+            J = jacobians(params, prev, X, R, V)[0]
+            d_S = structure.solve(J, d_F, d_h0, time_sharding, sequential_solve)
+        else:  # no exact Jacobians at hand: the step's own tangent map, step by step
+            d_S = sequential_tangent(params, prev, X, R, V, d_params, d_X, d_h0)
+        tangent = lambda p, x, s: outputs(p, s, x, R, V)
+        _, (d_S, d_Y) = jax.jvp(tangent, (params, X, prev), (d_params, d_X, shift(d_S, d_h0)))
+        no_tangent = [np.zeros(jnp.shape(a), jax.dtypes.float0) for a in out[2:4]]
+        return out, (d_S, d_Y, *no_tangent, jnp.zeros_like(out[4]))
+
+    def sequential_tangent(params, prev, X, R, V, d_params, d_X, d_h0):
+        """dS_t = J_t dS_{t-1} + (the step's tangent in params and x_t), from dS_0 = d_h0."""
+        one = jax.vmap(lambda p, s, x, r, v: step(p, s, x, r, v)[0], (None, 0, 0, 0, 0))
+
+        def body(d_s, inputs):
+            s, x, r, v, d_x = inputs
+            d_s = jax.jvp(lambda p, s, x: one(p, s, x, r, v), (params, s, x), (d_params, d_s, d_x))[1]
+            return d_s, d_s
+
+        return jax.lax.scan(body, d_h0, (prev, X, R, V, d_X), unroll=unroll)[1]
 
     @jax.custom_vjp
     def solve(params, X, h0, R, V, S0):
@@ -263,15 +302,16 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
             J = jacobians(params, prev, X, R, V)[0]
             lam = _adjoint_exact(structure, J, S_bar, time_sharding, sequential_solve)
         else:
-            lam = _adjoint_quasi(lambda: jacobians(params, prev, X, R, V)[0], params, prev, X, R, V, S_bar)
+            lam = adjoint_quasi(params, prev, X, R, V, S_bar)
         _, vjp = jax.vjp(lambda p, x, s: outputs(p, s, x, R, V), params, X, prev)
         p_bar, x_bar, prev_bar = vjp((lam, Y_bar))
         return p_bar, x_bar, prev_bar[0], None, None, None
 
-    def _adjoint_quasi(diag_fn, params, prev, X, R, V, S_bar):
+    @jax.custom_jvp
+    def adjoint_quasi(params, prev, X, R, V, S_bar):
         """lambda_t = S_bar_t + J_{t+1}^T lambda_{t+1}, by iterations whose linear part keeps
         only diag(J): lambda <- reverse-solve(D, S_bar + shift(J^T lambda - D lambda))."""
-        D = diag_fn()
+        D = jacobians(params, prev, X, R, V)[0]
         D_next = jnp.concatenate([D[1:], jnp.zeros_like(D[:1])], axis=0)
         _, vjp_s = jax.vjp(lambda s: values(params, s, X, R, V), prev)
 
@@ -286,8 +326,8 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
 
         lam = reverse_solve(S_bar)
         q = jt(lam)
-        scale = lambda lam: 1.0 + jnp.max(jnp.abs(lam))
-        r = jnp.max(jnp.abs(lam - S_bar - q))
+        scale = lambda lam: 1.0 + _max_abs(lam)
+        r = _max_abs(lam - S_bar - q)
 
         def cond(state):
             k, lam, _, r = state
@@ -297,13 +337,27 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
             k, lam, q, _ = state
             lam = reverse_solve(S_bar + q - D_next * jnp.concatenate([lam[1:], jnp.zeros_like(lam[:1])], axis=0))
             q = jt(lam)
-            return k + 1, lam, q, jnp.max(jnp.abs(lam - S_bar - q))
+            return k + 1, lam, q, _max_abs(lam - S_bar - q)
 
         if fixed:
             return jax.lax.fori_loop(0, max_iters, lambda _, state: body(state), (jnp.int32(0), lam, q, r))[1]
         _, lam, _, r = jax.lax.while_loop(cond, body, (jnp.int32(0), lam, q, r))
         ok = r <= tol * scale(lam)
         return jax.lax.cond(ok, lambda: lam, lambda: _adjoint_sequential(params, prev, X, R, V, S_bar))
+
+    @adjoint_quasi.defjvp
+    def adjoint_quasi_jvp(primals, tangents):
+        # The tangent of the solution, not of the iterations (which lags their values): the same
+        # recurrence with the tangent of its right-hand side, dS_bar_t + d(J_{t+1}^T) lambda_{t+1},
+        # solved by a reverse scan that is linear in the tangents, so reverse mode can transpose
+        # it too (jax.grad of jax.grad).
+        params, prev, X, R, V, S_bar = primals
+        d_params, d_prev, d_X, _, _, d_S_bar = tangents
+        lam = adjoint_quasi(*primals)
+        jt_lam = lambda p, s, x: jax.vjp(lambda s: values(p, s, x, R, V), s)[1](lam)[0]
+        d_q = jax.jvp(jt_lam, (params, prev, X), (d_params, d_prev, d_X))[1]
+        rhs = d_S_bar + jnp.concatenate([d_q[1:], jnp.zeros_like(d_q[:1])], axis=0)
+        return lam, _adjoint_sequential(params, prev, X, R, V, rhs)
 
     def _adjoint_sequential(params, prev, X, R, V, S_bar):
         one = jax.vmap(lambda p, s, x, r, v: step(p, s, x, r, v)[0], (None, 0, 0, 0, 0))
@@ -321,6 +375,11 @@ def _newton_solver(cell, layout, options: _Options, time_sharding=None):
 
     solve.defvjp(solve_fwd, solve_bwd)
     return solve
+
+
+def _max_abs(a: Array) -> Array:
+    """``max |a|``; 0 for an empty ``a`` (a batch of no sequences)."""
+    return jnp.max(jnp.abs(a), initial=0.0)
 
 
 def _adjoint_exact(structure: Structure, J: Array, S_bar: Array, time_sharding=None, sequential=False) -> Array:
