@@ -77,6 +77,74 @@ def test_clipped_maps_compose_earlier_then_later():
         np.testing.assert_allclose(states, np.stack(expected), rtol=1e-5, atol=1e-6, err_msg=f"chunk={chunk}")
 
 
+def _expanding_maps(steps=300, width=16, u=-1.5):
+    """Relu maps h -> max(u h + b, 0) with |u| > 1: slopes of u**steps overflow float32."""
+    rng = np.random.default_rng(8)
+    a = np.full((steps, width), u, np.float32)
+    b = rng.standard_normal((steps, width)).astype(np.float32)
+    return a, b, np.zeros_like(b), np.full_like(b, np.inf)
+
+
+def _loop(elems, h):
+    a, b, lo, hi = elems
+    for t in range(a.shape[0]):
+        h = np.minimum(np.maximum(a[t] * h + b[t], lo[t]), hi[t])
+    return h
+
+
+def test_clipped_maps_with_overflowing_slopes_stay_an_exact_monoid():
+    # u = -1.5 over 300 steps: 1.5**300 overflows float32. A composition that saturates is a
+    # constant (slope exactly 0), so no inf * 0 arises: associativity and the identity hold,
+    # and the composed maps agree with a plain loop of the steps.
+    elems = _expanding_maps()
+    maps = [tuple(jnp.asarray(e[t]) for e in elems) for t in range(elems[0].shape[0])]
+
+    def fold(i, j):
+        out = maps[i]
+        for e in maps[i + 1 : j]:
+            out = CLIP.combine(out, e)
+        return out
+
+    x, y, z = fold(0, 100), fold(100, 200), fold(200, 300)
+    left, right = CLIP.combine(CLIP.combine(x, y), z), CLIP.combine(x, CLIP.combine(y, z))
+    ident = CLIP.identity(x)
+    hs = [jnp.asarray(h, jnp.float32) for h in (np.zeros(16), np.linspace(-2, 3, 16))]
+    for h in hs:
+        want = _loop(elems, np.asarray(h))
+        for composed in (left, right, CLIP.combine(ident, left), CLIP.combine(left, ident)):
+            assert not any(np.isnan(np.asarray(e)).any() for e in composed)
+            np.testing.assert_allclose(CLIP.apply(composed, h), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(left[0], 0.0)  # every unit saturated somewhere: constants
+
+
+@pytest.mark.parametrize(
+    "u, steps",
+    [pytest.param(-1.5, 300, marks=pytest.mark.slow), pytest.param(-1.1, 1000, marks=pytest.mark.slow)],
+)
+def test_expanding_recurrent_weight_gives_the_sequential_values_and_gradients(u, steps):
+    # |u|**steps overflows float32 while the relu keeps the states bounded: the parallel
+    # methods composed maps of infinite slope and gave nan (27% of the outputs at u=-1.5).
+    cell = rj.IndRNN(3)
+    params = cell.init(jax.random.key(9), 2)
+    params = params._replace(u=jnp.full((3,), u, jnp.float32))
+    xs = normal(9, (1, steps, 2))
+
+    def loss(p, x, method):
+        ys, h = rj.scan(cell, p, x, method=method)
+        return jnp.sum(ys**2) + jnp.sum(h), (ys, h)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnames="method")
+    want, (ys, h) = grad(params, xs, rj.Sequential())
+    assert np.all(np.isfinite(np.asarray(ys))) and float(jnp.max(ys)) < 10
+    scale = float(jnp.max(jnp.abs(ys)))
+    gscale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want))
+    for method in (rj.Associative(), rj.Chunked(32)):
+        got, values = grad(params, xs, method)
+        assert_trees_close(values, (ys, h), atol=1e-5 * scale, rtol=0, err_msg=repr(method))
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(got))
+        assert_trees_close(got, want, atol=1e-5 * gscale, rtol=0, err_msg=repr(method))
+
+
 @pytest.mark.parametrize(
     "name, method, reverse",
     [

@@ -80,7 +80,12 @@ def _clip_combine(e1, e2):
     low = jnp.where(a2 == 0, b2, a2 * low + b2)
     high = jnp.where(a2 == 0, b2, a2 * high + b2)
     # clip(clip(v, low, high), lo2, hi2) = clip(v, clip(low, lo2, hi2), clip(high, lo2, hi2)).
-    return a1 * a2, a2 * b1 + b2, _clip(low, lo2, hi2), _clip(high, lo2, hi2)
+    low, high = _clip(low, lo2, hi2), _clip(high, lo2, hi2)
+    # Bounds that meet: the composition is the constant low, so slope 0 and offset low. Its
+    # line would steepen with every later expanding map (|u| > 1) while changing nothing,
+    # and overflow: inf * 0 and inf - inf would give nan.
+    const = low == high
+    return jnp.where(const, 0.0, a1 * a2), jnp.where(const, low, a2 * b1 + b2), low, high
 
 
 # Clipped maps h -> clip(a h + b, lo, hi), elementwise, with infinite bounds where there are none.
