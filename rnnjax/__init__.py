@@ -12,7 +12,7 @@ from rnnjax import distributed, inspect, interop, parallel, train
 from rnnjax.cell import Cell, ClippedLinearCell, DenseCell, LinearCell, StructuredJacobian
 from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM, ParaGRU, ParaLSTM
 from rnnjax.layers import RNN, Bidirectional, Stack
-from rnnjax.methods import Associative, Auto, Chunked, Kernel, Method, Newton, Sequential
+from rnnjax.methods import Associative, Auto, Chunked, Kernel, Method, Newton, Sequential, TimeSharded
 from rnnjax.precision import Mixed
 from rnnjax.scan import scan
 
@@ -47,6 +47,7 @@ __all__ = [
     "Newton",
     "Kernel",
     "Auto",
+    "TimeSharded",
     "distributed",
     "inspect",
     "interop",

@@ -7,11 +7,13 @@ transformations::
     rj.Sequential(unroll="auto", remat=None, gradient="autodiff")   # any cell
     rj.Associative()                  # LinearCell (or clipped): one associative scan, O(log T) depth
     rj.Chunked(size=None)             # the same cells: sequential in chunks, associative across
-    rj.Newton("quasi-deer", tol="auto", max_iters=50, init="zero")  # any cell, in parallel
+    rj.Newton("auto", tol="auto", max_iters=50, init="zero")  # any cell, in parallel
+    rj.Kernel(block_batch=16)         # a dense cell in one GPU kernel per direction
     rj.Auto()                         # one of the above per backend, cell kind and T
+    rj.TimeSharded(method, sharding)  # Associative or Newton with time split over devices
 
-The strings ``"sequential"``, ``"associative"``, ``"chunked"``, ``"newton"`` and ``"auto"``
-stand for each method's default value. Every method gives the sequential method's outputs
+The strings ``"sequential"``, ``"associative"``, ``"chunked"``, ``"newton"``, ``"kernel"``
+and ``"auto"`` stand for each method's default value. Every method gives the sequential method's outputs
 and final carry, with the same meaning of ``lengths``, ``resets`` and ``reverse``, within
 float rounding (linear methods: within ``1e-5`` in float32 for moderate ``T``; Newton:
 within about ``tol / (1 - rho)`` for a cell contracting at rate ``rho``).
@@ -20,26 +22,36 @@ within about ``tol / (1 - rho)`` for a cell contracting at rate ``rho``).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, ClassVar
-
-import jax
 
 from rnnjax import tuning
 from rnnjax.cell import Cell, ClippedLinearCell, DenseCell, LinearCell, frozen, runs_associatively
-from rnnjax.checks import check_positive_int, check_positive_number, is_int
+from rnnjax.checks import check_positive_int
 from rnnjax.engines import clipped, fused, kernel, linear, newton, sequential
-from rnnjax.precision import Mixed, cast_floating
 from rnnjax.sequence import TimeMajor
+from rnnjax.sharding.mesh import SequenceSharding
 
 REMAT = (None, "step", "sqrt")
 GRADIENTS = ("auto", "autodiff", "fused")
-MAX_ITERS = 2**31 - 1  # rj.Newton's bound on max_iters: its iteration counter is an int32
 
 
 class Method(abc.ABC):
-    """How to evaluate a recurrence. Subclasses are frozen dataclasses."""
+    """How to evaluate a recurrence: a frozen, hashable value that holds all of its options and
+    runs through one :meth:`run` on the canonical form. A new engine is a subclass here (its
+    options as fields, checked in ``__post_init__``), one file in :mod:`rnnjax.engines`, and a
+    test; every front door reaches it through :func:`rnnjax.scan.evaluate`."""
 
     name: ClassVar[str]
+
+    def takes_guess(self) -> bool:
+        """Whether :meth:`run` starts from ``seqs.guess`` (states after every step), as Newton does."""
+        return False
+
+    def splits_time(self) -> bool:
+        """Whether this method's engine solves with the time axis split over devices (it reads
+        ``seqs.time_sharding``): what :class:`TimeSharded` needs."""
+        return False
 
     def check(self, cell: Cell) -> None:  # noqa: B027 (a hook: by default every cell is accepted)
         """Raise ``ValueError`` if this method cannot run ``cell``, naming the methods that can."""
@@ -51,9 +63,9 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def run(self, cell: Cell, params: Any, seqs: TimeMajor):
-        """``(ys_tm, final_carry, info)`` on the canonical form (:mod:`rnnjax.engines`).
-        ``Associative`` and ``Newton`` also take ``time_sharding`` (a
-        :class:`rnnjax.engines.affine.SequenceSharding`, from ``rj.distributed.sequence_scan``)."""
+        """``(ys_tm, final_carry, info)`` for the checked sequences ``seqs`` (the canonical
+        :class:`rnnjax.sequence.TimeMajor` form; it also carries the ``guess`` and
+        ``time_sharding`` a front door set). ``info`` is ``None`` or the engine's report."""
 
 
 def _methods_for(cell: Cell) -> str:
@@ -77,20 +89,6 @@ def _check_linear(method: Method, cell: Cell) -> None:
 
 def _linear_engine(cell: Cell):
     return linear if isinstance(cell, LinearCell) else clipped
-
-
-def _check_unroll(unroll: Any) -> None:
-    if isinstance(unroll, str) and unroll == "auto":
-        return
-    if not (unroll is True or (is_int(unroll) and unroll >= 1)):
-        raise ValueError(f'unroll must be a positive int, True or "auto", got {unroll!r}')
-
-
-def resolve_unroll(unroll: int | bool | str, backend: str | None = None) -> int | bool:
-    """``unroll`` with ``"auto"`` replaced by the measured value for ``backend``
-    (:data:`rnnjax.tuning.AUTO_UNROLL`: 1 on CPU, 16 on GPU), decided when traced."""
-    _check_unroll(unroll)
-    return tuning.auto_unroll(backend) if isinstance(unroll, str) else unroll
 
 
 @frozen
@@ -129,7 +127,7 @@ class Sequential(Method):
     gradient: str = "auto"
 
     def __post_init__(self):
-        _check_unroll(self.unroll)
+        tuning.resolve_unroll(self.unroll)  # raises on a bad value
         if self.remat not in REMAT:
             raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
         if self.gradient not in GRADIENTS:
@@ -152,7 +150,7 @@ class Sequential(Method):
         return self.gradient == "fused"
 
     def run(self, cell, params, seqs):
-        unroll = resolve_unroll(self.unroll)
+        unroll = tuning.resolve_unroll(self.unroll)
         if self.uses_fused(cell):
             return fused.run(cell, params, seqs, unroll=unroll)
         return sequential.run(cell, params, seqs, unroll=unroll, remat=self.remat)
@@ -167,11 +165,14 @@ class Associative(Method):
 
     name: ClassVar[str] = "associative"
 
+    def splits_time(self) -> bool:
+        return True
+
     def check(self, cell: Cell) -> None:
         _check_linear(self, cell)
 
-    def run(self, cell, params, seqs, time_sharding=None):
-        return _linear_engine(cell).run(cell, params, seqs, chunk_size=None, time_sharding=time_sharding)
+    def run(self, cell, params, seqs):
+        return _linear_engine(cell).run(cell, params, seqs, chunk_size=None, time_sharding=seqs.time_sharding)
 
 
 @frozen
@@ -213,89 +214,88 @@ class Newton(Method):
     (Elman, LSTM, GRU) for the diagonal ``"quasi-deer"`` uses.
 
     Args:
-      variant: ``"deer"`` (exact Jacobians: full ``n x n`` ones, or the cell's exact blocks),
+      variant: ``"auto"`` (default): the best the cell's capability allows, ``"deer"`` where the
+        cell gives its exact Jacobian blocks (ParaGRU, ParaLSTM, IndRNN: exact Newton at
+        quasi-DEER's cost), else ``"quasi-deer"`` (:meth:`resolve` names it). Or
+        ``"deer"`` (exact Jacobians: full ``n x n`` ones, or the cell's exact blocks),
         ``"quasi-deer"`` (their diagonals), ``"elk"`` or ``"quasi-elk"`` (damped,
         Levenberg-Marquardt steps).
       tol: convergence threshold on :math:`\\max_{t,i}|s_t - f(s_{t-1}, x_t)|`; ``"auto"``:
-        ``1e-5`` for float32 states, ``1e-10`` for float64, ``2e-2`` for 16-bit. Iterating stops
-        there, and if it is not reached within ``max_iters`` steps the sequential loop's
-        values are returned instead. ``None``: exactly ``max_iters`` iterations, no check and
-        no fallback (a fixed-cost program, as ParaRNN trains: e.g. ``max_iters=3`` from
-        ``init="step"`` for ``rj.ParaGRU``/``rj.ParaLSTM``; ``rj.IndRNN`` needs 5 with tanh and
-        16 or more with relu at T=4096, ``benchmarks/results/cpu-newton-check.md``; a relu IndRNN runs
-        exactly in one scan with ``rj.Associative()`` instead).
+        ``1e-5`` for float32 states, ``1e-10`` for float64, ``2e-2`` for 16-bit. Not reached
+        within ``max_iters`` steps, the sequential loop's values are returned instead. ``None``:
+        exactly ``max_iters`` iterations, no check, no fallback (a fixed-cost program, as
+        ParaRNN trains: ``max_iters=3, init="step"`` for ``rj.ParaGRU``/``rj.ParaLSTM``; counts
+        for other cells in ``benchmarks/lab/DECISIONS.md``).
       max_iters: Newton steps (the cap, or with ``tol=None`` the count), at most ``2**31 - 1``.
-      damping: ELK's initial damping (``"elk"``, ``"quasi-elk"`` only); ``None``: 1.
+      damping: ELK's initial damping (``"elk"``, ``"quasi-elk"`` only); ``None``:
+        :data:`rnnjax.engines.newton.DEFAULT_DAMPING`.
       init: the first iterate: ``"zero"`` states, or ``"step"``: one step of the cell from
         zero states at every position, all at once (ParaRNN's guess). States from elsewhere
-        (e.g. the previous training step's) go in through ``rj.parallel.newton_scan(guess=)``.
+        (e.g. the previous training step's) go in as ``guess=`` of ``rj.scan``,
+        ``rj.parallel.newton_scan`` or ``rj.distributed.sequence_scan``.
       solve: how each iteration's linear recurrence (and the gradient's) is solved:
         ``"associative"`` (one parallel scan), ``"sequential"`` (a scan over time of that
         elementwise or small-block recurrence; the cell itself still runs at all steps at once)
-        or ``"auto"``: sequential on CPU, where it was 2.4-4x faster, associative on
-        accelerators (:func:`rnnjax.tuning.newton_solve`). ELK's smoother is always associative.
+        or ``"auto"``: sequential on CPU, associative on accelerators
+        (:func:`rnnjax.tuning.newton_solve`). ELK's smoother is always associative.
+      keep_states: also return the carry after every step in the engine's report
+        (``info.states``; what ``rj.parallel.newton_scan`` asks for).
 
     Example:
       >>> import rnnjax as rj
       >>> rj.Newton("deer", tol=None, max_iters=3, init="step")
-      Newton(variant='deer', tol=None, max_iters=3, damping=None, init='step', solve='auto')
+      Newton(variant='deer', tol=None, max_iters=3, damping=None, init='step', solve='auto', keep_states=False)
+      >>> rj.Newton().resolve(rj.ParaLSTM(8), 4096).variant, rj.Newton().resolve(rj.GRU(8), 4096).variant
+      ('deer', 'quasi-deer')
     """
 
     name: ClassVar[str] = "newton"
-    variant: str = "quasi-deer"
+    variant: str = "auto"
     tol: float | str | None = "auto"
     max_iters: int = 50
     damping: float | None = None
     init: str = "zero"
     solve: str = "auto"
+    keep_states: bool = False
 
     def __post_init__(self):
-        if self.variant not in newton.VARIANTS:
-            raise ValueError(f"unknown Newton variant {self.variant!r}; expected one of {list(newton.VARIANTS)}")
-        if isinstance(self.tol, str):
-            if self.tol != "auto":
-                raise ValueError(f'tol must be a positive number, "auto" or None, got {self.tol!r}')
-        elif self.tol is not None:
-            check_positive_number(self.tol, "tol")
-        check_positive_int(self.max_iters, "max_iters")
-        if self.max_iters > MAX_ITERS:
-            raise ValueError(f"max_iters must be at most 2**31 - 1 = {MAX_ITERS}, got {self.max_iters}")
-        if self.damping is not None:
-            check_positive_number(self.damping, "damping")
-            if self.variant not in ("elk", "quasi-elk"):
-                raise ValueError(f"damping applies to the variants 'elk' and 'quasi-elk'; got {self.variant!r}")
-        if self.init not in newton.INITS:
-            raise ValueError(f"init must be one of {list(newton.INITS)}, got {self.init!r}")
+        newton.check_options(self.variant, self.tol, self.max_iters, self.damping, self.init, self.keep_states)
         tuning.newton_solve(self.solve)  # raises on an unknown value
 
-    def run(self, cell, params, seqs, time_sharding=None, guess=None, keep_states=False):
+    def takes_guess(self) -> bool:
+        return True
+
+    def splits_time(self) -> bool:
+        return self.variant in ("auto", "deer", "quasi-deer")  # ELK's Kalman smoother is not split
+
+    def resolve(self, cell: Cell, steps: int, backend: str | None = None) -> Method:
+        """This method with ``variant="auto"`` replaced by the cell's best variant."""
+        del steps, backend
+        if self.variant != "auto":
+            return self
+        return dataclasses.replace(self, variant=newton.best_variant(cell))
+
+    def run(self, cell, params, seqs):
+        variant = self.variant if self.variant != "auto" else newton.best_variant(cell)
         damping = self.damping
-        if damping is None and self.variant in ("elk", "quasi-elk"):
-            damping = 1.0
+        if damping is None and variant in ("elk", "quasi-elk"):
+            damping = newton.DEFAULT_DAMPING
         tol = self.tol if self.tol is None or isinstance(self.tol, str) else float(self.tol)
         return newton.run(
             cell,
             params,
             seqs,
-            variant=self.variant,
+            variant=variant,
             tol=tol,
             max_iters=int(self.max_iters),
             damping=None if damping is None else float(damping),
-            unroll=resolve_unroll("auto"),
+            unroll=tuning.resolve_unroll("auto"),
             init=self.init,
-            guess=guess,
-            keep_states=keep_states,
-            time_sharding=time_sharding,
+            guess=seqs.guess,
+            keep_states=bool(self.keep_states),
+            time_sharding=seqs.time_sharding,
             solve=tuning.newton_solve(self.solve),
         )
-
-
-def _kernel_cell(cell: Cell) -> DenseCell | None:
-    """The dense cell the kernel engine runs for ``cell`` (itself, or the one inside an
-    ``rj.Mixed(..., carry_mode="keep")``), or ``None``."""
-    if isinstance(cell, Mixed) and cell.carry_mode == "keep":
-        cell = cell.cell
-    return cell if isinstance(cell, DenseCell) and cell.fusable else None
 
 
 @frozen
@@ -313,8 +313,7 @@ class Kernel(Method):
       precision: the float32 products': ``"default"`` (TF32 on the GPU's tensor cores, as
         XLA's default and PyTorch's cuDNN RNNs), ``"highest"`` (full float32), or ``None``:
         what ``jax_default_matmul_precision`` says (unset: ``"default"``), like XLA's products.
-      num_warps: Triton warps per program (8: the fewest with which the LSTM and GRU kernels
-        of width 128 spill no registers, float32 or 16-bit; measured by
+      num_warps: Triton warps per program (8: no register spills at width 128; measured by
         ``benchmarks/lab/kernel_report.py``, see ``benchmarks/lab/DECISIONS.md``).
       weights: ``"stream"`` (read ``W_h`` from L2 at every step: any size) or ``"hold"``
         (read it once and keep it on chip: only where it fits in a multiprocessor's
@@ -323,12 +322,10 @@ class Kernel(Method):
         is not a GPU). Interpreted, the engine is exact but slow: it is how the tests check
         it on CPU. ``rj.Auto()`` never picks this method on CPU.
 
-    Gradients equal autodiff's up to float rounding (a ``jax.custom_vjp``). Higher
-    derivatives, reverse over reverse or forward over reverse (``jax.hessian``), work to any
-    order: they differentiate the kernels through a ``lax.scan`` of the same steps, at the
-    sequential loop's speed. Forward mode alone (``jax.jvp`` or ``jax.jacfwd`` of the scan) is
-    refused with an error naming ``rj.Sequential()``. float64 runs in float64 when
-    interpreted and is refused on a GPU. On a GPU the carry widths must be powers of two.
+    Gradients equal autodiff's up to float rounding (a ``jax.custom_vjp``); higher derivatives
+    (``jax.hessian``, grad of grad) go through a ``lax.scan`` of the same steps; forward mode
+    alone (``jax.jvp``) is refused, naming ``rj.Sequential()``. float64 runs in float64
+    interpreted and is refused on a GPU, where carry widths must be powers of two.
     """
 
     name: ClassVar[str] = "kernel"
@@ -339,17 +336,10 @@ class Kernel(Method):
     interpret: bool | None = None
 
     def __post_init__(self):
-        check_positive_int(self.block_batch, "block_batch")
-        check_positive_int(self.num_warps, "num_warps")
-        if self.precision is not None and self.precision not in kernel.PRECISIONS:
-            raise ValueError(f"precision must be one of {list(kernel.PRECISIONS)}, got {self.precision!r}")
-        if self.weights not in kernel.WEIGHTS:
-            raise ValueError(f"weights must be one of {list(kernel.WEIGHTS)}, got {self.weights!r}")
-        if self.interpret not in (None, True, False):
-            raise ValueError(f"interpret must be None, True or False, got {self.interpret!r}")
+        kernel.check_options(self.block_batch, self.precision, self.num_warps, self.weights, self.interpret)
 
     def check(self, cell: Cell) -> None:
-        if _kernel_cell(cell) is None:
+        if kernel.dense_cell_of(cell) is None:
             raise ValueError(
                 f"rj.Kernel() needs a dense cell (rj.Elman, rj.LSTM, rj.GRU with reset_after=True: "
                 f"rnnjax.cell.DenseCell), alone or in rj.Mixed(..., carry_mode='keep'); {type(cell).__name__} "
@@ -357,21 +347,16 @@ class Kernel(Method):
             )
 
     def run(self, cell, params, seqs):
-        dense = _kernel_cell(cell)
-        interpret = self.interpret
-        if interpret is None:
-            interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
-        options = dict(
+        return kernel.run(
+            cell,
+            params,
+            seqs,
             block_batch=int(self.block_batch),
-            precision=kernel.resolve_precision(self.precision),
-            interpret=bool(interpret),
+            precision=self.precision,
+            interpret=self.interpret,
             num_warps=int(self.num_warps),
             weights=self.weights,
         )
-        if dense is cell:
-            return kernel.run(dense, params, seqs, **options)
-        ys, final, info = kernel.run(dense, cast_floating(params, cell.compute_dtype), seqs, **options)
-        return ys.astype(cell.output_dtype or cell.compute_dtype), final, info
 
 
 @frozen
@@ -392,6 +377,57 @@ class Auto(Method):
 
     def run(self, cell, params, seqs):
         return self.resolve(cell, seqs.steps).run(cell, params, seqs)
+
+
+@frozen
+class TimeSharded(Method):
+    """``method`` with the time axis split over ``sharding``'s devices: its engine solves every
+    affine recurrence across them (:class:`rnnjax.sharding.mesh.SequenceSharding`).
+    ``rj.distributed.sequence_scan`` builds it; ``method`` is ``rj.Associative()``,
+    ``rj.Newton("deer" | "quasi-deer" | "auto")`` or ``rj.Auto()`` (:data:`rnnjax.tuning.TIME_SHARDED`).
+
+    Example:
+      >>> import jax, rnnjax as rj
+      >>> from rnnjax.sharding.mesh import SequenceSharding
+      >>> sharded = rj.TimeSharded(rj.Auto(), SequenceSharding(jax.make_mesh((1,), ("seq",)), "seq"))
+      >>> sharded.resolve(rj.GRU(8), 1024).method
+      Newton(variant='quasi-deer', tol='auto', max_iters=50, damping=None, init='zero', solve='auto', keep_states=False)
+    """
+
+    name: ClassVar[str] = "time-sharded"
+    method: Method
+    sharding: SequenceSharding
+
+    def __post_init__(self):
+        if not isinstance(self.method, Method) or isinstance(self.method, TimeSharded):
+            raise TypeError(f"rj.TimeSharded needs a method value such as rj.Associative(), got {self.method!r}")
+        if not isinstance(self.sharding, SequenceSharding):
+            raise TypeError(f"sharding must be an rnnjax.sharding.mesh.SequenceSharding, got {self.sharding!r}")
+
+    def takes_guess(self) -> bool:
+        return self.method.takes_guess()
+
+    def splits_time(self) -> bool:
+        return True
+
+    def resolve(self, cell: Cell, steps: int, backend: str | None = None) -> Method:
+        inner = self.method
+        if isinstance(inner, Auto):
+            inner = as_method(tuning.choose_method(cell, steps, backend, time_sharded=True))
+        return TimeSharded(inner.resolve(cell, steps, backend), self.sharding)
+
+    def check(self, cell: Cell) -> None:
+        if not isinstance(self.method, Auto) and not self.method.splits_time():
+            raise ValueError(
+                f"{self.method!r} does not split the time axis over devices: sequence parallelism "
+                "(rj.distributed.sequence_scan) runs rj.Associative() or rj.Newton() with 'deer', 'quasi-deer' "
+                "or 'auto' (or rj.Auto() for either); ELK's Kalman smoother, the sequential loop and the "
+                "kernel are not split"
+            )
+        self.method.check(cell)
+
+    def run(self, cell, params, seqs):
+        return self.method.run(cell, params, seqs._replace(time_sharding=self.sharding))
 
 
 BY_NAME: dict[str, type[Method]] = {m.name: m for m in (Sequential, Associative, Chunked, Newton, Kernel, Auto)}

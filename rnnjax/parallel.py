@@ -17,17 +17,16 @@ module gives the same engines as functions with their own reports:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import Cell, ClippedLinearCell, LinearCell, PyTree, runs_associatively
-from rnnjax.engines.newton import DEFAULT_TOL, VARIANTS, NewtonInfo
+from rnnjax.engines.newton import DEFAULT_DAMPING, DEFAULT_TOL, VARIANTS, NewtonInfo
 from rnnjax.methods import BY_NAME, Associative, Chunked, Newton, Sequential
 from rnnjax.scan import evaluate
-from rnnjax.sequence import canonical, check_reverse, flip_valid, restore, validate
+from rnnjax.sequence import check_reverse, validate
 from rnnjax.tuning import cell_kind, choose_method, default_chunk_size
 
 Array = jax.Array
@@ -49,10 +48,9 @@ __all__ = [
 ]
 
 METHODS = tuple(BY_NAME)
-NEWTON_VARIANTS = VARIANTS
+NEWTON_VARIANTS = ("auto", *VARIANTS)
 DEFAULT_NEWTON = Newton.variant
 DEFAULT_MAX_ITERS = Newton.max_iters
-DEFAULT_DAMPING = 1.0
 
 
 def linear_scan(
@@ -115,7 +113,7 @@ def newton_scan(
     ``rj.scan(..., method=rj.Newton(newton, tol, max_iters, damping, init, solve))`` gives the same
     ``(ys, final_carry)``. Variants: ``"deer"`` (exact Jacobians: quadratic convergence; full
     ``n x n`` ones, ``T n^2`` memory, unless the cell gives exact structured ones, see
-    :class:`rnnjax.cell.StructuredJacobian`), ``"quasi-deer"`` (default; diagonals,
+    :class:`rnnjax.cell.StructuredJacobian`), ``"quasi-deer"`` (diagonals,
     elementwise scans, linear convergence), ``"elk"``/``"quasi-elk"`` (Levenberg-Marquardt
     steps by a parallel Kalman smoother, damping adapted as a trust region). With a
     tolerance the iteration stops when
@@ -129,7 +127,9 @@ def newton_scan(
 
     Args:
       cell, params, xs, carry, lengths, resets, reverse: as :func:`rnnjax.scan`.
-      newton: ``"deer"``, ``"quasi-deer"`` (``None``), ``"elk"`` or ``"quasi-elk"``.
+      newton: ``"auto"`` (``None``: ``"deer"`` for cells with exact Jacobian blocks, else
+        ``"quasi-deer"``; :class:`rnnjax.Newton`), ``"deer"``, ``"quasi-deer"``, ``"elk"`` or
+        ``"quasi-elk"``.
       tol: positive, ``"auto"`` (``1e-5`` for float32 states, ``1e-10`` for float64), or
         ``None`` (a fixed ``max_iters`` iterations).
       max_iters: positive int, Newton steps (before falling back, or in all with ``tol=None``);
@@ -159,54 +159,19 @@ def newton_scan(
       (2, 40, 4)
     """
     method = Newton(
-        newton or DEFAULT_NEWTON, tol, DEFAULT_MAX_ITERS if max_iters is None else max_iters, damping, init, solve
+        newton or Newton.variant,
+        tol,
+        Newton.max_iters if max_iters is None else max_iters,
+        damping,
+        init,
+        solve,
+        keep_states=True,
     )
     xs, carry, lengths, resets = validate(cell, params, xs, carry, lengths, resets)
     reverse = check_reverse(reverse)
-    steps = xs.shape[-(cell.input_ndim + 1)]
-    if steps == 0:  # nothing to solve
+    if xs.shape[-(cell.input_ndim + 1)] == 0:  # nothing to solve: the report of no iterations
         ys, final, _ = evaluate(cell, params, xs, carry, lengths, resets, reverse, Sequential())
         nb = xs.ndim - cell.input_ndim - 1  # batch axes
         states = jax.tree.map(lambda c: jnp.zeros(c.shape[:nb] + (0,) + c.shape[nb:], c.dtype), final)
         return ys, final, NewtonInfo(jnp.int32(0), jnp.bool_(True), jnp.zeros((), jnp.float32), states)
-    method.check(cell)
-    if guess is not None:
-        _check_guess(cell, guess, carry, xs, steps)
-    return _newton_scan(cell, method, reverse, params, xs, carry, lengths, resets, guess)
-
-
-def _check_guess(cell: Cell, guess: PyTree, carry: PyTree | None, xs: Array, steps: int) -> None:
-    x_step = jax.ShapeDtypeStruct(xs.shape[: -(cell.input_ndim + 1)] + xs.shape[-cell.input_ndim :], xs.dtype)
-    expected = jax.eval_shape(lambda: cell.carry_for(x_step))
-    axis = len(x_step.shape) - cell.input_ndim  # where the time axis sits in a carry leaf
-    want = jax.tree.map(lambda c: c.shape[:axis] + (steps,) + c.shape[axis:], expected)
-    if jax.tree_util.tree_structure(guess) != jax.tree_util.tree_structure(expected):  # type: ignore[operator]
-        raise ValueError(
-            f"guess has structure {jax.tree_util.tree_structure(guess)}; expected the carry's "
-            f"{jax.tree_util.tree_structure(expected)} with a time axis (info.states of newton_scan)"
-        )
-    for got, shape in zip(jax.tree_util.tree_leaves(guess), jax.tree_util.tree_leaves(want, is_leaf=_is_shape)):
-        if tuple(jnp.shape(got)) != tuple(shape):
-            raise ValueError(
-                f"guess has a leaf of shape {tuple(jnp.shape(got))}; expected {tuple(shape)}: the carry's "
-                "shape with the time axis before its features (info.states of newton_scan)"
-            )
-
-
-def _is_shape(x: Any) -> bool:
-    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _newton_scan(cell, method, reverse, params, xs, carry, lengths, resets, guess):
-    seqs = canonical(cell, params, xs, carry, lengths, resets, reverse)
-    batch_axes = len(seqs.batch_shape)
-
-    def time_major(g):  # the user's layout -> seqs' order (restore's inverse)
-        g = jnp.moveaxis(g, batch_axes, 0)
-        return flip_valid(g, seqs.lengths) if seqs.reverse and seqs.lengths is not None else g
-
-    guess_tm = None if guess is None else jax.tree.map(time_major, guess)
-    ys, final, info = method.run(cell, params, seqs, guess=guess_tm, keep_states=True)
-    states = jax.tree.map(lambda s: restore(seqs, s), info.states)
-    return restore(seqs, ys), final, info._replace(states=states)
+    return evaluate(cell, params, xs, carry, lengths, resets, reverse, method, guess)

@@ -1,9 +1,11 @@
 """The front door: :func:`scan` runs any cell over the time axis with a method value.
 
-It validates once (:func:`rnnjax.sequence.validate`), brings the inputs into the canonical
-time-major form (:func:`rnnjax.sequence.canonical`), hands them to the method's engine and
-restores the user's layout, all inside one ``jit`` keyed on the cell, the method and
-``reverse``. Inside :func:`rnnjax.distributed.data_parallel` the same runs per batch shard.
+It validates once (:func:`rnnjax.sequence.validate`), then :func:`evaluate` brings the
+inputs into the canonical time-major form (:func:`rnnjax.sequence.canonical`), hands them to
+the method's ``run`` and restores the user's layout, all inside one ``jit`` keyed on the cell,
+the method and ``reverse``. :func:`evaluate` is the one evaluation every front door goes
+through (``rj.scan``, ``rj.RNN``, ``rj.parallel``, ``rj.distributed.sequence_scan``). Inside
+:func:`rnnjax.distributed.data_parallel` the same runs per batch shard.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def scan(
     resets: jax.Array | None = None,
     reverse: bool = False,
     method: Method | str = Sequential(),
+    guess: PyTree | None = None,
     **replaced: Any,
 ) -> tuple[jax.Array, PyTree]:
     r"""Run ``cell`` over the time axis of ``xs``; return ``(ys, final_carry)``.
@@ -83,6 +86,9 @@ def scan(
         (default), ``rj.Associative()``, ``rj.Chunked()``, ``rj.Newton()``, ``rj.Auto()``,
         or one of their names as a string for the default value. A method that cannot
         run ``cell`` raises ``ValueError`` naming the ones that can.
+      guess: only for a method that iterates (``rj.Newton()``): its first iterate, the carry
+        after every step (each carry leaf ``(*batch, T, ...)``, as ``rj.parallel.newton_scan``
+        returns in ``info.states``), e.g. the states of the previous training step.
 
     Returns:
       ``ys`` of shape ``(*batch, T, cell.output_size(D))`` (zeros past ``lengths``) and the
@@ -103,15 +109,13 @@ def scan(
     check_no_replaced_options(replaced, "rj.scan")
     method, reverse = as_method(method), sequence.check_reverse(reverse)
     xs, carry, lengths, resets = sequence.validate(cell, params, xs, carry, lengths, resets)
-    method = _concrete(method, cell, xs.shape[-(cell.input_ndim + 1)])
-
-    def run(params, xs, carry, lengths, resets):
-        return _run(cell, method, reverse, params, xs, carry, lengths, resets)[:2]
-
     split = current_data_parallel()
-    if split is not None:  # inside rj.distributed.data_parallel: one loop per batch shard
+    if split is not None and guess is None:  # inside rj.distributed.data_parallel: one loop per batch shard
+        run = lambda params, xs, carry, lengths, resets: evaluate(
+            cell, params, xs, carry, lengths, resets, reverse, method
+        )[:2]
         return split_batch(run, cell, params, xs, carry, lengths, resets, split)
-    return run(params, xs, carry, lengths, resets)
+    return evaluate(cell, params, xs, carry, lengths, resets, reverse, method, guess)[:2]
 
 
 def evaluate(
@@ -122,13 +126,22 @@ def evaluate(
     lengths: jax.Array | None,
     resets: jax.Array | None,
     reverse: bool,
-    method: Method,
+    method: Method | str,
+    guess: PyTree | None = None,
 ) -> tuple[jax.Array, PyTree, Any]:
     """:func:`scan` on checked inputs (:func:`rnnjax.sequence.validate`), returning the
-    engine's report too: ``(ys, final_carry, info)`` (``info`` is ``None`` but for Newton).
-    It ignores :func:`rnnjax.distributed.data_parallel`."""
-    method = _concrete(method, cell, xs.shape[-(cell.input_ndim + 1)])
-    return _run(cell, method, bool(reverse), params, xs, carry, lengths, resets)
+    engine's report too: ``(ys, final_carry, info)`` (``info`` is ``None`` but for Newton,
+    whose ``info.states``, when asked for, come in the user's layout). The method is checked
+    against ``cell`` and resolved (``rj.Auto()``, Newton's ``"auto"`` variant) here; ``guess``
+    (carries after every step, leaves ``(*batch, T, ...)``) goes to methods that iterate. It
+    ignores :func:`rnnjax.distributed.data_parallel`."""
+    steps = xs.shape[-(cell.input_ndim + 1)]
+    method = _concrete(as_method(method), cell, steps)
+    if guess is not None:
+        if not method.takes_guess():
+            raise ValueError(f"guess= is the first iterate of an iterative method (rj.Newton()); {method!r} takes none")
+        sequence.check_guess(cell, guess, xs)
+    return _run(cell, method, bool(reverse), params, xs, carry, lengths, resets, guess)
 
 
 def _concrete(method: Method, cell: Cell, steps: int) -> Method:
@@ -155,9 +168,11 @@ def _run(cell: Cell, method: Method, reverse: bool, *arrays: Any) -> tuple[jax.A
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _evaluate(cell, method, reverse, params, xs, carry, lengths, resets):
-    seqs = sequence.canonical(cell, params, xs, carry, lengths, resets, reverse)
+def _evaluate(cell, method, reverse, params, xs, carry, lengths, resets, guess):
+    seqs = sequence.canonical(cell, params, xs, carry, lengths, resets, reverse, guess)
     ys, final, info = method.run(cell, params, seqs)
+    if getattr(info, "states", None) is not None:  # carries after every step, as ys
+        info = info._replace(states=jax.tree.map(lambda s: sequence.restore(seqs, s), info.states))
     return sequence.restore(seqs, ys), final, info
 
 

@@ -168,6 +168,28 @@ def mask_step(new: PyTree, y: Array, old: PyTree, valid: Array | None) -> tuple[
     return new, jnp.where(expand_to(valid, y), y, jnp.zeros((), y.dtype))
 
 
+def check_guess(cell: Cell, guess: PyTree, xs: Array) -> None:
+    """Raise ``ValueError`` unless ``guess`` is shaped as the carry after every step of ``xs``:
+    each carry leaf with the time axis before its features, ``(*batch, T, ...)``."""
+    k = cell.input_ndim
+    steps = xs.shape[-(k + 1)]
+    x_step = jax.ShapeDtypeStruct(xs.shape[: -(k + 1)] + xs.shape[-k:], xs.dtype)
+    expected = jax.eval_shape(lambda: cell.carry_for(x_step))
+    axis = len(x_step.shape) - k  # where the time axis sits in a carry leaf
+    if jax.tree_util.tree_structure(guess) != jax.tree_util.tree_structure(expected):
+        raise ValueError(
+            f"guess has structure {jax.tree_util.tree_structure(guess)}; expected the carry's "
+            f"{jax.tree_util.tree_structure(expected)} with a time axis (info.states of newton_scan)"
+        )
+    for got, want in zip(jax.tree_util.tree_leaves(guess), jax.tree_util.tree_leaves(expected)):
+        shape = want.shape[:axis] + (steps,) + want.shape[axis:]
+        if tuple(jnp.shape(got)) != shape:
+            raise ValueError(
+                f"guess has a leaf of shape {tuple(jnp.shape(got))}; expected {shape}: the carry's "
+                "shape with the time axis before its features (info.states of newton_scan)"
+            )
+
+
 # ---- the canonical form -------------------------------------------------------------------
 
 
@@ -189,6 +211,10 @@ class TimeMajor(NamedTuple):
       backwards: process from the last step to the first.
       reverse: the user's ``reverse``.
       feature_ndim: ``cell.input_ndim``.
+      guess: ``None``, or carries after every step for an iterative method to start from
+        (``rj.Newton()``), leaves ``(T, *batch, ...)``, aligned with ``xs``.
+      time_sharding: ``None``, or the :class:`rnnjax.sharding.mesh.SequenceSharding` over
+        which the time axis is split (set by ``rj.TimeSharded``; read by the parallel engines).
     """
 
     xs: Array
@@ -200,6 +226,8 @@ class TimeMajor(NamedTuple):
     backwards: bool
     reverse: bool
     feature_ndim: int
+    guess: PyTree | None = None
+    time_sharding: Any = None
 
     @property
     def steps(self) -> int:
@@ -216,14 +244,23 @@ class TimeMajor(NamedTuple):
             return self, lambda a: a
         flip = lambda a: jnp.flip(a, axis=0)
         resets = None if self.resets is None else flip(self.resets)
-        return self._replace(xs=flip(self.xs), resets=resets, backwards=False), flip
+        guess = None if self.guess is None else jax.tree.map(flip, self.guess)
+        return self._replace(xs=flip(self.xs), resets=resets, guess=guess, backwards=False), flip
 
 
 def canonical(
-    cell: Cell, params: Any, xs: Array, carry: PyTree | None, lengths: Array | None, resets: Array | None, reverse: bool
+    cell: Cell,
+    params: Any,
+    xs: Array,
+    carry: PyTree | None,
+    lengths: Array | None,
+    resets: Array | None,
+    reverse: bool,
+    guess: PyTree | None = None,
 ) -> TimeMajor:
     """Checked ``(xs, carry, lengths, resets, reverse)`` (see :func:`validate`) as a
-    :class:`TimeMajor` value. Traceable; call it inside ``jit``."""
+    :class:`TimeMajor` value; ``guess`` (carries after every step, leaves ``(*batch, T, ...)``
+    in the user's layout) in the same time-major order. Traceable; call it inside ``jit``."""
     k = cell.input_ndim
     steps = xs.shape[-(k + 1)]
     xs_tm = jnp.moveaxis(xs, -(k + 1), 0)
@@ -248,7 +285,13 @@ def canonical(
     if reverse and lengths is not None:
         xs_tm = flip_valid(xs_tm, lengths)
         resets_tm = None if resets_tm is None else flip_valid(resets_tm, lengths)
-    return TimeMajor(xs_tm, carry, zero, resets_tm, valid, lengths, bool(reverse and lengths is None), bool(reverse), k)
+    if guess is not None:
+        batch_axes = xs_tm.ndim - 1 - k
+        guess = jax.tree.map(lambda g: jnp.moveaxis(g, batch_axes, 0), guess)
+        if reverse and lengths is not None:
+            guess = jax.tree.map(lambda g: flip_valid(g, lengths), guess)
+    backwards = bool(reverse and lengths is None)
+    return TimeMajor(xs_tm, carry, zero, resets_tm, valid, lengths, backwards, bool(reverse), k, guess)
 
 
 def restore(seqs: TimeMajor, ys_tm: Array) -> Array:

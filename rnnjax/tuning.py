@@ -15,6 +15,8 @@ from typing import Any
 import jax
 
 from rnnjax.cell import Cell, LinearCell, StructuredJacobian, runs_associatively
+from rnnjax.checks import is_int
+from rnnjax.engines.newton import SOLVES
 
 # Steps per loop iteration for unroll="auto" (DECISIONS.md, "Unroll per backend").
 AUTO_UNROLL = {"cpu": 1, "gpu": 16}
@@ -59,7 +61,7 @@ TIME_SHARDED = {
 # How rj.Newton(solve="auto") solves each iteration's linear recurrence (DECISIONS.md,
 # "Newton's linear solves are sequential on CPU").
 AUTO_NEWTON_SOLVE = {"cpu": "sequential", "gpu": "associative"}
-NEWTON_SOLVES = ("auto", "associative", "sequential")
+NEWTON_SOLVES = ("auto", *SOLVES)
 
 
 def backend_key(backend: str | None = None) -> str:
@@ -82,6 +84,16 @@ def auto_table(backend: str | None = None) -> dict[str, Any]:
 def auto_unroll(backend: str | None = None) -> int:
     """The unroll ``"auto"`` means on ``backend``."""
     return AUTO_UNROLL[backend_key(backend)]
+
+
+def resolve_unroll(unroll: int | bool | str, backend: str | None = None) -> int | bool:
+    """``unroll`` with ``"auto"`` replaced by :data:`AUTO_UNROLL`'s value for ``backend`` (1 on
+    CPU, 16 on GPU), decided when traced; a bad value raises ``ValueError``."""
+    if isinstance(unroll, str) and unroll == "auto":
+        return auto_unroll(backend)
+    if not (unroll is True or (is_int(unroll) and unroll >= 1)):
+        raise ValueError(f'unroll must be a positive int, True or "auto", got {unroll!r}')
+    return unroll
 
 
 def newton_solve(solve: str = "auto", backend: str | None = None) -> str:

@@ -241,7 +241,7 @@ def test_auto_solves_sequentially_on_cpu_and_associatively_on_accelerators():
         (dict(max_iters=0), "max_iters must be a positive int, got 0"),
         (dict(max_iters=2.0), "max_iters must be a positive int, got 2.0"),
         (dict(max_iters=2**31), r"max_iters must be at most 2\*\*31 - 1 = 2147483647, got 2147483648"),
-        (dict(newton="newton"), r"unknown Newton variant 'newton'; expected one of \['deer', 'quasi-deer', 'elk', 'quasi-elk'\]"),
+        (dict(newton="newton"), r"unknown Newton variant 'newton'; expected 'auto' or one of \['deer', 'quasi-deer', 'elk', 'quasi-elk'\]"),
         (dict(newton="deer", damping=1.0), "damping applies to the variants 'elk' and 'quasi-elk'; got 'deer'"),
         (dict(newton="elk", damping=0.0), "damping must be a positive finite number, got 0.0"),
         (dict(solve="scan"), r"solve must be one of \['auto', 'associative', 'sequential'\], got 'scan'"),

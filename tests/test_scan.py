@@ -119,7 +119,7 @@ def test_remat_and_unroll_give_same_values_and_gradients():
 
 
 def test_unroll_auto_is_decided_per_backend():
-    from rnnjax.methods import resolve_unroll
+    from rnnjax.tuning import resolve_unroll
     from rnnjax.tuning import AUTO_UNROLL
 
     assert resolve_unroll("auto", backend="cpu") == AUTO_UNROLL["cpu"] == 1

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import ClassVar
-
 import jax
 from jax.sharding import Mesh
 
-from rnnjax.cell import Cell, PyTree, runs_associatively
-from rnnjax.methods import Associative, Auto, Method, Newton, as_method
+from rnnjax.cell import Cell, PyTree
+from rnnjax.methods import Method, TimeSharded, as_method
 from rnnjax.scan import evaluate
 from rnnjax.sequence import validate
 from rnnjax.sharding.mesh import SequenceSharding, automatic_axes, check_mesh_axis, require_shard_map
@@ -27,6 +24,7 @@ def sequence_scan(
     resets: jax.Array | None = None,
     reverse: bool = False,
     method: Method | str = "auto",
+    guess: PyTree | None = None,
 ) -> tuple[jax.Array, PyTree]:
     r""":func:`rnnjax.scan` with the time axis split over ``mesh``'s ``axis``.
 
@@ -34,11 +32,13 @@ def sequence_scan(
     to a clip, :class:`rnnjax.cell.ClippedLinearCell`): each device composes its shard's maps
     :math:`h \mapsto a_t h + b_t` (or their clipped form) into one; the devices
     exchange these summaries (one ``all_gather``) and each runs its shard from the state its
-    predecessors produce (:class:`rnnjax.engines.affine.SequenceSharding`).
-    ``method=rj.Newton("deer" | "quasi-deer")`` (any cell): Newton's method with the cell
-    evaluated on every device's shard and each linear solve split as above; gradients by the
-    implicit function theorem, solved the same way. ``"auto"``: associative for the cells
-    it can run, ``rj.Newton()`` otherwise.
+    predecessors produce (:class:`rnnjax.sharding.mesh.SequenceSharding`).
+    ``method=rj.Newton("deer" | "quasi-deer" | "auto")`` (any cell): Newton's method with the
+    cell evaluated on every device's shard and each linear solve split as above; gradients by
+    the implicit function theorem, solved the same way. ``"auto"``: associative for the cells
+    it can run, ``rj.Newton()`` otherwise (:data:`rnnjax.tuning.TIME_SHARDED`). The method runs
+    as ``rj.TimeSharded(method, sharding)`` through the same evaluation as :func:`rnnjax.scan`;
+    ``guess`` is Newton's first iterate, as there.
 
     ``T`` need not divide by the number of devices (the last shard is padded with identity
     steps) but must be at least that number. ``lengths``, ``resets``, ``reverse`` and the
@@ -66,31 +66,6 @@ def sequence_scan(
             f"xs has {steps} time steps (shape {xs.shape}), fewer than the {n} devices of mesh axis "
             f"{axis!r}: every device needs at least one step; use a smaller mesh axis or rj.scan"
         )
-    method = as_method(method)
-    if isinstance(method, Auto):
-        method = Associative() if runs_associatively(cell) else Newton()
-    if not isinstance(method, (Associative, Newton)):
-        raise ValueError(
-            f"sequence_scan runs rj.Associative() or rj.Newton() (or rj.Auto() for either), got {method!r}"
-        )
-    if isinstance(method, Newton) and method.variant not in ("deer", "quasi-deer"):
-        raise ValueError(
-            f"rj.Newton({method.variant!r}): sequence_scan runs 'deer' and 'quasi-deer' (ELK's Kalman "
-            "smoother is not split over devices)"
-        )
-    method.check(cell)
-    sharded = TimeSharded(method, SequenceSharding(automatic_axes(mesh), axis))
-    ys, final, _ = evaluate(cell, params, xs, carry, lengths, resets, reverse, sharded)
+    sharded = TimeSharded(as_method(method), SequenceSharding(automatic_axes(mesh), axis))
+    ys, final, _ = evaluate(cell, params, xs, carry, lengths, resets, reverse, sharded, guess)
     return ys, final
-
-
-@dataclasses.dataclass(frozen=True)
-class TimeSharded(Method):
-    """``method`` (``Associative`` or ``Newton``) with every affine solve split over time."""
-
-    name: ClassVar[str] = "time-sharded"
-    method: Associative | Newton
-    sharding: SequenceSharding
-
-    def run(self, cell, params, seqs):
-        return self.method.run(cell, params, seqs, time_sharding=self.sharding)

@@ -48,8 +48,10 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import DenseCell
+from rnnjax.checks import check_positive_int
 from rnnjax.engines import kernel_programs as programs
 from rnnjax.ops import matmul
+from rnnjax.precision import Mixed, cast_floating
 from rnnjax.sequence import TimeMajor
 
 PRECISIONS = ("default", "highest")
@@ -58,6 +60,18 @@ WEIGHTS = ("stream", "hold")
 
 # jax_default_matmul_precision's values that ask for full float32 products.
 _FULL_FLOAT32 = ("highest", "float32")
+
+
+def check_options(block_batch: Any, precision: Any, num_warps: Any, weights: Any, interpret: Any) -> None:
+    """Raise ``ValueError`` naming the first bad option of ``rj.Kernel(...)``."""
+    check_positive_int(block_batch, "block_batch")
+    check_positive_int(num_warps, "num_warps")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
+    if interpret not in (None, True, False):
+        raise ValueError(f"interpret must be None, True or False, got {interpret!r}")
 
 
 def resolve_precision(precision: str | None) -> str:
@@ -69,18 +83,38 @@ def resolve_precision(precision: str | None) -> str:
     return "highest" if str(configured).lower() in _FULL_FLOAT32 else "default"
 
 
+def dense_cell_of(cell: Any) -> DenseCell | None:
+    """The dense cell the kernels run for ``cell`` (itself, or the one inside an
+    ``rj.Mixed(..., carry_mode="keep")``), or ``None``."""
+    if isinstance(cell, Mixed) and cell.carry_mode == "keep":
+        cell = cell.cell
+    return cell if isinstance(cell, DenseCell) and cell.fusable else None
+
+
 def run(
-    cell: DenseCell,
+    cell: Any,
     params: Any,
     seqs: TimeMajor,
     *,
     block_batch: int,
-    precision: str,
-    interpret: bool,
+    precision: str | None,
+    interpret: bool | None,
     num_warps: int,
     weights: str,
 ):
-    """``(ys_tm, final, None)`` of the sequences ``seqs`` by the kernels described above."""
+    """``(ys_tm, final, None)`` of the sequences ``seqs`` by the kernels described above, for a
+    dense cell or one in ``rj.Mixed(..., carry_mode="keep")`` (:func:`dense_cell_of`).
+    ``precision=None``: :func:`resolve_precision`; ``interpret=None``: where the default backend
+    is not a GPU."""
+    if interpret is None:
+        interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
+    dense = dense_cell_of(cell)
+    if dense is not cell:  # rj.Mixed: 16-bit compute, its own output dtype
+        options = dict(block_batch=block_batch, precision=precision, interpret=interpret)
+        options.update(num_warps=num_warps, weights=weights)
+        ys, final, info = run(dense, cast_floating(params, cell.compute_dtype), seqs, **options)
+        return ys.astype(cell.output_dtype or cell.compute_dtype), final, info
+    precision = resolve_precision(precision)
     cell.check_params(params)
     if not interpret:
         wide = [name for name, a in (("params", params), ("xs", seqs.xs), ("carry", seqs.carry)) if _has_float64(a)]

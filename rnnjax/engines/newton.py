@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax.carry import CarryLayout
-from rnnjax.cell import Cell
+from rnnjax.cell import Cell, StructuredJacobian
+from rnnjax.checks import check_positive_int, check_positive_number
 from rnnjax.engines.affine import DIAG, solve_affine
 from rnnjax.engines.elk import elk_step
 from rnnjax.engines.jacobians import Structure, jacobian_fn, structure_for
@@ -43,6 +44,8 @@ Array = jax.Array
 VARIANTS = ("deer", "quasi-deer", "elk", "quasi-elk")
 INITS = ("zero", "step")
 SOLVES = ("associative", "sequential")
+DEFAULT_DAMPING = 1.0  # ELK's initial Levenberg-Marquardt damping
+MAX_ITERS = 2**31 - 1  # the iteration counter is an int32
 # Convergence threshold on max |s_t - f(s_{t-1}, x_t)| when tol="auto", by the state's dtype:
 # well above where float32 rounding leaves the residual of a bounded state (2e-7 for a
 # GRU over T=4096 after DEER converged), well below the accuracy models need.
@@ -68,6 +71,38 @@ class NewtonInfo(NamedTuple):
     converged: Array
     residual: Array
     states: Any = None
+
+
+def check_options(variant: Any, tol: Any, max_iters: Any, damping: Any, init: Any, keep_states: Any) -> None:
+    """Raise ``ValueError`` naming the first bad option of ``rj.Newton(...)``."""
+    if variant != "auto" and variant not in VARIANTS:
+        raise ValueError(f"unknown Newton variant {variant!r}; expected 'auto' or one of {list(VARIANTS)}")
+    if isinstance(tol, str):
+        if tol != "auto":
+            raise ValueError(f'tol must be a positive number, "auto" or None, got {tol!r}')
+    elif tol is not None:
+        check_positive_number(tol, "tol")
+    check_positive_int(max_iters, "max_iters")
+    if max_iters > MAX_ITERS:
+        raise ValueError(f"max_iters must be at most 2**31 - 1 = {MAX_ITERS}, got {max_iters}")
+    if damping is not None:
+        check_positive_number(damping, "damping")
+        if variant not in ("elk", "quasi-elk"):
+            raise ValueError(f"damping applies to the variants 'elk' and 'quasi-elk'; got {variant!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+    if keep_states not in (True, False):
+        raise ValueError(f"keep_states must be True or False, got {keep_states!r}")
+
+
+def best_variant(cell: Cell) -> str:
+    """What ``rj.Newton(variant="auto")`` runs: ``"deer"`` where the cell gives its exact
+    Jacobian blocks (:class:`rnnjax.cell.StructuredJacobian` with ``jacobian_kind == "exact"``:
+    exact Newton at quasi-DEER's cost, e.g. 3 iterations where quasi-DEER needed 10 on
+    ``rj.ParaLSTM`` at T = 4096), else ``"quasi-deer"`` (full ``jax.jacfwd`` Jacobians cost
+    ``n`` tangents per step and ``T n^2`` memory)."""
+    exact = isinstance(cell, StructuredJacobian) and cell.jacobian_kind == "exact"
+    return "deer" if exact else "quasi-deer"
 
 
 def default_tol(dtype: Any) -> float:

@@ -61,6 +61,10 @@ class SequenceSharding:
     mesh: Mesh
     axis: str
 
+    def __post_init__(self):
+        check_mesh_axis(self.mesh, self.axis)
+        object.__setattr__(self, "mesh", automatic_axes(self.mesh))  # see automatic_axes
+
     @property
     def shards(self) -> int:
         """The number of devices along ``axis``."""
