@@ -6,6 +6,10 @@ speed. Used for the driver-layer restructuring (see DECISIONS.md).
     python -m benchmarks.lab.compare_hlo /tmp/new.json
     (cd old-checkout && PYTHONPATH=. python -m benchmarks.lab.compare_hlo /tmp/old.json)
     python -m benchmarks.lab.compare_hlo --diff /tmp/old.json /tmp/new.json
+
+With ``--methods``: instead, forward and gradient programs of every method value at small
+shapes with lengths (Sequential, Associative, Chunked, each Newton variant, Kernel
+interpreted, Auto), used for the one-evaluate-path restructuring.
 """
 
 from __future__ import annotations
@@ -42,13 +46,52 @@ def programs() -> dict[str, str]:
     return out
 
 
+def method_cases():
+    import rnnjax as rj
+
+    H = 16
+    yield "elman-seq", rj.Elman(H), rj.Sequential()
+    yield "lstm-seq-autodiff", rj.LSTM(H), rj.Sequential(gradient="autodiff")
+    yield "gru-seq-remat", rj.GRU(H), rj.Sequential(remat="sqrt")
+    yield "mingru-assoc", rj.MinGRU(H), rj.Associative()
+    yield "lru-chunked", rj.LRU(H), rj.Chunked(16)
+    yield "indrnn-relu-assoc", rj.IndRNN(H, activation="relu"), rj.Associative()
+    yield "indrnn-relu-chunked", rj.IndRNN(H, activation="relu"), rj.Chunked(8)
+    yield "gru-newton-qdeer", rj.GRU(H), rj.Newton("quasi-deer")
+    yield "gru-newton-deer", rj.GRU(H), rj.Newton("deer", max_iters=8)
+    yield "paragru-newton-deer", rj.ParaGRU(H), rj.Newton("deer", tol=None, max_iters=3, init="step")
+    yield "gru-newton-qelk", rj.GRU(H), rj.Newton("quasi-elk", max_iters=8)
+    yield "lstm-kernel", rj.LSTM(H), rj.Kernel(interpret=True)
+    yield "gru-auto", rj.GRU(H), rj.Auto()
+    yield "mingru-auto", rj.MinGRU(H), rj.Auto()
+
+
+def method_programs() -> dict[str, str]:
+    import jax
+    import jax.numpy as jnp
+
+    import rnnjax as rj
+
+    out = {}
+    lengths = jnp.array([48, 30, 0, 7])
+    for name, cell, method in method_cases():
+        params = cell.init(jax.random.key(0), 8)
+        xs = jax.random.normal(jax.random.key(1), (4, 48, 8))
+        run = lambda p, x, cell=cell, method=method: rj.scan(cell, p, x, lengths=lengths, method=method)[0]  # noqa: E731
+        grad = jax.grad(lambda p, x, run=run: (run(p, x) ** 2).sum(), argnums=(0, 1))
+        for mode, f in (("fwd", run), ("grad", grad)):
+            out[f"{name}-{mode}"] = normalised(jax.jit(f).lower(params, xs).compile().as_text())
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="output JSON, or two JSONs with --diff")
     parser.add_argument("--diff", action="store_true", help="compare two outputs")
+    parser.add_argument("--methods", action="store_true", help="every method value at small shapes")
     args = parser.parse_args(argv)
     if not args.diff:
-        json.dump(programs(), open(args.paths[0], "w"))
+        json.dump(method_programs() if args.methods else programs(), open(args.paths[0], "w"))
         return
     old, new = (json.load(open(p)) for p in args.paths)
     for key in old:
