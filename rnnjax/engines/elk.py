@@ -26,7 +26,7 @@ class _Ops(NamedTuple):
 def solve_small(a: Array, b: Array) -> Array:
     """``a^{-1} b`` for a batch of small matrices ``a`` (..., n, n) and ``b`` (..., n, m), by
     Gauss-Jordan elimination with partial pivoting in a ``fori_loop`` over the n columns.
-    Not ``jnp.linalg.solve``, which deadlocked on CPU (``benchmarks/experiments/DECISIONS.md``).
+    Not ``jnp.linalg.solve``, which deadlocked on CPU (``benchmarks/lab/DECISIONS.md``).
     """
     n = a.shape[-1]
     batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
