@@ -30,3 +30,16 @@ def test_every_public_name_has_an_api_page():
     api_coverage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(api_coverage)
     assert api_coverage.undocumented_names() == [], "add these to an autosummary table in docs/api/*.md"
+
+
+def test_the_development_page_lists_every_module():
+    """docs/development.md's layout names every file of rnnjax/, and no file that is gone."""
+    root = DOCS.parent
+    listed = set()
+    for line in (DOCS / "development.md").read_text().split("## Layout", 1)[1].splitlines():
+        word = line.split(" ", 1)[0]
+        if word.startswith("rnnjax/") and word.endswith(".py"):
+            listed.add(word)
+    present = {str(p.relative_to(root)) for p in (root / "rnnjax").rglob("*.py")}
+    assert not present - listed, f"add to docs/development.md's layout: {sorted(present - listed)}"
+    assert not listed - present, f"gone from rnnjax/: {sorted(listed - present)}"
