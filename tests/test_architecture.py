@@ -112,6 +112,45 @@ def test_engines_import_neither_the_front_door_nor_each_others_privates():
         assert not {t for t in edges[low] if t.startswith("rnnjax.distributed")}, (low, edges[low])
 
 
+# DESIGN.md's floors, top to bottom: a module imports its own floor or lower ones only.
+FLOORS = [
+    ("rnnjax",),
+    ("rnnjax.flax", "rnnjax.train"),
+    ("rnnjax.inspect", "rnnjax.interop"),
+    ("rnnjax.layers", "rnnjax.parallel", "rnnjax.distributed"),
+    ("rnnjax.scan",),
+    ("rnnjax.methods", "rnnjax.tuning"),
+    ("rnnjax.engines",),
+    ("rnnjax.sharding",),
+    ("rnnjax.sequence",),
+    ("rnnjax.cells", "rnnjax.precision"),
+    ("rnnjax.cell", "rnnjax.carry", "rnnjax.ops", "rnnjax.checks", "rnnjax.optional"),
+]
+
+
+def floor_of(name: str) -> int:
+    """The floor of module ``name``: 0 is the top; its longest listed prefix decides."""
+    best = None
+    for level, prefixes in enumerate(FLOORS):
+        for prefix in prefixes:
+            inside = name == prefix or (prefix != "rnnjax" and name.startswith(prefix + "."))
+            if inside and (best is None or len(prefix) > len(best[1])):
+                best = (level, prefix)
+    assert best is not None, f"{name} is on no floor: add it to FLOORS (DESIGN.md's picture)"
+    return best[0]
+
+
+def test_imports_point_down_the_floors():
+    up = [f"{name} -> {t}" for name, targets in graph().items() for t in targets if floor_of(t) < floor_of(name)]
+    assert not up, up
+
+
+def test_the_floor_check_sees_an_upward_import(monkeypatch):
+    monkeypatch.setitem(globals(), "graph", lambda: {"rnnjax.engines.linear": {"rnnjax.scan"}})
+    with pytest.raises(AssertionError, match="rnnjax.engines.linear -> rnnjax.scan"):
+        test_imports_point_down_the_floors()
+
+
 def test_no_function_local_import_of_an_rnnjax_module():
     local = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in MODULES.values()
              for node, _, _, top in imports(path) if not top]
