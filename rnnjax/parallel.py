@@ -47,7 +47,7 @@ __all__ = [
     "default_chunk_size",
 ]
 
-METHODS = tuple(BY_NAME)
+METHODS = tuple(sorted(BY_NAME))
 NEWTON_VARIANTS = ("auto", *VARIANTS)
 DEFAULT_NEWTON = Newton.variant
 DEFAULT_MAX_ITERS = Newton.max_iters

@@ -176,7 +176,7 @@ def check_guess(cell: Cell, guess: PyTree, xs: Array) -> None:
     x_step = jax.ShapeDtypeStruct(xs.shape[: -(k + 1)] + xs.shape[-k:], xs.dtype)
     expected = jax.eval_shape(lambda: cell.carry_for(x_step))
     axis = len(x_step.shape) - k  # where the time axis sits in a carry leaf
-    if jax.tree_util.tree_structure(guess) != jax.tree_util.tree_structure(expected):
+    if jax.tree_util.tree_structure(guess) != jax.tree_util.tree_structure(expected):  # type: ignore[operator]
         raise ValueError(
             f"guess has structure {jax.tree_util.tree_structure(guess)}; expected the carry's "
             f"{jax.tree_util.tree_structure(expected)} with a time axis (info.states of newton_scan)"

@@ -91,9 +91,9 @@ def resolve_unroll(unroll: int | bool | str, backend: str | None = None) -> int 
     CPU, 16 on GPU), decided when traced; a bad value raises ``ValueError``."""
     if isinstance(unroll, str) and unroll == "auto":
         return auto_unroll(backend)
-    if not (unroll is True or (is_int(unroll) and unroll >= 1)):
-        raise ValueError(f'unroll must be a positive int, True or "auto", got {unroll!r}')
-    return unroll
+    if unroll is True or (not isinstance(unroll, str) and is_int(unroll) and unroll >= 1):
+        return unroll
+    raise ValueError(f'unroll must be a positive int, True or "auto", got {unroll!r}')
 
 
 def newton_solve(solve: str = "auto", backend: str | None = None) -> str:

@@ -1,4 +1,4 @@
-"""rnnjax/methods.py: one interface for every method value (options in the value, one ``run``
+"""rnnjax/methods/: one interface for every method value (options in the value, one ``run``
 on the canonical form), Newton's "auto" variant, the guess every front door passes the same
 way, and the time-sharded wrapper."""
 

@@ -254,7 +254,7 @@ XS = jnp.ones((2, 5, INPUT_SIZE))
     [
         (MINGRU, dict(method="fast"), re.escape(
             "unknown method 'fast'; expected a method value such as rj.Sequential() or one of "
-            "['sequential', 'associative', 'chunked', 'newton', 'kernel', 'auto']")),
+            "['associative', 'auto', 'chunked', 'kernel', 'newton', 'sequential']")),
         (GRU, dict(method="associative"), re.escape(
             "rj.Associative() needs a cell with a linear recurrence (an rj.LinearCell such as MinGRU, "
             "MinLSTM, LRU, or one linear up to a clip such as rj.IndRNN with 'relu'); GRU is not one. "

@@ -109,10 +109,19 @@ def run(
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
     dense = dense_cell_of(cell)
+    if dense is None:
+        raise ValueError(f"rj.Kernel() runs dense cells (rnnjax.cell.DenseCell); got {cell!r}")
     if dense is not cell:  # rj.Mixed: 16-bit compute, its own output dtype
-        options = dict(block_batch=block_batch, precision=precision, interpret=interpret)
-        options.update(num_warps=num_warps, weights=weights)
-        ys, final, info = run(dense, cast_floating(params, cell.compute_dtype), seqs, **options)
+        ys, final, info = run(
+            dense,
+            cast_floating(params, cell.compute_dtype),
+            seqs,
+            block_batch=block_batch,
+            precision=precision,
+            interpret=interpret,
+            num_warps=num_warps,
+            weights=weights,
+        )
         return ys.astype(cell.output_dtype or cell.compute_dtype), final, info
     precision = resolve_precision(precision)
     cell.check_params(params)
