@@ -160,7 +160,7 @@ def test_padding_reaches_neither_values_nor_gradients(case, lengths, bad, resets
 
 # ---- every method: batch 0, T = 1 and second derivatives, against rj.Sequential() ----------
 
-# Each method with a cell it runs (rj.Kernel() has its own in tests/test_kernel.py). A case
+# Each method with a cell it runs (rj.Kernel() interpreted, as on CPU; more in tests/test_kernel.py). A case
 # compiles once per shape, 2-10 s each for Newton's (ELK's the most): the fast set runs the
 # default rj.Newton(), make test-all the other variants. Elman and LSTM are dense cells, whose
 # quasi-Newton Jacobians are unit diagonals (jax.hessian through them was 53% and 2.6% off).
@@ -173,8 +173,9 @@ METHOD_CASES = {
     "quasi-deer": (rj.Elman(4), rj.Newton("quasi-deer")),
     "elk": (rj.Elman(4), rj.Newton("elk")),
     "quasi-elk": (rj.LSTM(4), rj.Newton("quasi-elk")),
+    "kernel": (rj.LSTM(4), rj.Kernel(interpret=True)),
 }
-SLOW_CASES = {"deer", "elk", "quasi-elk"}
+SLOW_CASES = {"deer", "elk", "quasi-elk", "kernel"}
 SLOW_SECOND_ORDER = SLOW_CASES | {"associative"}  # chunked runs the same engine in the fast set
 
 
