@@ -17,7 +17,7 @@ import pytest
 from jax.test_util import check_grads
 
 import rnnjax as rj
-from rnnjax.engines.affine import CLIP, solve_affine
+from rnnjax.engines.affine import CLIP, clip_maps, solve_affine
 from rnnjax.ops import clip_range, resolve_activation
 from tests.cases import normal, random_case
 from tests.compat import enable_x64
@@ -73,15 +73,15 @@ def test_clipped_maps_compose_earlier_then_later():
         h = np.minimum(np.maximum(a[t] * h + b[t], lo[t]), hi[t])
         expected.append(h)
     for chunk in (None, 5, steps):
-        states = solve_affine(CLIP, tuple(map(jnp.asarray, (a, b, lo, hi))), jnp.asarray(h0), chunk)
+        states = solve_affine(CLIP, clip_maps(*map(jnp.asarray, (a, b, lo, hi))), jnp.asarray(h0), chunk)
         np.testing.assert_allclose(states, np.stack(expected), rtol=1e-5, atol=1e-6, err_msg=f"chunk={chunk}")
 
 
-def _expanding_maps(steps=300, width=16, u=-1.5):
+def _expanding_maps(steps=300, width=16, u=-1.5, shift=0.0):
     """Relu maps h -> max(u h + b, 0) with |u| > 1: slopes of u**steps overflow float32."""
     rng = np.random.default_rng(8)
     a = np.full((steps, width), u, np.float32)
-    b = rng.standard_normal((steps, width)).astype(np.float32)
+    b = (rng.standard_normal((steps, width)) + shift).astype(np.float32)
     return a, b, np.zeros_like(b), np.full_like(b, np.inf)
 
 
@@ -92,12 +92,15 @@ def _loop(elems, h):
     return h
 
 
-def test_clipped_maps_with_overflowing_slopes_stay_an_exact_monoid():
-    # u = -1.5 over 300 steps: 1.5**300 overflows float32. A composition that saturates is a
-    # constant (slope exactly 0), so no inf * 0 arises: associativity and the identity hold,
-    # and the composed maps agree with a plain loop of the steps.
-    elems = _expanding_maps()
-    maps = [tuple(jnp.asarray(e[t]) for e in elems) for t in range(elems[0].shape[0])]
+@pytest.mark.parametrize("u, shift", [(-1.5, 0.0), (1.5, -2.0)])
+def test_clipped_maps_with_overflowing_slopes_stay_an_exact_monoid(u, shift):
+    # |u| = 1.5 over 300 steps: 1.5**300 overflows float32, while the relu keeps the states
+    # below 5. u < 0: a composition saturates, a constant (slope exactly 0). u > 0: its upper
+    # bound stays inf and its slope overflows, but its value at the anchor stays finite, so
+    # no inf * 0 or inf - inf arises (the old (a, b) form gave nan). Associativity and the
+    # identity hold, and the composed maps agree with a plain loop of the steps.
+    elems = _expanding_maps(u=u, shift=shift)
+    maps = [clip_maps(*(jnp.asarray(e[t]) for e in elems)) for t in range(elems[0].shape[0])]
 
     def fold(i, j):
         out = maps[i]
@@ -114,19 +117,79 @@ def test_clipped_maps_with_overflowing_slopes_stay_an_exact_monoid():
         for composed in (left, right, CLIP.combine(ident, left), CLIP.combine(left, ident)):
             assert not any(np.isnan(np.asarray(e)).any() for e in composed)
             np.testing.assert_allclose(CLIP.apply(composed, h), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(left[0], 0.0)  # every unit saturated somewhere: constants
+    if u < 0:
+        np.testing.assert_array_equal(left.slope, 0.0)  # every unit saturated somewhere: constants
+    else:
+        assert np.isinf(np.asarray(left.slope)).all()  # the case that overflows
+
+
+def _corner_pool():
+    """Step sequences, one per column, padded with identity steps to one length: every single
+    step h -> clip(a h + b, lo, hi) with a in {0, +-1/2, +-1, +-2}, b in {-1, -1/2, 0, 3/4, 3}
+    and each activation's range, and steep ones, 200 steps of clip(+-2 h, lo, hi), bounded (slope
+    2**200 = inf in float32, anchor 0, value 0). Dyadic numbers of a few bits: float32 rounds
+    nothing, so the composed maps must equal a float64 loop exactly."""
+    ranges = [(0.0, np.inf), (0.0, 6.0), (-1.0, 1.0), (-np.inf, np.inf)]
+    singles = [
+        (a, b, lo, hi) for a in (0, 0.5, -0.5, 1, -1, 2, -2) for b in (-1, -0.5, 0, 0.75, 3) for lo, hi in ranges
+    ]
+    steep = [(a, 0.0, lo, hi) for a in (2, -2) for lo, hi in ranges[:3] if (a, hi) != (2, np.inf)]
+    steep += [(-2.0, 0.0, -1.0, 1.0)]  # 201 steps: slope -inf
+    steps = 201
+    seqs = np.zeros((4, steps, len(singles) + len(steep)))
+    seqs[0], seqs[2], seqs[3] = 1.0, -np.inf, np.inf  # the identity step: a = 1, b = 0, no bounds
+    for j, step in enumerate(singles):
+        seqs[:, 0, j] = step
+    for j, step in enumerate(steep, len(singles)):
+        seqs[:, : 200 + (j == seqs.shape[2] - 1), j] = np.array(step)[:, None]
+    return seqs
+
+
+def test_clipped_maps_corner_cases_are_exact():
+    # a = 0 (a constant), infinite slopes applied on their anchor (h - t = 0) and meeting a
+    # bound on it (lo1 = t2), slopes of 0 and +-1, infinite bounds, relu, relu6, hard_tanh
+    # and identity ranges: triples of maps composed both ways, with the identity on either
+    # side, equal the float64 loop of their steps exactly, at a grid of h and at the maps' anchors.
+    seqs = _corner_pool()
+    width = seqs.shape[2]
+    maps = clip_maps(*(jnp.asarray(s[0], jnp.float32) for s in seqs))
+    for t in range(1, seqs.shape[1]):
+        maps = CLIP.combine(maps, clip_maps(*(jnp.asarray(s[t], jnp.float32) for s in seqs)))
+    assert np.isinf(np.asarray(maps.slope)).sum() == 4  # -2 under relu and relu6 saturates: constants
+    rng = np.random.default_rng(3)
+    pick = rng.integers(0, width, (3, 2048))
+    pick[:, :width] = np.arange(width)  # every map in every place
+    pick[1, width : 2 * width] = np.arange(width)[::-1]
+    x, y, z = (jax.tree.map(lambda e, i=i: e[i], maps) for i in pick)
+    left, right = CLIP.combine(CLIP.combine(x, y), z), CLIP.combine(x, CLIP.combine(y, z))
+    ident = CLIP.identity(left)
+    hs = [np.full(pick.shape[1], h, np.float32) for h in (-2.0, -1.0, -0.5, 0.0, 0.25, 1.0, 1.5, 6.0, 7.0)]
+    hs += [np.asarray(x.anchor), np.asarray(left.anchor), np.asarray(z.anchor)]
+    for h in hs:
+        want = h.astype(np.float64)
+        for i in pick:
+            want = _loop(seqs[:, :, i], want)
+        for composed in (left, right, CLIP.combine(ident, left), CLIP.combine(left, ident)):
+            np.testing.assert_array_equal(CLIP.apply(composed, jnp.asarray(h)), want.astype(np.float32))
 
 
 @pytest.mark.parametrize(
-    "u, steps",
-    [pytest.param(-1.5, 300, marks=pytest.mark.slow), pytest.param(-1.1, 1000, marks=pytest.mark.slow)],
+    "u, steps, bias",
+    [
+        pytest.param(-1.5, 300, None, marks=pytest.mark.slow),
+        pytest.param(-1.1, 1000, None, marks=pytest.mark.slow),
+        pytest.param(1.1, 1000, -1.0, marks=pytest.mark.slow),
+    ],
 )
-def test_expanding_recurrent_weight_gives_the_sequential_values_and_gradients(u, steps):
+def test_expanding_recurrent_weight_gives_the_sequential_values_and_gradients(u, steps, bias):
     # |u|**steps overflows float32 while the relu keeps the states bounded: the parallel
-    # methods composed maps of infinite slope and gave nan (27% of the outputs at u=-1.5).
+    # methods composed maps of infinite slope and gave nan (27% of the outputs at u=-1.5;
+    # at u=1.1 a bias of -1 keeps them bounded, and 7% were nan before the anchored maps).
     cell = rj.IndRNN(3)
     params = cell.init(jax.random.key(9), 2)
     params = params._replace(u=jnp.full((3,), u, jnp.float32))
+    if bias is not None:
+        params = params._replace(b=jnp.full((3,), bias, jnp.float32))
     xs = normal(9, (1, steps, 2))
 
     def loss(p, x, method):

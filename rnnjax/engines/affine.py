@@ -71,35 +71,97 @@ def _clip(v: Array, lo: Array, hi: Array) -> Array:
     return jnp.minimum(jnp.maximum(v, lo), hi)
 
 
-def _clip_combine(e1, e2):
-    a1, b1, lo1, hi1 = e1
-    a2, b2, lo2, hi2 = e2
-    # a2 * clip(z, lo1, hi1) + b2 = clip(a2 z + b2, a2 lo1 + b2, a2 hi1 + b2), the bounds
-    # swapped when a2 < 0; a2 = 0 leaves the constant b2 (where 0 * inf would be nan).
-    low, high = jnp.where(a2 < 0, hi1, lo1), jnp.where(a2 < 0, lo1, hi1)
-    low = jnp.where(a2 == 0, b2, a2 * low + b2)
-    high = jnp.where(a2 == 0, b2, a2 * high + b2)
+def _safe_mul(a: Array, x: Array) -> Array:
+    """``a * x`` with ``0 * inf = 0``: a constant map (slope 0), or an input on the anchor of
+    a map whose slope overflowed, moves nothing. A nan still gives nan."""
+    return jnp.where((a == 0) | (x == 0), jnp.zeros((), jnp.result_type(a, x)), a * x)
+
+
+class ClipMap(NamedTuple):
+    """Elementwise maps :math:`h \\mapsto \\mathrm{clip}(v + s (h - t), lo, hi)`: the line of
+    slope ``slope`` through the point (``anchor``, ``value``), clipped to ``[low, high]``.
+
+    ``value`` and ``anchor`` are finite; ``slope`` may overflow to +-inf (a composition of
+    expanding steps); ``low <= high``, +-inf where there is no bound, ``low == high`` (with
+    ``slope = 0``) for a constant map. See :func:`clip_maps`.
+    """
+
+    value: Array
+    anchor: Array
+    slope: Array
+    low: Array
+    high: Array
+
+
+def clip_maps(a: Array, b: Array, lo: Array, hi: Array) -> ClipMap:
+    """The maps :math:`h \\mapsto \\mathrm{clip}(a h + b, lo, hi)` (arrays of one shape, a
+    real floating dtype, ``lo <= hi``) as :data:`CLIP`'s elements."""
+    # |a| < 1: anchored at the input 0, where the line is b. |a| >= 1: at the value clip(0, lo,
+    # hi) in the range, reached at (v - b) / a; compositions of such maps keep a finite value
+    # while their slope overflows (see _clip_combine). a = 0: the constant clip(b, lo, hi).
+    flat = jnp.abs(a) < 1
+    const = a == 0
+    value = jnp.where(flat, b, _clip(jnp.zeros_like(b), lo, hi))
+    anchor = jnp.where(flat, 0.0, (value - b) / jnp.where(flat, 1.0, a)).astype(b.dtype)
+    level = _clip(b, lo, hi)
+    return ClipMap(
+        jnp.where(const, level, value),
+        anchor,
+        a,
+        jnp.where(const, level, lo),
+        jnp.where(const, level, hi),
+    )
+
+
+def _clip_combine(e1: ClipMap, e2: ClipMap) -> ClipMap:
+    v1, t1, s1, lo1, hi1 = e1
+    v2, t2, s2, lo2, hi2 = e2
+    # s2 * clip(z, lo1, hi1) + ... = clip(..., g2's line at lo1, at hi1): swapped when s2 < 0.
+    at_lo, at_hi = v2 + _safe_mul(s2, lo1 - t2), v2 + _safe_mul(s2, hi1 - t2)
+    low, high = jnp.where(s2 < 0, at_hi, at_lo), jnp.where(s2 < 0, at_lo, at_hi)
     # clip(clip(v, low, high), lo2, hi2) = clip(v, clip(low, lo2, hi2), clip(high, lo2, hi2)).
     low, high = _clip(low, lo2, hi2), _clip(high, lo2, hi2)
-    # Bounds that meet: the composition is the constant low, so slope 0 and offset low. Its
-    # line would steepen with every later expanding map (|u| > 1) while changing nothing,
-    # and overflow: inf * 0 and inf - inf would give nan.
+    # g2(g1(h)): the lines compose to the line of slope s1 s2 through (t1, image), the image
+    # of the earlier anchor: t1 stays exact and only a value of the map's scale is rounded.
+    # That is the anchor while |s2| <= 1 (contracting maps: the plain a2 * b1 + b2 at anchor
+    # 0) or while the image lies within the bounds. Otherwise (expanding maps, whose slope may
+    # overflow) the anchor is a preimage with a finite value: of v2 where g2 is the steeper
+    # (t2 is its sharp point), else of the bound the image passed (t1 is the sharp point; the
+    # clipped value at t1 survives a slope of inf), or of v2 when that bound is infinite.
+    slope = _safe_mul(s1, s2)
+    image = v2 + _safe_mul(s2, v1 - t2)
+    level = _clip(image, low, high)
+    inner = (jnp.abs(s2) <= 1) | (slope == 0) | ((level == image) & (jnp.abs(image) < jnp.inf))
+    target = jnp.where((jnp.abs(s1) >= jnp.abs(s2)) & (jnp.abs(level) < jnp.inf), level, v2)
+    shift = ((t2 - v1) + (target - v2) / jnp.where(inner, 1.0, s2)) / jnp.where(inner, 1.0, s1)
+    value = jnp.where(inner, image, target)
+    anchor = jnp.where(inner, t1, t1 + shift)
+    # Bounds that meet: the constant map low (slope 0). Its line would steepen with every
+    # later expanding map while changing nothing.
     const = low == high
-    return jnp.where(const, 0.0, a1 * a2), jnp.where(const, low, a2 * b1 + b2), low, high
+    zero = jnp.zeros((), slope.dtype)
+    return ClipMap(
+        jnp.where(const, low, value), jnp.where(const, zero, anchor), jnp.where(const, zero, slope), low, high
+    )
 
 
-# Clipped maps h -> clip(a h + b, lo, hi), elementwise, with infinite bounds where there are none.
-# Not differentiable through the bounds' infinities: rnnjax.engines.clipped differentiates the
-# states with the cell's own step instead.
+def _clip_apply(e: ClipMap, h: Array) -> Array:
+    return _clip(e.value + _safe_mul(e.slope, h - e.anchor), e.low, e.high)
+
+
+# Clipped maps, elementwise (ClipMap, built by clip_maps). Not differentiable through the
+# bounds' infinities: rnnjax.engines.clipped differentiates the states with the cell's own
+# step instead.
 CLIP = Monoid(
     _clip_combine,
-    lambda e: (
-        jnp.ones_like(e[0]),
-        jnp.zeros_like(e[1]),
-        jnp.full_like(e[2], -jnp.inf),
-        jnp.full_like(e[3], jnp.inf),
+    lambda e: ClipMap(
+        jnp.zeros_like(e.value),
+        jnp.zeros_like(e.anchor),
+        jnp.ones_like(e.slope),
+        jnp.full_like(e.low, -jnp.inf),
+        jnp.full_like(e.high, jnp.inf),
     ),
-    lambda e, h: _clip(e[0] * h + e[1], e[2], e[3]),
+    _clip_apply,
 )
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import ClippedLinearCell
-from rnnjax.engines.affine import CLIP, DIAG, solve_affine
+from rnnjax.engines.affine import CLIP, DIAG, clip_maps, solve_affine
 from rnnjax.sequence import TimeMajor, expand_to, mask_step, reset_carry
 from rnnjax.sharding.mesh import SequenceSharding
 
@@ -75,7 +75,7 @@ def _states_fn(cell: ClippedLinearCell, chunk_size: int | None, time_sharding: S
             keep = expand_to(valid, a)
             a, b = jnp.where(keep, a, 1.0), jnp.where(keep, b, 0.0)
             low, high = jnp.where(keep, low, -jnp.inf), jnp.where(keep, high, jnp.inf)
-        return solve_affine(CLIP, (a, b, low, high), h0.astype(work), chunk_size, time_sharding)
+        return solve_affine(CLIP, clip_maps(a, b, low, high), h0.astype(work), chunk_size, time_sharding)
 
     @states.defjvp
     def states_jvp(primals, tangents):
