@@ -73,7 +73,8 @@ def test_clipped_maps_compose_earlier_then_later():
         h = np.minimum(np.maximum(a[t] * h + b[t], lo[t]), hi[t])
         expected.append(h)
     for chunk in (None, 5, steps):
-        states = solve_affine(CLIP, clip_maps(*map(jnp.asarray, (a, b, lo, hi))), jnp.asarray(h0), chunk)
+        solve = jax.jit(lambda a, b, lo, hi, h0, chunk=chunk: solve_affine(CLIP, clip_maps(a, b, lo, hi), h0, chunk))
+        states = solve(a, b, lo, hi, h0)
         np.testing.assert_allclose(states, np.stack(expected), rtol=1e-5, atol=1e-6, err_msg=f"chunk={chunk}")
 
 

@@ -6,7 +6,7 @@ cell.clip_range``, the states :math:`h_t = \mathrm{clip}(a_t \odot h_{t-1} + b_t
 the prefix compositions of the maps :math:`h \mapsto \mathrm{clip}(a_t h + b_t, lo, hi)`
 (:data:`rnnjax.engines.affine.CLIP`): one associative scan gives them exactly, where Newton's
 method needs an iteration per change of the activation pattern it has to propagate (16 or
-more at T=4096 for a relu IndRNN, ``benchmarks/results/cpu-clipped-scan.log``). A step past
+more at T=4096 for a relu IndRNN; ``benchmarks/lab/DECISIONS.md``). A step past
 a length is the identity map; a reset before step :math:`t` sets :math:`a_t = 0`.
 
 Derivatives (forward and reverse mode, a ``jax.custom_jvp``) come from the cell's own
