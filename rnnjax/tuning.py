@@ -86,14 +86,18 @@ def auto_unroll(backend: str | None = None) -> int:
     return AUTO_UNROLL[backend_key(backend)]
 
 
+def check_unroll(unroll: Any) -> None:
+    """Raise ``ValueError`` unless ``unroll`` is a positive int, ``True`` or ``"auto"`` (without
+    asking JAX for its backend, which would start it: method values are built at import)."""
+    if not ((isinstance(unroll, str) and unroll == "auto") or unroll is True or (is_int(unroll) and unroll >= 1)):
+        raise ValueError(f'unroll must be a positive int, True or "auto", got {unroll!r}')
+
+
 def resolve_unroll(unroll: int | bool | str, backend: str | None = None) -> int | bool:
     """``unroll`` with ``"auto"`` replaced by :data:`AUTO_UNROLL`'s value for ``backend`` (1 on
     CPU, 16 on GPU), decided when traced; a bad value raises ``ValueError``."""
-    if isinstance(unroll, str) and unroll == "auto":
-        return auto_unroll(backend)
-    if unroll is True or (not isinstance(unroll, str) and is_int(unroll) and unroll >= 1):
-        return unroll
-    raise ValueError(f'unroll must be a positive int, True or "auto", got {unroll!r}')
+    check_unroll(unroll)
+    return auto_unroll(backend) if isinstance(unroll, str) else unroll
 
 
 def newton_solve(solve: str = "auto", backend: str | None = None) -> str:

@@ -50,7 +50,7 @@ class Sequential(Method):
     gradient: str = "auto"
 
     def __post_init__(self):
-        tuning.resolve_unroll(self.unroll)  # raises on a bad value
+        tuning.check_unroll(self.unroll)
         if self.remat not in REMAT:
             raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
         if self.gradient not in GRADIENTS:
