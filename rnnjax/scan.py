@@ -110,7 +110,12 @@ def scan(
     method, reverse = as_method(method), sequence.check_reverse(reverse)
     xs, carry, lengths, resets = sequence.validate(cell, params, xs, carry, lengths, resets)
     split = current_data_parallel()
-    if split is not None and guess is None:  # inside rj.distributed.data_parallel: one loop per batch shard
+    if split is not None:  # inside rj.distributed.data_parallel: one loop per batch shard
+        if guess is not None:
+            raise ValueError(
+                "guess= is not split over rj.distributed.data_parallel's batch shards; call rj.scan with a "
+                "guess outside the data_parallel context"
+            )
         run = lambda params, xs, carry, lengths, resets: evaluate(
             cell, params, xs, carry, lengths, resets, reverse, method
         )[:2]
@@ -136,20 +141,15 @@ def evaluate(
     (carries after every step, leaves ``(*batch, T, ...)``) goes to methods that iterate. It
     ignores :func:`rnnjax.distributed.data_parallel`."""
     steps = xs.shape[-(cell.input_ndim + 1)]
-    method = _concrete(as_method(method), cell, steps)
+    method = as_method(method).resolve(cell, steps)
+    method.check(cell)
     if guess is not None:
         if not method.takes_guess():
             raise ValueError(f"guess= is the first iterate of an iterative method (rj.Newton()); {method!r} takes none")
         sequence.check_guess(cell, guess, xs)
+    if not steps and not isinstance(method, Sequential):  # nothing to solve: the loop's empty result
+        method, guess = Sequential(), None
     return _run(cell, method, bool(reverse), params, xs, carry, lengths, resets, guess)
-
-
-def _concrete(method: Method, cell: Cell, steps: int) -> Method:
-    """The method that runs: checked against ``cell``, ``Auto`` resolved, and the sequential
-    loop when there are no steps."""
-    method = method.resolve(cell, steps)
-    method.check(cell)
-    return method if steps or isinstance(method, Sequential) else Sequential()
 
 
 def _run(cell: Cell, method: Method, reverse: bool, *arrays: Any) -> tuple[jax.Array, PyTree, Any]:

@@ -85,6 +85,12 @@ def test_a_guess_is_refused_by_methods_that_do_not_iterate_and_checked_for_shape
         rj.scan(cell, params, xs, guess=states)
     with pytest.raises(ValueError, match=r"guess has a leaf of shape \(2, 11, 4\); expected \(2, 12, 4\)"):
         rj.scan(cell, params, xs, method=rj.Newton(), guess=states[:, 1:])
+    with rj.distributed.data_parallel(jax.make_mesh((1,), ("data",)), "data"):
+        with pytest.raises(ValueError, match="guess= is not split over rj.distributed.data_parallel"):
+            rj.scan(cell, params, xs, method=rj.Newton(), guess=states)
+    # No steps: nothing to iterate, the loop's empty result, the guess checked all the same.
+    ys, h = rj.scan(cell, params, xs[:, :0], method=rj.Newton(), guess=states[:, :0])
+    assert ys.shape == (2, 0, 4) and bool((h == 0).all())
 
 
 def test_time_sharded_resolves_auto_by_the_time_sharded_table_and_refuses_what_cannot_split():
