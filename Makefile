@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bench demo test test-slow test-all notebooks docs lint smoke-wheel fixtures clean
+.PHONY: bench demo test test-slow test-all notebooks docs lint smoke-wheel fixtures la-fixtures clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,5 +77,13 @@ fixtures:
 	.venv-fixtures/bin/pip install --quiet --no-deps -e .
 	KERAS_BACKEND=jax .venv-fixtures/bin/python tests/fixtures/make_fixtures.py
 
+# Regenerates tests/fixtures/la_*.npz from fla and mlstm_kernels' plain-PyTorch references
+# (never needed by the tests; --no-deps: fla would pull in triton, which the references don't use).
+la-fixtures:
+	$(PYTHON) -m venv .venv-fixtures-la
+	.venv-fixtures-la/bin/pip install --quiet torch==2.13.0 numpy einops
+	.venv-fixtures-la/bin/pip install --quiet --no-deps fla-core==0.6.0 mlstm-kernels==2.0.6
+	.venv-fixtures-la/bin/python tests/fixtures/make_linear_attention_fixtures.py
+
 clean:
-	rm -rf $(VENV) .venv-fixtures *.egg-info docs/_build docs/api/generated docs/notebooks/*.ipynb
+	rm -rf $(VENV) .venv-fixtures .venv-fixtures-la *.egg-info docs/_build docs/api/generated docs/notebooks/*.ipynb
