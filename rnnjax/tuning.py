@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from rnnjax.cell import Cell, LinearCell, StructuredJacobian, runs_associatively
+from rnnjax.cells.matrix_state import MatrixStateCell
 from rnnjax.checks import is_int
 from rnnjax.engines.newton import SOLVES
 
@@ -33,6 +34,7 @@ AUTO_TABLE: dict[str, dict[str, Any]] = {
         "clipped_linear": ((0, "sequential"),),
         "exact_jacobian": ((0, "sequential"),),
         "nonlinear": ((0, "sequential"),),
+        "matrix_state": ((0, "chunked"),),
         "chunk_size": "sqrt",
     },
     "gpu": {
@@ -41,10 +43,11 @@ AUTO_TABLE: dict[str, dict[str, Any]] = {
         "clipped_linear": ((0, "sequential"),),
         "exact_jacobian": ((0, "sequential"),),
         "nonlinear": ((0, "sequential"),),
+        "matrix_state": ((0, "chunked"),),
         "chunk_size": "sqrt",
     },
 }
-CELL_KINDS = ("log_linear", "linear", "clipped_linear", "exact_jacobian", "nonlinear")
+CELL_KINDS = ("log_linear", "linear", "clipped_linear", "exact_jacobian", "nonlinear", "matrix_state")
 
 # What rj.Auto() runs with the time axis split over devices (rj.distributed.sequence_scan, any
 # backend): one associative scan for the cells it solves exactly, Newton's method for the others
@@ -55,6 +58,15 @@ TIME_SHARDED = {
     "clipped_linear": "associative",
     "exact_jacobian": "newton",
     "nonlinear": "newton",
+    "matrix_state": "chunked",
+}
+
+# rj.Chunked()'s chunk size for matrix-state recurrences, per backend and recurrence ("gla" with
+# no or one decay per head, "gla_key" with per-key decays, "mlstm") (DECISIONS.md, "Chunk sizes
+# of the matrix-state recurrences").
+MATRIX_CHUNK = {
+    "cpu": {"gla": 64, "gla_key": 64, "mlstm": 64},
+    "gpu": {"gla": 64, "gla_key": 64, "mlstm": 64},
 }
 
 
@@ -118,7 +130,10 @@ def cell_kind(cell: Cell) -> str:
     space), ``"linear"`` (another LinearCell), ``"clipped_linear"`` (a
     :class:`rnnjax.cell.ClippedLinearCell` in a clipped configuration: a relu IndRNN),
     ``"exact_jacobian"`` (a :class:`rnnjax.cell.StructuredJacobian` whose blocks are its whole
-    Jacobian: ParaGRU, ParaLSTM, a tanh IndRNN) or ``"nonlinear"`` (any other cell)."""
+    Jacobian: ParaGRU, ParaLSTM, a tanh IndRNN), ``"matrix_state"`` (a
+    :class:`rnnjax.cells.matrix_state.MatrixStateCell`) or ``"nonlinear"`` (any other cell)."""
+    if isinstance(cell, MatrixStateCell):
+        return "matrix_state"
     if isinstance(cell, LinearCell):
         return "log_linear" if cell.log_space else "linear"
     if runs_associatively(cell):
@@ -162,3 +177,12 @@ def default_chunk_size(steps: int, backend: str | None = None) -> int:
     if rule == "sqrt":
         return int(min(1024, max(16, 2 ** round(math.log2(max(steps, 1)) / 2))))
     return int(rule)
+
+
+def matrix_chunk_size(cell: MatrixStateCell, backend: str | None = None) -> int:
+    """The chunk size ``rj.Chunked()`` uses for a matrix-state cell when given none
+    (:data:`MATRIX_CHUNK`); per-key decays are told apart by the cell's ``gate`` when it has one."""
+    kind = cell.recurrence
+    if kind == "gla" and getattr(cell, "gate", None) == "key":
+        kind = "gla_key"
+    return MATRIX_CHUNK[backend_key(backend)][kind]

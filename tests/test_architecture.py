@@ -117,7 +117,7 @@ FLOORS = [
     ("rnnjax",),
     ("rnnjax.flax", "rnnjax.train"),
     ("rnnjax.inspect", "rnnjax.interop"),
-    ("rnnjax.layers", "rnnjax.parallel", "rnnjax.distributed"),
+    ("rnnjax.layers", "rnnjax.parallel", "rnnjax.distributed", "rnnjax.linear_attention"),
     ("rnnjax.scan",),
     ("rnnjax.methods", "rnnjax.tuning"),
     ("rnnjax.engines",),

@@ -61,7 +61,7 @@ class TimeSharded(Method):
     def takes_guess(self) -> bool:
         return self.method.takes_guess()
 
-    def splits_time(self) -> bool:
+    def splits_time(self, cell: Cell | None = None) -> bool:
         return True
 
     def resolve(self, cell: Cell, steps: int, backend: str | None = None) -> Method:
@@ -71,12 +71,12 @@ class TimeSharded(Method):
         return TimeSharded(inner.resolve(cell, steps, backend), self.sharding)
 
     def check(self, cell: Cell) -> None:
-        if not isinstance(self.method, Auto) and not self.method.splits_time():
+        if not isinstance(self.method, Auto) and not self.method.splits_time(cell):
             raise ValueError(
                 f"{self.method!r} does not split the time axis over devices: sequence parallelism "
                 "(rj.distributed.sequence_scan) runs rj.Associative() or rj.Newton() with 'deer', 'quasi-deer' "
-                "or 'auto' (or rj.Auto() for either); ELK's Kalman smoother, the sequential loop and the "
-                "kernel are not split"
+                "or 'auto' (or rj.Auto() for either), and rj.Chunked() for matrix-state cells; ELK's Kalman "
+                "smoother, the sequential loop and the kernel are not split"
             )
         self.method.check(cell)
 

@@ -7,6 +7,7 @@ import abc
 from typing import Any, ClassVar
 
 from rnnjax.cell import Cell, runs_associatively
+from rnnjax.cells.matrix_state import MatrixStateCell
 from rnnjax.sequence import TimeMajor
 
 # The method values by name (their ``name``), filled as each is defined.
@@ -33,9 +34,9 @@ class Method(abc.ABC):
         """Whether :meth:`run` starts from ``seqs.guess`` (states after every step), as Newton does."""
         return False
 
-    def splits_time(self) -> bool:
-        """Whether this method's engine solves with the time axis split over devices (it reads
-        ``seqs.time_sharding``): what :class:`TimeSharded` needs."""
+    def splits_time(self, cell: Cell | None = None) -> bool:
+        """Whether this method's engine solves ``cell`` (any cell when ``None``) with the time axis
+        split over devices (it reads ``seqs.time_sharding``): what :class:`TimeSharded` needs."""
         return False
 
     def check(self, cell: Cell) -> None:  # noqa: B027 (a hook: by default every cell is accepted)
@@ -55,6 +56,8 @@ class Method(abc.ABC):
 
 def methods_for(cell: Cell) -> str:
     """The methods that can run ``cell``, for error messages."""
+    if isinstance(cell, MatrixStateCell):
+        return "rj.Chunked(), rj.Sequential(), rj.Auto()"
     names = ["rj.Sequential()", "rj.Newton()", "rj.Auto()"]
     if runs_associatively(cell):
         names[1:1] = ["rj.Associative()", "rj.Chunked()"]

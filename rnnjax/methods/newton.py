@@ -8,8 +8,9 @@ from typing import ClassVar
 
 from rnnjax import tuning
 from rnnjax.cell import Cell, frozen
+from rnnjax.cells.matrix_state import MatrixStateCell
 from rnnjax.engines import newton
-from rnnjax.methods.base import Method
+from rnnjax.methods.base import Method, methods_for
 
 
 @frozen
@@ -76,7 +77,7 @@ class Newton(Method):
     def takes_guess(self) -> bool:
         return True
 
-    def splits_time(self) -> bool:
+    def splits_time(self, cell: Cell | None = None) -> bool:
         return self.variant in ("auto", "deer", "quasi-deer")  # ELK's Kalman smoother is not split
 
     def resolve(self, cell: Cell, steps: int, backend: str | None = None) -> Method:
@@ -85,6 +86,13 @@ class Newton(Method):
         if self.variant != "auto":
             return self
         return dataclasses.replace(self, variant=newton.best_variant(cell))
+
+    def check(self, cell: Cell) -> None:
+        if isinstance(cell, MatrixStateCell):
+            raise ValueError(
+                f"rj.Newton() linearises a nonlinear recurrence; {type(cell).__name__}'s matrix-state recurrence "
+                f"is linear in its state, so its chunkwise form is exact. Methods that can run it: {methods_for(cell)}"
+            )
 
     def run(self, cell, params, seqs):
         variant = self.variant if self.variant != "auto" else newton.best_variant(cell)

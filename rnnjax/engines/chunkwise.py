@@ -1,0 +1,211 @@
+r"""The chunkwise form of the matrix-state recurrences (:mod:`rnnjax.cells.matrix_state`).
+
+The steps are cut into chunks of ``C``. Within a chunk, with ``b`` the cumulative log decay
+from the chunk's start, the outputs of gated linear attention are
+
+.. math:: O = (Q \odot e^{b}) S_{in} + ((Q K^\top) \odot \Gamma) V, \qquad
+          \Gamma_{ij} = e^{b_i - b_j} [i \ge j]
+
+and the state passes to the next chunk as
+:math:`S_{out} = e^{b_C} S_{in} + (K \odot e^{b_C - b})^\top V`: matrix products, one
+sequential step per chunk. Every exponent is ``<= 0`` (decays are ``<= 1``). Per-key decays
+(GLA) compute :math:`\Gamma` by secondary chunks (as fla does): off-diagonal blocks through a
+reference point between them, diagonal blocks exactly in log space. The mLSTM's chunks use the
+same products with its stabiliser :math:`m` in closed form,
+:math:`m_t = \max(m_0 + b_t,\ \max_{j \le t}(i_j + b_t - b_j))`.
+
+Resets (a zero state before step ``t``) are segment masks: a pair ``(i, j)`` interacts only if
+no reset lies in ``(j, i]``, and the incoming state reaches step ``i`` only if none lies in
+``[0, i]``; no decay is ever set to zero, so no ``inf - inf`` arises.
+
+Arrays here are ``(B, H, N, C, ...)`` (batch, heads, chunks, steps); :mod:`rnnjax.engines.matrix`
+brings time-major sequences into this form. Derivatives are JAX's; each chunk's pairwise
+factors are recomputed in the backward pass (``jax.checkpoint``), so memory grows as
+``T (d_k + d_v)`` plus one state per chunk.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells.matrix_state import MLSTMState
+
+Array = jax.Array
+SUB_CHUNK = 16  # secondary chunk of per-key decays (fla's choice; the (sub, sub, d_k) factor)
+
+
+class Segments(NamedTuple):
+    """Where resets cut each chunk; every array broadcasts against ``(B, H, N, C, ...)``."""
+
+    same: Array  # (B, 1, N, C, C) bool: j <= i and no reset in (j, i]
+    open: Array  # (B, 1, N, C) bool: no reset in [0, i]: the incoming state reaches step i
+    start: Array  # (B, 1, N, C) int32: where i's segment starts (0 when open)
+
+
+def segments(resets: Array | None, batch: int, chunks: int, size: int) -> Segments:
+    """:class:`Segments` from ``resets`` of shape ``(B, N, C)`` (``None``: no resets)."""
+    i = jnp.arange(size)
+    causal = i[:, None] >= i[None, :]
+    if resets is None:
+        same = jnp.broadcast_to(causal, (batch, 1, chunks, size, size))
+        return Segments(same, jnp.ones((batch, 1, chunks, size), bool), jnp.zeros((batch, 1, chunks, size), jnp.int32))
+    resets = resets[:, None]
+    seg = jnp.cumsum(resets, axis=-1)
+    same = causal & (seg[..., :, None] == seg[..., None, :])
+    start = jax.lax.cummax(jnp.where(resets, i, 0), axis=resets.ndim - 1)
+    return Segments(same, seg == 0, start.astype(jnp.int32))
+
+
+def _masked_exp(x: Array, mask: Array) -> Array:
+    """``exp(x)`` where ``mask``, else 0; the unselected ``x`` never reaches ``exp`` (no overflow)."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0)), 0)
+
+
+def _key_gated_scores(q: Array, k: Array, b: Array, causal_size: int) -> Array:
+    r"""``A_ij = sum_d q_id k_jd e^{b_id - b_jd}`` for ``j <= i`` (else 0), ``(..., C, C)``, from
+    ``q, k, b`` of shape ``(..., C, d_k)`` with ``b`` non-increasing along ``C``.
+
+    Blocks of ``sub`` steps: a block below the diagonal goes through the cumulative decay
+    ``r`` at the end of the block before row block ``I``, :math:`(q_i e^{b_i - r})
+    (k_j e^{r - b_j})` (both exponents ``<= 0``); a diagonal block is computed exactly, as a
+    ``(sub, sub, d_k)`` factor.
+    """
+    size, d_k = q.shape[-2], q.shape[-1]
+    sub = min(SUB_CHUNK, causal_size)
+    while size % sub:
+        sub -= 1
+    n = size // sub
+    lead = q.shape[:-2]
+    qs, ks, bs = (a.reshape(*lead, n, sub, d_k) for a in (q, k, b))
+    tri = jnp.tril(jnp.ones((sub, sub), bool))
+    diag = jnp.einsum(
+        "...nid,...njd,...nijd->...nij", qs, ks, _masked_exp(bs[..., :, None, :] - bs[..., None, :, :], tri[..., None])
+    )
+    ref = jnp.concatenate([jnp.zeros_like(bs[..., :1, 0, :]), bs[..., :-1, -1, :]], axis=-2)  # (..., n, d_k)
+    q_ref = qs * jnp.exp(bs - ref[..., :, None, :])
+    earlier = (jnp.arange(size)[None, :] < (jnp.arange(n) * sub)[:, None])[..., None]  # (n, C, 1)
+    k_ref = k[..., None, :, :] * _masked_exp(ref[..., :, None, :] - b[..., None, :, :], earlier)  # (..., n, C, d_k)
+    off = jnp.einsum("...nid,...njd->...nij", q_ref, k_ref)  # (..., n, sub, C)
+    blocks = (
+        off.reshape(*lead, n, sub, n, sub) + diag[..., :, :, None, :] * jnp.eye(n, dtype=diag.dtype)[:, None, :, None]
+    )
+    return blocks.reshape(*lead, size, size)
+
+
+def _intra_gla(q: Array, k: Array, v: Array, b: Array | None, seg: Segments) -> Array:
+    """``((Q K^T) * Gamma) V`` of every chunk: ``(B, H, N, C, d_v)``."""
+    if b is None:
+        scores = jnp.einsum("...id,...jd->...ij", q, k)
+        return jnp.einsum("...ij,...je->...ie", jnp.where(seg.same, scores, 0), v)
+    if b.ndim == q.ndim - 1:  # one decay per head
+        gamma = _masked_exp(b[..., :, None] - b[..., None, :], seg.same)
+        return jnp.einsum("...ij,...je->...ie", jnp.einsum("...id,...jd->...ij", q, k) * gamma, v)
+    scores = _key_gated_scores(q, k, b, q.shape[-2])
+    return jnp.einsum("...ij,...je->...ie", jnp.where(seg.same, scores, 0), v)
+
+
+def gla(q: Array, k: Array, v: Array, g: Array | None, state: Array, seg: Segments, scale: float):
+    """Gated linear attention over chunks.
+
+    Args:
+      q, k: ``(B, H, N, C, d_k)``; v: ``(B, H, N, C, d_v)``.
+      g: ``None``, ``(B, H, N, C)`` or ``(B, H, N, C, d_k)``: log decays ``<= 0`` (0 on padding).
+      state: ``(B, H, d_k, d_v)``, the state before the first chunk.
+      seg: :class:`Segments` of the resets.
+
+    Returns:
+      ``(o, final)``: ``(B, H, N, C, d_v)`` and ``(B, H, d_k, d_v)``.
+    """
+    q = q * jnp.asarray(scale, q.dtype)
+    b = None if g is None else jnp.cumsum(g, axis=3)
+    intra = jax.checkpoint(_intra_gla, prevent_cse=False)(q, k, v, b, seg)
+    last_open = seg.open[..., -1]
+    in_last = seg.same[..., -1, :]  # j in the chunk's last segment
+    if b is None:
+        q_in, k_out, decay = q, k * in_last[..., None], last_open[..., None]
+    else:
+        per_key = b.ndim == q.ndim
+        bl = b[..., -1:, :] if per_key else b[..., -1:]
+        rel = bl - b
+        q_in = q * (jnp.exp(b) if per_key else jnp.exp(b)[..., None])
+        k_out = k * (_masked_exp(rel, in_last[..., None]) if per_key else _masked_exp(rel, in_last)[..., None])
+        decay = jnp.exp(bl[..., 0, :] if per_key else bl[..., 0:1]) * last_open[..., None]
+    q_in = jnp.where(seg.open[..., None], q_in, 0)
+    local = jnp.einsum("...jd,...je->...de", k_out, v)  # (B, H, N, d_k, d_v)
+
+    def step(S, chunk):
+        decay_n, local_n = chunk
+        return decay_n[..., None] * S + local_n, S
+
+    final, incoming = jax.lax.scan(step, state, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(local, 2, 0)))
+    o = intra + jnp.einsum("...id,...de->...ie", q_in, jnp.moveaxis(incoming, 0, 2))
+    return o, final
+
+
+def _intra_mlstm(q: Array, k: Array, v: Array, i: Array, b: Array, seg: Segments, base: Array):
+    """Per chunk, everything that does not depend on the incoming state:
+    ``(log_w, m_local, num, den)``: the pairwise log weights ``i_j + b_i - b_j``
+    ``(B, H, N, C, C)``, the local stabiliser ``(B, H, N, C)`` and the unnormalised local
+    numerator and denominator at that stabiliser."""
+    log_w = jnp.where(seg.same, i[..., None, :] + b[..., :, None] - b[..., None, :], -jnp.inf)
+    m_local = jnp.maximum(jnp.max(log_w, axis=-1), jnp.where(seg.open, -jnp.inf, base))
+    finite_m = jnp.where(jnp.isfinite(m_local), m_local, 0)
+    w = jnp.exp(log_w - finite_m[..., None]) * jnp.einsum("...id,...jd->...ij", q, k)
+    return m_local, jnp.einsum("...ij,...je->...ie", w, v), jnp.sum(w, axis=-1)
+
+
+def mlstm(q, k, v, i, log_f, state: MLSTMState, seg: Segments, scale: float, eps: float):
+    """The stabilised mLSTM over chunks.
+
+    Args:
+      q, k: ``(B, H, N, C, d_k)``; v: ``(B, H, N, C, d_v)``.
+      i: ``(B, H, N, C)`` input-gate pre-activations, ``-inf`` on padding.
+      log_f: ``(B, H, N, C)``: ``log sigmoid(f)``, 0 on padding.
+      state: :class:`MLSTMState` before the first chunk (``(B, H, ...)`` leaves).
+      seg: :class:`Segments` of the resets.
+
+    Returns:
+      ``(h, final)``: ``(B, H, N, C, d_v)`` and the final :class:`MLSTMState`.
+    """
+    q = q * jnp.asarray(scale, q.dtype)
+    b = jnp.cumsum(log_f, axis=3)
+    # A step after a reset starts from m = 0: its base is the decay summed since the reset.
+    before = jnp.take_along_axis(b - log_f, jnp.broadcast_to(seg.start, b.shape), axis=3)
+    base = b - before
+    m_local, num, den = jax.checkpoint(_intra_mlstm, prevent_cse=False)(q, k, v, i, b, seg, base)
+    # Each chunk's contribution to its end state, at the local stabiliser of its last step.
+    m_last = m_local[..., -1]
+    finite_last = jnp.where(jnp.isfinite(m_last), m_last, 0)
+    in_last = seg.same[..., -1, :]
+    w_last = jnp.where(in_last, jnp.exp(jnp.where(in_last, i + b[..., -1:] - b, 0) - finite_last[..., None]), 0)
+    k_w = k * w_last[..., None]
+    local_C = jnp.einsum("...jd,...je->...de", k_w, v)
+    local_n = jnp.sum(k_w, axis=-2)
+    open_last = jnp.broadcast_to(seg.open[..., -1], m_last.shape)
+    decay_last = jnp.where(open_last, b[..., -1], -jnp.inf)  # log decay of the incoming state
+
+    def step(carry, chunk):
+        C, n, m = carry
+        lC, ln, ml, fl, dl = chunk
+        m_new = jnp.maximum(m + dl, ml)
+        a_in, a_loc = jnp.exp(m + dl - m_new), jnp.where(jnp.isfinite(ml), jnp.exp(fl - m_new), 0)
+        new = MLSTMState(
+            a_in[..., None, None] * C + a_loc[..., None, None] * lC, a_in[..., None] * n + a_loc[..., None] * ln, m_new
+        )
+        return new, (C, n, m)
+
+    chunked = (local_C, local_n, m_last, finite_last, decay_last)
+    final, (C_in, n_in, m_in) = jax.lax.scan(step, state, tuple(jnp.moveaxis(a, 2, 0) for a in chunked))
+    C_in, n_in, m_in = jnp.moveaxis(C_in, 0, 2), jnp.moveaxis(n_in, 0, 2), jnp.moveaxis(m_in, 0, 2)
+    from_in = jnp.where(seg.open, m_in[..., None] + b, -jnp.inf)
+    m = jnp.maximum(m_local, from_in)
+    finite_m = jnp.where(jnp.isfinite(m_local), m_local, 0)
+    a_loc = jnp.where(jnp.isfinite(m_local), jnp.exp(finite_m - m), 0)
+    a_in = jnp.exp(from_in - m)
+    num = a_loc[..., None] * num + a_in[..., None] * jnp.einsum("...id,...de->...ie", q, C_in)
+    den = a_loc * den + a_in * jnp.einsum("...id,...d->...i", q, n_in)
+    h = num / (jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps)[..., None]
+    return h, final

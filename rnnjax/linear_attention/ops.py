@@ -1,0 +1,288 @@
+r"""``gla`` and ``mlstm``: the matrix-state recurrences on already-projected tensors.
+
+Layout: ``q, k: (*batch, T, heads, d_k)``, ``v: (*batch, T, heads, d_v)``, gates
+``(*batch, T, heads)`` (or ``(*batch, T, heads, d_k)``), state ``(*batch, heads, d_k, d_v)``;
+any number of batch axes, none included. Each op is a :class:`rnnjax.cells.matrix_state.MatrixStateCell`
+without parameters run by :func:`rnnjax.scan.evaluate`, the evaluation behind ``rj.scan``, so
+``lengths``, ``resets`` and ``reverse`` mean exactly what they mean there and every method value
+that runs a matrix-state cell runs the op: ``rj.Chunked()`` (the default) and ``rj.Sequential()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cell import frozen
+from rnnjax.cells.matrix_state import GatedInputs, MatrixStateCell, MLSTMInputs, MLSTMState
+from rnnjax.checks import check_positive_number
+from rnnjax.methods import Chunked, Method, as_method
+from rnnjax.scan import evaluate
+from rnnjax.sequence import check_reverse, validate
+
+Array = jax.Array
+GATES = ("none", "head", "key")
+
+
+@frozen
+class GatedOuterProduct(MatrixStateCell):
+    """Gated linear attention as a cell whose step input is ``q, k, v`` and the log decay of one
+    step, concatenated and flattened (what :func:`gla` builds)."""
+
+    recurrence: ClassVar[str] = "gla"
+    heads: int
+    key_size: int
+    value_size: int
+    gate: str  # "none", "head" (one decay per head) or "key" (one per key dimension)
+    scale: float
+
+    def state_sizes(self, params: Any = None) -> tuple[int, int, int]:
+        return self.heads, self.key_size, self.value_size
+
+    def query_scale(self) -> float:
+        return self.scale
+
+    def widths(self) -> tuple[int, ...]:
+        h, dk, dv = self.heads, self.key_size, self.value_size
+        return (h * dk, h * dk, h * dv, {"none": 0, "head": h, "key": h * dk}[self.gate])
+
+    def init(self, key, input_size, dtype=jnp.float32):
+        return None
+
+    def input_size(self, params: Any) -> int:
+        return sum(self.widths())
+
+    def output_size(self, input_size: int) -> int:
+        return self.heads * self.value_size
+
+    def split(self, params, x):
+        return None, x
+
+    def mix(self, params, conv_out, x):
+        q, k, v, g = _unflatten(x, self.widths(), self.heads)
+        return GatedInputs(q, k, v, None if self.gate == "none" else (g[..., 0] if self.gate == "head" else g))
+
+    def readout(self, params, o, conv_out, x):
+        return o.reshape(*o.shape[:-2], -1)
+
+
+@frozen
+class MLSTMOp(MatrixStateCell):
+    """xLSTM's mLSTM as a cell whose step input is ``q, k, v`` and the two gate
+    pre-activations of one step, concatenated and flattened (what :func:`mlstm` builds)."""
+
+    recurrence: ClassVar[str] = "mlstm"
+    heads: int
+    key_size: int
+    value_size: int
+    scale: float
+    eps: float = 1e-6
+
+    def state_sizes(self, params: Any = None) -> tuple[int, int, int]:
+        return self.heads, self.key_size, self.value_size
+
+    def query_scale(self) -> float:
+        return self.scale
+
+    def widths(self) -> tuple[int, ...]:
+        h, dk, dv = self.heads, self.key_size, self.value_size
+        return (h * dk, h * dk, h * dv, h, h)
+
+    def init(self, key, input_size, dtype=jnp.float32):
+        return None
+
+    def input_size(self, params: Any) -> int:
+        return sum(self.widths())
+
+    def output_size(self, input_size: int) -> int:
+        return self.heads * self.value_size
+
+    def split(self, params, x):
+        return None, x
+
+    def mix(self, params, conv_out, x):
+        q, k, v, i, f = _unflatten(x, self.widths(), self.heads)
+        return MLSTMInputs(q, k, v, i[..., 0], f[..., 0])
+
+    def readout(self, params, o, conv_out, x):
+        return o.reshape(*o.shape[:-2], -1)
+
+
+def _unflatten(x: Array, widths: tuple[int, ...], heads: int) -> list[Array]:
+    parts, start = [], 0
+    for w in widths:
+        part = x[..., start : start + w]
+        parts.append(part.reshape(*x.shape[:-1], heads, max(w // heads, 1)) if w else None)
+        start += w
+    return parts
+
+
+def _check(name: str, a: Any, shape: tuple[int | None, ...], what: str) -> Array:
+    """``a`` as a float array of ``shape`` (``None`` entries: any size)."""
+    a = jnp.asarray(a)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(f"{name} has dtype {a.dtype}; expected a floating dtype")
+    if a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape)):
+        want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} has shape {tuple(a.shape)}; expected {want}, {what}")
+    return a
+
+
+def _check_qkv(q: Any, k: Any, v: Any) -> tuple[Array, Array, Array]:
+    q = jnp.asarray(q)
+    if q.ndim < 3:
+        raise ValueError(f"q has shape {tuple(q.shape)}; expected (*batch, T, heads, d_k)")
+    k = _check("k", k, q.shape, "the shape of q: (*batch, T, heads, d_k)")
+    _check("q", q, q.shape, "")
+    v = _check("v", v, (*q.shape[:-1], None), f"(*batch, T, heads, d_v) with (*batch, T, heads) = {q.shape[:-1]} of q")
+    return q, k, v
+
+
+def _method(method: Method | str | None) -> Method:
+    return Chunked() if method is None else as_method(method)
+
+
+def _scale(scale: float | None, d_k: int) -> float:
+    if scale is None:
+        return float(d_k) ** -0.5
+    check_positive_number(scale, "scale")
+    return float(scale)
+
+
+def _run(cell: MatrixStateCell, parts: list[Array], state, lengths, resets, reverse, method, o_shape):
+    """Flatten the per-step inputs into one ``xs`` and evaluate ``cell`` over it."""
+    dtype = jnp.result_type(*parts)
+    xs = jnp.concatenate([p.reshape(*p.shape[:-2], -1).astype(dtype) for p in parts], axis=-1)
+    reverse = check_reverse(reverse)
+    xs, state, lengths, resets = validate(cell, None, xs, state, lengths, resets)
+    o, final, _ = evaluate(cell, None, xs, state, lengths, resets, reverse, _method(method))
+    return o.reshape(o_shape), final
+
+
+def gla(
+    q: Array,
+    k: Array,
+    v: Array,
+    log_decay: Array | None = None,
+    *,
+    scale: float | None = None,
+    state: Array | None = None,
+    lengths: Array | None = None,
+    resets: Array | None = None,
+    reverse: bool = False,
+    method: Method | str | None = None,
+) -> tuple[Array, Array]:
+    r"""Gated linear attention: :math:`S_t = \mathrm{diag}(e^{g_t}) S_{t-1} + k_t v_t^\top`,
+    :math:`o_t = S_t^\top (s\, q_t)`, per head.
+
+    Args:
+      q, k: ``(*batch, T, heads, d_k)``; v: ``(*batch, T, heads, d_v)``.
+      log_decay: :math:`g_t \le 0`. ``None``: plain linear attention (no decay); ``(*batch, T,
+        heads)``: one decay per head and step (RetNet with a constant, Mamba2's SSD with
+        ``g = dt * A``, "simple GLA"); ``(*batch, T, heads, d_k)``: one per key dimension (GLA,
+        HGRN2).
+      scale: :math:`s`; ``None``: ``d_k ** -0.5``.
+      state: ``(*batch, heads, d_k, d_v)`` before the first step; zeros when ``None``.
+      lengths, resets, reverse: as in :func:`rnnjax.scan`: steps at or past a length keep the
+        state and output zeros; ``resets[..., t]`` zeroes the state before step ``t`` (packed
+        documents, fla's ``cu_seqlens``); ``reverse`` runs each sequence backwards.
+      method: ``rj.Chunked(size)`` (default: the chunkwise form, chunk size from
+        :mod:`rnnjax.tuning`) or ``rj.Sequential()`` (the step recurrence).
+
+    Returns:
+      ``(o, final_state)``: ``(*batch, T, heads, d_v)`` and ``(*batch, heads, d_k, d_v)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> q = k = jnp.ones((2, 10, 4, 8)); v = jnp.ones((2, 10, 4, 16))
+      >>> g = jnp.full((2, 10, 4), -0.1)
+      >>> o, S = rj.linear_attention.gla(q, k, v, g)
+      >>> o.shape, S.shape
+      ((2, 10, 4, 16), (2, 4, 8, 16))
+    """
+    q, k, v = _check_qkv(q, k, v)
+    *batch, steps, heads, d_k = q.shape
+    parts = [q, k, v]
+    gate = "none"
+    if log_decay is not None:
+        log_decay = jnp.asarray(log_decay)
+        if log_decay.shape == q.shape[:-1]:
+            gate, parts = "head", [*parts, log_decay[..., None]]
+        else:
+            _check(
+                "log_decay",
+                log_decay,
+                q.shape,
+                f"(*batch, T, heads) = {q.shape[:-1]} or (*batch, T, heads, d_k) = {q.shape}",
+            )
+            gate, parts = "key", [*parts, log_decay]
+    cell = GatedOuterProduct(heads, d_k, v.shape[-1], gate, _scale(scale, d_k))
+    if state is not None:
+        _check("state", state, (*batch, heads, d_k, v.shape[-1]), "(*batch, heads, d_k, d_v)")
+    return _run(cell, parts, state, lengths, resets, reverse, method, v.shape)
+
+
+def mlstm(
+    q: Array,
+    k: Array,
+    v: Array,
+    input_gate: Array,
+    forget_gate: Array,
+    *,
+    scale: float | None = None,
+    state: MLSTMState | None = None,
+    eps: float = 1e-6,
+    lengths: Array | None = None,
+    resets: Array | None = None,
+    reverse: bool = False,
+    method: Method | str | None = None,
+) -> tuple[Array, MLSTMState]:
+    r"""xLSTM's mLSTM (Beck et al. 2024) with its stabilised exponential input gate, per head:
+
+    .. math::
+
+        m_t &= \max(\log\sigma(f_t) + m_{t-1},\ i_t), \quad
+        f'_t = e^{\log\sigma(f_t) + m_{t-1} - m_t}, \quad i'_t = e^{i_t - m_t} \\
+        C_t &= f'_t C_{t-1} + i'_t k_t v_t^\top, \quad n_t = f'_t n_{t-1} + i'_t k_t \\
+        h_t &= C_t^\top \tilde q_t \,/\, (\max(|n_t^\top \tilde q_t|, e^{-m_t}) + \epsilon),
+        \qquad \tilde q_t = s\, q_t
+
+    Args:
+      q, k: ``(*batch, T, heads, d_k)``; v: ``(*batch, T, heads, d_v)``.
+      input_gate, forget_gate: pre-activations :math:`i_t, f_t`, ``(*batch, T, heads)``.
+      scale: :math:`s`; ``None``: ``d_k ** -0.5``.
+      state: :class:`MLSTMState` ``(C (*batch, heads, d_k, d_v), n (*batch, heads, d_k),
+        m (*batch, heads))``; zeros when ``None``.
+      eps: :math:`\epsilon`.
+      lengths, resets, reverse, method: as in :func:`gla`.
+
+    Returns:
+      ``(h, final_state)``: ``(*batch, T, heads, d_v)`` and the final :class:`MLSTMState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> q = k = jnp.ones((10, 2, 8)); v = jnp.ones((10, 2, 4))
+      >>> h, (C, n, m) = rj.linear_attention.mlstm(q, k, v, jnp.zeros((10, 2)), jnp.full((10, 2), 3.0))
+      >>> h.shape, C.shape, m.shape
+      ((10, 2, 4), (2, 8, 4), (2,))
+    """
+    q, k, v = _check_qkv(q, k, v)
+    *batch, steps, heads, d_k = q.shape
+    gates = [
+        _check(n, g, q.shape[:-1], "(*batch, T, heads)")
+        for n, g in (("input_gate", input_gate), ("forget_gate", forget_gate))
+    ]
+    check_positive_number(eps, "eps")
+    cell = MLSTMOp(heads, d_k, v.shape[-1], _scale(scale, d_k), float(eps))
+    if state is not None:
+        if not isinstance(state, tuple) or len(state) != 3:
+            raise TypeError(f"state must be an MLSTMState (C, n, m), got {type(state).__name__}")
+        state = MLSTMState(
+            _check("state.C", state[0], (*batch, heads, d_k, v.shape[-1]), "(*batch, heads, d_k, d_v)"),
+            _check("state.n", state[1], (*batch, heads, d_k), "(*batch, heads, d_k)"),
+            _check("state.m", state[2], (*batch, heads), "(*batch, heads)"),
+        )
+    parts = [q, k, v, gates[0][..., None], gates[1][..., None]]
+    return _run(cell, parts, state, lengths, resets, reverse, method, v.shape)
