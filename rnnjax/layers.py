@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from rnnjax.cell import Cell, PyTree, frozen
 from rnnjax.checks import is_real_number
-from rnnjax.methods import Method, Sequential, as_method
+from rnnjax.methods import Method, method_for
 from rnnjax.scan import check_no_replaced_options, scan
 from rnnjax.sequence import check_reverse, zero_past
 
@@ -51,7 +51,7 @@ class RNN:
 
     cell: Cell
     reverse: bool = False
-    method: Method | str = Sequential()
+    method: Method | str | None = None  # None: the cell's default (rnnjax.methods.default_method)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> RNN:
         # An old option (unroll=, vjp=, ...) names its method value instead of Python's bare
@@ -64,7 +64,7 @@ class RNN:
         if not isinstance(self.cell, Cell):
             raise TypeError(f"RNN expects an rnnjax cell (e.g. rj.LSTM(64)), got {self.cell!r}")
         object.__setattr__(self, "reverse", check_reverse(self.reverse))
-        object.__setattr__(self, "method", as_method(self.method))
+        object.__setattr__(self, "method", method_for(self.cell, self.method))
         self.method.check(self.cell)
 
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> NamedTuple:

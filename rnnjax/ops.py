@@ -163,3 +163,19 @@ def conv(a: Array, w: Array, dimension_numbers: tuple[str, str, str]) -> Array:
         dimension_numbers=dimension_numbers,
         preferred_element_type=None if narrow is None else jnp.float32,
     )
+
+
+def rms_norm(x: Array, weight: Array | None, eps: float = 1e-6) -> Array:
+    r"""Root-mean-square normalisation over the last axis, :math:`x / \sqrt{\mathrm{mean}(x^2) + \epsilon} \odot w`
+    (per head when ``x`` is ``(..., heads, d)`` and ``weight`` is ``(d,)`` or ``(heads, d)``)."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    y = y.astype(x.dtype)
+    return y if weight is None else y * weight
+
+
+def causal_conv_step(window: Array, weight: Array, bias: Array | None = None) -> Array:
+    """One step of a depthwise causal convolution: ``window`` ``(..., K, C)`` (oldest input
+    first), ``weight`` ``(K, C)`` (``weight[-1]`` multiplies the newest input), ``bias`` ``(C,)``."""
+    y = jnp.einsum("...kc,kc->...c", window, weight.astype(window.dtype))
+    return y if bias is None else y + bias

@@ -17,7 +17,7 @@ import jax
 
 from rnnjax import sequence
 from rnnjax.cell import Cell, PyTree
-from rnnjax.methods import Method, Sequential, as_method
+from rnnjax.methods import Method, Sequential, method_for
 from rnnjax.sharding.data import current_data_parallel, split_batch
 
 # Options that were keywords of rj.scan before method values, and what replaced them.
@@ -53,7 +53,7 @@ def scan(
     lengths: jax.Array | None = None,
     resets: jax.Array | None = None,
     reverse: bool = False,
-    method: Method | str = Sequential(),
+    method: Method | str | None = None,
     guess: PyTree | None = None,
     **replaced: Any,
 ) -> tuple[jax.Array, PyTree]:
@@ -82,9 +82,11 @@ def scan(
       reverse: run each sequence backwards over its own valid part: step ``lengths - 1``
         first, step ``0`` last. Outputs stay aligned with their inputs and padding stays
         at the end, so a reversed pass over padded data equals one over unpadded data.
-      method: how to evaluate the recurrence (:mod:`rnnjax.methods`): ``rj.Sequential()``
-        (default), ``rj.Associative()``, ``rj.Chunked()``, ``rj.Newton()``, ``rj.Auto()``,
-        or one of their names as a string for the default value. A method that cannot
+      method: how to evaluate the recurrence (:mod:`rnnjax.methods`): ``None`` (default): the
+        cell's default, ``rj.Chunked()`` for matrix-state cells (``rj.GLA``, ``rj.Mamba2``,
+        ``rj.MLSTM``, :mod:`rnnjax.linear_attention`), ``rj.Sequential()`` for every other cell;
+        or ``rj.Sequential()``, ``rj.Associative()``, ``rj.Chunked()``, ``rj.Newton()``,
+        ``rj.Auto()``, or one of their names as a string for the default value. A method that cannot
         run ``cell`` raises ``ValueError`` naming the ones that can.
       guess: only for a method that iterates (``rj.Newton()``): its first iterate, the carry
         after every step (each carry leaf ``(*batch, T, ...)``, as ``rj.parallel.newton_scan``
@@ -107,7 +109,7 @@ def scan(
       >>> ys_lean, _ = rj.scan(cell, params, xs, method=rj.Sequential(remat="sqrt"))
     """
     check_no_replaced_options(replaced, "rj.scan")
-    method, reverse = as_method(method), sequence.check_reverse(reverse)
+    method, reverse = method_for(cell, method), sequence.check_reverse(reverse)
     xs, carry, lengths, resets = sequence.validate(cell, params, xs, carry, lengths, resets)
     split = current_data_parallel()
     if split is not None:  # inside rj.distributed.data_parallel: one loop per batch shard
@@ -131,7 +133,7 @@ def evaluate(
     lengths: jax.Array | None,
     resets: jax.Array | None,
     reverse: bool,
-    method: Method | str,
+    method: Method | str | None,
     guess: PyTree | None = None,
 ) -> tuple[jax.Array, PyTree, Any]:
     """:func:`scan` on checked inputs (:func:`rnnjax.sequence.validate`), returning the
@@ -141,7 +143,7 @@ def evaluate(
     (carries after every step, leaves ``(*batch, T, ...)``) goes to methods that iterate. It
     ignores :func:`rnnjax.distributed.data_parallel`."""
     steps = xs.shape[-(cell.input_ndim + 1)]
-    method = as_method(method).resolve(cell, steps)
+    method = method_for(cell, method).resolve(cell, steps)
     method.check(cell)
     if guess is not None:
         if not method.takes_guess():

@@ -26,6 +26,7 @@ engine is its method value here (a file, and a line below), one file in
 
 from rnnjax.methods.auto import Auto, TimeSharded
 from rnnjax.methods.base import BY_NAME, Method, as_method, methods_for
+from rnnjax.methods.default import default_method, method_for
 from rnnjax.methods.kernel import Kernel
 from rnnjax.methods.linear import Associative, Chunked
 from rnnjax.methods.newton import Newton
@@ -44,5 +45,7 @@ __all__ = [
     "Sequential",
     "TimeSharded",
     "as_method",
+    "default_method",
+    "method_for",
     "methods_for",
 ]
