@@ -10,7 +10,7 @@
 
 from rnnjax import distributed, inspect, interop, parallel, train
 from rnnjax.cell import Cell, ClippedLinearCell, DenseCell, LinearCell, StructuredJacobian
-from rnnjax.cells import GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, MinGRU, MinLSTM, ParaGRU, ParaLSTM
+from rnnjax.cells import GLA, GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, Mamba2, MinGRU, MinLSTM, ParaGRU, ParaLSTM
 from rnnjax.layers import RNN, Bidirectional, Stack
 from rnnjax.methods import Associative, Auto, Chunked, Kernel, Method, Newton, Sequential, TimeSharded
 from rnnjax.precision import Mixed
@@ -35,6 +35,8 @@ __all__ = [
     "ConvLSTM",
     "ParaGRU",
     "ParaLSTM",
+    "GLA",
+    "Mamba2",
     "RNN",
     "Bidirectional",
     "Stack",

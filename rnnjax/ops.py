@@ -117,6 +117,14 @@ orthogonal = _drawn_in_float32(jax.nn.initializers.orthogonal(), "orthogonal")
 zeros = jax.nn.initializers.zeros
 
 
+def conv_uniform(key: Array, shape: tuple[int, ...], width: int, dtype: Any = jnp.float32) -> Array:
+    """``U(-1/sqrt(width), 1/sqrt(width))`` of ``shape``: PyTorch's default init of the weight
+    and the bias of a depthwise ``Conv1d`` of ``width`` taps (its fan-in), drawn in at least
+    float32 and rounded to ``dtype``."""
+    bound = width**-0.5
+    return jax.random.uniform(key, shape, jnp.promote_types(dtype, jnp.float32), -bound, bound).astype(dtype)
+
+
 # -- products with weights: autocast to 16-bit weights ----------------------------------
 
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

@@ -2,10 +2,12 @@
 
 from rnnjax.cells.convlstm import ConvLSTM, ConvLSTMParams, ConvLSTMState
 from rnnjax.cells.elman import Elman, ElmanParams
+from rnnjax.cells.gla import GLA, GLAParams
 from rnnjax.cells.gru import GRU, GRUParams
 from rnnjax.cells.indrnn import IndRNN, IndRNNParams
 from rnnjax.cells.lru import LRU, LRUParams
 from rnnjax.cells.lstm import LSTM, LSTMParams, LSTMState
+from rnnjax.cells.mamba2 import Mamba2, Mamba2Params
 from rnnjax.cells.mgu import MGU, MGUParams
 from rnnjax.cells.minimal import MinGRU, MinGRUParams, MinLSTM, MinLSTMParams
 from rnnjax.cells.para import ParaGRU, ParaGRUParams, ParaLSTM, ParaLSTMParams, ParaLSTMState
@@ -36,4 +38,8 @@ __all__ = [
     "ParaLSTM",
     "ParaLSTMParams",
     "ParaLSTMState",
+    "GLA",
+    "GLAParams",
+    "Mamba2",
+    "Mamba2Params",
 ]
