@@ -10,7 +10,22 @@
 
 from rnnjax import distributed, inspect, interop, parallel, train
 from rnnjax.cell import Cell, ClippedLinearCell, DenseCell, LinearCell, StructuredJacobian
-from rnnjax.cells import GLA, GRU, LRU, LSTM, MGU, ConvLSTM, Elman, IndRNN, Mamba2, MinGRU, MinLSTM, ParaGRU, ParaLSTM
+from rnnjax.cells import (
+    GLA,
+    GRU,
+    LRU,
+    LSTM,
+    MGU,
+    MLSTM,
+    ConvLSTM,
+    Elman,
+    IndRNN,
+    Mamba2,
+    MinGRU,
+    MinLSTM,
+    ParaGRU,
+    ParaLSTM,
+)
 from rnnjax.layers import RNN, Bidirectional, Stack
 from rnnjax.methods import Associative, Auto, Chunked, Kernel, Method, Newton, Sequential, TimeSharded
 from rnnjax.precision import Mixed
@@ -37,6 +52,7 @@ __all__ = [
     "ParaLSTM",
     "GLA",
     "Mamba2",
+    "MLSTM",
     "RNN",
     "Bidirectional",
     "Stack",

@@ -34,6 +34,7 @@ CELL_CASES = {
     "convlstm": rj.ConvLSTM(2, kernel_size=3),
     "paragru": rj.ParaGRU(5),
     "paralstm": rj.ParaLSTM(5),
+    "mlstm": rj.MLSTM(heads=2, qk_head_size=4, v_head_size=4),
     "gla": rj.GLA(heads=2, key_size=4, value_size=4),
     "mamba2": rj.Mamba2(heads=2, head_size=4, state_size=4),
 }

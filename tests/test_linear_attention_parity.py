@@ -1,4 +1,4 @@
-"""rj.linear_attention against the reference recurrences of fla (linear attention, simple GLA,
+"""rnnjax.linear_attention against the reference recurrences of fla (linear attention, simple GLA,
 GLA) and mlstm_kernels (mLSTM), computed in float64 (tests/fixtures/la_*.npz, written by
 tests/fixtures/make_linear_attention_fixtures.py); neither library is needed here.
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import rnnjax as rj
+from rnnjax import linear_attention as la
 from tests.compat import enable_x64
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -47,15 +48,13 @@ def test_fixtures_exist():
 
 @functools.partial(jax.jit, static_argnames="method")
 def gla(q, k, v, log_decay, state, method):
-    o, final = rj.linear_attention.gla(q, k, v, log_decay, state=state, method=method)
+    o, final = la.gla(q, k, v, log_decay, state=state, method=method)
     return {"o": o, "state": final}
 
 
 @functools.partial(jax.jit, static_argnames="method")
 def mlstm(q, k, v, input_gate, forget_gate, C0, n0, m0, method):
-    h, (C, n, m) = rj.linear_attention.mlstm(
-        q, k, v, input_gate, forget_gate, state=rj.linear_attention.MLSTMState(C0, n0, m0), method=method
-    )
+    h, (C, n, m) = la.mlstm(q, k, v, input_gate, forget_gate, state=la.MLSTMState(C0, n0, m0), method=method)
     return {"h": h, "C": C, "n": n, "m": m}
 
 

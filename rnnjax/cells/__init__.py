@@ -10,6 +10,7 @@ from rnnjax.cells.lstm import LSTM, LSTMParams, LSTMState
 from rnnjax.cells.mamba2 import Mamba2, Mamba2Params
 from rnnjax.cells.mgu import MGU, MGUParams
 from rnnjax.cells.minimal import MinGRU, MinGRUParams, MinLSTM, MinLSTMParams
+from rnnjax.cells.mlstm import MLSTM, MLSTMParams
 from rnnjax.cells.para import ParaGRU, ParaGRUParams, ParaLSTM, ParaLSTMParams, ParaLSTMState
 
 __all__ = [
@@ -42,4 +43,6 @@ __all__ = [
     "GLAParams",
     "Mamba2",
     "Mamba2Params",
+    "MLSTM",
+    "MLSTMParams",
 ]
