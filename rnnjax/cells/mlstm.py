@@ -67,8 +67,11 @@ class MLSTM(MatrixStateCell):
 
     This is the 7B layer, not the original xLSTM paper's mLSTM block (Beck et al. 2024: an
     up-projection, a causal convolution before ``q, k``, block-diagonal ``q, k, v`` projections
-    and a learnable skip): 7B's is the mLSTM published with trained weights and the one the
-    paper's own ablations keep; it has no convolution (``conv_width == 0``).
+    and a learnable skip): 7B's is the mLSTM whose trained weights are published, and its paper
+    drops that block's convolution and skip for speed. So ``conv_width == 0``.
+
+    The cap bounds :math:`i_t` and so :math:`m_t \ge i_t \ge -c`; without it (``None``) an input
+    gate below about -88 (float32) overflows :math:`e^{-m_t}` and the gradients become NaN.
 
     Parameters (:class:`MLSTMParams`): ``w`` ``(input_size, heads * (2 qk_head_size +
     2 v_head_size))`` with blocks ``q, k, v, o``; ``w_gates`` ``(input_size, 2 heads)`` and
