@@ -8,7 +8,7 @@
 (5, 8)
 """
 
-from rnnjax import distributed, inspect, interop, parallel, train
+from rnnjax import distributed, inspect, interop, linear_attention, parallel, train
 from rnnjax.cell import Cell, ClippedLinearCell, DenseCell, LinearCell, StructuredJacobian
 from rnnjax.cells import (
     GLA,
@@ -69,6 +69,7 @@ __all__ = [
     "distributed",
     "inspect",
     "interop",
+    "linear_attention",
     "parallel",
     "train",
 ]

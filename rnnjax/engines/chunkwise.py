@@ -35,6 +35,11 @@ from rnnjax.cells.matrix_state import MLSTMState
 
 Array = jax.Array
 SUB_CHUNK = 16  # secondary chunk of per-key decays (fla's choice; the (sub, sub, d_k) factor)
+# Log decays are raised to this floor before the cumulative sums: a decay of exactly 0
+# (log_decay = -inf) would make b_i - b_j = -inf - (-inf) = nan. exp(-104) underflows to 0 in
+# float32 and is 1e-45 in float64, far below either's rounding; the floor also bounds |b|, whose
+# rounding is what b_i - b_j loses to cancellation.
+LOG_DECAY_FLOOR = -104.0
 
 
 class Segments(NamedTuple):
@@ -120,7 +125,7 @@ def gla(q: Array, k: Array, v: Array, g: Array | None, state: Array, seg: Segmen
       ``(o, final)``: ``(B, H, N, C, d_v)`` and ``(B, H, d_k, d_v)``.
     """
     q = q * jnp.asarray(scale, q.dtype)
-    b = None if g is None else jnp.cumsum(g, axis=3)
+    b = None if g is None else jnp.cumsum(jnp.maximum(g, LOG_DECAY_FLOOR), axis=3)
     intra = jax.checkpoint(_intra_gla, prevent_cse=False)(q, k, v, b, seg)
     last_open = seg.open[..., -1]
     in_last = seg.same[..., -1, :]  # j in the chunk's last segment
@@ -180,7 +185,7 @@ def mlstm(q, k, v, i, log_f, state: MLSTMState, seg: Segments, scale: float, eps
     m_last = m_local[..., -1]
     finite_last = jnp.where(jnp.isfinite(m_last), m_last, 0)
     in_last = seg.same[..., -1, :]
-    w_last = jnp.where(in_last, jnp.exp(jnp.where(in_last, i + b[..., -1:] - b, 0) - finite_last[..., None]), 0)
+    w_last = _masked_exp(i + b[..., -1:] - b - finite_last[..., None], in_last & jnp.isfinite(i))
     k_w = k * w_last[..., None]
     local_C = jnp.einsum("...jd,...je->...de", k_w, v)
     local_n = jnp.sum(k_w, axis=-2)
@@ -188,24 +193,35 @@ def mlstm(q, k, v, i, log_f, state: MLSTMState, seg: Segments, scale: float, eps
     decay_last = jnp.where(open_last, b[..., -1], -jnp.inf)  # log decay of the incoming state
 
     def step(carry, chunk):
-        C, n, m = carry
-        lC, ln, ml, fl, dl = chunk
-        m_new = jnp.maximum(m + dl, ml)
-        a_in, a_loc = jnp.exp(m + dl - m_new), jnp.where(jnp.isfinite(ml), jnp.exp(fl - m_new), 0)
-        new = MLSTMState(
-            a_in[..., None, None] * C + a_loc[..., None, None] * lC, a_in[..., None] * n + a_loc[..., None] * ln, m_new
-        )
-        return new, (C, n, m)
+        return fold_mlstm(carry, *chunk), carry
 
-    chunked = (local_C, local_n, m_last, finite_last, decay_last)
+    chunked = (local_C, local_n, m_last, decay_last)
     final, (C_in, n_in, m_in) = jax.lax.scan(step, state, tuple(jnp.moveaxis(a, 2, 0) for a in chunked))
     C_in, n_in, m_in = jnp.moveaxis(C_in, 0, 2), jnp.moveaxis(n_in, 0, 2), jnp.moveaxis(m_in, 0, 2)
+    # m_in is -inf only for a state that has seen nothing (a shard's summary in sequence parallelism).
     from_in = jnp.where(seg.open, m_in[..., None] + b, -jnp.inf)
     m = jnp.maximum(m_local, from_in)
-    finite_m = jnp.where(jnp.isfinite(m_local), m_local, 0)
-    a_loc = jnp.where(jnp.isfinite(m_local), jnp.exp(finite_m - m), 0)
-    a_in = jnp.exp(from_in - m)
+    safe_m = jnp.where(jnp.isfinite(m), m, 0)
+    a_loc = _masked_exp(m_local - safe_m, jnp.isfinite(m_local))
+    a_in = _masked_exp(from_in - safe_m, jnp.isfinite(from_in))
     num = a_loc[..., None] * num + a_in[..., None] * jnp.einsum("...id,...de->...ie", q, C_in)
     den = a_loc * den + a_in * jnp.einsum("...id,...d->...i", q, n_in)
-    h = num / (jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps)[..., None]
+    h = num / (jnp.maximum(jnp.abs(den), jnp.exp(-safe_m)) + eps)[..., None]
     return h, final
+
+
+def fold_mlstm(state: MLSTMState, C: Array, n: Array, m: Array, log_decay: Array) -> MLSTMState:
+    r"""The mLSTM state after a stretch of steps summarised by ``(C, n, m, log_decay)``: its own
+    contribution ``(C, n)`` at stabiliser ``m`` and the log decay of the incoming state
+    (``-inf`` across a reset), :math:`m' = \max(m_{in} + \delta, m)`,
+    :math:`C' = e^{m_{in} + \delta - m'} C_{in} + e^{m - m'} C`. A stabiliser of ``-inf``
+    (nothing seen) contributes nothing."""
+    carried = state.m + log_decay
+    m_new = jnp.maximum(carried, m)
+    safe = jnp.where(jnp.isfinite(m_new), m_new, 0)
+    a_in, a_loc = _masked_exp(carried - safe, jnp.isfinite(carried)), _masked_exp(m - safe, jnp.isfinite(m))
+    return MLSTMState(
+        a_in[..., None, None] * state.C + a_loc[..., None, None] * C,
+        a_in[..., None] * state.n + a_loc[..., None] * n,
+        m_new,
+    )

@@ -11,10 +11,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from rnnjax.cells.matrix_state import GatedInputs, MatrixCarry, MatrixStateCell, MLSTMInputs, MLSTMState
 from rnnjax.engines import chunkwise
 from rnnjax.sequence import TimeMajor, expand_to
+from rnnjax.sharding.mesh import SequenceSharding, place
 
 Array = jax.Array
 
@@ -31,7 +33,7 @@ def run(cell: MatrixStateCell, params: Any, seqs: TimeMajor, *, chunk_size: int)
         windows, conv_final = conv_windows(conv_in, fwd.carry.conv, resets, fwd.lengths)
         conv_out, state = cell.convolve(params, windows), fwd.carry.state
     inputs = cell.mix(params, conv_out, rest)
-    o, final = recurrence(cell, inputs, state, resets, fwd.valid, chunk_size)
+    o, final = recurrence(cell, inputs, state, resets, fwd.valid, chunk_size, fwd.time_sharding)
     ys = cell.readout(params, o, conv_out, rest)
     if fwd.valid is not None:
         ys = jnp.where(expand_to(fwd.valid, ys), ys, jnp.zeros((), ys.dtype))
@@ -86,31 +88,113 @@ def _from_chunks(a: Array, steps: int) -> Array:
     return a.reshape(-1, *a.shape[2:])[:steps]
 
 
-def recurrence(cell: MatrixStateCell, inputs: GatedInputs | MLSTMInputs, state: Any, resets, valid, size: int):
+def recurrence(
+    cell: MatrixStateCell,
+    inputs: GatedInputs | MLSTMInputs,
+    state: Any,
+    resets: Array | None,
+    valid: Array | None,
+    size: int,
+    time_sharding: SequenceSharding | None = None,
+):
     """The recurrence over time-major ``inputs`` (``(T, *batch, heads, ...)``) from ``state``:
-    ``(o (T, *batch, heads, d_v), final_state)``; padding (``valid`` false) changes nothing."""
+    ``(o (T, *batch, heads, d_v), final_state)``; padding (``valid`` false) changes nothing.
+    ``time_sharding``: the time axis split over devices (:func:`_sharded`)."""
     steps, batch_shape = inputs.q.shape[0], inputs.q.shape[1:-2]
-    size = max(1, min(size, steps))
     flat = math.prod(batch_shape)
     tm = lambda a: a.reshape(steps, flat, *a.shape[1 + len(batch_shape) :])  # (T, B, ...)
     st = lambda a: a.reshape(flat, *a.shape[len(batch_shape) :])
     unst = lambda a: a.reshape(*batch_shape, *a.shape[1:])
     mask = None if valid is None else tm(valid)
     keep = lambda a, fill: a if mask is None else jnp.where(expand_to(mask, a), a, jnp.asarray(fill, a.dtype))
-    chunks = steps // size + (steps % size > 0)
-    seg = chunkwise.segments(None if resets is None else _to_chunks(tm(resets), size, False), flat, chunks, size)
-    q, k, v = (_to_chunks(tm(a), size, 0) for a in inputs[:3])
-    if isinstance(inputs, GatedInputs):
-        k = _to_chunks(keep(tm(inputs.k), 0), size, 0)
-        g = None if inputs.log_decay is None else _to_chunks(keep(tm(inputs.log_decay), 0), size, 0)
-        o, final = chunkwise.gla(q, k, v, g, st(state), seg, cell.query_scale())
-        return unst_time(_from_chunks(o, steps), batch_shape), unst(final)
-    i = _to_chunks(keep(tm(inputs.input_gate), -jnp.inf), size, -jnp.inf)
-    log_f = _to_chunks(keep(jax.nn.log_sigmoid(tm(inputs.forget_gate)), 0), size, 0)
-    h, final = chunkwise.mlstm(q, k, v, i, log_f, MLSTMState(*map(st, state)), seg, cell.query_scale(), cell.eps)
-    return unst_time(_from_chunks(h, steps), batch_shape), MLSTMState(*map(unst, final))
+    if isinstance(inputs, GatedInputs):  # padding writes nothing and does not decay
+        gates = () if inputs.log_decay is None else (keep(tm(inputs.log_decay), 0),)
+        fills = (0.0,) * len(gates)
+        state = st(state)
+    else:  # padding: no input (i = -inf) and no forgetting (log sigma(f) = 0)
+        gates = (keep(tm(inputs.input_gate), -jnp.inf), keep(jax.nn.log_sigmoid(tm(inputs.forget_gate)), 0))
+        fills = (-jnp.inf, 0.0)
+        state = MLSTMState(*map(st, state))
+    arrays = (tm(inputs.q), keep(tm(inputs.k), 0), tm(inputs.v), *gates)
+    problem = _Problem(cell, max(1, min(size, steps)), (0.0, 0.0, 0.0, *fills))
+    resets = None if resets is None else tm(resets)
+    if time_sharding is None:
+        o, final = problem.solve(arrays, state, resets)
+    else:
+        o, final = _sharded(problem, arrays, state, resets, time_sharding)
+    return o.reshape(steps, *batch_shape, *o.shape[2:]), jax.tree.map(unst, final)
 
 
-def unst_time(a: Array, batch_shape: tuple[int, ...]) -> Array:
-    """``(T, B, ...)`` -> ``(T, *batch, ...)``."""
-    return a.reshape(a.shape[0], *batch_shape, *a.shape[2:])
+class _Problem:
+    """One recurrence's chunkwise solve on ``(T, B, ...)`` arrays ``(q, k, v, *gates)``."""
+
+    def __init__(self, cell: MatrixStateCell, size: int, fills: tuple[float, ...]):
+        self.cell, self.size, self.fills = cell, size, fills
+
+    def solve(self, arrays: tuple[Array, ...], state: Any, resets: Array | None) -> tuple[Array, Any]:
+        steps, flat, size = arrays[0].shape[0], arrays[0].shape[1], min(self.size, arrays[0].shape[0])
+        chunks = -(-steps // size)
+        seg = chunkwise.segments(None if resets is None else _to_chunks(resets, size, False), flat, chunks, size)
+        q, k, v, *gates = (_to_chunks(a, size, f) for a, f in zip(arrays, self.fills))
+        if self.cell.recurrence == "gla":
+            o, final = chunkwise.gla(q, k, v, gates[0] if gates else None, state, seg, self.cell.query_scale())
+        else:
+            o, final = chunkwise.mlstm(q, k, v, *gates, state, seg, self.cell.query_scale(), self.cell.eps)
+        return _from_chunks(o, steps), final
+
+    def identity(self, state: Any) -> Any:
+        """The state a stretch of steps is summarised from: zeros (and ``m = -inf``)."""
+        zero = jax.tree.map(jnp.zeros_like, state)
+        return zero if self.cell.recurrence == "gla" else zero._replace(m=jnp.full_like(state.m, -jnp.inf))
+
+    def log_decay(self, arrays: tuple[Array, ...], resets: Array | None) -> Array | None:
+        """The total log decay of the incoming state over these steps (``-inf`` across a reset)."""
+        gates = arrays[3:]
+        if self.cell.recurrence == "gla" and not gates:
+            total = jnp.zeros(arrays[0].shape[1:3], arrays[0].dtype)
+        else:
+            total = jnp.sum(gates[-1], axis=0)  # log decay per head (or key): GLA's g, mLSTM's log sigma(f)
+        if resets is None:
+            return total
+        cut = jnp.any(resets, axis=0).reshape((-1,) + (1,) * (total.ndim - 1))
+        return jnp.where(cut, -jnp.inf, total)
+
+    def fold(self, state: Any, summary: Any, log_decay: Array) -> Any:
+        """``state`` carried through a stretch summarised by ``summary`` and ``log_decay``."""
+        if self.cell.recurrence == "gla":
+            decay = jnp.exp(log_decay)
+            return (decay[..., None, None] if decay.ndim == 2 else decay[..., None]) * state + summary
+        return chunkwise.fold_mlstm(state, *summary, log_decay)
+
+
+def _sharded(problem: _Problem, arrays, state, resets, sharding: SequenceSharding):
+    """:meth:`_Problem.solve` with the time axis split over ``sharding``'s devices: each shard
+    summarises its steps from the identity state (the transition ``S -> A S + B``), the shards
+    exchange the summaries (one ``all_gather``), and each runs its steps again from the state
+    the shards before it produce (its outputs corrected by its incoming state)."""
+    steps, n, axis = arrays[0].shape[0], sharding.shards, sharding.axis
+    pad = -steps % n
+    if pad:  # padding steps write nothing and do not decay
+        arrays = tuple(
+            jnp.concatenate([a, jnp.full((pad, *a.shape[1:]), f, a.dtype)]) for a, f in zip(arrays, problem.fills)
+        )
+        resets = None if resets is None else jnp.concatenate([resets, jnp.zeros((pad, *resets.shape[1:]), bool)])
+
+    def local(arrays, state, resets):
+        varying = lambda a: jax.lax.pcast(a, (axis,), to="varying")  # the loop's carry differs per shard
+        _, summary = problem.solve(arrays, jax.tree.map(varying, problem.identity(state)), resets)
+        log_decay = problem.log_decay(arrays, resets)
+        gather = lambda a: jax.lax.all_gather(a, axis, axis=0)
+        summaries, decays = jax.tree.map(gather, summary), gather(log_decay)
+        starts = [state]
+        for j in range(n):
+            starts.append(problem.fold(starts[-1], jax.tree.map(lambda a, j=j: a[j], summaries), decays[j]))
+        incoming = jax.tree.map(lambda *s: jnp.stack(s)[jax.lax.axis_index(axis)], *starts[:n])
+        o, _ = problem.solve(arrays, incoming, resets)
+        return o, jax.tree.map(lambda a: a[None], starts[n])  # every shard's copy is the same
+
+    specs = (P(axis), P(), None if resets is None else P(axis))
+    o, final = jax.shard_map(
+        local, mesh=sharding.mesh, in_specs=specs, out_specs=(P(axis), P(axis)), axis_names=frozenset({axis})
+    )(*(place(a, sharding.mesh, sp) if sp is not None else a for a, sp in zip((arrays, state, resets), specs)))
+    return o[:steps], jax.tree.map(lambda a: a[0], final)
