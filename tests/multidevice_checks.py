@@ -315,6 +315,35 @@ for i, (name, (cell, method)) in enumerate(SEQ_CASES.items()):
         return "max |diff| " + ", ".join(out)
 
 
+@check("sequence_parallel_linear_attention")
+def _():
+    """rj.linear_attention's ops with the time axis over 8 devices equal one device (rj.Sequential())."""
+    la, out = rj.linear_attention, []
+    keys = jax.random.split(jax.random.key(7), 8)
+    q, k = (jax.random.normal(keys[i], (3, T, 2, 4)) for i in (0, 1))
+    v = jax.random.normal(keys[2], (3, T, 2, 3))
+    gates = {"none": None, "head": jax.nn.log_sigmoid(2 + jax.random.normal(keys[3], (3, T, 2))),
+             "key": jax.nn.log_sigmoid(2 + jax.random.normal(keys[4], (3, T, 2, 4)))}
+    i_gate, f_gate = 3 * jax.random.normal(keys[3], (3, T, 2)), 2 * jax.random.normal(keys[4], (3, T, 2))
+    S0 = jax.random.normal(keys[5], (3, 2, 4, 3))
+    m_state = la.MLSTMState(S0, jax.random.normal(keys[6], (3, 2, 4)), jax.random.normal(keys[7], (3, 2)))
+    lengths, resets = jnp.array([T, 40, 0]), jax.random.bernoulli(keys[6], 0.1, (3, T))
+    sharded = rj.TimeSharded(rj.Chunked(4), rj.distributed.SequenceSharding(SEQ, "seq"))
+    ops = {f"gla_{name}": (lambda q, g, method, g_=g, **kw: la.gla(q, k, v, g_, state=S0, method=method, **kw))
+           for name, g in gates.items()}
+    ops["mlstm"] = lambda q, g, method, **kw: la.mlstm(q, k, v, i_gate, f_gate, state=m_state, method=method, **kw)
+    for name, op in ops.items():
+        for reverse in (False, True):
+            kw = dict(lengths=lengths, resets=resets, reverse=reverse)
+            ref, got = op(q, None, rj.Sequential(), **kw), op(q, None, sharded, **kw)
+            assert_trees_close(got, ref, err_msg=f"{name} reverse={reverse} ", **F32)
+        loss = lambda q, method, op=op: jnp.sum(jnp.sin(op(q, None, method, lengths=lengths, resets=resets)[0]))
+        g_ref, g_got = jax.grad(loss)(q, rj.Sequential()), jax.grad(loss)(q, sharded)
+        assert_trees_close(g_got, g_ref, err_msg=f"{name} grad ", rtol=1e-4, atol=1e-4 * float(jnp.abs(g_ref).max()))
+        out.append(f"{name}: {max_abs_diff(got, ref):.1e}, grad {max_abs_diff(g_got, g_ref):.1e}")
+    return "max |diff| " + ", ".join(out)
+
+
 @check("sequence_parallel_is_split_over_devices")
 def _():
     cell = rj.MinGRU(6)
