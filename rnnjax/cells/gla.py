@@ -146,11 +146,12 @@ class GLA(MatrixStateCell):
         return None, (qkv, gate, g)
 
     def convolve(self, params: GLAParams, window: jax.Array) -> jax.Array:
-        return jax.nn.silu(causal_conv_step(window, params.conv))
+        # conv is None only with conv_width=0, when no engine calls convolve (check_params).
+        return jax.nn.silu(causal_conv_step(window, params.conv))  # type: ignore[arg-type]
 
     def mix(self, params: GLAParams, conv_out: jax.Array | None, rest: Any) -> GatedInputs:
-        qkv, gate, _ = rest
-        qkv = conv_out if self.conv_width else qkv
+        qkv = rest[0] if conv_out is None else conv_out
+        gate = rest[1]
         h, dk, dv = self.heads, self.key_size, self.value_size
         lead = qkv.shape[:-1]
         q = qkv[..., : h * dk].reshape(*lead, h, dk)
