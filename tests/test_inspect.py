@@ -15,6 +15,8 @@ import pytest
 
 import rnnjax as rj
 from tests.cases import normal, random_case, uniform
+from tests.compat import enable_x64
+from tests.helpers import assert_trees_close
 
 INSPECT = rj.inspect
 
@@ -327,6 +329,38 @@ def test_horizon_of_no_steps_is_empty():
     params = cell.init(jax.random.key(0), 3)
     horizon = INSPECT.jacobian_horizon(cell, params, jnp.ones((2, 0, 3)))
     assert horizon.state.shape == horizon.saliency.shape == (2, 0)
+
+
+
+# Matrix-state cells: the carry is a state matrix per head (and a convolution's window); the
+# tools see it as one state vector, and rj.scan runs the cell chunkwise by default.
+MATRIX_CELLS = {"mlstm": rj.MLSTM(2, 3, 2), "gla_conv": rj.GLA(heads=2, key_size=2, value_size=3, conv_width=2)}
+
+
+# The GLA case (a convolution window in the carry) in make test-all: each case compiles a
+# horizon and a Jacobian of a scan.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] * (n != "mlstm")) for n in MATRIX_CELLS])
+def test_horizon_and_state_vectors_of_matrix_state_cells(name):
+    cell = MATRIX_CELLS[name]
+    # float32 params widened on the host: a float64 init would compile anew.
+    case = jax.tree.map(lambda a: np.asarray(a, np.float64), random_case(cell, 5, batch=(2,)))
+    rows, lengths = np.array([0, 1]), np.array([5, 3])
+    with enable_x64(True):
+        params, xs, carry = jax.tree.map(jnp.asarray, case)
+        horizon = INSPECT.jacobian_horizon(cell, params, xs, carry, lengths=jnp.asarray(lengths))
+        vectors = INSPECT.state_vector(cell, carry)
+        last = lambda x: rj.scan(cell, params, x, carry, lengths=jnp.asarray(lengths))[0][rows, lengths - 1]
+        jac = np.asarray(jax.jit(jax.jacrev(last))(xs))[rows, :, rows]  # (2, D_out, T, D)
+        restored = INSPECT.carry_from_vector(vectors, jax.tree.map(lambda c: c[0], carry))
+        state, saliency = np.asarray(horizon.state), np.asarray(horizon.saliency)
+    n = sum(leaf[0].size for leaf in jax.tree.leaves(carry))
+    assert vectors.shape == (2, n)
+    assert_trees_close(restored, carry, atol=0, rtol=0)
+    np.testing.assert_allclose(state[rows, lengths - 1], np.sqrt(n), rtol=1e-12)  # ||I_n||_F
+    assert not state[1, 3:].any() and not saliency[1, 3:].any()
+    # The saliency from the step's reverse pass is the input Jacobian of the chunkwise scan;
+    # float64: the two differ by rounding only.
+    np.testing.assert_allclose(saliency, np.linalg.norm(jac, axis=(1, 3)), rtol=1e-9, atol=1e-12)
 
 
 # ---- integrated gradients ---------------------------------------------------------------------------

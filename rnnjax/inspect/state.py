@@ -17,9 +17,10 @@ from rnnjax.inspect.sequences import check_sequences, step_map, template, unflat
 def state_vector(cell: Cell, carry: PyTree) -> jax.Array:
     """A carry of ``cell`` as real state vectors: ``(*batch, n)``.
 
-    Each leaf's per-sequence part (its last ``cell.input_ndim`` axes: ``(features,)``, or
-    ``(H, W, features)`` for ConvLSTM) is raveled; leaves are concatenated in tree order,
-    a complex leaf as its real parts followed by its imaginary parts.
+    Each leaf's per-sequence part (the leaf of ``cell.init_carry()``: ``(features,)``, or a
+    matrix-state cell's ``(heads, d_k, d_v)``; ConvLSTM's with the frame's ``(H, W)`` before
+    it) is raveled; leaves are concatenated in tree order, a complex leaf as its real parts
+    followed by its imaginary parts.
 
     Example:
       >>> import jax.numpy as jnp, rnnjax as rj
@@ -30,9 +31,16 @@ def state_vector(cell: Cell, carry: PyTree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(carry)
     if not leaves:
         raise ValueError("carry has no leaves")
-    k = cell.input_ndim
-    batch_shape = tuple(leaves[0].shape[: leaves[0].ndim - k])
-    for leaf in leaves:
+    # A carry's leading axes are the step input's without its features (rnnjax.cell), so one
+    # sequence's part of a leaf is the unbatched carry's leaf after the input's other axes.
+    unbatched = jax.tree_util.tree_leaves(jax.eval_shape(lambda: cell.init_carry(())))
+    own = [u.ndim + cell.input_ndim - 1 for u in unbatched]
+    if len(own) != len(leaves):
+        raise ValueError(
+            f"carry has {len(leaves)} leaves; expected {len(own)}, as {type(cell).__name__}.init_carry(batch_shape)"
+        )
+    batch_shape = tuple(leaves[0].shape[: leaves[0].ndim - own[0]])
+    for leaf, k in zip(leaves, own):
         if leaf.ndim < k or tuple(leaf.shape[: leaf.ndim - k]) != batch_shape:
             raise ValueError(
                 f"carry has leaves of shapes {[tuple(x.shape) for x in leaves]}; expected "
@@ -40,7 +48,9 @@ def state_vector(cell: Cell, carry: PyTree) -> jax.Array:
             )
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             raise TypeError(f"carry has a leaf of dtype {leaf.dtype}; expected a floating or complex dtype")
-    flat = jax.tree.map(lambda leaf: leaf.reshape((-1, *leaf.shape[leaf.ndim - k :])), carry)
+    flat = jax.tree.unflatten(
+        jax.tree.structure(carry), [leaf.reshape((-1, *leaf.shape[leaf.ndim - k :])) for leaf, k in zip(leaves, own)]
+    )
     # The layout is taken from the traced leaves, so each keeps its own (canonical) dtype.
     vectors = jax.vmap(lambda one: CarryLayout(one).flatten(one))(flat)
     return vectors.reshape((*batch_shape, vectors.shape[-1]))
