@@ -17,6 +17,7 @@ CASES = {
     "bigru": rj.Bidirectional(rj.RNN(rj.GRU(4))),
     "stack_dropout": rj.Stack([rj.RNN(rj.GRU(4)), rj.RNN(rj.LSTM(4, peephole=True))], dropout=0.3),
     "lru": rj.LRU(4),
+    "mlstm": rj.MLSTM(heads=2, qk_head_size=2, v_head_size=3),  # a matrix-state cell: rj.Chunked() by default
 }
 EXPECTED_PARAMS = {
     "elman_cell": {"w_x": (3, 4), "w_h": (4, 4), "b": (4,)},
@@ -28,4 +29,5 @@ EXPECTED_PARAMS = {
     },
     "lru": {"nu_log": (4,), "theta_log": (4,), "gamma_log": (4,), "b_re": (3, 4), "b_im": (3, 4),
             "c_re": (4, 3), "c_im": (4, 3), "d": (3,)},
+    "mlstm": {"w": (3, 20), "w_gates": (3, 4), "b_gates": (4,), "norm": (2, 3), "w_out": (6, 3)},
 }

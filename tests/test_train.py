@@ -594,3 +594,37 @@ def test_ctrl_c_at_random_moments_always_returns_the_state_of_the_steps_done():
         runs.put(None)
         sender.join()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---- a matrix-state cell --------------------------------------------------------------------
+
+
+MLSTM = rj.MLSTM(heads=2, qk_head_size=2, v_head_size=2)
+
+
+def mlstm_chunk_loss(p, carry, chunk):
+    """Predict the previous step's input (a delay of one) with an mLSTM layer from ``carry``."""
+    lengths = chunk.get("lengths")
+    ys, carry = rj.scan(MLSTM, p, chunk["x"], carry, lengths=lengths)
+    return T.mean_squared_error(ys, chunk["target"], lengths), carry
+
+
+def test_tbptt_and_fit_run_a_matrix_state_cell():
+    x = np.random.default_rng(3).normal(size=(B, STEPS, D)).astype(np.float32)
+    target = np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+    batch = {"x": jnp.asarray(x), "target": jnp.asarray(target), "lengths": LENGTHS}
+    params = MLSTM.init(jax.random.key(0), D)
+    zero = MLSTM.init_carry((B,))
+    # TBPTT in chunks of 3 (T = 8, padded) hands the mLSTM state (C, n, m) from chunk to chunk:
+    # with frozen params, the loss and the carry are the whole sequence's.
+    step = T.make_tbptt_step(mlstm_chunk_loss, FROZEN, 3, pad=True)
+    state, carry, metrics = step(T.TrainState.create(params, FROZEN), zero, batch)
+    loss, final = jax.jit(mlstm_chunk_loss)(params, zero, batch)
+    assert_trees_close(metrics["loss"], loss, **F32)
+    assert_trees_close(carry, final, **F32)
+    assert int(state.step) == 3
+    # fit with a full-sequence step learns the delay.
+    adam = optax.adam(0.05)
+    train = T.make_train_step(lambda p, b: mlstm_chunk_loss(p, zero, b)[0], adam)
+    state, history = T.fit(train, T.TrainState.create(params, adam), [batch] * 40, progress=False, log_every=39)
+    assert history["loss"][-1] < 0.5 * history["loss"][0], history["loss"]
