@@ -126,7 +126,11 @@ def gla(q: Array, k: Array, v: Array, g: Array | None, state: Array, seg: Segmen
     """
     q = q * jnp.asarray(scale, q.dtype)
     b = None if g is None else jnp.cumsum(jnp.maximum(g, LOG_DECAY_FLOOR), axis=3)
-    intra = jax.checkpoint(_intra_gla, prevent_cse=False)(q, k, v, b, seg)
+    # Per-key decays build a (sub, sub, d_k) factor per block: recompute it in the backward pass
+    # rather than store it; the scalar form keeps its (C, C) factors (T * C per head).
+    intra = (jax.checkpoint(_intra_gla, prevent_cse=False) if b is not None and b.ndim == q.ndim else _intra_gla)(
+        q, k, v, b, seg
+    )
     last_open = seg.open[..., -1]
     in_last = seg.same[..., -1, :]  # j in the chunk's last segment
     if b is None:
