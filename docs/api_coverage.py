@@ -15,7 +15,7 @@ DOCS = Path(__file__).resolve().parent
 # Modules whose every __all__ name must appear in an autosummary table of docs/api/*.md.
 PUBLIC_MODULES = [
     "rnnjax", "rnnjax.cells", "rnnjax.train", "rnnjax.inspect", "rnnjax.interop",
-    "rnnjax.distributed", "rnnjax.parallel", "rnnjax.flax.linen", "rnnjax.flax.nnx",
+    "rnnjax.distributed", "rnnjax.parallel", "rnnjax.linear_attention", "rnnjax.flax.linen", "rnnjax.flax.nnx",
 ]
 
 
