@@ -26,6 +26,7 @@ factors are recomputed in the backward pass (``jax.checkpoint``), so memory grow
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -34,7 +35,9 @@ import jax.numpy as jnp
 from rnnjax.cells.matrix_state import MLSTMState
 
 Array = jax.Array
-SUB_CHUNK = 16  # secondary chunk of per-key decays (fla's choice; the (sub, sub, d_k) factor)
+SEPARABLE_SPAN = 60.0  # the largest in-chunk decay span (log) computed by one product: e^30 fits float32
+KEY_GROUP = 2  # chunks whose per-key intra-chunk products are computed at once
+SUB_CHUNK = 8  # secondary chunk of per-key decays: the (sub, sub, d_k) factor (DECISIONS.md)
 # Log decays are raised to this floor before the cumulative sums: a decay of exactly 0
 # (log_decay = -inf) would make b_i - b_j = -inf - (-inf) = nan. exp(-104) underflows to 0 in
 # float32 and is 1e-45 in float64, far below either's rounding; the floor also bounds |b|, whose
@@ -100,6 +103,32 @@ def _key_gated_scores(q: Array, k: Array, b: Array, causal_size: int) -> Array:
     return blocks.reshape(*lead, size, size)
 
 
+def _by_chunk_groups(fn, group: int, *args):
+    """``fn(*args)`` on ``(B, H, N, C, ...)`` arrays, ``group`` chunks at a time (``lax.map``):
+    the temporaries of one group exist at once, not those of all ``N`` chunks."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    chunks = leaves[0].shape[2]
+    if group >= chunks:
+        return fn(*args)
+    pad = -chunks % group
+    grouped = []
+    for a in leaves:  # (B, X, N, ...) -> (N / group, B, X, group, ...); padding chunks are cut below
+        a = jnp.concatenate([a, jnp.zeros((*a.shape[:2], pad, *a.shape[3:]), a.dtype)], axis=2) if pad else a
+        a = a.reshape(*a.shape[:2], -1, group, *a.shape[3:])
+        grouped.append(jnp.moveaxis(a, 2, 0))
+    out = jax.lax.map(lambda xs: fn(*jax.tree_util.tree_unflatten(tree, xs)), grouped)
+    out = jnp.moveaxis(out, 0, 2)
+    return out.reshape(*out.shape[:2], -1, *out.shape[4:])[:, :, :chunks]
+
+
+def _separable_intra(q: Array, k: Array, v: Array, b: Array, seg: Segments) -> Array:
+    """``((Q K^T) * Gamma) V`` with per-key decays as one product per chunk, through the midrange
+    ``r`` of each chunk's cumulative decay: every factor lies in ``e^{+-span/2}``."""
+    r = (b[..., :1, :] + b[..., -1:, :]) / 2
+    scores = jnp.einsum("...id,...jd->...ij", q * jnp.exp(b - r), k * jnp.exp(r - b))
+    return jnp.einsum("...ij,...je->...ie", jnp.where(seg.same, scores, 0), v)
+
+
 def _intra_gla(q: Array, k: Array, v: Array, b: Array | None, seg: Segments) -> Array:
     """``((Q K^T) * Gamma) V`` of every chunk: ``(B, H, N, C, d_v)``."""
     if b is None:
@@ -126,11 +155,22 @@ def gla(q: Array, k: Array, v: Array, g: Array | None, state: Array, seg: Segmen
     """
     q = q * jnp.asarray(scale, q.dtype)
     b = None if g is None else jnp.cumsum(jnp.maximum(g, LOG_DECAY_FLOOR), axis=3)
-    # Per-key decays build a (sub, sub, d_k) factor per block: recompute it in the backward pass
-    # rather than store it; the scalar form keeps its (C, C) factors (T * C per head).
-    intra = (jax.checkpoint(_intra_gla, prevent_cse=False) if b is not None and b.ndim == q.ndim else _intra_gla)(
-        q, k, v, b, seg
-    )
+    if b is not None and b.ndim == q.ndim:
+        # Per-key decays: one product (Q e^{b - r}) (K e^{r - b})^T when every chunk's decays span
+        # at most SEPARABLE_SPAN (no factor over- or underflows), else secondary chunks, whose
+        # (sub, sub, d_k) factors are computed KEY_GROUP chunks at a time and recomputed in the
+        # backward pass (DECISIONS.md, "Per-key decays: separable when bounded").
+        span = jnp.max(b[..., 0, :] - b[..., -1, :], initial=0.0)
+        safe = lambda q, k, v, b: _by_chunk_groups(
+            jax.checkpoint(_intra_gla, prevent_cse=False), KEY_GROUP, q, k, v, b, seg
+        )
+        # Checkpointed: a cond's backward would keep the residuals of both branches.
+        choose = lambda q, k, v, b: jax.lax.cond(
+            span <= SEPARABLE_SPAN, functools.partial(_separable_intra, seg=seg), safe, q, k, v, b
+        )
+        intra = jax.checkpoint(choose, prevent_cse=False)(q, k, v, b)
+    else:  # the scalar form keeps its (C, C) factors for the backward pass (T * C per head)
+        intra = _intra_gla(q, k, v, b, seg)
     last_open = seg.open[..., -1]
     in_last = seg.same[..., -1, :]  # j in the chunk's last segment
     if b is None:
