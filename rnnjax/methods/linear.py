@@ -53,7 +53,7 @@ class Associative(Method):
         check_linear(self, cell)
 
     def run(self, cell, params, seqs):
-        return linear_engine(cell).run(cell, params, seqs, chunk_size=None)
+        return linear_engine(cell).run(cell, params, seqs, chunk_size=None, time_sharding=seqs.time_sharding)
 
 
 @frozen
