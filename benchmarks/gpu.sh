@@ -8,6 +8,8 @@
 #   3. the comparison: python -m benchmarks.run --preset gpu, your arguments last (T = 2^6..2^14,
 #      5 cells, fwd and fwd+bwd; the preset stops measuring after 6.5 minutes: --max-minutes 0
 #      lifts that).
+#   4. matrix-state recurrences: python -m benchmarks.linear_attention --preset gpu (gla, mlstm:
+#      Sequential, Chunked, causal attention, fla / xLSTM Triton kernels; LA=0 skips it).
 # Output (git-ignored): bench-results/gpu-check/ and bench-results/<gpu>-gpu/ in the repository
 # root, or --out DIR for the comparison.
 #
@@ -85,3 +87,22 @@ fi
 
 # 3. The comparison.
 "$PY" -m benchmarks.run --preset gpu "${TINY_ARGS[@]}" "$@"
+status=$?
+
+# 4. Matrix-state recurrences (LA=0 skips): rj.linear_attention's Sequential and Chunked against
+#    causal attention and, where they import, fla's and xLSTM's Triton kernels (chunk_simple_gla,
+#    chunk_gla, mlstm_kernels' chunkwise kernel). The machine may have no internet: WHEELS=DIR
+#    installs fla-core and mlstm-kernels from wheels in DIR first
+#    (pip download --no-deps fla-core==0.6.0 mlstm-kernels==2.0.6 einops -d DIR).
+if [ "${LA:-1}" != "0" ]; then
+  if [ -n "${WHEELS:-}" ]; then
+    "$PY" -m pip install --quiet --no-deps --no-index --find-links "$WHEELS" fla-core mlstm-kernels einops \
+      || echo "fla-core / mlstm-kernels not installed from $WHEELS: their rows are skipped"
+  fi
+  if [ -n "$TINY" ]; then
+    "$PY" -m benchmarks.linear_attention --tiny --out bench-results/linear-attention-tiny || status=1
+  else
+    "$PY" -m benchmarks.linear_attention --preset gpu || status=1
+  fi
+fi
+exit $status

@@ -344,6 +344,25 @@ def _():
     return "max |diff| " + ", ".join(out)
 
 
+@check("sequence_parallel_matrix_state_cells")
+def _():
+    """rj.Mamba2 (its convolution's window crosses the shards) and rj.MLSTM through sequence_scan
+    (auto: rj.Chunked() split over time) equal rj.scan on one device."""
+    out = []
+    for cell in (rj.Mamba2(heads=2, head_size=4, state_size=4), rj.MLSTM(heads=2, qk_head_size=4, v_head_size=4)):
+        params, xs, lengths, resets = seq_inputs(cell, 3)
+        for reverse in (False, True):
+            kw = dict(lengths=lengths, resets=resets, reverse=reverse)
+            ref = rj.scan(cell, params, xs, method=rj.Sequential(), **kw)
+            got = rj.distributed.sequence_scan(cell, params, xs, mesh=SEQ, axis="seq", **kw)
+            assert_trees_close(got, ref, err_msg=f"{type(cell).__name__} reverse={reverse} ", **F32)
+            out.append(f"{type(cell).__name__} reverse={reverse}: {max_abs_diff(got, ref):.1e}")
+        hlo = jax.jit(lambda p, x, cell=cell: rj.distributed.sequence_scan(cell, p, x, mesh=SEQ, axis="seq")).lower(
+            params, xs).compile().as_text()
+        assert "all-gather" in hlo, f"{type(cell).__name__}: no all-gather of the shard summaries"
+    return "max |diff| " + ", ".join(out)
+
+
 @check("sequence_parallel_is_split_over_devices")
 def _():
     cell = rj.MinGRU(6)

@@ -218,3 +218,18 @@ def test_the_lab_and_results_indexes_list_every_entry():
     entries = sorted({p.name.split(".")[0] for p in results.iterdir() if p.name != "README.md"})
     assert [e for e in entries if not re.fullmatch(r"[a-z0-9]+-[A-Za-z0-9-]+-\d{8}", e)] == []
     assert [e for e in entries if f"| `{e}" not in index] == []
+
+
+@pytest.mark.slow
+def test_the_linear_attention_benchmark_runs_at_its_tiny_sizes(tmp_path):
+    """Every op, mode and system at T=64: times and memory for each, the Triton peers skipped
+    on a CPU with a note, the Markdown table written."""
+    from benchmarks import linear_attention
+
+    out = tmp_path / "la"
+    assert linear_attention.main(["--tiny", "--systems", "sequential", "chunked", "attention", "fla", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    timed = {(r["op"], r["mode"], r["system"]) for r in rows if r.get("median_ms")}
+    assert len(timed) == 3 * 2 * 3, sorted(timed)
+    assert all(r.get("note") for r in rows if r["system"] == "fla")
+    assert "| gla_head | 64 | fwd+bwd |" in (out / "results.md").read_text()

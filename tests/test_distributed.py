@@ -34,6 +34,7 @@ EXPECTED = [
     *(f"sequence_parallel_{name}_associative" for name in ("MinGRU", "MinLSTM", "LRU", "IndRNNRelu")),
     *(f"sequence_parallel_{name}_newton" for name in ("Elman", "GRU", "LSTM", "MGU", "IndRNN", "ConvLSTM")),
     "sequence_parallel_linear_attention",
+    "sequence_parallel_matrix_state_cells",
     "sequence_parallel_is_split_over_devices",
 ]
 FAST = [

@@ -339,7 +339,8 @@ MATRIX_CELLS = {"mlstm": rj.MLSTM(2, 3, 2), "gla_conv": rj.GLA(heads=2, key_size
 
 # The GLA case (a convolution window in the carry) in make test-all: each case compiles a
 # horizon and a Jacobian of a scan.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] * (n != "mlstm")) for n in MATRIX_CELLS])
+@pytest.mark.slow  # several Jacobians of a chunkwise scan: 5 s
+@pytest.mark.parametrize("name", MATRIX_CELLS)
 def test_horizon_and_state_vectors_of_matrix_state_cells(name):
     cell = MATRIX_CELLS[name]
     # float32 params widened on the host: a float64 init would compile anew.

@@ -609,6 +609,7 @@ def mlstm_chunk_loss(p, carry, chunk):
     return T.mean_squared_error(ys, chunk["target"], lengths), carry
 
 
+@pytest.mark.slow  # TBPTT and fit compile several programs: 5 s
 def test_tbptt_and_fit_run_a_matrix_state_cell():
     x = np.random.default_rng(3).normal(size=(B, STEPS, D)).astype(np.float32)
     target = np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], axis=1)

@@ -80,7 +80,7 @@ class GLA(MatrixStateCell):
       >>> ys, carry = rj.scan(cell, params, xs)
       >>> ys.shape, carry.state.shape
       ((3, 10, 32), (3, 2, 8, 16))
-      >>> carry, y = cell.step(params, carry, jnp.ones((3, 32)))
+      >>> carry, y = jax.jit(cell.step)(params, carry, jnp.ones((3, 32)))
       >>> y.shape
       (3, 32)
     """

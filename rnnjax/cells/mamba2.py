@@ -90,7 +90,7 @@ class Mamba2(MatrixStateCell):
       >>> ys, carry = rj.scan(cell, params, jnp.ones((2, 10, 16)))
       >>> ys.shape, carry.conv.shape, carry.state.shape
       ((2, 10, 16), (2, 3, 64), (2, 4, 16, 8))
-      >>> carry, y = cell.step(params, carry, jnp.ones((2, 16)))
+      >>> carry, y = jax.jit(cell.step)(params, carry, jnp.ones((2, 16)))
       >>> y.shape
       (2, 16)
     """

@@ -106,7 +106,7 @@ class MLSTM(MatrixStateCell):
       >>> cell = rj.MLSTM(heads=2, qk_head_size=4, v_head_size=8)
       >>> params = cell.init(jax.random.key(0), input_size=16)
       >>> ys, carry = rj.scan(cell, params, jnp.ones((2, 10, 16)))  # chunkwise prefill
-      >>> carry, y = cell.step(params, carry, jnp.ones((2, 16)))  # decode the next token
+      >>> carry, y = jax.jit(cell.step)(params, carry, jnp.ones((2, 16)))  # decode the next token
       >>> ys.shape, carry.C.shape, y.shape
       ((2, 10, 16), (2, 2, 4, 8), (2, 16))
     """
