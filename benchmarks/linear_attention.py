@@ -208,7 +208,7 @@ def table(rows: list[dict], env: dict) -> str:
     """Markdown: one line per (op, T, mode), time and peak memory per system, and the ratios
     of ``sequential`` and ``attention`` to ``chunked``."""
     systems = list(dict.fromkeys(r["system"] for r in rows))
-    head = f"{env['device_kind']} ({env['backend']}), jax {env['jax']}, {env['date']}\n\n"
+    head = f"`{env['command']}`\n\n{env['device_kind']} ({env['backend']}), jax {env['jax']}, {env['date']}\n\n"
     cols = " | ".join(f"{s} ms | {s} MiB" for s in systems)
     lines = [
         head + f"| op | T | mode | {cols} | sequential / chunked | attention / chunked |",

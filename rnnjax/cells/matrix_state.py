@@ -170,6 +170,7 @@ class MatrixStateCell(Cell):
         conv_in, rest = self.split(params, x)
         conv_out, state = None, carry
         if self.conv_width:
+            assert conv_in is not None, f"{type(self).__name__}.split gave no convolution input"
             window = jnp.concatenate([carry.conv, conv_in[..., None, :].astype(carry.conv.dtype)], axis=-2)
             conv_out, state = self.convolve(params, window), carry.state
         state, o = self.recur(state, self.mix(params, conv_out, rest))

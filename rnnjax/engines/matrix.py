@@ -30,6 +30,7 @@ def run(cell: MatrixStateCell, params: Any, seqs: TimeMajor, *, chunk_size: int)
     conv_in, rest = cell.split(params, fwd.xs)
     conv_out, state, conv_final = None, fwd.carry, None
     if cell.conv_width:
+        assert conv_in is not None, f"{type(cell).__name__}.split gave no convolution input"
         windows, conv_final = conv_windows(conv_in, fwd.carry.conv, resets, fwd.lengths)
         conv_out, state = cell.convolve(params, windows), fwd.carry.state
     inputs = cell.mix(params, conv_out, rest)
@@ -37,7 +38,7 @@ def run(cell: MatrixStateCell, params: Any, seqs: TimeMajor, *, chunk_size: int)
     ys = cell.readout(params, o, conv_out, rest)
     if fwd.valid is not None:
         ys = jnp.where(expand_to(fwd.valid, ys), ys, jnp.zeros((), ys.dtype))
-    if cell.conv_width:
+    if conv_final is not None:
         final = MatrixCarry(conv_final, final)
     return unflip(ys), final, None
 
@@ -107,6 +108,7 @@ def recurrence(
     unst = lambda a: a.reshape(*batch_shape, *a.shape[1:])
     mask = None if valid is None else tm(valid)
     keep = lambda a, fill: a if mask is None else jnp.where(expand_to(mask, a), a, jnp.asarray(fill, a.dtype))
+    gates: tuple[Array, ...]
     if isinstance(inputs, GatedInputs):  # padding writes nothing and does not decay
         gates = () if inputs.log_decay is None else (keep(tm(inputs.log_decay), 0),)
         fills = (0.0,) * len(gates)
@@ -139,7 +141,8 @@ class _Problem:
         if self.cell.recurrence == "gla":
             o, final = chunkwise.gla(q, k, v, gates[0] if gates else None, state, seg, self.cell.query_scale())
         else:
-            o, final = chunkwise.mlstm(q, k, v, *gates, state, seg, self.cell.query_scale(), self.cell.eps)
+            i, log_f = gates
+            o, final = chunkwise.mlstm(q, k, v, i, log_f, state, seg, self.cell.query_scale(), self.cell.eps)
         return _from_chunks(o, steps), final
 
     def identity(self, state: Any) -> Any:
@@ -164,7 +167,8 @@ class _Problem:
         if self.cell.recurrence == "gla":
             decay = jnp.exp(log_decay)
             return (decay[..., None, None] if decay.ndim == 2 else decay[..., None]) * state + summary
-        return chunkwise.fold_mlstm(state, *summary, log_decay)
+        C, n, m = summary
+        return chunkwise.fold_mlstm(state, C, n, m, log_decay)
 
 
 def _sharded(problem: _Problem, arrays, state, resets, sharding: SequenceSharding):
