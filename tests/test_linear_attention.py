@@ -369,3 +369,22 @@ def test_methods_that_cannot_run_the_op_name_chunked(op, method):
     run = {"gla": lambda: LA.gla(Q, Q, V, G, method=method), "mlstm": lambda: LA.mlstm(Q, Q, V, G, G, method=method)}
     with pytest.raises(ValueError, match=r"rj\.Chunked\(\)"):
         run[op]()
+
+
+def test_an_empty_batch_and_no_steps_give_empty_outputs_and_the_initial_state():
+    """Batch 0 and T = 0 through the ops and the cells (a reshape to -1 of a zero-size array
+    raised ZeroDivisionError before): outputs empty, the state the initial one, gradients too."""
+    la = rj.linear_attention
+    for batch, steps in ((0, 5), (2, 0)):
+        q, v = jnp.ones((batch, steps, 2, 4)), jnp.ones((batch, steps, 2, 3))
+        for g in (None, jnp.zeros((batch, steps, 2)), jnp.zeros((batch, steps, 2, 4))):
+            o, S = la.gla(q, q, v, g, state=jnp.full((batch, 2, 4, 3), 0.5))
+            assert o.shape == (batch, steps, 2, 3) and S.shape == (batch, 2, 4, 3) and bool((S == 0.5).all())
+        h, state = la.mlstm(q, q, v, jnp.zeros((batch, steps, 2)), jnp.zeros((batch, steps, 2)))
+        assert h.shape == (batch, steps, 2, 3) and state.m.shape == (batch, 2)
+    for cell in (rj.Mamba2(heads=2, head_size=4, state_size=4), rj.MLSTM(heads=2, qk_head_size=4, v_head_size=4)):
+        params = cell.init(jax.random.key(0), 8)
+        for shape in ((0, 7, 8), (3, 0, 8)):
+            ys, _ = rj.scan(cell, params, jnp.ones(shape))
+            grad = jax.grad(lambda x, cell=cell, params=params: jnp.sum(rj.scan(cell, params, x)[0]))(jnp.ones(shape))
+            assert ys.shape == shape and grad.shape == shape

@@ -163,4 +163,4 @@ class GLA(MatrixStateCell):
     def readout(self, params: GLAParams, o: jax.Array, conv_out: jax.Array | None, rest: Any) -> jax.Array:
         g = rest[2].reshape(o.shape)
         y = rms_norm(o, params.norm, self.norm_eps) * jax.nn.silu(g)
-        return matmul(y.reshape(*o.shape[:-2], -1), params.w_out)
+        return matmul(y.reshape(*o.shape[:-2], o.shape[-2] * o.shape[-1]), params.w_out)

@@ -186,7 +186,7 @@ class Mamba2(MatrixStateCell):
 
     def readout(self, params: Mamba2Params, o: jax.Array, conv_out: jax.Array, rest: Any) -> jax.Array:
         y = o + params.d[:, None] * self._x(conv_out)
-        y = y.reshape(*o.shape[:-2], -1) * jax.nn.silu(rest[0])
-        grouped = (*y.shape[:-1], self.groups, -1)
+        y = y.reshape(*o.shape[:-2], o.shape[-2] * o.shape[-1]) * jax.nn.silu(rest[0])
+        grouped = (*y.shape[:-1], self.groups, y.shape[-1] // self.groups)
         y = rms_norm(y.reshape(grouped), params.norm.reshape(self.groups, -1), self.norm_eps)
-        return matmul(y.reshape(*o.shape[:-2], -1), params.w_out)
+        return matmul(y.reshape(*o.shape[:-2], o.shape[-2] * o.shape[-1]), params.w_out)

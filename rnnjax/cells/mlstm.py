@@ -178,7 +178,7 @@ class MLSTM(MatrixStateCell):
         norm = layer_norm if self.head_norm == "layer" else rms_norm
         h = norm(o, params.norm, self.norm_eps)
         out_gate = jax.nn.sigmoid(self._blocks(rest[0])[3])
-        return matmul(out_gate * h.reshape(*h.shape[:-2], -1), params.w_out)
+        return matmul(out_gate * h.reshape(*h.shape[:-2], h.shape[-2] * h.shape[-1]), params.w_out)
 
     def _blocks(self, proj: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """``q, k, v`` per head (``(*batch, heads, d)``) and the output gate's pre-activation

@@ -114,11 +114,11 @@ def _by_chunk_groups(fn, group: int, *args):
     grouped = []
     for a in leaves:  # (B, X, N, ...) -> (N / group, B, X, group, ...); padding chunks are cut below
         a = jnp.concatenate([a, jnp.zeros((*a.shape[:2], pad, *a.shape[3:]), a.dtype)], axis=2) if pad else a
-        a = a.reshape(*a.shape[:2], -1, group, *a.shape[3:])
+        a = a.reshape(*a.shape[:2], a.shape[2] // group, group, *a.shape[3:])
         grouped.append(jnp.moveaxis(a, 2, 0))
     out = jax.lax.map(lambda xs: fn(*jax.tree_util.tree_unflatten(tree, xs)), grouped)
     out = jnp.moveaxis(out, 0, 2)
-    return out.reshape(*out.shape[:2], -1, *out.shape[4:])[:, :, :chunks]
+    return out.reshape(*out.shape[:2], out.shape[2] * out.shape[3], *out.shape[4:])[:, :, :chunks]
 
 
 def _separable_intra(q: Array, k: Array, v: Array, b: Array, seg: Segments) -> Array:

@@ -86,7 +86,7 @@ def _to_chunks(a: Array, size: int, fill: float) -> Array:
 def _from_chunks(a: Array, steps: int) -> Array:
     """``(B, H, N, C, d)`` -> ``(T, B, H, d)``."""
     a = jnp.transpose(a, (2, 3, 0, 1, 4))
-    return a.reshape(-1, *a.shape[2:])[:steps]
+    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])[:steps]
 
 
 def recurrence(
@@ -159,7 +159,7 @@ class _Problem:
             total = jnp.sum(gates[-1], axis=0)  # log decay per head (or key): GLA's g, mLSTM's log sigma(f)
         if resets is None:
             return total
-        cut = jnp.any(resets, axis=0).reshape((-1,) + (1,) * (total.ndim - 1))
+        cut = jnp.any(resets, axis=0).reshape(resets.shape[1:] + (1,) * (total.ndim - 1))
         return jnp.where(cut, -jnp.inf, total)
 
     def fold(self, state: Any, summary: Any, log_decay: Array) -> Any:

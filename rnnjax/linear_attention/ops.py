@@ -66,7 +66,7 @@ class GatedOuterProduct(MatrixStateCell):
         return GatedInputs(q, k, v, None if self.gate == "none" else (g[..., 0] if self.gate == "head" else g))
 
     def readout(self, params, o, conv_out, x):
-        return o.reshape(*o.shape[:-2], -1)
+        return o.reshape(*o.shape[:-2], o.shape[-2] * o.shape[-1])
 
 
 @frozen
@@ -108,7 +108,7 @@ class MLSTMOp(MatrixStateCell):
         return MLSTMInputs(q, k, v, i[..., 0], f[..., 0])
 
     def readout(self, params, o, conv_out, x):
-        return o.reshape(*o.shape[:-2], -1)
+        return o.reshape(*o.shape[:-2], o.shape[-2] * o.shape[-1])
 
 
 def _unflatten(x: Array, widths: tuple[int, ...], heads: int) -> list[Array | None]:
@@ -161,7 +161,7 @@ def _scale(scale: float | None, d_k: int) -> float:
 def _run(cell: MatrixStateCell, parts: list[Array], state, lengths, resets, reverse, method, o_shape):
     """Flatten the per-step inputs into one ``xs`` and evaluate ``cell`` over it."""
     dtype = jnp.result_type(*parts)
-    xs = jnp.concatenate([p.reshape(*p.shape[:-2], -1).astype(dtype) for p in parts], axis=-1)
+    xs = jnp.concatenate([p.reshape(*p.shape[:-2], p.shape[-2] * p.shape[-1]).astype(dtype) for p in parts], axis=-1)
     reverse = check_reverse(reverse)
     xs, state, lengths, resets = validate(cell, None, xs, state, lengths, resets)
     o, final, _ = evaluate(cell, None, xs, state, lengths, resets, reverse, _method(method))
