@@ -4,6 +4,7 @@
     python -m benchmarks.linear_attention --lengths 4096 --ops gla_head --repeats 5
     python -m benchmarks.linear_attention --preset gpu          # + fla / xLSTM Triton kernels if they import
     python -m benchmarks.linear_attention --tiny                # seconds: checks that everything runs
+    python -m benchmarks.linear_attention --malloc reuse        # glibc keeps freed memory between calls
 
 Ops (``rj.linear_attention``) at B=2, 4 heads, d_k = d_v = 64, float32 by default:
 ``gla_head`` (one decay per head: simple GLA, Mamba2's SSD), ``gla_key`` (per key dimension:
@@ -32,6 +33,7 @@ import numpy as np
 import rnnjax as rj
 from benchmarks import timing
 from benchmarks.output import default_out
+from benchmarks.run import reuse_host_memory
 from benchmarks.systems import xla_memory
 
 PRESETS = {
@@ -155,13 +157,27 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--max-gb", type=float, default=8.0, help="skip attention rows whose scores need more")
+    parser.add_argument(
+        "--malloc",
+        choices=["default", "reuse"],
+        default="default",
+        help="reuse: glibc keeps freed memory (benchmarks/README.md, 'The allocator')",
+    )
+    parser.add_argument(
+        "--order",
+        choices=["interleaved", "blocks"],
+        default="interleaved",
+        help="interleaved: a, b, c, a, b, c, ... (drift hits all alike); blocks: each system's repeats in a row "
+        "(a large program run just before slows the next one: DECISIONS.md)",
+    )
     parser.add_argument("--out", type=Path)
     a = parser.parse_args(argv)
+    malloc = reuse_host_memory() if a.malloc == "reuse" else "default"
     preset = PRESETS["tiny" if a.tiny else a.preset]
     lengths, systems = a.lengths or preset["lengths"], a.systems or preset["systems"]
     batch, dk, dv = a.batch or preset.get("batch", 2), a.dk or preset.get("dk", 64), a.dv or preset.get("dv", 64)
     repeats, dtype = a.repeats or preset["repeats"], jnp.dtype(a.dtype)
-    env = timing.environment()
+    env = dict(timing.environment(), malloc=malloc, order=a.order)
     out = a.out or default_out(f"{env['backend']}-linear-attention")
     rows = []
     for op in a.ops:
@@ -182,7 +198,10 @@ def main(argv=None) -> int:
                         notes[system] = f"failed: {type(err).__name__}: {err}"
                         traceback.print_exc()
                 targets = {s: (b[0] if callable(b[0]) else b[0]) for s, b in built.items()}
-                results = timing.compare(targets, repeats) if targets else {}
+                if a.order == "blocks":
+                    results = {name: timing.measure(t, repeats) for name, t in targets.items()}
+                else:
+                    results = timing.compare(targets, repeats) if targets else {}
                 for system in systems:
                     row = dict(op=op, T=steps, mode=mode, system=system, batch=batch, heads=a.heads, dk=dk, dv=dv)
                     if system in results:
@@ -208,7 +227,10 @@ def table(rows: list[dict], env: dict) -> str:
     """Markdown: one line per (op, T, mode), time and peak memory per system, and the ratios
     of ``sequential`` and ``attention`` to ``chunked``."""
     systems = list(dict.fromkeys(r["system"] for r in rows))
-    head = f"`{env['command']}`\n\n{env['device_kind']} ({env['backend']}), jax {env['jax']}, {env['date']}\n\n"
+    head = (
+        f"`{env['command']}`\n\n{env['device_kind']} ({env['backend']}), jax {env['jax']}, {env['date']}, "
+        f"allocator: {env.get('malloc', 'default')}, order: {env.get('order', 'interleaved')}\n\n"
+    )
     cols = " | ".join(f"{s} ms | {s} MiB" for s in systems)
     lines = [
         head + f"| op | T | mode | {cols} | sequential / chunked | attention / chunked |",
