@@ -58,8 +58,9 @@ def loss_and_grad(params, xs, carry, lengths, resets, method, reverse):
 
 # Each method is a compilation of a scan's gradient (seconds on a CPU): the default chunked
 # method forwards, rj.Chunked(4) (T = 11: a partial last chunk) in reverse.
-@pytest.mark.parametrize("method, reverse", [pytest.param(None, False, marks=pytest.mark.slow), (rj.Chunked(4), True)],
-                         ids=["default", "chunk4-reverse"])
+# Slow: the op-level float64 comparison (tests/test_linear_attention.py) covers the recurrence in the fast set.
+@pytest.mark.slow
+@pytest.mark.parametrize("method, reverse", [(None, False), (rj.Chunked(4), True)], ids=["default", "chunk4-reverse"])
 def test_chunked_equals_sequential_in_values_and_gradients(method, reverse):
     steps = 11
     with enable_x64(True):
@@ -189,8 +190,8 @@ def value_and_grads(cell, params, xs, method):
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, xs)
 
 
-@pytest.mark.parametrize("i_bias, f_bias", [(30.0, -30.0), *(pytest.param(i, f, marks=pytest.mark.slow)
-                                                            for i, f in [(30.0, 30.0), (-30.0, 30.0), (-30.0, -30.0)])])
+@pytest.mark.slow  # the op's extreme gates (tests/test_linear_attention.py) run in the fast set
+@pytest.mark.parametrize("i_bias, f_bias", [(30.0, 30.0), (-30.0, 30.0), (30.0, -30.0), (-30.0, -30.0)])
 def test_extreme_gates_stay_finite(i_bias, f_bias):
     # No soft cap, so the pre-activations reach the recurrence: +-30 from the biases, spread by
     # about +-3 by the weights. exp(30) summed over 13 steps would overflow float32's
