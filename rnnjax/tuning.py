@@ -181,8 +181,6 @@ def default_chunk_size(steps: int, backend: str | None = None) -> int:
 
 def matrix_chunk_size(cell: MatrixStateCell, backend: str | None = None) -> int:
     """The chunk size ``rj.Chunked()`` uses for a matrix-state cell when given none
-    (:data:`MATRIX_CHUNK`); per-key decays are told apart by the cell's ``gate`` when it has one."""
-    kind = cell.recurrence
-    if kind == "gla" and getattr(cell, "gate", None) == "key":
-        kind = "gla_key"
+    (:data:`MATRIX_CHUNK`), by its recurrence and whether it decays per key."""
+    kind = "gla_key" if cell.recurrence == "gla" and cell.decays_per_key() else cell.recurrence
     return MATRIX_CHUNK[backend_key(backend)][kind]

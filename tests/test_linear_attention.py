@@ -389,3 +389,14 @@ def test_an_empty_batch_and_no_steps_give_empty_outputs_and_the_initial_state():
             ys, _ = rj.scan(cell, params, jnp.ones(shape))
             grad = jax.grad(lambda x, cell=cell, params=params: jnp.sum(rj.scan(cell, params, x)[0]))(jnp.ones(shape))
             assert ys.shape == shape and grad.shape == shape
+
+
+def test_the_chunk_size_table_tells_per_key_decays_apart(monkeypatch):
+    """rj.GLA and the per-key op read the "gla_key" row, Mamba2 and the per-head op "gla"."""
+    from rnnjax import tuning
+    from rnnjax.linear_attention.ops import GatedOuterProduct, MLSTMOp
+
+    monkeypatch.setitem(tuning.MATRIX_CHUNK, "cpu", {"gla": 16, "gla_key": 32, "mlstm": 8})
+    cells = {rj.GLA(2, 4, 4): 32, GatedOuterProduct(2, 4, 4, "key", 1.0): 32, rj.Mamba2(2, 4, 4): 16,
+             GatedOuterProduct(2, 4, 4, "head", 1.0): 16, MLSTMOp(2, 4, 4, 1.0): 8, rj.MLSTM(2, 4, 4): 8}
+    assert {cell: tuning.matrix_chunk_size(cell, "cpu") for cell in cells} == cells

@@ -107,6 +107,9 @@ class GLA(MatrixStateCell):
     def state_sizes(self, params: Any = None) -> tuple[int, int, int]:
         return self.heads, self.key_size, self.value_size
 
+    def decays_per_key(self) -> bool:
+        return True
+
     def conv_channels(self, params: Any = None) -> int:
         return self.heads * (2 * self.key_size + self.value_size)
 

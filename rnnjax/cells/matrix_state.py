@@ -132,6 +132,11 @@ class MatrixStateCell(Cell):
     def state_sizes(self, params: Any = None) -> tuple[int, int, int]:
         """``(heads, d_k, d_v)`` of the state."""
 
+    def decays_per_key(self) -> bool:
+        """Whether the log decay has one value per key dimension (GLA) rather than per head; the
+        chunk-size table has a row for each (:func:`rnnjax.tuning.matrix_chunk_size`)."""
+        return False
+
     def query_scale(self) -> float:
         """The factor on ``q`` (``d_k ** -0.5`` unless a cell says otherwise)."""
         return float(self.state_sizes()[1]) ** -0.5

@@ -27,8 +27,44 @@ Array = jax.Array
 GATES = ("none", "head", "key")
 
 
+class _ProjectedOp(MatrixStateCell):
+    """What the ops' cells share: no parameters, a step input that is the per-step tensors
+    concatenated and flattened (cut apart by :meth:`widths`), an output ``o`` flattened over
+    the heads. Subclasses set ``heads``, ``key_size``, ``value_size``, ``scale`` and :meth:`mix`."""
+
+    heads: int
+    key_size: int
+    value_size: int
+    scale: float
+
+    def widths(self) -> tuple[int, ...]:
+        """The per-step tensors' widths in the concatenated input, in order."""
+        raise NotImplementedError
+
+    def state_sizes(self, params: Any = None) -> tuple[int, int, int]:
+        return self.heads, self.key_size, self.value_size
+
+    def query_scale(self) -> float:
+        return self.scale
+
+    def init(self, key, input_size, dtype=jnp.float32):
+        return None
+
+    def input_size(self, params: Any) -> int:
+        return sum(self.widths())
+
+    def output_size(self, input_size: int) -> int:
+        return self.heads * self.value_size
+
+    def split(self, params, x):
+        return None, x
+
+    def readout(self, params, o, conv_out, x):
+        return o.reshape(*o.shape[:-2], o.shape[-2] * o.shape[-1])
+
+
 @frozen
-class GatedOuterProduct(MatrixStateCell):
+class GatedOuterProduct(_ProjectedOp):
     """Gated linear attention as a cell whose step input is ``q, k, v`` and the log decay of one
     step, concatenated and flattened (what :func:`gla` builds)."""
 
@@ -39,38 +75,20 @@ class GatedOuterProduct(MatrixStateCell):
     gate: str  # "none", "head" (one decay per head) or "key" (one per key dimension)
     scale: float
 
-    def state_sizes(self, params: Any = None) -> tuple[int, int, int]:
-        return self.heads, self.key_size, self.value_size
-
-    def query_scale(self) -> float:
-        return self.scale
-
     def widths(self) -> tuple[int, ...]:
         h, dk, dv = self.heads, self.key_size, self.value_size
         return (h * dk, h * dk, h * dv, {"none": 0, "head": h, "key": h * dk}[self.gate])
 
-    def init(self, key, input_size, dtype=jnp.float32):
-        return None
-
-    def input_size(self, params: Any) -> int:
-        return sum(self.widths())
-
-    def output_size(self, input_size: int) -> int:
-        return self.heads * self.value_size
-
-    def split(self, params, x):
-        return None, x
+    def decays_per_key(self) -> bool:
+        return self.gate == "key"
 
     def mix(self, params, conv_out, x):
         q, k, v, g = _unflatten(x, self.widths(), self.heads)
         return GatedInputs(q, k, v, None if self.gate == "none" else (g[..., 0] if self.gate == "head" else g))
 
-    def readout(self, params, o, conv_out, x):
-        return o.reshape(*o.shape[:-2], o.shape[-2] * o.shape[-1])
-
 
 @frozen
-class MLSTMOp(MatrixStateCell):
+class MLSTMOp(_ProjectedOp):
     """xLSTM's mLSTM as a cell whose step input is ``q, k, v`` and the two gate
     pre-activations of one step, concatenated and flattened (what :func:`mlstm` builds)."""
 
@@ -81,34 +99,13 @@ class MLSTMOp(MatrixStateCell):
     scale: float
     eps: float = 1e-6
 
-    def state_sizes(self, params: Any = None) -> tuple[int, int, int]:
-        return self.heads, self.key_size, self.value_size
-
-    def query_scale(self) -> float:
-        return self.scale
-
     def widths(self) -> tuple[int, ...]:
         h, dk, dv = self.heads, self.key_size, self.value_size
         return (h * dk, h * dk, h * dv, h, h)
 
-    def init(self, key, input_size, dtype=jnp.float32):
-        return None
-
-    def input_size(self, params: Any) -> int:
-        return sum(self.widths())
-
-    def output_size(self, input_size: int) -> int:
-        return self.heads * self.value_size
-
-    def split(self, params, x):
-        return None, x
-
     def mix(self, params, conv_out, x):
         q, k, v, i, f = _unflatten(x, self.widths(), self.heads)
         return MLSTMInputs(q, k, v, i[..., 0], f[..., 0])
-
-    def readout(self, params, o, conv_out, x):
-        return o.reshape(*o.shape[:-2], o.shape[-2] * o.shape[-1])
 
 
 def _unflatten(x: Array, widths: tuple[int, ...], heads: int) -> list[Array | None]:
