@@ -1,7 +1,7 @@
 r"""The matrix-state capability: cells whose state is a ``(d_k, d_v)`` matrix per head, updated
 by a gated outer product, and the one-step recurrences they share.
 
-Two recurrences, both in the layout ``q, k: (*batch, heads, d_k)``, ``v: (*batch, heads, d_v)``:
+Four recurrences, all in the layout ``q, k: (*batch, heads, d_k)``, ``v: (*batch, heads, d_v)``:
 
 - gated linear attention (:func:`gla_step`; linear attention, RetNet, Mamba2's SSD, GLA):
 
@@ -15,6 +15,17 @@ Two recurrences, both in the layout ``q, k: (*batch, heads, d_k)``, ``v: (*batch
       f'_t = e^{\log\sigma(f_t) + m_{t-1} - m_t}, \quad i'_t = e^{i_t - m_t} \\
       C_t &= f'_t C_{t-1} + i'_t k_t v_t^\top, \quad n_t = f'_t n_{t-1} + i'_t k_t, \quad
       h_t = \frac{C_t^\top \tilde q_t}{\max(|n_t^\top \tilde q_t|, e^{-m_t}) + \epsilon}
+
+- the gated delta rule (:func:`delta_step`; DeltaNet, Gated DeltaNet, KDA), the decay applied
+  before the prediction :math:`(D_t S_{t-1})^\top k_t`:
+
+  .. math:: S_t = (I - \beta_t k_t k_t^\top) D_t S_{t-1} + \beta_t k_t v_t^\top, \qquad
+            D_t = \mathrm{diag}(e^{g_t})
+
+- the diagonal-plus-low-rank recurrence (:func:`dplr_step`; RWKV-7, fla's generalised delta
+  rule), :math:`a_t` reading the state and :math:`b_t` writing it:
+
+  .. math:: S_t = (\mathrm{diag}(e^{w_t}) + b_t a_t^\top) S_{t-1} + k_t v_t^\top
 
 A :class:`MatrixStateCell` splits its step into per-step pieces that need no state (input
 projections, an optional short causal convolution, the output), so a chunkwise engine
@@ -33,7 +44,7 @@ import jax.numpy as jnp
 from rnnjax.cell import Cell
 
 Array = jax.Array
-RECURRENCES = ("gla", "mlstm")
+RECURRENCES = ("gla", "mlstm", "delta", "dplr")
 
 
 class GatedInputs(NamedTuple):
@@ -55,6 +66,27 @@ class MLSTMInputs(NamedTuple):
     forget_gate: Array  # (*batch, heads): f_t (log sigma(f_t) is the log decay)
 
 
+class DeltaInputs(NamedTuple):
+    """One step (or, time-major, all steps) of the gated delta rule."""
+
+    q: Array  # (*batch, heads, d_k)
+    k: Array  # (*batch, heads, d_k); the cells L2-normalise it, the recurrence does not
+    v: Array  # (*batch, heads, d_v)
+    beta: Array  # (*batch, heads): the write strength, in [0, 2] (above 1: negative eigenvalues)
+    log_decay: Array | None  # None, (*batch, heads) or (*batch, heads, d_k); values <= 0
+
+
+class DPLRInputs(NamedTuple):
+    """One step (or, time-major, all steps) of the diagonal-plus-low-rank recurrence."""
+
+    q: Array  # (*batch, heads, d_k): RWKV-7's receptance r
+    k: Array  # (*batch, heads, d_k)
+    v: Array  # (*batch, heads, d_v)
+    a: Array  # (*batch, heads, d_k): reads the state (a^T S)
+    b: Array  # (*batch, heads, d_k): writes what a read
+    log_decay: Array  # (*batch, heads, d_k): RWKV-7's log w, values <= 0
+
+
 class MLSTMState(NamedTuple):
     """The mLSTM's stabilised state."""
 
@@ -63,13 +95,21 @@ class MLSTMState(NamedTuple):
     m: Array  # (*batch, heads): the log-scale stabiliser
 
 
+Inputs = GatedInputs | MLSTMInputs | DeltaInputs | DPLRInputs
+
+
+def _decayed(state: Array, g: Array | None, q: Array) -> Array:
+    """``diag(e^g) S`` for ``g`` per head (``q.ndim - 1`` axes) or per key (``q.ndim``)."""
+    if g is None:
+        return state
+    decay = jnp.exp(g)
+    return state * (decay[..., None, None] if g.ndim == q.ndim - 1 else decay[..., None])
+
+
 def gla_step(state: Array, inputs: GatedInputs, scale: float) -> tuple[Array, Array]:
     """``(S_t, o_t)`` from ``S_{t-1}`` (``(*batch, heads, d_k, d_v)``) and one step's inputs."""
     q, k, v, g = inputs
-    if g is not None:
-        decay = jnp.exp(g)
-        state = state * (decay[..., None, None] if g.ndim == q.ndim - 1 else decay[..., None])
-    state = state + k[..., :, None] * v[..., None, :]
+    state = _decayed(state, g, q) + k[..., :, None] * v[..., None, :]
     return state, jnp.einsum("...d,...de->...e", q * scale, state)
 
 
@@ -87,10 +127,27 @@ def mlstm_step(state: MLSTMState, inputs: MLSTMInputs, scale: float, eps: float)
     return MLSTMState(C, n, m), num / den[..., None]
 
 
+def delta_step(state: Array, inputs: DeltaInputs, scale: float) -> tuple[Array, Array]:
+    """``(S_t, o_t)`` of the gated delta rule from ``S_{t-1}`` (``(*batch, heads, d_k, d_v)``)."""
+    q, k, v, beta, g = inputs
+    state = _decayed(state, g, q)
+    error = v - jnp.einsum("...d,...de->...e", k, state)  # what S predicts for k, subtracted from v
+    state = state + (beta[..., None] * k)[..., :, None] * error[..., None, :]
+    return state, jnp.einsum("...d,...de->...e", q * scale, state)
+
+
+def dplr_step(state: Array, inputs: DPLRInputs, scale: float) -> tuple[Array, Array]:
+    """``(S_t, o_t)`` of the diagonal-plus-low-rank recurrence from ``S_{t-1}``."""
+    q, k, v, a, b, w = inputs
+    read = jnp.einsum("...d,...de->...e", a, state)  # a^T S_{t-1}, before the decay
+    state = _decayed(state, w, q) + b[..., :, None] * read[..., None, :] + k[..., :, None] * v[..., None, :]
+    return state, jnp.einsum("...d,...de->...e", q * scale, state)
+
+
 def zero_state(recurrence: str, batch_shape: tuple[int, ...], heads: int, d_k: int, d_v: int, dtype: Any) -> Any:
-    """The zero state of ``recurrence`` (``"gla"``: ``S``; ``"mlstm"``: :class:`MLSTMState`)."""
+    """The zero state of ``recurrence`` (``"mlstm"``: :class:`MLSTMState`; the others: ``S``)."""
     S = jnp.zeros((*batch_shape, heads, d_k, d_v), dtype)
-    if recurrence == "gla":
+    if recurrence != "mlstm":
         return S
     return MLSTMState(S, jnp.zeros((*batch_shape, heads, d_k), dtype), jnp.zeros((*batch_shape, heads), dtype))
 
@@ -103,9 +160,10 @@ class MatrixCarry(NamedTuple):
 
 
 class MatrixStateCell(Cell):
-    """Capability: a cell whose recurrence is :func:`gla_step` or :func:`mlstm_step` on inputs
-    computed per step, so :class:`rnnjax.Chunked` runs it chunkwise (matrix products within a
-    chunk, the state passed between chunks).
+    """Capability: a cell whose recurrence is :func:`gla_step`, :func:`mlstm_step`,
+    :func:`delta_step` or :func:`dplr_step` on inputs computed per step, so
+    :class:`rnnjax.Chunked` runs it chunkwise (matrix products within a chunk, the state passed
+    between chunks).
 
     A step is ``split -> [causal convolution] -> mix -> recurrence -> readout``:
 
@@ -114,8 +172,8 @@ class MatrixStateCell(Cell):
       later pieces need (a pytree of ``(*batch, ...)`` arrays).
     - :meth:`convolve` ``(params, window) -> conv_out``: the convolution output of one step from
       its window ``(*batch, conv_width, conv_channels)`` (oldest input first).
-    - :meth:`mix` ``(params, conv_out, rest)``: the recurrence's :class:`GatedInputs` or
-      :class:`MLSTMInputs`.
+    - :meth:`mix` ``(params, conv_out, rest)``: the recurrence's inputs (:class:`GatedInputs`,
+      :class:`MLSTMInputs`, :class:`DeltaInputs` or :class:`DPLRInputs`).
     - :meth:`readout` ``(params, o, conv_out, rest) -> y``: the output from the recurrence's
       ``o`` (``(*batch, heads, d_v)``).
 
@@ -124,7 +182,7 @@ class MatrixStateCell(Cell):
     state when ``conv_width == 0``, else :class:`MatrixCarry`.
     """
 
-    recurrence: ClassVar[str]  # "gla" or "mlstm"
+    recurrence: ClassVar[str]  # one of RECURRENCES
     conv_width: int = 0  # a subclass with a convolution makes this a field
     eps: float = 1e-6  # the mLSTM denominator's epsilon (a field of mLSTM subclasses)
 
@@ -148,7 +206,7 @@ class MatrixStateCell(Cell):
         raise NotImplementedError(f"{type(self).__name__} has no convolution (conv_width=0)")
 
     @abc.abstractmethod
-    def mix(self, params: Any, conv_out: Array | None, rest: Any) -> GatedInputs | MLSTMInputs: ...
+    def mix(self, params: Any, conv_out: Array | None, rest: Any) -> Inputs: ...
 
     @abc.abstractmethod
     def readout(self, params: Any, o: Array, conv_out: Array | None, rest: Any) -> Array: ...
@@ -164,11 +222,12 @@ class MatrixStateCell(Cell):
         window = jnp.zeros((*batch_shape, self.conv_width - 1, self.conv_channels()), dtype)
         return MatrixCarry(window, state)
 
-    def recur(self, state: Any, inputs: GatedInputs | MLSTMInputs) -> tuple[Any, Array]:
+    def recur(self, state: Any, inputs: Inputs) -> tuple[Any, Array]:
         """One step of the recurrence."""
-        if self.recurrence == "gla":
-            return gla_step(state, inputs, self.query_scale())  # type: ignore[arg-type]
-        return mlstm_step(state, inputs, self.query_scale(), self.eps)  # type: ignore[arg-type]
+        if self.recurrence == "mlstm":
+            return mlstm_step(state, inputs, self.query_scale(), self.eps)  # type: ignore[arg-type]
+        step = {"gla": gla_step, "delta": delta_step, "dplr": dplr_step}[self.recurrence]
+        return step(state, inputs, self.query_scale())  # type: ignore[operator]
 
     def step(self, params: Any, carry: Any, x: Array) -> tuple[Any, Array]:
         self.check_input(params, x)
