@@ -1,6 +1,7 @@
 """One module per cell family."""
 
 from rnnjax.cells.convlstm import ConvLSTM, ConvLSTMParams, ConvLSTMState
+from rnnjax.cells.deltanet import DeltaNet, DeltaNetParams, GatedDeltaNet, GatedDeltaNetParams
 from rnnjax.cells.elman import Elman, ElmanParams
 from rnnjax.cells.gla import GLA, GLAParams
 from rnnjax.cells.gru import GRU, GRUParams
@@ -12,6 +13,7 @@ from rnnjax.cells.mgu import MGU, MGUParams
 from rnnjax.cells.minimal import MinGRU, MinGRUParams, MinLSTM, MinLSTMParams
 from rnnjax.cells.mlstm import MLSTM, MLSTMParams
 from rnnjax.cells.para import ParaGRU, ParaGRUParams, ParaLSTM, ParaLSTMParams, ParaLSTMState
+from rnnjax.cells.rwkv7 import RWKV7, RWKV7Params
 
 __all__ = [
     "Elman",
@@ -45,4 +47,10 @@ __all__ = [
     "Mamba2Params",
     "MLSTM",
     "MLSTMParams",
+    "DeltaNet",
+    "DeltaNetParams",
+    "GatedDeltaNet",
+    "GatedDeltaNetParams",
+    "RWKV7",
+    "RWKV7Params",
 ]
