@@ -37,6 +37,10 @@ CELL_CASES = {
     "mlstm": rj.MLSTM(heads=2, qk_head_size=4, v_head_size=4),
     "gla": rj.GLA(heads=2, key_size=4, value_size=4),
     "mamba2": rj.Mamba2(heads=2, head_size=4, state_size=4),
+    "deltanet": rj.DeltaNet(heads=2, key_size=4, value_size=4),
+    "gated_deltanet": rj.GatedDeltaNet(heads=2, key_size=4, value_size=4),
+    # The key width (2 * 4) need not be the input's (3); w_out starts at zero (the reference's).
+    "rwkv7": rj.RWKV7(hidden_size=3, heads=2, head_size=4, decay_rank=4, a_rank=4, gate_rank=4),
 }
 
 
