@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +110,7 @@ class DeltaNet(MatrixStateCell):
     """
 
     recurrence = "delta"
-    params_type = DeltaNetParams
+    params_type: ClassVar[type[Any] | None] = DeltaNetParams  # GatedDeltaNet's are other params
 
     heads: int
     key_size: int
@@ -239,7 +239,7 @@ class GatedDeltaNet(DeltaNet):
 
     use_gate: bool = True
 
-    def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> GatedDeltaNetParams:  # type: ignore[override]
+    def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> GatedDeltaNetParams:
         shared = self._shared_init(key, input_size, dtype)
         ka, kA, kt = jax.random.split(jax.random.fold_in(key, 1), 3)
         work = jnp.promote_types(dtype, jnp.float32)
