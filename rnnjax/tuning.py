@@ -65,8 +65,8 @@ TIME_SHARDED = {
 # no or one decay per head, "gla_key" with per-key decays, "mlstm") (DECISIONS.md, "Chunk sizes
 # of the matrix-state recurrences").
 MATRIX_CHUNK = {
-    "cpu": {"gla": 64, "gla_key": 64, "mlstm": 64},
-    "gpu": {"gla": 64, "gla_key": 64, "mlstm": 64},
+    "cpu": {"gla": 64, "gla_key": 64, "mlstm": 64, "delta": 64, "delta_key": 64, "dplr": 64},
+    "gpu": {"gla": 64, "gla_key": 64, "mlstm": 64, "delta": 64, "delta_key": 64, "dplr": 64},
 }
 
 
@@ -182,5 +182,6 @@ def default_chunk_size(steps: int, backend: str | None = None) -> int:
 def matrix_chunk_size(cell: MatrixStateCell, backend: str | None = None) -> int:
     """The chunk size ``rj.Chunked()`` uses for a matrix-state cell when given none
     (:data:`MATRIX_CHUNK`), by its recurrence and whether it decays per key."""
-    kind = "gla_key" if cell.recurrence == "gla" and cell.decays_per_key() else cell.recurrence
+    per_key = cell.recurrence in ("gla", "delta") and cell.decays_per_key()
+    kind = cell.recurrence + ("_key" if per_key else "")
     return MATRIX_CHUNK[backend_key(backend)][kind]

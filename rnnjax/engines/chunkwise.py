@@ -72,12 +72,16 @@ def _masked_exp(x: Array, mask: Array) -> Array:
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0)), 0)
 
 
-def _key_gated_scores(q: Array, k: Array, b: Array, causal_size: int) -> Array:
-    r"""``A_ij = sum_d q_id k_jd e^{b_id - b_jd}`` for ``j <= i`` (else 0), ``(..., C, C)``, from
-    ``q, k, b`` of shape ``(..., C, d_k)`` with ``b`` non-increasing along ``C``.
+def _key_gated_scores(
+    q: Array, k: Array, b: Array, causal_size: int, b_rows: Array | None = None, strict: bool = False
+) -> Array:
+    r"""``A_ij = sum_d q_id k_jd e^{b'_id - b_jd}`` for ``j <= i`` (``j < i`` when ``strict``),
+    else 0, ``(..., C, C)``, from ``q, k, b`` of shape ``(..., C, d_k)`` with ``b``
+    non-increasing along ``C``; ``b' = b_rows`` (default ``b``) with ``b'_i <= b_{i-1}``
+    (``b_rows = b - g`` is the decay before step ``i``, as the DPLR recurrence reads it).
 
     Blocks of ``sub`` steps: a block below the diagonal goes through the cumulative decay
-    ``r`` at the end of the block before row block ``I``, :math:`(q_i e^{b_i - r})
+    ``r`` at the end of the block before row block ``I``, :math:`(q_i e^{b'_i - r})
     (k_j e^{r - b_j})` (both exponents ``<= 0``); a diagonal block is computed exactly, as a
     ``(sub, sub, d_k)`` factor.
     """
@@ -87,13 +91,14 @@ def _key_gated_scores(q: Array, k: Array, b: Array, causal_size: int) -> Array:
         sub -= 1
     n = size // sub
     lead = q.shape[:-2]
-    qs, ks, bs = (a.reshape(*lead, n, sub, d_k) for a in (q, k, b))
-    tri = jnp.tril(jnp.ones((sub, sub), bool))
+    b_rows = b if b_rows is None else b_rows
+    qs, ks, bs, rs = (a.reshape(*lead, n, sub, d_k) for a in (q, k, b, b_rows))
+    tri = jnp.tril(jnp.ones((sub, sub), bool), -1 if strict else 0)
     diag = jnp.einsum(
-        "...nid,...njd,...nijd->...nij", qs, ks, _masked_exp(bs[..., :, None, :] - bs[..., None, :, :], tri[..., None])
+        "...nid,...njd,...nijd->...nij", qs, ks, _masked_exp(rs[..., :, None, :] - bs[..., None, :, :], tri[..., None])
     )
     ref = jnp.concatenate([jnp.zeros_like(bs[..., :1, 0, :]), bs[..., :-1, -1, :]], axis=-2)  # (..., n, d_k)
-    q_ref = qs * jnp.exp(bs - ref[..., :, None, :])
+    q_ref = qs * jnp.exp(rs - ref[..., :, None, :])
     earlier = (jnp.arange(size)[None, :] < (jnp.arange(n) * sub)[:, None])[..., None]  # (n, C, 1)
     k_ref = k[..., None, :, :] * _masked_exp(ref[..., :, None, :] - b[..., None, :, :], earlier)  # (..., n, C, d_k)
     off = jnp.einsum("...nid,...njd->...nij", q_ref, k_ref)  # (..., n, sub, C)

@@ -13,8 +13,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from rnnjax.cells.matrix_state import GatedInputs, MatrixCarry, MatrixStateCell, MLSTMInputs, MLSTMState
-from rnnjax.engines import chunkwise
+from rnnjax.cells.matrix_state import (
+    DeltaInputs,
+    GatedInputs,
+    Inputs,
+    MatrixCarry,
+    MatrixStateCell,
+    MLSTMInputs,
+    MLSTMState,
+)
+from rnnjax.engines import chunkwise, chunkwise_delta
 from rnnjax.sequence import TimeMajor, expand_to
 from rnnjax.sharding.mesh import SequenceSharding, place
 
@@ -91,7 +99,7 @@ def _from_chunks(a: Array, steps: int) -> Array:
 
 def recurrence(
     cell: MatrixStateCell,
-    inputs: GatedInputs | MLSTMInputs,
+    inputs: Inputs,
     state: Any,
     resets: Array | None,
     valid: Array | None,
@@ -113,10 +121,18 @@ def recurrence(
         gates = () if inputs.log_decay is None else (keep(tm(inputs.log_decay), 0),)
         fills = (0.0,) * len(gates)
         state = st(state)
-    else:  # padding: no input (i = -inf) and no forgetting (log sigma(f) = 0)
+    elif isinstance(inputs, MLSTMInputs):  # padding: no input (i = -inf) and no forgetting (log sigma(f) = 0)
         gates = (keep(tm(inputs.input_gate), -jnp.inf), keep(jax.nn.log_sigmoid(tm(inputs.forget_gate)), 0))
         fills = (-jnp.inf, 0.0)
         state = MLSTMState(*map(st, state))
+    elif isinstance(inputs, DeltaInputs):  # padding: beta = 0 and no decay, the identity transition
+        gates = (keep(tm(inputs.beta), 0),) + (() if inputs.log_decay is None else (keep(tm(inputs.log_decay), 0),))
+        fills = (0.0,) * len(gates)
+        state = st(state)
+    else:  # DPLR padding: a = b = 0 and no decay, the identity transition
+        gates = tuple(keep(tm(a), 0) for a in (inputs.a, inputs.b, inputs.log_decay))
+        fills = (0.0,) * 3
+        state = st(state)
     arrays = (tm(inputs.q), keep(tm(inputs.k), 0), tm(inputs.v), *gates)
     problem = _Problem(cell, max(1, min(size, steps)), (0.0, 0.0, 0.0, *fills))
     resets = None if resets is None else tm(resets)
@@ -138,20 +154,33 @@ class _Problem:
         chunks = -(-steps // size)
         seg = chunkwise.segments(None if resets is None else _to_chunks(resets, size, False), flat, chunks, size)
         q, k, v, *gates = (_to_chunks(a, size, f) for a, f in zip(arrays, self.fills))
-        if self.cell.recurrence == "gla":
-            o, final = chunkwise.gla(q, k, v, gates[0] if gates else None, state, seg, self.cell.query_scale())
-        else:
+        recurrence, scale = self.cell.recurrence, self.cell.query_scale()
+        if recurrence == "gla":
+            o, final = chunkwise.gla(q, k, v, gates[0] if gates else None, state, seg, scale)
+        elif recurrence == "mlstm":
             i, log_f = gates
-            o, final = chunkwise.mlstm(q, k, v, i, log_f, state, seg, self.cell.query_scale(), self.cell.eps)
+            o, final = chunkwise.mlstm(q, k, v, i, log_f, state, seg, scale, self.cell.eps)
+        elif recurrence == "delta":
+            beta, *g = gates
+            o, final = chunkwise_delta.delta_rule(q, k, v, beta, g[0] if g else None, state, seg, scale)
+        else:
+            o, final = chunkwise_delta.dplr(q, k, v, *gates, state, seg, scale)
         return _from_chunks(o, steps), final
 
     def identity(self, state: Any) -> Any:
         """The state a stretch of steps is summarised from: zeros (and ``m = -inf``)."""
         zero = jax.tree.map(jnp.zeros_like, state)
-        return zero if self.cell.recurrence == "gla" else zero._replace(m=jnp.full_like(state.m, -jnp.inf))
+        return zero._replace(m=jnp.full_like(state.m, -jnp.inf)) if self.cell.recurrence == "mlstm" else zero
 
-    def log_decay(self, arrays: tuple[Array, ...], resets: Array | None) -> Array | None:
-        """The total log decay of the incoming state over these steps (``-inf`` across a reset)."""
+    def transition(self, arrays: tuple[Array, ...], resets: Array | None) -> Array:
+        """What these steps do to the incoming state: its total log decay (``-inf`` across a
+        reset) for gla and the mLSTM, the ``(B, H, d_k, d_k)`` matrix of the transitions'
+        product for the delta rule and DPLR (the steps run from the identity with ``v = 0``)."""
+        if self.cell.recurrence in ("delta", "dplr"):
+            q, k, v, *gates = arrays
+            d_k = k.shape[-1]
+            eye = jnp.broadcast_to(jnp.eye(d_k, dtype=k.dtype), (*k.shape[1:3], d_k, d_k))
+            return self.solve((q, k, jnp.zeros_like(k), *gates), eye, resets)[1]
         gates = arrays[3:]
         if self.cell.recurrence == "gla" and not gates:
             total = jnp.zeros(arrays[0].shape[1:3], arrays[0].dtype)
@@ -162,8 +191,12 @@ class _Problem:
         cut = jnp.any(resets, axis=0).reshape(resets.shape[1:] + (1,) * (total.ndim - 1))
         return jnp.where(cut, -jnp.inf, total)
 
-    def fold(self, state: Any, summary: Any, log_decay: Array) -> Any:
-        """``state`` carried through a stretch summarised by ``summary`` and ``log_decay``."""
+    def fold(self, state: Any, summary: Any, transition: Array) -> Any:
+        """``state`` carried through a stretch summarised by ``summary`` and its
+        :meth:`transition`."""
+        if self.cell.recurrence in ("delta", "dplr"):
+            return jnp.einsum("...kl,...le->...ke", transition, state) + summary
+        log_decay = transition
         if self.cell.recurrence == "gla":
             decay = jnp.exp(log_decay)
             return (decay[..., None, None] if decay.ndim == 2 else decay[..., None]) * state + summary
@@ -187,12 +220,11 @@ def _sharded(problem: _Problem, arrays, state, resets, sharding: SequenceShardin
     def local(arrays, state, resets):
         varying = lambda a: jax.lax.pcast(a, (axis,), to="varying")  # the loop's carry differs per shard
         _, summary = problem.solve(arrays, jax.tree.map(varying, problem.identity(state)), resets)
-        log_decay = problem.log_decay(arrays, resets)
         gather = lambda a: jax.lax.all_gather(a, axis, axis=0)
-        summaries, decays = jax.tree.map(gather, summary), gather(log_decay)
+        summaries, transitions = jax.tree.map(gather, summary), gather(problem.transition(arrays, resets))
         starts = [state]
         for j in range(n):
-            starts.append(problem.fold(starts[-1], jax.tree.map(lambda a, j=j: a[j], summaries), decays[j]))
+            starts.append(problem.fold(starts[-1], jax.tree.map(lambda a, j=j: a[j], summaries), transitions[j]))
         incoming = jax.tree.map(lambda *s: jnp.stack(s)[jax.lax.axis_index(axis)], *starts[:n])
         o, _ = problem.solve(arrays, incoming, resets)
         return o, jax.tree.map(lambda a: a[None], starts[n])  # every shard's copy is the same

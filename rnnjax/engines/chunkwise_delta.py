@@ -1,0 +1,189 @@
+r"""The chunkwise form of the delta rule and the diagonal-plus-low-rank (DPLR) recurrence
+(:func:`rnnjax.cells.matrix_state.delta_step`, :func:`~rnnjax.cells.matrix_state.dplr_step`)
+by the WY/UT representation (Yang et al. 2024, "Parallelizing Linear Transformers with the
+Delta Rule over Sequence Length"; fla's ``chunk_delta_rule`` and ``chunk_dplr``).
+
+Within a chunk of ``C`` steps, with :math:`\Gamma_i = e^{b_i}` the cumulative decay from the
+chunk's start, the state is :math:`S_i = \Gamma_i S_0 + \sum_{j \le i} (\Gamma_i / \Gamma_j)
+k_j u_j^\top` for pseudo-values :math:`u_j` that solve one unit-lower-triangular system,
+:math:`(I + A) U = \mathrm{diag}(\beta) (V - (K \odot \Gamma) S_0)` with
+:math:`A_{jl} = \beta_j \sum_d k_{jd} k_{ld} e^{b_{jd} - b_{ld}}` (:math:`l < j`). Everything is
+affine in the incoming state, so each chunk reduces to four arrays computed for all chunks at
+once (matrix products and the inverse :math:`T = (I + A)^{-1}`):
+
+.. math:: O = Q' S_0 + O_0, \qquad S_C = M S_0 + B
+
+(``Q'``: ``(C, d_k)``, ``O_0``: ``(C, d_v)``, ``M``: ``(d_k, d_k)``, ``B``: ``(d_k, d_v)``), and
+one ``d_k x d_k`` by ``d_k x d_v`` product per chunk passes the state along. The DPLR
+recurrence :math:`S_t = D_t S_{t-1} + b_t (a_t^\top S_{t-1}) + k_t v_t^\top` reads
+:math:`u_j = S_{j-1}^\top a_j` the same way, with :math:`(I - A^{ab}) U = (A \odot
+\Gamma_{j-1}) S_0 + A^{ak} V`.
+
+Resets, padding and the array layout ``(B, H, N, C, ...)`` are those of
+:mod:`rnnjax.engines.chunkwise`; every exponent is ``<= 0``. The per-chunk arrays are
+recomputed in the backward pass (``jax.checkpoint``), so memory grows as ``T (d_k + d_v)``
+plus two ``d_k``-square matrices per chunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.engines.chunkwise import LOG_DECAY_FLOOR, Segments, _key_gated_scores, _masked_exp
+
+Array = jax.Array
+INVERSE_BLOCK = 16  # forward substitution on diagonal blocks of this size, then merged (as fla does)
+
+
+def _forward_substitution(A: Array) -> Array:
+    """``(I + A)^{-1}`` for strictly lower ``A`` (``(..., s, s)``), row by row:
+    :math:`T_i = e_i - \\sum_{l < i} A_{il} T_l`."""
+    size = A.shape[-1]
+    T = jnp.broadcast_to(jnp.eye(size, dtype=A.dtype), A.shape)
+    for i in range(1, size):
+        T = T.at[..., i, :].add(-jnp.einsum("...l,...le->...e", A[..., i, :], T))
+    return T
+
+
+def unit_lower_inverse(A: Array) -> Array:
+    """``(I + A)^{-1}`` for strictly lower ``A`` (``(..., C, C)``): diagonal blocks of
+    :data:`INVERSE_BLOCK` by forward substitution, merged pairwise by
+    ``[[T1, 0], [-T2 A21 T1, T2]]``."""
+    size = A.shape[-1]
+    base = min(INVERSE_BLOCK, size)
+    padded = base
+    while padded < size:
+        padded *= 2
+    if padded != size:  # the padding's block of the inverse is the identity; cut below
+        A = jnp.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, padded - size)] * 2)
+
+    def invert(A: Array) -> Array:
+        n = A.shape[-1]
+        if n <= base:
+            return _forward_substitution(A)
+        h = n // 2
+        T1, T2 = invert(jnp.stack([A[..., :h, :h], A[..., h:, h:]]))
+        T21 = -jnp.einsum("...ij,...jk,...kl->...il", T2, A[..., h:, :h], T1)
+        top = jnp.concatenate([T1, jnp.zeros_like(T1)], axis=-1)
+        return jnp.concatenate([top, jnp.concatenate([T21, T2], axis=-1)], axis=-2)
+
+    return invert(A)[..., :size, :size]
+
+
+def _scores(x: Array, y: Array, b: Array | None, same: Array, strict: bool = False, b_rows: Array | None = None):
+    r"""``sum_d x_id y_jd e^{b'_id - b_jd}`` where ``same`` (and ``j < i`` when ``strict``),
+    else 0, ``(B, H, N, C, C)``; ``b``: ``None``, per head ``(..., C)`` or per key
+    ``(..., C, d_k)``; ``b'``: ``b_rows`` (default ``b``)."""
+    mask = same & ~jnp.eye(x.shape[-2], dtype=bool) if strict else same
+    if b is None:
+        return jnp.where(mask, jnp.einsum("...id,...jd->...ij", x, y), 0)
+    b_rows = b if b_rows is None else b_rows
+    if b.ndim == x.ndim - 1:
+        return jnp.einsum("...id,...jd->...ij", x, y) * _masked_exp(b_rows[..., :, None] - b[..., None, :], mask)
+    return jnp.where(mask, _key_gated_scores(x, y, b, x.shape[-2], b_rows, strict), 0)
+
+
+def _decay_factors(b: Array | None, seg: Segments, like: Array) -> tuple[Array, Array, Array]:
+    """``(start, out, total)``: ``e^{b}`` where the incoming state reaches a step,
+    ``e^{b_C - b}`` where a step is in the chunk's last segment (both multiply ``(..., C, d_k)``
+    rows), and ``e^{b_C}`` if the chunk has no reset (``(..., d_k)`` or ``(..., 1)``)."""
+    last_open = seg.open[..., -1][..., None]
+    open_, in_last = seg.open[..., None], seg.same[..., -1, :]
+    if b is None:
+        return open_.astype(like.dtype), in_last[..., None].astype(like.dtype), last_open.astype(like.dtype)
+    if b.ndim == like.ndim:  # per key
+        bl = b[..., -1:, :]
+        return jnp.exp(b) * open_, _masked_exp(bl - b, in_last[..., None]), jnp.exp(bl[..., 0, :]) * last_open
+    bl = b[..., -1:]
+    return (jnp.exp(b) * seg.open)[..., None], _masked_exp(bl - b, in_last)[..., None], jnp.exp(bl) * last_open
+
+
+def _propagate(Qp: Array, O0: Array, M: Array, B: Array, state: Array) -> tuple[Array, Array]:
+    """``(O, S_final)`` from the per-chunk arrays: ``S_{n+1} = M_n S_n + B_n``,
+    ``O_n = Q'_n S_n + O_{0,n}``."""
+
+    def step(S, chunk):
+        M_n, B_n = chunk
+        return jnp.einsum("...kl,...le->...ke", M_n, S) + B_n, S
+
+    final, incoming = jax.lax.scan(step, state, (jnp.moveaxis(M, 2, 0), jnp.moveaxis(B, 2, 0)))
+    return O0 + jnp.einsum("...id,...de->...ie", Qp, jnp.moveaxis(incoming, 0, 2)), final
+
+
+def _delta_chunks(q, k, v, beta, b, seg: Segments):
+    """``(Q', O_0, M, B)`` of every chunk of the gated delta rule."""
+    start, out, total = _decay_factors(b, seg, k)
+    A = beta[..., :, None] * _scores(k, k, b, seg.same, strict=True)
+    T = unit_lower_inverse(A)
+    d_k = k.shape[-1]
+    rhs = jnp.concatenate([k * (beta[..., None] * start), v * beta[..., None]], axis=-1)
+    WU = jnp.einsum("...ij,...je->...ie", T, rhs)
+    W, U0 = WU[..., :d_k], WU[..., d_k:]  # the pseudo-values are U0 - W S_0
+    P = _scores(q, k, b, seg.same)
+    Qp = q * start - jnp.einsum("...ij,...jd->...id", P, W)
+    O0 = jnp.einsum("...ij,...je->...ie", P, U0)
+    k_out = k * out
+    M = _diag(total, d_k) - jnp.einsum("...jd,...je->...de", k_out, W)
+    return Qp, O0, M, jnp.einsum("...jd,...je->...de", k_out, U0)
+
+
+def _dplr_chunks(q, k, v, a, b_vec, c, c_prev, seg: Segments):
+    """``(Q', O_0, M, B)`` of every chunk of the DPLR recurrence; ``c``: cumulative log decay
+    through step ``i``, ``c_prev`` before it."""
+    start, out, total = _decay_factors(c, seg, k)
+    read_start = jnp.exp(c_prev) * seg.open[..., None]  # a_j reads S_0 decayed to step j - 1
+    T = unit_lower_inverse(-_scores(a, b_vec, c, seg.same, strict=True, b_rows=c_prev))
+    A_ak = _scores(a, k, c, seg.same, strict=True, b_rows=c_prev)
+    d_k = k.shape[-1]
+    WU = jnp.einsum(
+        "...ij,...je->...ie", T, jnp.concatenate([a * read_start, jnp.einsum("...ij,...je->...ie", A_ak, v)], axis=-1)
+    )
+    W, U0 = WU[..., :d_k], WU[..., d_k:]  # u_j = S_{j-1}^T a_j: rows of W S_0 + U0
+    P_qk, P_qb = _scores(q, k, c, seg.same), _scores(q, b_vec, c, seg.same)
+    Qp = q * start + jnp.einsum("...ij,...jd->...id", P_qb, W)
+    O0 = jnp.einsum("...ij,...je->...ie", P_qk, v) + jnp.einsum("...ij,...je->...ie", P_qb, U0)
+    k_out, b_out = k * out, b_vec * out
+    M = _diag(total, d_k) + jnp.einsum("...jd,...je->...de", b_out, W)
+    B = jnp.einsum("...jd,...je->...de", k_out, v) + jnp.einsum("...jd,...je->...de", b_out, U0)
+    return Qp, O0, M, B
+
+
+def _diag(total: Array, size: int) -> Array:
+    """``(..., size, size)`` diagonal matrices of ``total`` (``(..., size)`` or ``(..., 1)``)."""
+    return total[..., :, None] * jnp.eye(size, dtype=total.dtype)
+
+
+def delta_rule(q, k, v, beta, g, state: Array, seg: Segments, scale: float):
+    """The gated delta rule over chunks.
+
+    Args:
+      q, k: ``(B, H, N, C, d_k)``; v: ``(B, H, N, C, d_v)``; beta: ``(B, H, N, C)`` (0 on padding).
+      g: ``None``, ``(B, H, N, C)`` or ``(B, H, N, C, d_k)``: log decays ``<= 0`` (0 on padding).
+      state: ``(B, H, d_k, d_v)`` before the first chunk; seg: :class:`Segments` of the resets.
+
+    Returns:
+      ``(o, final)``: ``(B, H, N, C, d_v)`` and ``(B, H, d_k, d_v)``.
+    """
+    q = q * jnp.asarray(scale, q.dtype)
+    b = None if g is None else jnp.cumsum(jnp.maximum(g, LOG_DECAY_FLOOR), axis=3)
+    Qp, O0, M, B = jax.checkpoint(_delta_chunks, prevent_cse=False)(q, k, v, beta, b, seg)
+    return _propagate(Qp, O0, M, B, state)
+
+
+def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
+    """The diagonal-plus-low-rank recurrence over chunks.
+
+    Args:
+      q, k, a, b: ``(B, H, N, C, d_k)`` (0 on padding for ``k``, ``a``, ``b``); v:
+        ``(B, H, N, C, d_v)``; w: ``(B, H, N, C, d_k)``, log decays ``<= 0`` (0 on padding).
+      state, seg: as in :func:`delta_rule`.
+
+    Returns:
+      ``(o, final)``: ``(B, H, N, C, d_v)`` and ``(B, H, d_k, d_v)``.
+    """
+    q = q * jnp.asarray(scale, q.dtype)
+    w = jnp.maximum(w, LOG_DECAY_FLOOR)
+    c = jnp.cumsum(w, axis=3)
+    Qp, O0, M, B = jax.checkpoint(_dplr_chunks, prevent_cse=False)(q, k, v, a, b, c, c - w, seg)
+    return _propagate(Qp, O0, M, B, state)
