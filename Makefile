@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bench demo test test-slow test-all notebooks docs lint smoke-wheel fixtures la-fixtures clean
+.PHONY: bench demo test test-slow test-all notebooks docs lint smoke-wheel fixtures la-fixtures rg-fixtures clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -85,5 +85,14 @@ la-fixtures:
 	.venv-fixtures-la/bin/pip install --quiet --no-deps fla-core==0.6.0 mlstm-kernels==2.0.6
 	.venv-fixtures-la/bin/python tests/fixtures/make_linear_attention_fixtures.py
 
+# Regenerates tests/fixtures/rglru_recurrentgemma.npz from RecurrentGemma's JAX RGLRU layer (never
+# needed by the tests). Its requirements are installed by hand (its [jax] extra would add
+# orbax-checkpoint, which the layer does not use); jax and flax are the versions of .venv.
+rg-fixtures:
+	$(PYTHON) -m venv .venv-fixtures-rg
+	.venv-fixtures-rg/bin/pip install --quiet jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 einops jaxtyping "typeguard<3" "absl-py<2" "numpy<2.4" sentencepiece
+	.venv-fixtures-rg/bin/pip install --quiet --no-deps recurrentgemma==1.0.1
+	.venv-fixtures-rg/bin/python tests/fixtures/make_rglru_fixture.py
+
 clean:
-	rm -rf $(VENV) .venv-fixtures .venv-fixtures-la *.egg-info docs/_build docs/api/generated docs/notebooks/*.ipynb
+	rm -rf $(VENV) .venv-fixtures .venv-fixtures-la .venv-fixtures-rg *.egg-info docs/_build docs/api/generated docs/notebooks/*.ipynb

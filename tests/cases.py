@@ -31,6 +31,7 @@ CELL_CASES = {
     "minlstm_identity_nobias": rj.MinLSTM(5, candidate="identity", use_bias=False),
     "lru": rj.LRU(5),
     "lru_ring": rj.LRU(5, r_min=0.5, r_max=0.99, max_phase=0.5),
+    "rglru": rj.RGLRU(INPUT_SIZE, num_heads=3),  # width = input size; 1 x 1 gate blocks
     "convlstm": rj.ConvLSTM(2, kernel_size=3),
     "paragru": rj.ParaGRU(5),
     "paralstm": rj.ParaLSTM(5),

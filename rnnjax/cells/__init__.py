@@ -13,6 +13,7 @@ from rnnjax.cells.mgu import MGU, MGUParams
 from rnnjax.cells.minimal import MinGRU, MinGRUParams, MinLSTM, MinLSTMParams
 from rnnjax.cells.mlstm import MLSTM, MLSTMParams
 from rnnjax.cells.para import ParaGRU, ParaGRUParams, ParaLSTM, ParaLSTMParams, ParaLSTMState
+from rnnjax.cells.rglru import RGLRU, RGLRUParams
 from rnnjax.cells.rwkv7 import RWKV7, RWKV7Params
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "MinLSTMParams",
     "LRU",
     "LRUParams",
+    "RGLRU",
+    "RGLRUParams",
     "ConvLSTM",
     "ConvLSTMParams",
     "ConvLSTMState",
