@@ -94,5 +94,13 @@ rg-fixtures:
 	.venv-fixtures-rg/bin/pip install --quiet --no-deps recurrentgemma==1.0.1
 	.venv-fixtures-rg/bin/python tests/fixtures/make_rglru_fixture.py
 
+# Regenerates tests/fixtures/slstm_xlstm.npz from xlstm's sLSTM cell on its "vanilla" PyTorch backend
+# (never needed by the tests; --no-deps: xlstm's mlstm_kernels and ninja serve its CUDA and mLSTM paths).
+slstm-fixtures:
+	$(PYTHON) -m venv .venv-fixtures-slstm
+	.venv-fixtures-slstm/bin/pip install --quiet torch==2.13.0 numpy packaging
+	.venv-fixtures-slstm/bin/pip install --quiet --no-deps xlstm==2.0.6
+	.venv-fixtures-slstm/bin/python tests/fixtures/make_slstm_fixture.py
+
 clean:
-	rm -rf $(VENV) .venv-fixtures .venv-fixtures-la .venv-fixtures-rg *.egg-info docs/_build docs/api/generated docs/notebooks/*.ipynb
+	rm -rf $(VENV) .venv-fixtures .venv-fixtures-la .venv-fixtures-slstm .venv-fixtures-rg *.egg-info docs/_build docs/api/generated docs/notebooks/*.ipynb

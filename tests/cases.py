@@ -42,6 +42,8 @@ CELL_CASES = {
     "gated_deltanet": rj.GatedDeltaNet(heads=2, key_size=4, value_size=4),
     # The key width (2 * 4) need not be the input's (3); w_out starts at zero (the reference's).
     "rwkv7": rj.RWKV7(hidden_size=3, heads=2, head_size=4, decay_rank=4, a_rank=4, gate_rank=4),
+    # w_h random: its default init is zeros (the reference's).
+    "slstm": rj.SLSTM(4, num_heads=2, recurrent_kernel_init=jax.nn.initializers.normal(0.5)),
 }
 
 

@@ -15,6 +15,7 @@ from rnnjax.cells.mlstm import MLSTM, MLSTMParams
 from rnnjax.cells.para import ParaGRU, ParaGRUParams, ParaLSTM, ParaLSTMParams, ParaLSTMState
 from rnnjax.cells.rglru import RGLRU, RGLRUParams
 from rnnjax.cells.rwkv7 import RWKV7, RWKV7Params
+from rnnjax.cells.slstm import SLSTM, SLSTMParams, SLSTMState
 
 __all__ = [
     "Elman",
@@ -44,6 +45,9 @@ __all__ = [
     "ParaLSTM",
     "ParaLSTMParams",
     "ParaLSTMState",
+    "SLSTM",
+    "SLSTMParams",
+    "SLSTMState",
     "GLA",
     "GLAParams",
     "Mamba2",
