@@ -258,7 +258,9 @@ class RWKV7(MatrixStateCell):
         lead = conv_out.shape[:-1]
         heads = lambda u, d=dk: u.reshape(*lead, h, d)
         kk = heads(k * params.k_k)
-        kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)  # F.normalize
+        # F.normalize: kk / max(|kk|, 1e-12), as sqrt(max(|kk|^2, 1e-24)) so that the gradient at
+        # kk = 0 (a zero input and previous input, as padding) is 0, not the norm's 0/0.
+        kk = kk * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(kk), axis=-1, keepdims=True), 1e-24))
         k = k * (1 + (a - 1) * params.k_a)
         return dict(r=heads(r), log_w=heads(log_w), k=heads(k), kk=kk, v=heads(v, dv), a=heads(a), g=g)
 

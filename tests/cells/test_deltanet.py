@@ -114,6 +114,9 @@ def test_chunked_equals_sequential_in_values_and_gradients(cell, reverse):
     check_chunked_equals_sequential(cell, D, reverse)
 
 
+# 11-15 s (a chunkwise delta/DPLR scan compiled twice): make test-all; the fast set scans the cells
+# chunkwise against the step loop in tests/test_cells.py.
+@pytest.mark.slow
 def test_decoding_after_a_chunkwise_prefill_equals_one_scan():
     check_decoding_after_prefill(GATED, D)
 

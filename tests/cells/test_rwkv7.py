@@ -99,8 +99,26 @@ def test_chunked_equals_sequential_in_values_and_gradients(reverse):
     check_chunked_equals_sequential(CELL, D, reverse)
 
 
+# 11-15 s (a chunkwise delta/DPLR scan compiled twice): make test-all; the fast set scans the cells
+# chunkwise against the step loop in tests/test_cells.py.
+@pytest.mark.slow
 def test_decoding_after_a_chunkwise_prefill_equals_one_scan():
     check_decoding_after_prefill(CELL, D)
+
+
+@pytest.mark.slow  # a gradient's compilation (about 5 s); the forward Chunked == Sequential check also catches it
+def test_gradients_are_finite_where_the_input_and_the_previous_one_are_zero():
+    # k = 0 there, so the removal key k * k_k normalises a zero vector: its norm's derivative is 0/0.
+    params = random_params(CELL, 3)
+    xs = np.zeros((4, D), np.float32)
+    xs[0] = 1.0
+
+    def loss(params):
+        ys, carry = rj.scan(CELL, params, xs, method=rj.Sequential())
+        return (ys**2).sum() + (carry.state**2).sum()
+
+    grads = jax.jit(jax.grad(loss))(jax.tree.map(lambda a: np.asarray(a, np.float32), params))
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
 def numpy_fla_init(cell, layer, layers):
