@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +110,7 @@ class DeltaNet(MatrixStateCell):
     """
 
     recurrence = "delta"
-    params_type: ClassVar[type[Any] | None] = DeltaNetParams  # GatedDeltaNet's are other params
+    params_type = DeltaNetParams
 
     heads: int
     key_size: int
@@ -235,7 +235,8 @@ class GatedDeltaNet(DeltaNet):
       ((3, 10, 32), (3, 2, 8, 16), (3, 32))
     """
 
-    params_type = GatedDeltaNetParams
+    # A class attribute, not a field (an annotation would put it in __dataclass_fields__).
+    params_type = GatedDeltaNetParams  # type: ignore[assignment]
 
     use_gate: bool = True
 
