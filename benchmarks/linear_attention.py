@@ -8,10 +8,13 @@
 
 Ops (``rj.linear_attention``) at B=2, 4 heads, d_k = d_v = 64, float32 by default:
 ``gla_head`` (one decay per head: simple GLA, Mamba2's SSD), ``gla_key`` (per key dimension:
-GLA), ``mlstm``. Systems: ``sequential`` (``rj.Sequential()``: the step recurrence under
+GLA), ``mlstm``, ``delta`` (DeltaNet), ``gated_delta`` (Gated DeltaNet: one decay per head),
+``rwkv7`` (RWKV-7's DPLR recurrence, inputs made as its time mix makes them). Systems:
+``sequential`` (``rj.Sequential()``: the step recurrence under
 ``lax.scan``, autodiff), ``chunked`` (``rj.Chunked()``, default chunk size), ``chunked-<C>``,
 ``attention`` (``jax.nn.dot_product_attention(is_causal=True)`` on the same q, k, v), and on a
-GPU ``fla`` (``chunk_simple_gla`` / ``chunk_gla``) and ``xlstm`` (``mlstm_kernels``' chunkwise
+GPU ``fla`` (``chunk_simple_gla`` / ``chunk_gla`` / ``chunk_delta_rule`` /
+``chunk_gated_delta_rule`` / ``chunk_rwkv7``) and ``xlstm`` (``mlstm_kernels``' chunkwise
 Triton kernel). Modes: ``fwd`` and ``fwd+bwd`` (gradient of ``sum(o)`` w.r.t. q, k, v and the
 gates). Each row: median time over interleaved rounds, compile time, and XLA's compiled peak
 memory (arguments + outputs + temporaries). Writes ``results.json`` and ``results.md`` (and
@@ -45,7 +48,7 @@ PRESETS = {
         lengths=[64], systems=["sequential", "chunked", "chunked-16", "attention"], repeats=2, batch=1, dk=8, dv=8
     ),
 }
-OPS = ("gla_head", "gla_key", "mlstm")
+OPS = ("gla_head", "gla_key", "mlstm", "delta", "gated_delta", "rwkv7")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -62,6 +65,16 @@ def inputs(op: str, batch: int, steps: int, heads: int, dk: int, dv: int, dtype)
         return q, k, v, jax.nn.log_sigmoid(4 + jax.random.normal(keys[3], (batch, steps, heads), dtype))
     if op == "gla_key":
         return q, k, v, jax.nn.log_sigmoid(4 + jax.random.normal(keys[3], (batch, steps, heads, dk), dtype)) / 16
+    unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+    if op in ("delta", "gated_delta"):  # L2-normalised keys, beta in (0, 1), as the cells make them
+        beta = jax.nn.sigmoid(jax.random.normal(keys[3], (batch, steps, heads), dtype))
+        if op == "delta":
+            return q, unit(k), v, beta
+        return q, unit(k), v, beta, jax.nn.log_sigmoid(4 + jax.random.normal(keys[4], (batch, steps, heads), dtype))
+    if op == "rwkv7":  # r, w, k, v, a, b: log w in (-0.607, 0), a = -kk, b = kk * a_gate
+        w = -np.exp(-0.5) * jax.nn.sigmoid(jax.random.normal(keys[3], q.shape, dtype))
+        kk, gate = unit(k), jax.nn.sigmoid(jax.random.normal(keys[4], q.shape, dtype))
+        return q, w, k * (1 - 0.5 * gate), v, -kk, kk * gate
     return (
         q,
         k,
@@ -74,12 +87,18 @@ def inputs(op: str, batch: int, steps: int, heads: int, dk: int, dv: int, dtype)
 def jax_fn(op: str, system: str):
     """``f(*inputs) -> o`` for an rnnjax system or causal attention."""
     if system == "attention":
+        if op == "rwkv7":  # r, w, k, v, ...: attention on r, k, v
+            return lambda r, w, k, v, *rest: jax.nn.dot_product_attention(r, k, v, is_causal=True)
         return lambda q, k, v, *gates: jax.nn.dot_product_attention(q, k, v, is_causal=True)
     method = (
         rj.Sequential() if system == "sequential" else rj.Chunked(int(system.split("-")[1]) if "-" in system else None)
     )
     if op == "mlstm":
         return lambda q, k, v, i, f: rj.linear_attention.mlstm(q, k, v, i, f, method=method)[0]
+    if op in ("delta", "gated_delta"):
+        return lambda q, k, v, beta, *g: rj.linear_attention.delta_rule(q, k, v, beta, *g, method=method)[0]
+    if op == "rwkv7":
+        return lambda r, w, k, v, a, b: rj.linear_attention.rwkv7(r, w, k, v, a, b, method=method)[0]
     return lambda q, k, v, g: rj.linear_attention.gla(q, k, v, g, method=method)[0]
 
 
@@ -108,11 +127,20 @@ def build_torch(op: str, system: str, mode: str, args: tuple):
         if system == "fla":
             if op == "mlstm":
                 raise Skip("fla has no mLSTM kernel here: see xlstm")
+            from fla.ops.delta_rule import chunk_delta_rule
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
             from fla.ops.gla import chunk_gla
+            from fla.ops.rwkv7 import chunk_rwkv7
             from fla.ops.simple_gla import chunk_simple_gla
 
-            kernel = chunk_simple_gla if op == "gla_head" else chunk_gla
-            run = lambda q, k, v, g: kernel(q, k, v, g)[0]  # (B, T, H, D) layout, as rnnjax
+            # (B, T, H, D) layout, as rnnjax; the gated delta rule takes (q, k, v, g, beta).
+            run = {
+                "gla_head": lambda q, k, v, g: chunk_simple_gla(q, k, v, g)[0],
+                "gla_key": lambda q, k, v, g: chunk_gla(q, k, v, g)[0],
+                "delta": lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta)[0],
+                "gated_delta": lambda q, k, v, beta, g: chunk_gated_delta_rule(q, k, v, g, beta)[0],
+                "rwkv7": lambda r, w, k, v, a, b: chunk_rwkv7(r, w, k, v, a, b, scale=1.0)[0],
+            }[op]
         else:
             if op != "mlstm":
                 raise Skip("xLSTM's kernels are mLSTM only")

@@ -46,10 +46,13 @@ def _forward_substitution(A: Array) -> Array:
     return T
 
 
+@jax.custom_jvp
 def unit_lower_inverse(A: Array) -> Array:
-    """``(I + A)^{-1}`` for strictly lower ``A`` (``(..., C, C)``): diagonal blocks of
+    r"""``(I + A)^{-1}`` for strictly lower ``A`` (``(..., C, C)``): diagonal blocks of
     :data:`INVERSE_BLOCK` by forward substitution, merged pairwise by
-    ``[[T1, 0], [-T2 A21 T1, T2]]``."""
+    ``[[T1, 0], [-T2 A21 T1, T2]]``. Its derivative is :math:`dT = -T\, dA\, T` (two products;
+    JAX transposes it for reverse mode): autodiff of the row updates cost 7x the forward
+    (``benchmarks/lab/delta_rule_parts.py``)."""
     size = A.shape[-1]
     base = min(INVERSE_BLOCK, size)
     padded = base
@@ -69,6 +72,14 @@ def unit_lower_inverse(A: Array) -> Array:
         return jnp.concatenate([top, jnp.concatenate([T21, T2], axis=-1)], axis=-2)
 
     return invert(A)[..., :size, :size]
+
+
+@unit_lower_inverse.defjvp
+def _unit_lower_inverse_jvp(primals, tangents):
+    (A,), (dA,) = primals, tangents
+    T = unit_lower_inverse(A)
+    dA = jnp.tril(dA, -1)  # only the strictly lower part of A is read
+    return T, -jnp.einsum("...ij,...jk,...kl->...il", T, dA, T)
 
 
 def _scores(x: Array, y: Array, b: Array | None, same: Array, strict: bool = False, b_rows: Array | None = None):
@@ -118,14 +129,10 @@ def _delta_chunks(q, k, v, beta, b, seg: Segments):
     T = unit_lower_inverse(A)
     d_k = k.shape[-1]
     rhs = jnp.concatenate([k * (beta[..., None] * start), v * beta[..., None]], axis=-1)
-    WU = jnp.einsum("...ij,...je->...ie", T, rhs)
-    W, U0 = WU[..., :d_k], WU[..., d_k:]  # the pseudo-values are U0 - W S_0
-    P = _scores(q, k, b, seg.same)
-    Qp = q * start - jnp.einsum("...ij,...jd->...id", P, W)
-    O0 = jnp.einsum("...ij,...je->...ie", P, U0)
-    k_out = k * out
-    M = _diag(total, d_k) - jnp.einsum("...jd,...je->...de", k_out, W)
-    return Qp, O0, M, jnp.einsum("...jd,...je->...de", k_out, U0)
+    WU = jnp.einsum("...ij,...je->...ie", T, rhs)  # [W | U0]: the pseudo-values are U0 - W S_0
+    PWU = jnp.einsum("...ij,...je->...ie", _scores(q, k, b, seg.same), WU)
+    MB = jnp.einsum("...jd,...je->...de", k * out, WU)
+    return q * start - PWU[..., :d_k], PWU[..., d_k:], _diag(total, d_k) - MB[..., :d_k], MB[..., d_k:]
 
 
 def _dplr_chunks(q, k, v, a, b_vec, c, c_prev, seg: Segments):

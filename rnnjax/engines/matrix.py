@@ -164,7 +164,8 @@ class _Problem:
             beta, *g = gates
             o, final = chunkwise_delta.delta_rule(q, k, v, beta, g[0] if g else None, state, seg, scale)
         else:
-            o, final = chunkwise_delta.dplr(q, k, v, *gates, state, seg, scale)
+            a, b, w = gates
+            o, final = chunkwise_delta.dplr(q, k, v, a, b, w, state, seg, scale)
         return _from_chunks(o, steps), final
 
     def identity(self, state: Any) -> Any:
@@ -177,10 +178,10 @@ class _Problem:
         reset) for gla and the mLSTM, the ``(B, H, d_k, d_k)`` matrix of the transitions'
         product for the delta rule and DPLR (the steps run from the identity with ``v = 0``)."""
         if self.cell.recurrence in ("delta", "dplr"):
-            q, k, v, *gates = arrays
+            q, k = arrays[:2]
             d_k = k.shape[-1]
             eye = jnp.broadcast_to(jnp.eye(d_k, dtype=k.dtype), (*k.shape[1:3], d_k, d_k))
-            return self.solve((q, k, jnp.zeros_like(k), *gates), eye, resets)[1]
+            return self.solve((q, k, jnp.zeros_like(k), *arrays[3:]), eye, resets)[1]
         gates = arrays[3:]
         if self.cell.recurrence == "gla" and not gates:
             total = jnp.zeros(arrays[0].shape[1:3], arrays[0].dtype)
