@@ -109,8 +109,9 @@ def _key_gated_scores(
 
 
 def _by_chunk_groups(fn, group: int, *args):
-    """``fn(*args)`` on ``(B, H, N, C, ...)`` arrays, ``group`` chunks at a time (``lax.map``):
-    the temporaries of one group exist at once, not those of all ``N`` chunks."""
+    """``fn(*args)`` on ``(B, H, N, C, ...)`` arrays (its outputs a pytree of ``(B, H, N, ...)``
+    arrays), ``group`` chunks at a time (``lax.map``): the temporaries of one group exist at
+    once, not those of all ``N`` chunks."""
     leaves, tree = jax.tree_util.tree_flatten(args)
     chunks = leaves[0].shape[2]
     if group >= chunks:
@@ -122,8 +123,12 @@ def _by_chunk_groups(fn, group: int, *args):
         a = a.reshape(*a.shape[:2], a.shape[2] // group, group, *a.shape[3:])
         grouped.append(jnp.moveaxis(a, 2, 0))
     out = jax.lax.map(lambda xs: fn(*jax.tree_util.tree_unflatten(tree, xs)), grouped)
-    out = jnp.moveaxis(out, 0, 2)
-    return out.reshape(*out.shape[:2], out.shape[2] * out.shape[3], *out.shape[4:])[:, :, :chunks]
+
+    def ungroup(a):
+        a = jnp.moveaxis(a, 0, 2)
+        return a.reshape(*a.shape[:2], a.shape[2] * a.shape[3], *a.shape[4:])[:, :, :chunks]
+
+    return jax.tree.map(ungroup, out)
 
 
 def _separable_intra(q: Array, k: Array, v: Array, b: Array, seg: Segments) -> Array:

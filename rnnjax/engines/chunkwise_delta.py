@@ -9,7 +9,7 @@ k_j u_j^\top` for pseudo-values :math:`u_j` that solve one unit-lower-triangular
 :math:`(I + A) U = \mathrm{diag}(\beta) (V - (K \odot \Gamma) S_0)` with
 :math:`A_{jl} = \beta_j \sum_d k_{jd} k_{ld} e^{b_{jd} - b_{ld}}` (:math:`l < j`). Everything is
 affine in the incoming state, so each chunk reduces to four arrays computed for all chunks at
-once (matrix products and the inverse :math:`T = (I + A)^{-1}`):
+once (matrix products and the inverse :math:`T = (I + A)^{-1}`; :data:`CHUNK_GROUP` chunks at a time):
 
 .. math:: O = Q' S_0 + O_0, \qquad S_C = M S_0 + B
 
@@ -21,8 +21,8 @@ recurrence :math:`S_t = D_t S_{t-1} + b_t (a_t^\top S_{t-1}) + k_t v_t^\top` rea
 
 Resets, padding and the array layout ``(B, H, N, C, ...)`` are those of
 :mod:`rnnjax.engines.chunkwise`; every exponent is ``<= 0``. The per-chunk arrays are
-recomputed in the backward pass (``jax.checkpoint``), so memory grows as ``T (d_k + d_v)``
-plus two ``d_k``-square matrices per chunk.
+recomputed in the backward pass (``jax.checkpoint``, a group of chunks at a time), so memory
+grows as ``T (d_k + d_v)`` plus two ``d_k``-square matrices per chunk.
 """
 
 from __future__ import annotations
@@ -30,10 +30,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rnnjax.engines.chunkwise import LOG_DECAY_FLOOR, Segments, _key_gated_scores, _masked_exp
+from rnnjax.engines.chunkwise import LOG_DECAY_FLOOR, Segments, _by_chunk_groups, _key_gated_scores, _masked_exp
 
 Array = jax.Array
 INVERSE_BLOCK = 16  # forward substitution on diagonal blocks of this size, then merged (as fla does)
+# Chunks whose per-chunk arrays are computed at once (lax.map), each group recomputed in the
+# backward pass: the chunks' temporaries and their cotangents exist for one group at a time
+# (T = 4096: 184 -> 113 MiB at equal speed; benchmarks/lab/delta_rule_parts.py).
+CHUNK_GROUP = 8
 
 
 def _forward_substitution(A: Array) -> Array:
@@ -174,8 +178,8 @@ def delta_rule(q, k, v, beta, g, state: Array, seg: Segments, scale: float):
     """
     q = q * jnp.asarray(scale, q.dtype)
     b = None if g is None else jnp.cumsum(jnp.maximum(g, LOG_DECAY_FLOOR), axis=3)
-    Qp, O0, M, B = jax.checkpoint(_delta_chunks, prevent_cse=False)(q, k, v, beta, b, seg)
-    return _propagate(Qp, O0, M, B, state)
+    chunks = jax.checkpoint(_delta_chunks, prevent_cse=False)
+    return _propagate(*_by_chunk_groups(chunks, CHUNK_GROUP, q, k, v, beta, b, seg), state)
 
 
 def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
@@ -192,5 +196,5 @@ def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
     q = q * jnp.asarray(scale, q.dtype)
     w = jnp.maximum(w, LOG_DECAY_FLOOR)
     c = jnp.cumsum(w, axis=3)
-    Qp, O0, M, B = jax.checkpoint(_dplr_chunks, prevent_cse=False)(q, k, v, a, b, c, c - w, seg)
-    return _propagate(Qp, O0, M, B, state)
+    chunks = jax.checkpoint(_dplr_chunks, prevent_cse=False)
+    return _propagate(*_by_chunk_groups(chunks, CHUNK_GROUP, q, k, v, a, b, c, c - w, seg), state)
