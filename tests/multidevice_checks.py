@@ -363,6 +363,101 @@ def _():
     return "max |diff| " + ", ".join(out)
 
 
+def unit(x):
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def sharded_equals_one_device(name, op, args, lengths, resets):
+    """``op(*args, method, lengths=, resets=, reverse=)`` with the time axis over 8 devices
+    (rj.TimeSharded(rj.Chunked(4))) equals rj.Sequential() on one device, both directions, in
+    values and final state, and in the gradients of every argument (reverse: the direction that
+    flips the shards' order); the shards exchange their summaries (an all-gather in the HLO).
+    Returns the largest differences."""
+    sharded = rj.TimeSharded(rj.Chunked(4), rj.distributed.SequenceSharding(SEQ, "seq"))
+    out = []
+    for reverse in (False, True):
+        kw = dict(lengths=lengths, resets=resets, reverse=reverse)
+        run = jax.jit(lambda args, method, kw=kw: op(*args, method, **kw), static_argnums=1)
+        ref, got = run(args, rj.Sequential()), run(args, sharded)
+        assert_trees_close(got, ref, err_msg=f"{name} reverse={reverse} ", **F32)
+        out.append(f"{name} reverse={reverse}: {max_abs_diff(got, ref):.1e}")
+
+    def loss(args, method):
+        o, final = op(*args, method, lengths=lengths, resets=resets, reverse=True)
+        return jnp.sum(jnp.sin(o)) + jnp.sum(jnp.cos(final))
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g_ref, g_got = grad(args, rj.Sequential()), grad(args, sharded)
+    scale = max(float(jnp.abs(g).max()) for g in g_ref)
+    assert_trees_close(g_got, g_ref, err_msg=f"{name} grad ", rtol=1e-4, atol=1e-4 * scale)
+    out.append(f"{name} grad: {max_abs_diff(g_got, g_ref):.1e} (largest |grad| {scale:.1e})")
+    hlo = jax.jit(lambda args: op(*args, sharded)).lower(args).compile().as_text()
+    assert "all-gather" in hlo, f"{name}: no all-gather of the shard summaries"
+    return out
+
+
+@check("sequence_parallel_delta_rule")
+def _():
+    """rj.linear_attention.delta_rule (a decay per head, per key; unit keys, beta in (0, 2)) and
+    rwkv7 (RWKV-7's a = -kk, b = kk * a_gate) over 8 devices equal one device."""
+    la, out = rj.linear_attention, []
+    keys = iter(jax.random.split(jax.random.key(8), 12))
+    normal = lambda *shape: jax.random.normal(next(keys), shape)
+    q, k, v, S0 = normal(3, T, 2, 4), unit(normal(3, T, 2, 4)), normal(3, T, 2, 3), normal(3, 2, 4, 3)
+    beta = 2 * jax.nn.sigmoid(normal(3, T, 2))
+    g_head, g_key = jax.nn.log_sigmoid(2 + normal(3, T, 2)), jax.nn.log_sigmoid(2 + normal(3, T, 2, 4))
+    kk, w = unit(normal(3, T, 2, 4)), jax.nn.log_sigmoid(2 + normal(3, T, 2, 4))
+    a, b = -kk, kk * jax.nn.sigmoid(normal(3, T, 2, 4))
+    lengths, resets = jnp.array([T, 40, 0]), jax.random.bernoulli(next(keys), 0.1, (3, T))
+    delta = lambda q, k, v, beta, g, S, method, **kw: la.delta_rule(q, k, v, beta, g, state=S, method=method, **kw)
+    rwkv7 = lambda r, w, k, v, a, b, S, method, **kw: la.rwkv7(r, w, k, v, a, b, state=S, method=method, **kw)
+    out += sharded_equals_one_device("delta_head", delta, (q, k, v, beta, g_head, S0), lengths, resets)
+    out += sharded_equals_one_device("delta_key", delta, (q, k, v, beta, g_key, S0), lengths, resets)
+    out += sharded_equals_one_device("rwkv7", rwkv7, (q, w, k, v, a, b, S0), lengths, resets)
+    return "max |diff| " + ", ".join(out)
+
+
+@check("sequence_parallel_delta_cells")
+def _():
+    """rj.GatedDeltaNet and rj.RWKV7 (their convolution and token shift across the shards) through
+    sequence_scan (auto: rj.Chunked() split over time) equal rj.scan on one device, in values and
+    gradients."""
+    out = []
+    cells = (rj.GatedDeltaNet(heads=2, key_size=4, value_size=4),
+             rj.RWKV7(hidden_size=3, heads=2, head_size=4, decay_rank=4, a_rank=4, gate_rank=4))
+    for cell in cells:
+        name = type(cell).__name__
+        params, xs, lengths, resets = seq_inputs(cell, 4)
+        # RWKV-7's initial output projection is zero (as fla's): perturb every parameter
+        noise = jax.random.split(jax.random.key(5), len(jax.tree.leaves(params)))
+        params = jax.tree.unflatten(jax.tree.structure(params), [
+            p + 0.1 * jax.random.normal(n, p.shape, p.dtype) for p, n in zip(jax.tree.leaves(params), noise)])
+        for reverse in (False, True):
+            kw = dict(lengths=lengths, resets=resets, reverse=reverse)
+            ref = rj.scan(cell, params, xs, method=rj.Sequential(), **kw)
+            got = rj.distributed.sequence_scan(cell, params, xs, mesh=SEQ, axis="seq", **kw)
+            assert_trees_close(got, ref, err_msg=f"{name} reverse={reverse} ", **F32)
+            out.append(f"{name} reverse={reverse}: {max_abs_diff(got, ref):.1e} (largest |y| "
+                       f"{float(jnp.abs(ref[0]).max()):.1e})")
+
+        def loss(p, x, scan):
+            ys, final = scan(p, x)
+            return jnp.sum(ys ** 2) + sum(jnp.sum(c) for c in jax.tree.leaves(final))
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+        kw = dict(lengths=lengths, resets=resets, reverse=True)
+        g_ref = grad(params, xs, lambda p, x, cell=cell, kw=kw: rj.scan(cell, p, x, method=rj.Sequential(), **kw))
+        g_got = grad(params, xs, lambda p, x, cell=cell, kw=kw: rj.distributed.sequence_scan(
+            cell, p, x, mesh=SEQ, axis="seq", **kw))
+        scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_ref))
+        assert_trees_close(g_got, g_ref, err_msg=f"{name} grad ", rtol=1e-4, atol=1e-4 * scale)
+        out.append(f"{name} grad: {max_abs_diff(g_got, g_ref):.1e} (largest |grad| {scale:.1e})")
+        hlo = jax.jit(lambda p, x, cell=cell: rj.distributed.sequence_scan(cell, p, x, mesh=SEQ, axis="seq")).lower(
+            params, xs).compile().as_text()
+        assert "all-gather" in hlo, f"{name}: no all-gather of the shard summaries"
+    return "max |diff| " + ", ".join(out)
+
+
 @check("sequence_parallel_is_split_over_devices")
 def _():
     cell = rj.MinGRU(6)

@@ -35,6 +35,8 @@ EXPECTED = [
     *(f"sequence_parallel_{name}_newton" for name in ("Elman", "GRU", "LSTM", "MGU", "IndRNN", "ConvLSTM")),
     "sequence_parallel_linear_attention",
     "sequence_parallel_matrix_state_cells",
+    "sequence_parallel_delta_rule",
+    "sequence_parallel_delta_cells",
     "sequence_parallel_is_split_over_devices",
 ]
 FAST = [
