@@ -24,9 +24,11 @@ CASES = sorted(CELL_CASES)
 # depend on it: the fast set runs those tests on one configuration per family, make test-all
 # on all. (LSTM's is plain "lstm": "lstm_proj_peephole"'s output is narrower than its carry.)
 # The matrix-state cells share one driver (rj.Chunked's engine, tested per op and per cell in
-# tests/test_linear_attention.py and tests/cells/): Mamba2 (convolution, per-head decay) stands for them.
+# tests/test_linear_attention*.py and tests/cells/): Mamba2 (convolution, per-head decay) stands
+# for the gated ones and Gated DeltaNet for the delta rule; sLSTM's parity, Jacobian and fused
+# gradient are checked in tests/cells/test_slstm.py.
 SECOND_CONFIGS = {"elman_relu_nobias", "lstm", "gru_reset_before", "mgu_nobias_relu", "indrnn_tanh_clipped",
-                  "minlstm_identity_nobias", "lru_ring", "gla", "mlstm"}
+                  "minlstm_identity_nobias", "lru_ring", "gla", "mlstm", "deltanet", "rwkv7", "slstm"}
 DRIVER_CASES = [pytest.param(name, marks=pytest.mark.slow) if name in SECOND_CONFIGS else name for name in CASES]
 STEPS = 6
 LENGTHS = np.array([6, 3, 0])

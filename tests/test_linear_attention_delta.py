@@ -457,8 +457,7 @@ BAD = {
         ValueError,
         r"lengths has shape \(3,\); expected \(2,\)",
     ),
-    # rwkv7's r goes through gla's check of q, k, v, which names it q (see the xfail below)
-    "rwkv7-r-ndim": (lambda: LA.rwkv7(*(Q[0, 0],) * 3, V[0, 0], *(Q[0, 0],) * 2), ValueError, r"has shape \(2, 4\)"),
+    "rwkv7-r-ndim": (lambda: LA.rwkv7(*(Q[0, 0],) * 3, V[0, 0], *(Q[0, 0],) * 2), ValueError, r"^r has shape \(2, 4\)"),
     "associative": (lambda: LA.delta_rule(Q, Q, V, B, method=rj.Associative()), ValueError, r"rj\.Chunked\(\)"),
     "newton": (lambda: LA.rwkv7(Q, Q, Q, V, Q, Q, method=rj.Newton()), ValueError, r"rj\.Chunked\(\)"),
 }
@@ -471,7 +470,6 @@ def test_bad_input(case):
         fn()
 
 
-@pytest.mark.xfail(strict=True, reason="ops._check_qkv names rwkv7's r 'q' (and 'the shape of q')")
 def test_rwkv7_errors_name_r():
     with pytest.raises(ValueError, match=r"^r has shape \(2, 4\)"):
         LA.rwkv7(*(Q[0, 0],) * 3, V[0, 0], *(Q[0, 0],) * 2)

@@ -179,7 +179,8 @@ def delta_rule(q, k, v, beta, g, state: Array, seg: Segments, scale: float):
     q = q * jnp.asarray(scale, q.dtype)
     b = None if g is None else jnp.cumsum(jnp.maximum(g, LOG_DECAY_FLOOR), axis=3)
     chunks = jax.checkpoint(_delta_chunks, prevent_cse=False)
-    return _propagate(*_by_chunk_groups(chunks, CHUNK_GROUP, q, k, v, beta, b, seg), state)
+    Qp, O0, M, B = _by_chunk_groups(chunks, CHUNK_GROUP, q, k, v, beta, b, seg)
+    return _propagate(Qp, O0, M, B, state)
 
 
 def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
@@ -197,4 +198,5 @@ def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
     w = jnp.maximum(w, LOG_DECAY_FLOOR)
     c = jnp.cumsum(w, axis=3)
     chunks = jax.checkpoint(_dplr_chunks, prevent_cse=False)
-    return _propagate(*_by_chunk_groups(chunks, CHUNK_GROUP, q, k, v, a, b, c, c - w, seg), state)
+    Qp, O0, M, B = _by_chunk_groups(chunks, CHUNK_GROUP, q, k, v, a, b, c, c - w, seg)
+    return _propagate(Qp, O0, M, B, state)

@@ -173,15 +173,16 @@ class _Problem:
         zero = jax.tree.map(jnp.zeros_like, state)
         return zero._replace(m=jnp.full_like(state.m, -jnp.inf)) if self.cell.recurrence == "mlstm" else zero
 
-    def transition(self, arrays: tuple[Array, ...], resets: Array | None) -> Array:
+    def transition(self, arrays: tuple[Array, ...], resets: Array | None, start=lambda a: a) -> Array:
         """What these steps do to the incoming state: its total log decay (``-inf`` across a
         reset) for gla and the mLSTM, the ``(B, H, d_k, d_k)`` matrix of the transitions'
-        product for the delta rule and DPLR (the steps run from the identity with ``v = 0``)."""
+        product for the delta rule and DPLR (the steps run from the identity with ``v = 0``;
+        ``start`` prepares that identity, e.g. marks it varying over a mesh axis)."""
         if self.cell.recurrence in ("delta", "dplr"):
             q, k = arrays[:2]
             d_k = k.shape[-1]
             eye = jnp.broadcast_to(jnp.eye(d_k, dtype=k.dtype), (*k.shape[1:3], d_k, d_k))
-            return self.solve((q, k, jnp.zeros_like(k), *arrays[3:]), eye, resets)[1]
+            return self.solve((q, k, jnp.zeros_like(k), *arrays[3:]), start(eye), resets)[1]
         gates = arrays[3:]
         if self.cell.recurrence == "gla" and not gates:
             total = jnp.zeros(arrays[0].shape[1:3], arrays[0].dtype)
@@ -222,7 +223,7 @@ def _sharded(problem: _Problem, arrays, state, resets, sharding: SequenceShardin
         varying = lambda a: jax.lax.pcast(a, (axis,), to="varying")  # the loop's carry differs per shard
         _, summary = problem.solve(arrays, jax.tree.map(varying, problem.identity(state)), resets)
         gather = lambda a: jax.lax.all_gather(a, axis, axis=0)
-        summaries, transitions = jax.tree.map(gather, summary), gather(problem.transition(arrays, resets))
+        summaries, transitions = jax.tree.map(gather, summary), gather(problem.transition(arrays, resets, varying))
         starts = [state]
         for j in range(n):
             starts.append(problem.fold(starts[-1], jax.tree.map(lambda a, j=j: a[j], summaries), transitions[j]))

@@ -184,7 +184,7 @@ def rwkv7(
       >>> o.shape, S.shape
       ((2, 10, 4, 16), (2, 4, 8, 16))
     """
-    r, k, v = _check_qkv(r, k, v)
+    r, k, v = _check_qkv(r, k, v, query="r")
     *batch, steps, heads, d_k = r.shape
     what = "(*batch, T, heads, d_k), the shape of r"
     parts = [r, k, v, *(_check(n, x, r.shape, what) for n, x in (("a", a), ("b", b), ("w", w)))]

@@ -134,14 +134,15 @@ def _check(name: str, a: Any, shape: tuple[int | None, ...], what: str) -> Array
     return a
 
 
-def _check_qkv(q: Any, k: Any, v: Any) -> tuple[Array, Array, Array]:
+def _check_qkv(q: Any, k: Any, v: Any, query: str = "q") -> tuple[Array, Array, Array]:
+    """``q, k, v`` checked against each other; ``query`` is the query's name in errors."""
     q = jnp.asarray(q)
     if q.ndim < 3:
-        raise ValueError(f"q has shape {tuple(q.shape)}; expected (*batch, T, heads, d_k)")
-    k = _check("k", k, q.shape, "the shape of q: (*batch, T, heads, d_k)")
-    _check("q", q, q.shape, "")
-    v = _check("v", v, (*q.shape[:-1], None), f"(*batch, T, heads, d_v) with (*batch, T, heads) = {q.shape[:-1]} of q")
-    return q, k, v
+        raise ValueError(f"{query} has shape {tuple(q.shape)}; expected (*batch, T, heads, d_k)")
+    k = _check("k", k, q.shape, f"the shape of {query}: (*batch, T, heads, d_k)")
+    _check(query, q, q.shape, "")
+    want = f"(*batch, T, heads, d_v) with (*batch, T, heads) = {q.shape[:-1]} of {query}"
+    return q, k, _check("v", v, (*q.shape[:-1], None), want)
 
 
 def _method(method: Method | str | None) -> Method:
