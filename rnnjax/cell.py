@@ -86,6 +86,12 @@ class Cell(abc.ABC):
     def output_size(self, input_size: int) -> int:
         """Features of ``y`` for inputs with ``input_size`` features."""
 
+    def fixed_input_size(self) -> int | None:
+        """The only input size this configuration takes, or ``None`` (any). A field fixes it
+        when the carry holds inputs (``rj.RWKV7``'s token shift) or the cell maps a width to
+        itself (``rj.RGLRU``); wrappers read it to build the parameter tree without an input."""
+        return None
+
     @abc.abstractmethod
     def input_size(self, params: NamedTuple) -> int:
         """Features of ``x`` that ``params`` were initialised for."""

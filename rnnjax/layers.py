@@ -70,6 +70,9 @@ class RNN:
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> NamedTuple:
         return self.cell.init(key, input_size, dtype)
 
+    def fixed_input_size(self) -> int | None:
+        return self.cell.fixed_input_size()
+
     def output_size(self, input_size: int) -> int:
         return self.cell.output_size(input_size)
 
@@ -133,6 +136,9 @@ class Bidirectional:
             object.__setattr__(self, "backward", dataclasses.replace(self.forward, reverse=not self.forward.reverse))
         if not callable(self.merge) and self.merge not in _MERGES:
             raise ValueError(f"unknown merge {self.merge!r}; expected a callable or one of {sorted(_MERGES)}")
+
+    def fixed_input_size(self) -> int | None:
+        return self.forward.fixed_input_size() or self.backward.fixed_input_size()
 
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> BidirectionalParams:
         self.output_size(input_size)  # a merge other than concat needs equal sizes: say so now
@@ -217,6 +223,9 @@ class Stack:
         for layer in self.layers:
             sizes.append(layer.output_size(sizes[-1]))
         return sizes
+
+    def fixed_input_size(self) -> int | None:
+        return self.layers[0].fixed_input_size()
 
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> tuple:
         sizes = self._sizes(input_size)

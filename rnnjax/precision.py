@@ -205,6 +205,9 @@ class Mixed(Cell):
     def output_size(self, input_size: int) -> int:
         return self.cell.output_size(input_size)
 
+    def fixed_input_size(self) -> int | None:
+        return self.cell.fixed_input_size()
+
     def input_size(self, params: NamedTuple) -> int:
         return self.cell.input_size(params)
 

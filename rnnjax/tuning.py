@@ -61,12 +61,13 @@ TIME_SHARDED = {
     "matrix_state": "chunked",
 }
 
-# rj.Chunked()'s chunk size for matrix-state recurrences, per backend and recurrence ("gla" with
-# no or one decay per head, "gla_key" with per-key decays, "mlstm") (DECISIONS.md, "Chunk sizes
-# of the matrix-state recurrences").
+# rj.Chunked()'s chunk size for matrix-state recurrences, per backend and recurrence ("gla" and
+# "delta" with no or one decay per head, "gla_key"/"delta_key" with per-key decays, "mlstm",
+# "dplr") (DECISIONS.md, "Chunk sizes of the matrix-state recurrences" and "... of the delta rule
+# and RWKV-7"). GPU rows are unmeasured: fla's sizes (16 for its RWKV-7 kernels).
 MATRIX_CHUNK = {
-    "cpu": {"gla": 64, "gla_key": 64, "mlstm": 64, "delta": 64, "delta_key": 64, "dplr": 64},
-    "gpu": {"gla": 64, "gla_key": 64, "mlstm": 64, "delta": 64, "delta_key": 64, "dplr": 64},
+    "cpu": {"gla": 64, "gla_key": 64, "mlstm": 64, "delta": 64, "delta_key": 64, "dplr": 32},
+    "gpu": {"gla": 64, "gla_key": 64, "mlstm": 64, "delta": 64, "delta_key": 64, "dplr": 16},
 }
 
 

@@ -241,3 +241,29 @@ def test_import_rnnjax_does_not_import_flax_wrappers():
     for path in [*core.glob("*.py"), *core.glob("cells/*.py")]:
         text = path.read_text()
         assert "rnnjax.flax" not in text and "from rnnjax import flax" not in text, path
+
+
+NEW_CELLS = {
+    "gated_deltanet": rj.GatedDeltaNet(heads=2, key_size=2, value_size=3),
+    "rwkv7": rj.RWKV7(hidden_size=D, heads=2, head_size=2, decay_rank=2, a_rank=2, gate_rank=2),
+    "rglru": rj.RGLRU(D),
+    "slstm": rj.SLSTM(4, num_heads=2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NEW_CELLS)
+def test_new_cells_in_a_bidirectional_stack_module(name):
+    """The cells of "Matrix-state recurrences II" in rj.Bidirectional inside rj.Stack, wrapped
+    by the linen module: the core's init and outputs (lengths, resets) through Flax."""
+    cell = NEW_CELLS[name]
+    second = rj.RGLRU(2 * cell.output_size(D)) if name == "rglru" else cell
+    layer = rj.Stack([rj.Bidirectional(rj.RNN(cell)), rj.RNN(second)]) if name != "rwkv7" else rj.RNN(cell)
+    model = rjl.Recurrent(layer, deterministic=True)
+    key = jax.random.key(0)
+    variables = model.init(key, XS)
+    params = model.core_params(variables)
+    assert_trees_close(params, layer.init(first_key(key), D), **EXACT)
+    expected = layer.apply(params, XS, lengths=LENGTHS, resets=RESETS)
+    got = jax.jit(partial(model.apply, return_carry=True))(variables, XS, LENGTHS, RESETS)
+    assert_trees_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -166,6 +166,9 @@ class RGLRU(LinearCell):
     def output_size(self, input_size: int) -> int:
         return input_size
 
+    def fixed_input_size(self) -> int:
+        return self.width
+
     def input_size(self, params: RGLRUParams) -> int:
         # The config's, not a_param's length: params of another width then fail check_params,
         # which names the field.

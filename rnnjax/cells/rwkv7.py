@@ -219,6 +219,9 @@ class RWKV7(MatrixStateCell):
         )
         return RWKV7Params(*(p.astype(dtype) for p in params))
 
+    def fixed_input_size(self) -> int:
+        return self.hidden_size
+
     def input_size(self, params: RWKV7Params) -> int:
         return params.w_in.shape[0]
 

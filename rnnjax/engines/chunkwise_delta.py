@@ -27,10 +27,19 @@ grows as ``T (d_k + d_v)`` plus two ``d_k``-square matrices per chunk.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from rnnjax.engines.chunkwise import LOG_DECAY_FLOOR, Segments, _by_chunk_groups, _key_gated_scores, _masked_exp
+from rnnjax.engines.chunkwise import (
+    LOG_DECAY_FLOOR,
+    SEPARABLE_SPAN,
+    Segments,
+    _by_chunk_groups,
+    _key_gated_scores,
+    _masked_exp,
+)
 
 Array = jax.Array
 INVERSE_BLOCK = 16  # forward substitution on diagonal blocks of this size, then merged (as fla does)
@@ -86,17 +95,49 @@ def _unit_lower_inverse_jvp(primals, tangents):
     return T, -jnp.einsum("...ij,...jk,...kl->...il", T, dA, T)
 
 
-def _scores(x: Array, y: Array, b: Array | None, same: Array, strict: bool = False, b_rows: Array | None = None):
+def _scores(
+    x: Array,
+    y: Array,
+    b: Array | None,
+    same: Array,
+    strict: bool = False,
+    b_rows: Array | None = None,
+    separable: bool = False,
+) -> Array:
     r"""``sum_d x_id y_jd e^{b'_id - b_jd}`` where ``same`` (and ``j < i`` when ``strict``),
     else 0, ``(B, H, N, C, C)``; ``b``: ``None``, per head ``(..., C)`` or per key
-    ``(..., C, d_k)``; ``b'``: ``b_rows`` (default ``b``)."""
+    ``(..., C, d_k)``; ``b'``: ``b_rows`` (default ``b``). Per key, ``separable`` computes one
+    product through each chunk's midrange ``r``, :math:`(x e^{b' - r}) (y e^{r - b})^\top`
+    (when the span ``b'_0 - b_C`` is bounded), else secondary chunks, exact in log space."""
     mask = same & ~jnp.eye(x.shape[-2], dtype=bool) if strict else same
     if b is None:
         return jnp.where(mask, jnp.einsum("...id,...jd->...ij", x, y), 0)
     b_rows = b if b_rows is None else b_rows
     if b.ndim == x.ndim - 1:
         return jnp.einsum("...id,...jd->...ij", x, y) * _masked_exp(b_rows[..., :, None] - b[..., None, :], mask)
+    if separable:
+        r = (b_rows[..., :1, :] + b[..., -1:, :]) / 2
+        return jnp.where(mask, jnp.einsum("...id,...jd->...ij", x * jnp.exp(b_rows - r), y * jnp.exp(r - b)), 0)
     return jnp.where(mask, _key_gated_scores(x, y, b, x.shape[-2], b_rows, strict), 0)
+
+
+def _per_group(chunks, per_key: bool, span):
+    """``chunks`` (``(*arrays, separable)``) for one group of chunks, checkpointed; per-key
+    decays choose the separable scores when every chunk's decay ``span(*arrays)`` is at most
+    ``SEPARABLE_SPAN`` (no factor over- or underflows; the choice of
+    :func:`rnnjax.engines.chunkwise.gla`)."""
+
+    def run(*arrays):
+        if not per_key:
+            return chunks(*arrays, separable=False)
+        return jax.lax.cond(
+            span(*arrays) <= SEPARABLE_SPAN,
+            functools.partial(chunks, separable=True),
+            functools.partial(chunks, separable=False),
+            *arrays,
+        )
+
+    return jax.checkpoint(run, prevent_cse=False)
 
 
 def _decay_factors(b: Array | None, seg: Segments, like: Array) -> tuple[Array, Array, Array]:
@@ -126,38 +167,36 @@ def _propagate(Qp: Array, O0: Array, M: Array, B: Array, state: Array) -> tuple[
     return O0 + jnp.einsum("...id,...de->...ie", Qp, jnp.moveaxis(incoming, 0, 2)), final
 
 
-def _delta_chunks(q, k, v, beta, b, seg: Segments):
+def _delta_chunks(q, k, v, beta, b, seg: Segments, separable: bool):
     """``(Q', O_0, M, B)`` of every chunk of the gated delta rule."""
     start, out, total = _decay_factors(b, seg, k)
-    A = beta[..., :, None] * _scores(k, k, b, seg.same, strict=True)
+    A = beta[..., :, None] * _scores(k, k, b, seg.same, strict=True, separable=separable)
     T = unit_lower_inverse(A)
     d_k = k.shape[-1]
     rhs = jnp.concatenate([k * (beta[..., None] * start), v * beta[..., None]], axis=-1)
     WU = jnp.einsum("...ij,...je->...ie", T, rhs)  # [W | U0]: the pseudo-values are U0 - W S_0
-    PWU = jnp.einsum("...ij,...je->...ie", _scores(q, k, b, seg.same), WU)
+    PWU = jnp.einsum("...ij,...je->...ie", _scores(q, k, b, seg.same, separable=separable), WU)
     MB = jnp.einsum("...jd,...je->...de", k * out, WU)
     return q * start - PWU[..., :d_k], PWU[..., d_k:], _diag(total, d_k) - MB[..., :d_k], MB[..., d_k:]
 
 
-def _dplr_chunks(q, k, v, a, b_vec, c, c_prev, seg: Segments):
+def _dplr_chunks(q, k, v, a, b_vec, c, c_prev, seg: Segments, separable: bool):
     """``(Q', O_0, M, B)`` of every chunk of the DPLR recurrence; ``c``: cumulative log decay
     through step ``i``, ``c_prev`` before it."""
     start, out, total = _decay_factors(c, seg, k)
     read_start = jnp.exp(c_prev) * seg.open[..., None]  # a_j reads S_0 decayed to step j - 1
-    T = unit_lower_inverse(-_scores(a, b_vec, c, seg.same, strict=True, b_rows=c_prev))
-    A_ak = _scores(a, k, c, seg.same, strict=True, b_rows=c_prev)
+    scores = functools.partial(_scores, b=c, same=seg.same, separable=separable)
+    T = unit_lower_inverse(-scores(a, b_vec, strict=True, b_rows=c_prev))
+    A_ak = scores(a, k, strict=True, b_rows=c_prev)
     d_k = k.shape[-1]
-    WU = jnp.einsum(
-        "...ij,...je->...ie", T, jnp.concatenate([a * read_start, jnp.einsum("...ij,...je->...ie", A_ak, v)], axis=-1)
-    )
-    W, U0 = WU[..., :d_k], WU[..., d_k:]  # u_j = S_{j-1}^T a_j: rows of W S_0 + U0
-    P_qk, P_qb = _scores(q, k, c, seg.same), _scores(q, b_vec, c, seg.same)
-    Qp = q * start + jnp.einsum("...ij,...jd->...id", P_qb, W)
-    O0 = jnp.einsum("...ij,...je->...ie", P_qk, v) + jnp.einsum("...ij,...je->...ie", P_qb, U0)
-    k_out, b_out = k * out, b_vec * out
-    M = _diag(total, d_k) + jnp.einsum("...jd,...je->...de", b_out, W)
-    B = jnp.einsum("...jd,...je->...de", k_out, v) + jnp.einsum("...jd,...je->...de", b_out, U0)
-    return Qp, O0, M, B
+    rhs = jnp.concatenate([a * read_start, jnp.einsum("...ij,...je->...ie", A_ak, v)], axis=-1)
+    WU = jnp.einsum("...ij,...je->...ie", T, rhs)  # [W | U0]: u_j = S_{j-1}^T a_j = rows of W S_0 + U0
+    PWU = jnp.einsum("...ij,...je->...ie", scores(q, b_vec), WU)
+    BWU = jnp.einsum("...jd,...je->...de", b_vec * out, WU)
+    Qp = q * start + PWU[..., :d_k]
+    O0 = jnp.einsum("...ij,...je->...ie", scores(q, k), v) + PWU[..., d_k:]
+    B = jnp.einsum("...jd,...je->...de", k * out, v) + BWU[..., d_k:]
+    return Qp, O0, _diag(total, d_k) + BWU[..., :d_k], B
 
 
 def _diag(total: Array, size: int) -> Array:
@@ -178,7 +217,8 @@ def delta_rule(q, k, v, beta, g, state: Array, seg: Segments, scale: float):
     """
     q = q * jnp.asarray(scale, q.dtype)
     b = None if g is None else jnp.cumsum(jnp.maximum(g, LOG_DECAY_FLOOR), axis=3)
-    chunks = jax.checkpoint(_delta_chunks, prevent_cse=False)
+    span = lambda q, k, v, beta, b, seg: jnp.max(b[..., 0, :] - b[..., -1, :], initial=0.0)
+    chunks = _per_group(_delta_chunks, b is not None and b.ndim == q.ndim, span)
     Qp, O0, M, B = _by_chunk_groups(chunks, CHUNK_GROUP, q, k, v, beta, b, seg)
     return _propagate(Qp, O0, M, B, state)
 
@@ -197,6 +237,7 @@ def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
     q = q * jnp.asarray(scale, q.dtype)
     w = jnp.maximum(w, LOG_DECAY_FLOOR)
     c = jnp.cumsum(w, axis=3)
-    chunks = jax.checkpoint(_dplr_chunks, prevent_cse=False)
+    span = lambda q, k, v, a, b, c, c_prev, seg: jnp.max(c_prev[..., 0, :] - c[..., -1, :], initial=0.0)
+    chunks = _per_group(_dplr_chunks, True, span)
     Qp, O0, M, B = _by_chunk_groups(chunks, CHUNK_GROUP, q, k, v, a, b, c, c - w, seg)
     return _propagate(Qp, O0, M, B, state)

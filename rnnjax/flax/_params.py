@@ -110,9 +110,13 @@ def _structure_uncached(layer: Any, input_size: int, dtype: Any):
 _structure_cached = functools.lru_cache(maxsize=256)(_structure_uncached)
 
 
-def structure(layer: Any, input_size: int = 1, dtype: Any = jnp.float32):
+def structure(layer: Any, input_size: int | None = None, dtype: Any = jnp.float32):
     """``(treedef, paths, shapes)`` of ``layer.init(key, input_size, dtype)``; shapes are
-    ``jax.ShapeDtypeStruct`` leaves. The treedef and paths do not depend on ``input_size``."""
+    ``jax.ShapeDtypeStruct`` leaves. The treedef and paths do not depend on ``input_size``;
+    ``None``: the size the layer fixes (``fixed_input_size``), else 1."""
+    if input_size is None:
+        fixed = getattr(layer, "fixed_input_size", lambda: None)()  # user layers may lack it
+        input_size = 1 if fixed is None else fixed
     try:
         return _structure_cached(layer, int(input_size), jnp.dtype(dtype))
     except TypeError as e:  # an unhashable user-defined layer
@@ -159,7 +163,7 @@ def from_core(layer: Any, params: Any) -> dict:
     return nest(leaf_paths(layer, params), jax.tree_util.tree_leaves(params))
 
 
-def to_core(layer: Any, tree: Mapping, input_size: int = 1, dtype: Any = jnp.float32) -> Any:
+def to_core(layer: Any, tree: Mapping, input_size: int | None = None, dtype: Any = jnp.float32) -> Any:
     """Rebuild the core's params (NamedTuples) from a nested dict named by :func:`leaf_paths`.
 
     Leaves may be boxed (``nn.Partitioned``, nnx variables); they are unwrapped."""

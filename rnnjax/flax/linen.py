@@ -239,14 +239,17 @@ class StepCell(nn.RNNCellBase):
         return self.cell.input_ndim
 
 
-def to_core_params(layer: Any, params: Mapping, *, input_size: int = 1, dtype: Any = jnp.float32) -> Any:
+def to_core_params(
+    layer: Any, params: Mapping, *, input_size: int | None = None, dtype: Any = jnp.float32
+) -> Any:
     """The core's params (NamedTuples) from a linen params tree.
 
     Args:
       layer: the cell or layer the module wraps.
       params: ``variables["params"]`` (or ``variables`` itself); ``nn.Partitioned`` boxes
         are unboxed.
-      input_size, dtype: only to derive the structure, which does not depend on them.
+      input_size, dtype: only to derive the structure, which does not depend on them
+        (``None``: the size the layer fixes, else 1).
 
     Example:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
