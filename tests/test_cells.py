@@ -25,10 +25,11 @@ CASES = sorted(CELL_CASES)
 # on all. (LSTM's is plain "lstm": "lstm_proj_peephole"'s output is narrower than its carry.)
 # The matrix-state cells share one driver (rj.Chunked's engine, tested per op and per cell in
 # tests/test_linear_attention*.py and tests/cells/): Mamba2 (convolution, per-head decay) stands
-# for the gated ones and Gated DeltaNet for the delta rule; sLSTM's parity, Jacobian and fused
-# gradient are checked in tests/cells/test_slstm.py.
+# for them. The RG-LRU (a LinearCell, as the LRU) and the sLSTM have their parity, Associative,
+# Jacobian and fused-gradient checks in tests/cells/test_rglru.py and test_slstm.py.
 SECOND_CONFIGS = {"elman_relu_nobias", "lstm", "gru_reset_before", "mgu_nobias_relu", "indrnn_tanh_clipped",
-                  "minlstm_identity_nobias", "lru_ring", "gla", "mlstm", "deltanet", "rwkv7", "slstm"}
+                  "minlstm_identity_nobias", "lru_ring", "gla", "mlstm", "deltanet", "gated_deltanet", "rwkv7",
+                  "rglru", "slstm"}
 DRIVER_CASES = [pytest.param(name, marks=pytest.mark.slow) if name in SECOND_CONFIGS else name for name in CASES]
 STEPS = 6
 LENGTHS = np.array([6, 3, 0])

@@ -493,6 +493,14 @@ def test_fit_hands_back_the_last_good_state_on_any_exception():
 # ---- fit and Ctrl-C -----------------------------------------------------------------------
 
 
+def batches_until_interrupted(limit=50):
+    """The batches of a run that only an interrupt should end: a lost SIGINT (say, a handler
+    another test left installed, which fit leaves alone) ends it after ``limit`` steps and fails
+    the test's step count, instead of hanging the suite."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "a SIGINT handler is installed"
+    return itertools.repeat(make_batch(), limit)
+
+
 def sigint_after_step(presses, at):
     """``train_step()`` that sends itself ``presses`` SIGINTs right after the jitted call
     returned at its ``at``-th call: the state passed in is donated by then."""
@@ -511,7 +519,7 @@ def sigint_after_step(presses, at):
 
 def test_ctrl_c_right_after_a_step_donated_the_state_stops_with_the_new_state():
     file = io.StringIO()
-    state, history = T.fit(sigint_after_step(1, at=3), fresh_state(), itertools.repeat(make_batch()), file=file)
+    state, history = T.fit(sigint_after_step(1, at=3), fresh_state(), batches_until_interrupted(), file=file)
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
     assert int(state.step) == 3 and history["step"] == [1, 2, 3] and len(history["loss"]) == 3
     assert "fit: 3 steps" in file.getvalue() and "(interrupted)" in file.getvalue()
@@ -520,7 +528,7 @@ def test_ctrl_c_right_after_a_step_donated_the_state_stops_with_the_new_state():
 
 def test_a_second_ctrl_c_raises_keyboard_interrupt_with_the_state_after_the_step():
     with pytest.raises(KeyboardInterrupt) as info:
-        T.fit(sigint_after_step(2, at=2), fresh_state(), itertools.repeat(make_batch()), progress=False)
+        T.fit(sigint_after_step(2, at=2), fresh_state(), batches_until_interrupted(), progress=False)
     err = info.value
     assert int(err.state.step) == 2 and not any(leaf.is_deleted() for leaf in jax.tree.leaves(err.state))
     assert err.history["step"] == [1, 2]
@@ -530,7 +538,7 @@ def test_a_second_ctrl_c_raises_keyboard_interrupt_with_the_state_after_the_step
 
 def test_a_third_ctrl_c_inside_a_step_raises_at_once_and_says_the_state_was_consumed():
     with pytest.raises(KeyboardInterrupt) as info:
-        T.fit(sigint_after_step(3, at=2), fresh_state(), itertools.repeat(make_batch()), progress=False)
+        T.fit(sigint_after_step(3, at=2), fresh_state(), batches_until_interrupted(), progress=False)
     assert info.value.state is None and info.value.history["step"] == [1]
     assert any("the state after step 1 was consumed" in note for note in info.value.__notes__)
 
@@ -544,7 +552,7 @@ def test_without_fits_handler_an_interrupt_after_a_donation_raises_rather_than_r
     previous = signal.signal(signal.SIGINT, users_handler)
     try:
         with pytest.raises(KeyboardInterrupt) as info:
-            T.fit(sigint_after_step(1, at=2), fresh_state(), itertools.repeat(make_batch()), progress=False)
+            T.fit(sigint_after_step(1, at=2), fresh_state(), itertools.repeat(make_batch(), 50), progress=False)
         assert signal.getsignal(signal.SIGINT) is users_handler
     finally:
         signal.signal(signal.SIGINT, previous)
