@@ -494,6 +494,7 @@ def test_state_vectors_and_trajectories():
     np.testing.assert_array_equal(states[1, 3:], jnp.broadcast_to(states[1, 2], (4, 6)))
 
 
+@pytest.mark.slow  # a fresh interpreter: 5 s
 def test_matplotlib_is_imported_only_by_the_plots():
     code = "import sys, rnnjax; assert 'matplotlib' not in sys.modules, 'imported matplotlib'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -21,10 +21,10 @@ from tests.compat import enable_x64
 LA = rj.linear_attention
 OPS = ("none", "head", "key", "mlstm")  # gla's three gate kinds, and the mLSTM
 H, DK, DV = 2, 4, 3
-# The fast set runs the per-key decays (the most intricate chunkwise path: secondary chunks)
-# and the mLSTM; the slow set adds no gate and per-head decays (each op compiles its own
-# programs, ~2-6 s apiece here).
-FAST_OPS = ("key", "mlstm")
+# The fast set runs the per-key decays (the most intricate chunkwise path: secondary chunks);
+# the slow set adds no gate, per-head decays and the mLSTM (each op compiles its own programs,
+# ~2-6 s apiece here; the mLSTM's chunked default meets xLSTM's numbers in the fast parity file).
+FAST_OPS = ("key",)
 SOME_OPS = [op if op in FAST_OPS else pytest.param(op, marks=pytest.mark.slow) for op in OPS]
 
 # float64: unit roundoff 1.1e-16; both methods sum the same few hundred products in another
@@ -194,7 +194,8 @@ def extreme(op, which):
 EXTREMES = [
     *(pytest.param("head", which, marks=pytest.mark.slow) for which in ("zero", "tiny")),
     *(("key", which) for which in ("zero", "tiny")),
-    *(("mlstm", which) for which in ("input", "forget")),
+    ("mlstm", "input"),
+    pytest.param("mlstm", "forget", marks=pytest.mark.slow),
 ]
 
 
@@ -372,6 +373,7 @@ def test_methods_that_cannot_run_the_op_name_chunked(op, method):
         run[op]()
 
 
+@pytest.mark.slow
 def test_an_empty_batch_and_no_steps_give_empty_outputs_and_the_initial_state():
     """Batch 0 and T = 0 through the ops and the cells (a reshape to -1 of a zero-size array
     raised ZeroDivisionError before): outputs empty, the state the initial one, gradients too."""

@@ -38,7 +38,9 @@ def data(cell, key=0, dtype=jnp.float32, batch=(3,), steps=STEPS):
 # Newton solver, about 3 s). Matrix-state cells are linear in their state: rj.Newton() refuses them.
 NAMES = [name for name in sorted(CELL_CASES)
          if name != "convlstm" and not isinstance(CELL_CASES[name], MatrixStateCell)]
-CASES = [(name, variant, True, (i + j) % 2 == 1)  # (name, variant, reverse, slow)
+# The RG-LRU is linear (Associative is its method) and the sLSTM has its own Newton checks
+# (tests/cells/): both run here in make test-all only.
+CASES = [(name, variant, True, (i + j) % 2 == 1 or name in ("rglru", "slstm"))  # (name, variant, reverse, slow)
          for i, name in enumerate(NAMES) for j, variant in enumerate(("deer", "quasi-deer"))]
 CASES += [("gru", "elk", True, False), ("lstm_proj_peephole", "quasi-elk", False, False),
           ("convlstm", "quasi-deer", True, False)]
