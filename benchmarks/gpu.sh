@@ -8,8 +8,9 @@
 #   3. the comparison: python -m benchmarks.run --preset gpu, your arguments last (T = 2^6..2^14,
 #      5 cells, fwd and fwd+bwd; the preset stops measuring after 6.5 minutes: --max-minutes 0
 #      lifts that).
-#   4. matrix-state recurrences: python -m benchmarks.linear_attention --preset gpu (gla, mlstm:
-#      Sequential, Chunked, causal attention, fla / xLSTM Triton kernels; LA=0 skips it).
+#   4. matrix-state recurrences: python -m benchmarks.linear_attention --preset gpu (gla, mlstm,
+#      delta rule, gated delta rule, rwkv7: Sequential, Chunked, causal attention, fla / xLSTM
+#      Triton kernels; LA=0 skips it).
 # Output (git-ignored): bench-results/gpu-check/ and bench-results/<gpu>-gpu/ in the repository
 # root, or --out DIR for the comparison.
 #
@@ -91,7 +92,8 @@ status=$?
 
 # 4. Matrix-state recurrences (LA=0 skips): rj.linear_attention's Sequential and Chunked against
 #    causal attention and, where they import, fla's and xLSTM's Triton kernels (chunk_simple_gla,
-#    chunk_gla, mlstm_kernels' chunkwise kernel). The machine may have no internet: WHEELS=DIR
+#    chunk_gla, chunk_delta_rule, chunk_gated_delta_rule, chunk_rwkv7, mlstm_kernels' chunkwise
+#    kernel). The machine may have no internet: WHEELS=DIR
 #    installs fla-core and mlstm-kernels from wheels in DIR first
 #    (pip download --no-deps fla-core==0.6.0 mlstm-kernels==2.0.6 einops -d DIR).
 if [ "${LA:-1}" != "0" ]; then
