@@ -239,9 +239,7 @@ class StepCell(nn.RNNCellBase):
         return self.cell.input_ndim
 
 
-def to_core_params(
-    layer: Any, params: Mapping, *, input_size: int | None = None, dtype: Any = jnp.float32
-) -> Any:
+def to_core_params(layer: Any, params: Mapping, *, input_size: int | None = None, dtype: Any = jnp.float32) -> Any:
     """The core's params (NamedTuples) from a linen params tree.
 
     Args:

@@ -197,9 +197,7 @@ def _pure(tree: Any) -> Any:
     return _params.unwrap(tree)
 
 
-def to_core_params(
-    layer: Any, state: Mapping, *, input_size: int | None = None, dtype: Any = jnp.float32
-) -> Any:
+def to_core_params(layer: Any, state: Mapping, *, input_size: int | None = None, dtype: Any = jnp.float32) -> Any:
     """The core's params (NamedTuples) from ``nnx.state(model, nnx.Param)`` (or its pure dict).
 
     ``input_size`` and ``dtype`` only derive the structure, which does not depend on them.
