@@ -493,6 +493,16 @@ def test_fit_hands_back_the_last_good_state_on_any_exception():
 # ---- fit and Ctrl-C -----------------------------------------------------------------------
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test. A suite started in the background (``make test &``)
+    inherits SIGINT ignored (POSIX shells without job control do that), and fit rightly leaves a
+    handler it did not expect alone: the tests' interrupts were lost and one of them hung."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def batches_until_interrupted(limit=50):
     """The batches of a run that only an interrupt should end: a lost SIGINT (say, a handler
     another test left installed, which fit leaves alone) ends it after ``limit`` steps and fails
@@ -517,6 +527,7 @@ def sigint_after_step(presses, at):
     return step
 
 
+@pytest.mark.usefixtures("default_sigint")
 def test_ctrl_c_right_after_a_step_donated_the_state_stops_with_the_new_state():
     file = io.StringIO()
     state, history = T.fit(sigint_after_step(1, at=3), fresh_state(), batches_until_interrupted(), file=file)
@@ -526,6 +537,7 @@ def test_ctrl_c_right_after_a_step_donated_the_state_stops_with_the_new_state():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # fit's own handler is gone
 
 
+@pytest.mark.usefixtures("default_sigint")
 def test_a_second_ctrl_c_raises_keyboard_interrupt_with_the_state_after_the_step():
     with pytest.raises(KeyboardInterrupt) as info:
         T.fit(sigint_after_step(2, at=2), fresh_state(), batches_until_interrupted(), progress=False)
@@ -536,6 +548,7 @@ def test_a_second_ctrl_c_raises_keyboard_interrupt_with_the_state_after_the_step
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.usefixtures("default_sigint")
 def test_a_third_ctrl_c_inside_a_step_raises_at_once_and_says_the_state_was_consumed():
     with pytest.raises(KeyboardInterrupt) as info:
         T.fit(sigint_after_step(3, at=2), fresh_state(), batches_until_interrupted(), progress=False)
@@ -543,6 +556,7 @@ def test_a_third_ctrl_c_inside_a_step_raises_at_once_and_says_the_state_was_cons
     assert any("the state after step 1 was consumed" in note for note in info.value.__notes__)
 
 
+@pytest.mark.usefixtures("default_sigint")
 def test_without_fits_handler_an_interrupt_after_a_donation_raises_rather_than_reading_deleted_arrays():
     """Someone else's SIGINT handler is left in place; fit in another thread installs none."""
 
@@ -565,6 +579,7 @@ def test_without_fits_handler_an_interrupt_after_a_donation_raises_rather_than_r
     assert int(results[0][0].step) == 2
 
 
+@pytest.mark.usefixtures("default_sigint")
 def test_ctrl_c_at_random_moments_always_returns_the_state_of_the_steps_done():
     """Real SIGINTs from another thread, at random delays into runs that only an interrupt ends;
     the step does Python work after its donating call, where an interrupt used to lose the state."""
