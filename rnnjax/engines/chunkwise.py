@@ -151,6 +151,21 @@ def _intra_gla(q: Array, k: Array, v: Array, b: Array | None, seg: Segments) -> 
     return jnp.einsum("...ij,...je->...ie", jnp.where(seg.same, scores, 0), v)
 
 
+def decay_factors(b: Array | None, seg: Segments, like: Array) -> tuple[Array, Array, Array]:
+    """``(start, out, total)``: ``e^{b}`` where the incoming state reaches a step,
+    ``e^{b_C - b}`` where a step is in the chunk's last segment (both multiply ``(..., C, d_k)``
+    rows), and ``e^{b_C}`` if the chunk has no reset (``(..., d_k)`` or ``(..., 1)``)."""
+    last_open = seg.open[..., -1][..., None]
+    open_, in_last = seg.open[..., None], seg.same[..., -1, :]
+    if b is None:
+        return open_.astype(like.dtype), in_last[..., None].astype(like.dtype), last_open.astype(like.dtype)
+    if b.ndim == like.ndim:  # per key
+        bl = b[..., -1:, :]
+        return jnp.exp(b) * open_, _masked_exp(bl - b, in_last[..., None]), jnp.exp(bl[..., 0, :]) * last_open
+    bl = b[..., -1:]
+    return (jnp.exp(b) * seg.open)[..., None], _masked_exp(bl - b, in_last)[..., None], jnp.exp(bl) * last_open
+
+
 def gla(q: Array, k: Array, v: Array, g: Array | None, state: Array, seg: Segments, scale: float):
     """Gated linear attention over chunks.
 
@@ -181,19 +196,9 @@ def gla(q: Array, k: Array, v: Array, g: Array | None, state: Array, seg: Segmen
         intra = jax.checkpoint(choose, prevent_cse=False)(q, k, v, b)
     else:  # the scalar form keeps its (C, C) factors for the backward pass (T * C per head)
         intra = _intra_gla(q, k, v, b, seg)
-    last_open = seg.open[..., -1]
-    in_last = seg.same[..., -1, :]  # j in the chunk's last segment
-    if b is None:
-        q_in, k_out, decay = q, k * in_last[..., None], last_open[..., None]
-    else:
-        per_key = b.ndim == q.ndim
-        bl = b[..., -1:, :] if per_key else b[..., -1:]
-        rel = bl - b
-        q_in = q * (jnp.exp(b) if per_key else jnp.exp(b)[..., None])
-        k_out = k * (_masked_exp(rel, in_last[..., None]) if per_key else _masked_exp(rel, in_last)[..., None])
-        decay = jnp.exp(bl[..., 0, :] if per_key else bl[..., 0:1]) * last_open[..., None]
-    q_in = jnp.where(seg.open[..., None], q_in, 0)
-    local = jnp.einsum("...jd,...je->...de", k_out, v)  # (B, H, N, d_k, d_v)
+    start, out, decay = decay_factors(b, seg, q)
+    q_in = q * start
+    local = jnp.einsum("...jd,...je->...de", k * out, v)  # (B, H, N, d_k, d_v)
 
     def step(S, chunk):
         decay_n, local_n = chunk

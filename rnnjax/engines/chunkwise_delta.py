@@ -39,6 +39,7 @@ from rnnjax.engines.chunkwise import (
     _by_chunk_groups,
     _key_gated_scores,
     _masked_exp,
+    decay_factors,
 )
 
 Array = jax.Array
@@ -140,21 +141,6 @@ def _per_group(chunks, per_key: bool, span):
     return jax.checkpoint(run, prevent_cse=False)
 
 
-def _decay_factors(b: Array | None, seg: Segments, like: Array) -> tuple[Array, Array, Array]:
-    """``(start, out, total)``: ``e^{b}`` where the incoming state reaches a step,
-    ``e^{b_C - b}`` where a step is in the chunk's last segment (both multiply ``(..., C, d_k)``
-    rows), and ``e^{b_C}`` if the chunk has no reset (``(..., d_k)`` or ``(..., 1)``)."""
-    last_open = seg.open[..., -1][..., None]
-    open_, in_last = seg.open[..., None], seg.same[..., -1, :]
-    if b is None:
-        return open_.astype(like.dtype), in_last[..., None].astype(like.dtype), last_open.astype(like.dtype)
-    if b.ndim == like.ndim:  # per key
-        bl = b[..., -1:, :]
-        return jnp.exp(b) * open_, _masked_exp(bl - b, in_last[..., None]), jnp.exp(bl[..., 0, :]) * last_open
-    bl = b[..., -1:]
-    return (jnp.exp(b) * seg.open)[..., None], _masked_exp(bl - b, in_last)[..., None], jnp.exp(bl) * last_open
-
-
 def _propagate(Qp: Array, O0: Array, M: Array, B: Array, state: Array) -> tuple[Array, Array]:
     """``(O, S_final)`` from the per-chunk arrays: ``S_{n+1} = M_n S_n + B_n``,
     ``O_n = Q'_n S_n + O_{0,n}``."""
@@ -169,7 +155,7 @@ def _propagate(Qp: Array, O0: Array, M: Array, B: Array, state: Array) -> tuple[
 
 def _delta_chunks(q, k, v, beta, b, seg: Segments, separable: bool):
     """``(Q', O_0, M, B)`` of every chunk of the gated delta rule."""
-    start, out, total = _decay_factors(b, seg, k)
+    start, out, total = decay_factors(b, seg, k)
     A = beta[..., :, None] * _scores(k, k, b, seg.same, strict=True, separable=separable)
     T = unit_lower_inverse(A)
     d_k = k.shape[-1]
@@ -183,7 +169,7 @@ def _delta_chunks(q, k, v, beta, b, seg: Segments, separable: bool):
 def _dplr_chunks(q, k, v, a, b_vec, c, c_prev, seg: Segments, separable: bool):
     """``(Q', O_0, M, B)`` of every chunk of the DPLR recurrence; ``c``: cumulative log decay
     through step ``i``, ``c_prev`` before it."""
-    start, out, total = _decay_factors(c, seg, k)
+    start, out, total = decay_factors(c, seg, k)
     read_start = jnp.exp(c_prev) * seg.open[..., None]  # a_j reads S_0 decayed to step j - 1
     scores = functools.partial(_scores, b=c, same=seg.same, separable=separable)
     T = unit_lower_inverse(-scores(a, b_vec, strict=True, b_rows=c_prev))

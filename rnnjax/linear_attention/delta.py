@@ -9,11 +9,21 @@ from __future__ import annotations
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 
 from rnnjax.cell import frozen
 from rnnjax.cells.matrix_state import DeltaInputs, DPLRInputs
-from rnnjax.linear_attention.ops import _check, _check_qkv, _ProjectedOp, _run, _scale, _unflatten
+from rnnjax.linear_attention.ops import (
+    _check,
+    _check_qkv,
+    _check_state,
+    _decay_of,
+    _decay_part,
+    _decay_width,
+    _ProjectedOp,
+    _run,
+    _scale,
+    _unflatten,
+)
 from rnnjax.methods import Method
 
 Array = jax.Array
@@ -33,15 +43,14 @@ class DeltaOp(_ProjectedOp):
 
     def widths(self) -> tuple[int, ...]:
         h, dk, dv = self.heads, self.key_size, self.value_size
-        return (h * dk, h * dk, h * dv, h, {"none": 0, "head": h, "key": h * dk}[self.gate])
+        return (h * dk, h * dk, h * dv, h, _decay_width(self.gate, h, dk))
 
     def decays_per_key(self) -> bool:
         return self.gate == "key"
 
     def mix(self, params, conv_out, x):
         q, k, v, beta, g = _unflatten(x, self.widths(), self.heads)
-        log_decay = None if self.gate == "none" else (g[..., 0] if self.gate == "head" else g)
-        return DeltaInputs(q, k, v, beta[..., 0], log_decay)
+        return DeltaInputs(q, k, v, beta[..., 0], _decay_of(self.gate, g))
 
 
 @frozen
@@ -64,11 +73,6 @@ class DPLROp(_ProjectedOp):
 
     def mix(self, params, conv_out, x):
         return DPLRInputs(*_unflatten(x, self.widths(), self.heads))
-
-
-def _check_state(state, batch, heads: int, d_k: int, d_v: int):
-    if state is not None:
-        _check("state", state, (*batch, heads, d_k, d_v), "(*batch, heads, d_k, d_v)")
 
 
 def delta_rule(
@@ -124,18 +128,11 @@ def delta_rule(
     """
     q, k, v = _check_qkv(q, k, v)
     *batch, steps, heads, d_k = q.shape
-    parts = [q, k, v, _check("beta", beta, q.shape[:-1], "(*batch, T, heads)")[..., None]]
-    gate = "none"
-    if log_decay is not None:
-        log_decay = jnp.asarray(log_decay)
-        if log_decay.shape == q.shape[:-1]:
-            gate, parts = "head", [*parts, log_decay[..., None]]
-        else:
-            want = f"(*batch, T, heads) = {q.shape[:-1]} or (*batch, T, heads, d_k) = {q.shape}"
-            gate, parts = "key", [*parts, _check("log_decay", log_decay, q.shape, want)]
+    beta = _check("beta", beta, q.shape[:-1], "(*batch, T, heads)")
+    gate, decay = _decay_part(log_decay, q)
     _check_state(state, batch, heads, d_k, v.shape[-1])
     cell = DeltaOp(heads, d_k, v.shape[-1], gate, _scale(scale, d_k))
-    return _run(cell, parts, state, lengths, resets, reverse, method, v.shape)
+    return _run(cell, [q, k, v, beta[..., None], *decay], state, lengths, resets, reverse, method, v.shape)
 
 
 def rwkv7(

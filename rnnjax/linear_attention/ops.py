@@ -77,14 +77,14 @@ class GatedOuterProduct(_ProjectedOp):
 
     def widths(self) -> tuple[int, ...]:
         h, dk, dv = self.heads, self.key_size, self.value_size
-        return (h * dk, h * dk, h * dv, {"none": 0, "head": h, "key": h * dk}[self.gate])
+        return (h * dk, h * dk, h * dv, _decay_width(self.gate, h, dk))
 
     def decays_per_key(self) -> bool:
         return self.gate == "key"
 
     def mix(self, params, conv_out, x):
         q, k, v, g = _unflatten(x, self.widths(), self.heads)
-        return GatedInputs(q, k, v, None if self.gate == "none" else (g[..., 0] if self.gate == "head" else g))
+        return GatedInputs(q, k, v, _decay_of(self.gate, g))
 
 
 @frozen
@@ -112,6 +112,36 @@ def _unflatten(x: Array, widths: tuple[int, ...], heads: int) -> list[Array | No
     """The per-step inputs ``(..., heads, width / heads)`` from their concatenation ``x``."""
     parts = _split_columns(x, widths)
     return [p.reshape(*x.shape[:-1], heads, w // heads) if w else None for p, w in zip(parts, widths)]
+
+
+def _decay_width(gate: str, heads: int, d_k: int) -> int:
+    """Columns a step's log decay takes in the concatenated input: ``gate`` is ``"none"``,
+    ``"head"`` (one per head) or ``"key"`` (one per key dimension)."""
+    return {"none": 0, "head": heads, "key": heads * d_k}[gate]
+
+
+def _decay_of(gate: str, g: Array | None) -> Array | None:
+    """The log decay as the recurrence takes it from its ``(..., heads, width)`` block."""
+    if gate == "none" or g is None:
+        return None
+    return g[..., 0] if gate == "head" else g
+
+
+def _decay_part(log_decay: Any, q: Array) -> tuple[str, list[Array]]:
+    """``(gate, parts)``: the kind of ``log_decay`` (``None``, ``(*batch, T, heads)`` or
+    ``(*batch, T, heads, d_k)``, checked against ``q``) and the block it adds to the input."""
+    if log_decay is None:
+        return "none", []
+    log_decay = jnp.asarray(log_decay)
+    if log_decay.shape == q.shape[:-1]:
+        return "head", [log_decay[..., None]]
+    want = f"(*batch, T, heads) = {q.shape[:-1]} or (*batch, T, heads, d_k) = {q.shape}"
+    return "key", [_check("log_decay", log_decay, q.shape, want)]
+
+
+def _check_state(state: Any, batch: Any, heads: int, d_k: int, d_v: int) -> None:
+    if state is not None:
+        _check("state", state, (*batch, heads, d_k, d_v), "(*batch, heads, d_k, d_v)")
 
 
 def _split_columns(x: Array, widths: tuple[int, ...]) -> list[Array]:
@@ -209,24 +239,10 @@ def gla(
     """
     q, k, v = _check_qkv(q, k, v)
     *batch, steps, heads, d_k = q.shape
-    parts = [q, k, v]
-    gate = "none"
-    if log_decay is not None:
-        log_decay = jnp.asarray(log_decay)
-        if log_decay.shape == q.shape[:-1]:
-            gate, parts = "head", [*parts, log_decay[..., None]]
-        else:
-            _check(
-                "log_decay",
-                log_decay,
-                q.shape,
-                f"(*batch, T, heads) = {q.shape[:-1]} or (*batch, T, heads, d_k) = {q.shape}",
-            )
-            gate, parts = "key", [*parts, log_decay]
+    gate, decay = _decay_part(log_decay, q)
     cell = GatedOuterProduct(heads, d_k, v.shape[-1], gate, _scale(scale, d_k))
-    if state is not None:
-        _check("state", state, (*batch, heads, d_k, v.shape[-1]), "(*batch, heads, d_k, d_v)")
-    return _run(cell, parts, state, lengths, resets, reverse, method, v.shape)
+    _check_state(state, batch, heads, d_k, v.shape[-1])
+    return _run(cell, [q, k, v, *decay], state, lengths, resets, reverse, method, v.shape)
 
 
 def mlstm(
