@@ -16,6 +16,7 @@ DOCS = Path(__file__).resolve().parent
 PUBLIC_MODULES = [
     "rnnjax", "rnnjax.cells", "rnnjax.train", "rnnjax.inspect", "rnnjax.interop",
     "rnnjax.distributed", "rnnjax.parallel", "rnnjax.linear_attention", "rnnjax.flax.linen", "rnnjax.flax.nnx",
+    "rnnjax.equinox",
 ]
 
 

@@ -1,8 +1,9 @@
 """Optional dependencies: the extras that bring them and the error that names the extra.
 
 The core (``pip install rnnjax``) needs only JAX, NumPy and Optax. The Flax modules need
-``rnnjax[flax]``, checkpoints ``rnnjax[checkpoint]``, the weight loaders their own library
-(``rnnjax[torch]``, ``rnnjax[keras]``); ``rnnjax[all]`` brings every one.
+``rnnjax[flax]``, the Equinox modules ``rnnjax[equinox]``, checkpoints ``rnnjax[checkpoint]``,
+the weight loaders their own library (``rnnjax[torch]``, ``rnnjax[keras]``); ``rnnjax[all]``
+brings every one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from types import ModuleType
 # The distribution each optional module comes from, and the extra that installs it.
 EXTRAS = {
     "flax": ("flax", "flax"),
+    "equinox": ("equinox", "equinox"),
     "orbax.checkpoint": ("orbax-checkpoint", "checkpoint"),
     "torch": ("torch", "torch"),
     "keras": ("keras", "keras"),

@@ -115,7 +115,7 @@ def test_engines_import_neither_the_front_door_nor_each_others_privates():
 # DESIGN.md's floors, top to bottom: a module imports its own floor or lower ones only.
 FLOORS = [
     ("rnnjax",),
-    ("rnnjax.flax", "rnnjax.train"),
+    ("rnnjax.flax", "rnnjax.equinox", "rnnjax.train"),
     ("rnnjax.inspect", "rnnjax.interop"),
     ("rnnjax.layers", "rnnjax.parallel", "rnnjax.distributed", "rnnjax.linear_attention"),
     ("rnnjax.scan",),

@@ -1,5 +1,5 @@
 """rnnjax/optional.py: the core works without the extras, and each extra's absence gives an
-error that names it. The subprocess hides flax and orbax (and torch, matplotlib) behind an
+error that names it. The subprocess hides flax, equinox and orbax (and torch, matplotlib) behind an
 import hook, as an environment with only the core dependencies would (`make smoke-wheel`
 checks a real one)."""
 
@@ -15,7 +15,7 @@ CORE_ONLY = textwrap.dedent(
     """
     import importlib.abc, sys, tempfile
 
-    HIDDEN = ("flax", "orbax", "torch", "matplotlib", "tensorstore")
+    HIDDEN = ("flax", "equinox", "orbax", "torch", "matplotlib", "tensorstore")
 
     class HideExtras(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -43,10 +43,14 @@ CORE_ONLY = textwrap.dedent(
     except ImportError as err:
         errors["flax"] = str(err)
     try:
+        import rnnjax.equinox
+    except ImportError as err:
+        errors["equinox"] = str(err)
+    try:
         rj.train.save_checkpoint(tempfile.mkdtemp(), state)
     except ImportError as err:
         errors["checkpoint"] = str(err)
-    for name in ("flax", "orbax", "torch", "matplotlib"):
+    for name in ("flax", "equinox", "orbax", "torch", "matplotlib"):
         assert name not in sys.modules, f"import rnnjax imported {name}"
     print(errors)
     """
@@ -61,10 +65,10 @@ def core_only_errors():
 
 
 def test_scan_and_training_work_with_the_core_dependencies_only(core_only_errors):
-    assert set(core_only_errors) == {"flax", "checkpoint"}
+    assert set(core_only_errors) == {"flax", "equinox", "checkpoint"}
 
 
-@pytest.mark.parametrize("extra", ["flax", "checkpoint"])
+@pytest.mark.parametrize("extra", ["flax", "equinox", "checkpoint"])
 def test_a_missing_extra_is_named_in_the_error(core_only_errors, extra):
     assert f"pip install 'rnnjax[{extra}]'" in core_only_errors[extra]
 
@@ -73,4 +77,4 @@ def test_require_returns_an_installed_module_and_rejects_unknown_names():
     assert require("matplotlib", "plots").__name__ == "matplotlib"
     with pytest.raises(KeyError, match="not an optional dependency"):
         require("numpy", "x")
-    assert {extra for _, extra in EXTRAS.values()} == {"flax", "checkpoint", "torch", "keras", "plot"}
+    assert {extra for _, extra in EXTRAS.values()} == {"flax", "equinox", "checkpoint", "torch", "keras", "plot"}
