@@ -233,3 +233,33 @@ def test_the_linear_attention_benchmark_runs_at_its_tiny_sizes(tmp_path):
     assert len(timed) == 3 * 2 * 3, sorted(timed)
     assert all(r.get("note") for r in rows if r["system"] == "fla")
     assert "| gla_head | 64 | fwd+bwd |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow  # two mixers compiled and trained at tiny sizes: seconds
+def test_the_char_lm_mixers_benchmark_records_curves_at_its_tiny_sizes(tmp_path):
+    """Attention and GLA at --tiny: per mixer, a train curve whose steps, tokens and seconds
+    increase, finite bits/char that fall, the held-out evaluations; the baselines and the table."""
+    import math
+
+    from benchmarks import char_lm_mixers
+
+    out = tmp_path / "clm"
+    char_lm_mixers.main(["--tiny", "--mixers", "attention", "gla", "--out", str(out)])
+    data = json.loads((out / "results.json").read_text())
+    meta = data["meta"]
+    assert 0 < meta["bigram_bits"] < meta["unigram_bits"] < math.log2(meta["vocab"])
+    assert meta["environment"]["jax"] and meta["config"]["threshold"] == meta["bigram_bits"]
+    records = {r["mixer"]: r for r in data["records"]}
+    assert sorted(records) == ["attention", "gla"] and all("error" not in r for r in records.values())
+    for r in records.values():
+        curve = r["curve"]
+        for key in ("step", "tokens", "seconds"):
+            values = [c[key] for c in curve]
+            assert values[0] > 0 and all(b > a for a, b in zip(values, values[1:])), (r["mixer"], key, values)
+        assert (curve[-1]["step"], curve[-1]["tokens"], curve[-1]["seconds"]) == (r["steps"], r["tokens"], r["train_s"])
+        bits = [c["bits"] for c in curve] + [e["bits"] for e in r["evals"]]
+        assert all(math.isfinite(b) for b in bits) and curve[-1]["bits"] < curve[0]["bits"]
+        assert [e["step"] for e in r["evals"]] == [0, 3, 6] and r["evals"][-1]["bits"] == r["final_held_out_bits"]
+        assert r["first_call_s"] > 0 and r["params"] > r["mixer_params"] > 0
+    table = (out / "results.md").read_text()
+    assert "| attention | attention |" in table and "| gla | Chunked |" in table
