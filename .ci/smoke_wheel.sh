@@ -48,15 +48,16 @@ import importlib.util, pathlib, sys
 import jax, jax.numpy as jnp, optax
 import rnnjax as rj
 
-# The core installs neither Flax nor Orbax (extras rnnjax[flax], rnnjax[checkpoint]).
-for optional in ("flax", "orbax"):
+# The core installs neither Flax, Equinox nor Orbax (extras rnnjax[flax], rnnjax[equinox], rnnjax[checkpoint]).
+for optional in ("flax", "equinox", "orbax"):
     assert importlib.util.find_spec(optional) is None, f"{optional} was installed without its extra"
-try:
-    import rnnjax.flax
-except ImportError as err:
-    assert "rnnjax[flax]" in str(err), err
-else:
-    raise AssertionError("import rnnjax.flax worked without flax installed")
+for module, extra in (("rnnjax.flax", "flax"), ("rnnjax.equinox", "equinox")):
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        assert f"rnnjax[{extra}]" in str(err), err
+    else:
+        raise AssertionError(f"import {module} worked without {extra} installed")
 
 root = pathlib.Path(sys.argv[1]).resolve()
 package = pathlib.Path(rj.__file__).resolve().parent
