@@ -124,6 +124,8 @@ class Model:
     layers: int = 2
     mlp_ratio: int = 2
     method: Any = None  # rj.scan's method; None: the cell's default (Chunked for matrix-state cells)
+    attention_block: int | None = None  # attention's queries in blocks of this many steps (scores
+    # (B, heads, block, T) at a time, not (B, heads, T, T): a 32k prompt's would take 16 GiB); None: all at once
 
     @property
     def spec(self) -> MixerSpec:
@@ -206,12 +208,31 @@ class KVCache(NamedTuple):
     length: jax.Array
 
 
+def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int | None) -> jax.Array:
+    """Causal attention of ``q, k, v`` ``(B, T, heads, size)``; with ``block < T``, the queries
+    in blocks of ``block`` steps under ``lax.map``, each against all ``T`` keys (masked), so that
+    only one block's scores ``(B, heads, block, T)`` exist at a time."""
+    b, t = q.shape[:2]
+    if block is None or t <= block:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    n = -(-t // block)
+    blocks = jnp.pad(q, [(0, 0), (0, n * block - t), (0, 0), (0, 0)]).reshape(b, n, block, *q.shape[2:])
+
+    def one(args):
+        i, qb = args
+        mask = (i * block + jnp.arange(block))[:, None] >= jnp.arange(t)  # padded rows see every key: no empty row
+        return jax.nn.dot_product_attention(qb, k, v, mask=mask[None, None])
+
+    y = jax.lax.map(one, (jnp.arange(n), jnp.moveaxis(blocks, 1, 0)))
+    return jnp.moveaxis(y, 0, 1).reshape(b, n * block, *q.shape[2:])[:, :t]
+
+
 def _mixer(model: Model, p: dict, x: jax.Array, max_len: int | None):
     """The mixer over a whole sequence ``x`` ``(B, T, d)``; returns ``(y, cache)``."""
     s = model.spec
     if s.cell is None:
         q, k, v = _qkv(model, p, x, 0)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(x.shape)
+        y = _causal_attention(q, k, v, model.attention_block).reshape(x.shape)
         if max_len is None:
             return y @ p["wo"], None
         pad = [(0, 0), (0, max_len - x.shape[1]), (0, 0), (0, 0)]
