@@ -101,7 +101,7 @@ def _build(mixer: str, d: int, width: int) -> MixerSpec:
     shapes = jax.eval_shape(lambda: cell.init(jax.random.key(0), cell_in))
     out = cell.output_size(cell_in)
     out_size = None if out == d else out
-    n = _count(shapes) + d * (in_size or 0) * (2 if gated else 1) + (out_size or 0) * d
+    n = _count(shapes) + d * (in_size or 0) * (2 if gated else 1) + (out_size or (in_size if gated else 0)) * d
     return MixerSpec(mixer, cell, in_size, gated, out_size, n)
 
 
