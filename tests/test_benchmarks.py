@@ -263,3 +263,58 @@ def test_the_char_lm_mixers_benchmark_records_curves_at_its_tiny_sizes(tmp_path)
         assert r["first_call_s"] > 0 and r["params"] > r["mixer_params"] > 0
     table = (out / "results.md").read_text()
     assert "| attention | attention |" in table and "| gla | Chunked |" in table
+
+
+def test_mqar_data_is_zoologys():
+    """Keys distinct from the first half of the vocabulary, each followed by its value from the
+    second half; each key queried once after the pairs, labelled with its value, at an even
+    offset; every other label ignored."""
+    import numpy as np
+
+    from benchmarks import recall
+
+    pairs, seq_len, vocab = 8, 64, 256
+    x, y = recall.mqar(200, seq_len, vocab, pairs, seed=3)
+    assert x.shape == y.shape == (200, seq_len) and x.min() >= 0 and x.max() < vocab
+    for xs, ys in zip(x, y):
+        keys, values = xs[: 2 * pairs : 2], xs[1 : 2 * pairs : 2]
+        assert len(set(keys)) == pairs and keys.min() >= 1 and keys.max() < vocab // 2
+        assert len(set(values)) == pairs and values.min() >= vocab // 2
+        (queried,) = np.nonzero(ys != recall.IGNORE)
+        assert len(queried) == pairs and queried.min() >= 2 * pairs and all((queried - 2 * pairs) % 2 == 0)
+        answer = dict(zip(keys, values))
+        assert all(ys[t] == answer[xs[t]] for t in queried)
+    gaps = (np.nonzero(y != recall.IGNORE)[1] - 2 * pairs) // 2
+    # The power law (a = 0.01) puts queries near the pairs: 37% of them in the first 4 of the 24
+    # gaps here (1600 draws: +-1.2%), where uniform gaps would put 1/6 there.
+    assert np.mean(gaps < 4) > 0.3
+    with pytest.raises(ValueError, match="4 \\* pairs <= seq_len"):
+        recall.mqar(2, 16, 64, 5, seed=0)
+
+
+def test_selective_copying_data():
+    import numpy as np
+
+    from benchmarks import recall
+
+    x, y = recall.selective_copying(50, 20, 4, 6, seed=1)
+    assert x.shape == (50, 24) and (x[:, 20:] == 1).all()
+    for xs, ys in zip(x, y):
+        coloured = xs[:20][xs[:20] >= 2]
+        assert len(coloured) == 4 and (ys[20:] == coloured).all() and (ys[:20] == recall.IGNORE).all()
+        assert set(xs[:20]) <= {0, *range(2, 8)}
+
+
+@pytest.mark.slow  # two mixers trained for 3 steps on both tasks: compiles
+def test_the_recall_benchmark_runs_at_its_tiny_sizes(tmp_path):
+    from benchmarks import recall
+
+    data = recall.main(["--tiny", "--mixers", "attention", "gru", "--out", str(tmp_path)])
+    got = {(r["task"], r["mixer"]) for r in data["records"]}
+    assert got == {(t, m) for t in ("mqar", "copy") for m in ("attention", "gru")}
+    for r in data["records"]:
+        assert all(0 <= a <= 1 for a in r["accuracy"].values()) and r["params"] > 0 and r["state_floats"] > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["records"]) == 4 and saved["meta"]["seconds"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| attention | 16 |" in table and "| gru | 16 |" in table
