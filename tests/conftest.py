@@ -1,4 +1,8 @@
+import ctypes
+import ctypes.util
+import gc
 import os
+import sys
 
 import jax
 import pytest
@@ -103,3 +107,53 @@ def pytest_configure(config):
         os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
         jax.config.update("jax_disable_most_optimizations", True)
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()
+
+
+# A worker's compiled programs stay cached for the whole session (jax.jit's caches, among them
+# rnnjax.scan's one evaluate function per cell and method), and each XLA:CPU executable holds about
+# six memory mappings. Linux allows a process 65530 (vm.max_map_count): a test-all worker that had
+# compiled some ten thousand programs segfaulted in XLA's compiler when the next mapping failed
+# (CI, and here at the same test: tests/test_linear_attention_delta_parity.py, two thirds of the
+# way through). Past MAP_LIMIT mappings, or RESIDENT_LIMIT bytes of memory, the caches are
+# dropped between modules (a module's own programs stay shared within it).
+MAP_LIMIT = 20000
+RESIDENT_LIMIT = 3 * 2**30
+
+
+def _count_maps() -> int | None:
+    """This process's memory mappings (Linux /proc), or None where they cannot be read."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident memory (Linux /proc), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _malloc_trim() -> None:
+    """Hand the freed heap back to the system (glibc keeps it otherwise); nothing elsewhere."""
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    yield
+    maps, resident = _count_maps(), _resident_bytes()
+    if (maps or 0) > MAP_LIMIT or (resident or 0) > RESIDENT_LIMIT:
+        jax.clear_caches()
+        gc.collect()
+        _malloc_trim()
+        if os.environ.get("RNNJAX_TEST_MEMORY"):
+            print(f"\n[memory] {maps} maps, {(resident or 0) / 2**30:.2f} GiB -> {_count_maps()} maps, "
+                  f"{(_resident_bytes() or 0) / 2**30:.2f} GiB", file=sys.stderr)
