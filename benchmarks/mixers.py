@@ -24,6 +24,7 @@ attention over the filled part of the buffers. Nothing is recomputed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -64,7 +65,9 @@ def _cell(mixer: str, d: int, width: int) -> Any:
         "mlstm": lambda: rj.MLSTM(heads=h, qk_head_size=width // 2, v_head_size=width),
         "deltanet": lambda: rj.DeltaNet(heads=h, key_size=width, value_size=width),
         "gated_deltanet": lambda: rj.GatedDeltaNet(heads=h, key_size=width, value_size=width),
-        "rwkv7": lambda: rj.RWKV7(hidden_size=d, heads=d // width, head_size=width, decay_rank=16, a_rank=16, gate_rank=16),
+        "rwkv7": lambda: rj.RWKV7(
+            hidden_size=d, heads=d // width, head_size=width, decay_rank=16, a_rank=16, gate_rank=16
+        ),
     }[mixer]()
 
 
@@ -108,6 +111,7 @@ def _build(mixer: str, d: int, width: int) -> MixerSpec:
     return MixerSpec(mixer, cell, in_size, gated, out_size, n)
 
 
+@functools.cache  # a search of ~50 eval_shapes; Model.spec reads it on every trace
 def spec(mixer: str, d: int) -> MixerSpec:
     """The mixer at model width ``d`` whose parameter count is the closest to ``4 d^2``."""
     if mixer == "attention":
