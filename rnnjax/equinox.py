@@ -19,9 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import Cell
 from rnnjax.checks import check_positive_int
-from rnnjax.layers import RNN, Bidirectional, Stack
+from rnnjax.layers import LAYER_HINT, as_cell, as_layer, uses_key
 from rnnjax.optional import require
 
 require("equinox", "rnnjax.equinox")  # before the import below: a clear error without rnnjax[equinox]
@@ -30,41 +29,15 @@ import equinox as eqx  # noqa: E402
 
 __all__ = ["Recurrent", "StepCell"]
 
-_LAYER_HINT = "an rnnjax cell (e.g. rj.LSTM(64)) or layer (rj.RNN, rj.Bidirectional, rj.Stack)"
-
 
 def _as_layer(layer: Any) -> Any:
-    """``layer`` as a sequence-level layer: a cell becomes ``rj.RNN(cell)``."""
-    if isinstance(layer, Cell):
-        return RNN(layer)
+    """``layer`` as a sequence-level layer (:func:`rnnjax.layers.as_layer`); an Equinox module is refused."""
     if isinstance(layer, eqx.Module):
         raise TypeError(
-            f"Recurrent.layer is an Equinox module ({type(layer).__name__}); expected {_LAYER_HINT}. "
+            f"Recurrent.layer is an Equinox module ({type(layer).__name__}); expected {LAYER_HINT}. "
             "Equinox cells run over time with jax.lax.scan instead"
         )
-    if isinstance(layer, type) or not (
-        callable(getattr(layer, "init", None)) and callable(getattr(layer, "apply", None))
-    ):
-        raise TypeError(f"Recurrent.layer must be {_LAYER_HINT}, got {layer!r}")
-    return layer
-
-
-def _as_cell(cell: Any) -> Cell:
-    if not isinstance(cell, Cell):
-        hint = " (StepCell takes the cell itself, e.g. rj.GRU(8), not a layer)" if hasattr(cell, "apply") else ""
-        raise TypeError(f"StepCell.cell must be an rnnjax cell such as rj.LSTM(64), got {cell!r}{hint}")
-    return cell
-
-
-def _uses_key(layer: Any) -> bool:
-    """Whether ``layer.apply`` draws random numbers from its ``key`` (dropout)."""
-    if isinstance(layer, (Cell, RNN)):
-        return False
-    if isinstance(layer, Bidirectional):
-        return _uses_key(layer.forward) or _uses_key(layer.backward)
-    if isinstance(layer, Stack):
-        return (layer.dropout > 0 and len(layer.layers) > 1) or any(_uses_key(sub) for sub in layer.layers)
-    return True  # a user-defined layer: assume it may
+    return as_layer(layer, "Recurrent")
 
 
 def _checked_params(owner: Any, params: Any, input_size: int, dtype: Any) -> Any:
@@ -191,7 +164,7 @@ class Recurrent(eqx.Module):
           ``return_carry=True`` (the core's order).
         """
         drop_key = None
-        if _uses_key(self.layer):
+        if uses_key(self.layer):
             inference = self.inference if inference is None else inference
             if not inference:
                 if key is None:
@@ -246,7 +219,7 @@ class StepCell(eqx.Module):
         dtype: Any = jnp.float32,
         params: Any = None,
     ):
-        self.cell = _as_cell(cell)
+        self.cell = as_cell(cell)
         self.params = _init_params(self.cell, input_size, key, dtype, params)
         self.input_size = int(input_size)
 

@@ -265,3 +265,38 @@ class Stack:
                 ys = jnp.where(keep, ys / (1.0 - self.dropout), jnp.zeros((), ys.dtype))
             xs = ys
         return xs, tuple(carries)
+
+
+# Shared by the Flax and Equinox wrappers; not exported by rnnjax.
+LAYER_HINT = "an rnnjax cell (e.g. rj.LSTM(64)) or layer (rj.RNN, rj.Bidirectional, rj.Stack)"
+
+
+def as_layer(layer: Any, owner: str = "Recurrent") -> Any:
+    """``layer`` as a sequence-level layer: a cell becomes ``RNN(cell)``; anything without
+    ``init`` and ``apply`` is a ``TypeError`` naming ``owner``."""
+    if isinstance(layer, Cell):
+        return RNN(layer)
+    if isinstance(layer, type) or not (
+        callable(getattr(layer, "init", None)) and callable(getattr(layer, "apply", None))
+    ):
+        raise TypeError(f"{owner}.layer must be {LAYER_HINT}, got {layer!r}")
+    return layer
+
+
+def as_cell(cell: Any, owner: str = "StepCell") -> Cell:
+    """``cell`` itself if it is an rnnjax cell, else a ``TypeError`` naming ``owner``."""
+    if not isinstance(cell, Cell):
+        hint = " (StepCell takes the cell itself, e.g. rj.GRU(8), not a layer)" if hasattr(cell, "apply") else ""
+        raise TypeError(f"{owner}.cell must be an rnnjax cell such as rj.LSTM(64), got {cell!r}{hint}")
+    return cell
+
+
+def uses_key(layer: Any) -> bool:
+    """Whether ``layer.apply`` draws random numbers from its ``key`` (dropout)."""
+    if isinstance(layer, (Cell, RNN)):
+        return False
+    if isinstance(layer, Bidirectional):
+        return uses_key(layer.forward) or uses_key(layer.backward)
+    if isinstance(layer, Stack):
+        return (layer.dropout > 0 and len(layer.layers) > 1) or any(uses_key(sub) for sub in layer.layers)
+    return True  # a user-defined layer: assume it may

@@ -16,46 +16,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import Cell
-from rnnjax.layers import RNN, Bidirectional, Stack
+from rnnjax import layers
+from rnnjax.layers import LAYER_HINT, RNN, Bidirectional, Stack
 
 Path = tuple[str, ...]
 
-_LAYER_HINT = "an rnnjax cell (e.g. rj.LSTM(64)) or layer (rj.RNN, rj.Bidirectional, rj.Stack)"
-
 
 def as_layer(layer: Any, owner: str = "Recurrent") -> Any:
-    """``layer`` as a sequence-level layer: a cell becomes ``rj.RNN(cell)``."""
-    if isinstance(layer, Cell):
-        return RNN(layer)
+    """``layer`` as a sequence-level layer (:func:`rnnjax.layers.as_layer`); a Flax module is refused."""
     if type(layer).__module__.split(".")[0] == "flax":
         raise TypeError(
-            f"{owner}.layer is a Flax module ({type(layer).__name__}); expected {_LAYER_HINT}. "
+            f"{owner}.layer is a Flax module ({type(layer).__name__}); expected {LAYER_HINT}. "
             "Flax cells run over time with flax.linen.RNN / flax.nnx.RNN instead"
         )
-    if isinstance(layer, type) or not (
-        callable(getattr(layer, "init", None)) and callable(getattr(layer, "apply", None))
-    ):
-        raise TypeError(f"{owner}.layer must be {_LAYER_HINT}, got {layer!r}")
-    return layer
+    return layers.as_layer(layer, owner)
 
 
-def as_cell(cell: Any, owner: str = "StepCell") -> Cell:
-    if not isinstance(cell, Cell):
-        hint = " (StepCell takes the cell itself, e.g. rj.GRU(8), not a layer)" if hasattr(cell, "apply") else ""
-        raise TypeError(f"{owner}.cell must be an rnnjax cell such as rj.LSTM(64), got {cell!r}{hint}")
-    return cell
-
-
-def uses_key(layer: Any) -> bool:
-    """Whether ``layer.apply`` draws random numbers from its ``key`` (dropout)."""
-    if isinstance(layer, (Cell, RNN)):
-        return False
-    if isinstance(layer, Bidirectional):
-        return uses_key(layer.forward) or uses_key(layer.backward)
-    if isinstance(layer, Stack):
-        return (layer.dropout > 0 and len(layer.layers) > 1) or any(uses_key(sub) for sub in layer.layers)
-    return True  # a user-defined layer: assume it may
+as_cell, uses_key = layers.as_cell, layers.uses_key
 
 
 def _key_name(key: Any) -> str:
