@@ -189,7 +189,11 @@ def _scale(scale: float | None, d_k: int) -> float:
 def _run(cell: MatrixStateCell, parts: list[Array], state, lengths, resets, reverse, method, o_shape):
     """Flatten the per-step inputs into one ``xs`` and evaluate ``cell`` over it."""
     dtype = jnp.result_type(*parts)
-    xs = jnp.concatenate([p.reshape(*p.shape[:-2], p.shape[-2] * p.shape[-1]).astype(dtype) for p in parts], axis=-1)
+    flat = [p.reshape(*p.shape[:-2], p.shape[-2] * p.shape[-1]).astype(dtype) for p in parts]  # (*batch, T, w)
+    # Concatenated time-major and handed over transposed: evaluate's move of the time axis to the
+    # front cancels that transpose, so under jit XLA slices each part from its own array and never
+    # materialises the concatenation (benchmarks/lab/chunked_overhead.py).
+    xs = jnp.moveaxis(jnp.concatenate([jnp.moveaxis(p, -2, 0) for p in flat], axis=-1), 0, -2)
     reverse = check_reverse(reverse)
     xs, state, lengths, resets = validate(cell, None, xs, state, lengths, resets)
     o, final, _ = evaluate(cell, None, xs, state, lengths, resets, reverse, _method(method))
