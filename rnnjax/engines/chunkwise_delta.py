@@ -156,12 +156,20 @@ def _propagate(Qp: Array, O0: Array, M: Array, B: Array, state: Array) -> tuple[
 def _delta_chunks(q, k, v, beta, b, seg: Segments, separable: bool):
     """``(Q', O_0, M, B)`` of every chunk of the gated delta rule."""
     start, out, total = decay_factors(b, seg, k)
-    A = beta[..., :, None] * _scores(k, k, b, seg.same, strict=True, separable=separable)
+    if b is not None and b.ndim == q.ndim - 1:  # per head: one (C, C) decay factor serves both scores
+        gamma = _masked_exp(b[..., :, None] - b[..., None, :], seg.same)
+        strict = ~jnp.eye(q.shape[-2], dtype=bool)
+        kk = jnp.where(strict, jnp.einsum("...id,...jd->...ij", k, k) * gamma, 0)
+        qk = jnp.einsum("...id,...jd->...ij", q, k) * gamma
+    else:
+        kk = _scores(k, k, b, seg.same, strict=True, separable=separable)
+        qk = _scores(q, k, b, seg.same, separable=separable)
+    A = beta[..., :, None] * kk
     T = unit_lower_inverse(A)
     d_k = k.shape[-1]
     rhs = jnp.concatenate([k * (beta[..., None] * start), v * beta[..., None]], axis=-1)
     WU = jnp.einsum("...ij,...je->...ie", T, rhs)  # [W | U0]: the pseudo-values are U0 - W S_0
-    PWU = jnp.einsum("...ij,...je->...ie", _scores(q, k, b, seg.same, separable=separable), WU)
+    PWU = jnp.einsum("...ij,...je->...ie", qk, WU)
     MB = jnp.einsum("...jd,...je->...de", k * out, WU)
     return q * start - PWU[..., :d_k], PWU[..., d_k:], _diag(total, d_k) - MB[..., :d_k], MB[..., d_k:]
 
