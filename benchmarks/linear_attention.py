@@ -5,6 +5,7 @@
     python -m benchmarks.linear_attention --preset gpu          # + fla / xLSTM Triton kernels if they import
     python -m benchmarks.linear_attention --tiny                # seconds: checks that everything runs
     python -m benchmarks.linear_attention --malloc reuse        # glibc keeps freed memory between calls
+    python -m benchmarks.linear_attention --order isolated      # each row in its own process
 
 Ops (``rj.linear_attention``) at B=2, 4 heads, d_k = d_v = 64, float32 by default:
 ``gla_head`` (one decay per head: simple GLA, Mamba2's SSD), ``gla_key`` (per key dimension:
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -193,10 +196,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--order",
-        choices=["interleaved", "blocks"],
+        choices=["interleaved", "blocks", "isolated"],
         default="interleaved",
         help="interleaved: a, b, c, a, b, c, ... (drift hits all alike); blocks: each system's repeats in a row "
-        "(a large program run just before slows the next one: DECISIONS.md)",
+        "(a large program run just before slows the next one: DECISIONS.md); isolated: each row in a fresh "
+        "process, as a training loop runs its one program",
     )
     parser.add_argument("--out", type=Path)
     a = parser.parse_args(argv)
@@ -212,6 +216,12 @@ def main(argv=None) -> int:
         for steps in lengths:
             args = inputs(op, batch, steps, a.heads, dk, dv, dtype)
             for mode in a.modes:
+                if a.order == "isolated":
+                    for system in systems:
+                        row = _isolated(a, op, steps, mode, system, batch, dk, dv, repeats)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                    continue
                 built, notes = {}, {}
                 for system in systems:
                     try:
@@ -249,6 +259,23 @@ def main(argv=None) -> int:
     print(table(rows, env))
     print(f"wrote {out}/results.json, results.md", file=sys.stderr)
     return 0
+
+
+def _isolated(a, op: str, steps: int, mode: str, system: str, batch: int, dk: int, dv: int, repeats: int) -> dict:
+    """One row measured in a fresh process (``--order blocks`` there): no program run before it
+    in the process changes its speed (DECISIONS.md, "The matrix-state benchmark measures each
+    row alone")."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "benchmarks.linear_attention", "--order", "blocks", "--ops", op,
+                   "--lengths", str(steps), "--modes", mode, "--systems", system, "--batch", str(batch),
+                   "--heads", str(a.heads), "--dk", str(dk), "--dv", str(dv), "--dtype", a.dtype,
+                   "--repeats", str(repeats), "--max-gb", str(a.max_gb), "--malloc", a.malloc,
+                   "--out", tmp]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        if done.returncode:
+            return dict(op=op, T=steps, mode=mode, system=system, batch=batch, heads=a.heads, dk=dk, dv=dv,
+                        note=f"failed: {done.stderr.strip().splitlines()[-1:]}")  # fmt: skip
+        return json.loads((Path(tmp) / "results.json").read_text())["rows"][0]
 
 
 def table(rows: list[dict], env: dict) -> str:
