@@ -235,6 +235,23 @@ def test_the_linear_attention_benchmark_runs_at_its_tiny_sizes(tmp_path):
     assert "| gla_head | 64 | fwd+bwd |" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow  # two fresh JAX processes
+def test_the_linear_attention_benchmark_measures_rows_in_fresh_processes(tmp_path):
+    """--order isolated: each row comes back from its own process with a time and memory, in
+    the order asked, and a row whose process fails carries a note instead of stopping the sweep."""
+    from benchmarks import linear_attention
+
+    out = tmp_path / "la"
+    argv = ["--tiny", "--order", "isolated", "--ops", "gla_head", "--modes", "fwd", "--systems", "chunked",
+            "no-such-system", "--out", str(out)]  # fmt: skip
+    assert linear_attention.main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["op"], r["mode"], r["system"]) for r in rows] == [("gla_head", "fwd", "chunked"),
+                                                                  ("gla_head", "fwd", "no-such-system")]  # fmt: skip
+    assert rows[0]["median_ms"] > 0 and rows[0]["peak_mb"] > 0
+    assert "median_ms" not in rows[1] and rows[1]["note"]
+
+
 @pytest.mark.slow  # two mixers compiled and trained at tiny sizes: seconds
 def test_the_char_lm_mixers_benchmark_records_curves_at_its_tiny_sizes(tmp_path):
     """Attention and GLA at --tiny: per mixer, a train curve whose steps, tokens and seconds
