@@ -230,13 +230,15 @@ def plot(records: list[dict], path: Path) -> None:
     rows = [r for r in best(records) if r["task"] == "mqar"]
     widths = sorted({r["width"] for r in rows})
     fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 4), squeeze=False, sharey=True)
+    colours = plt.get_cmap("tab20")  # one colour per mixer in every panel
     for ax, width in zip(axes[0], widths):
         for r in (r for r in rows if r["width"] == width):
             pairs = [int(k) for k in r["accuracy"]]
-            ax.plot(pairs, list(r["accuracy"].values()), "o-" if r["mixer"] == "attention" else ".-", label=r["mixer"])
+            ax.plot(pairs, list(r["accuracy"].values()), "o-" if r["mixer"] == "attention" else ".-",
+                    label=r["mixer"], color=colours(mixers.MIXERS.index(r["mixer"]) % 20))  # fmt: skip
         ax.set(title=f"MQAR, d = {width}", xlabel="key-value pairs", xscale="log", ylim=(0, 1.02))
+        ax.legend(fontsize=7, loc="center right")
     axes[0][0].set_ylabel("accuracy on the queries")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
