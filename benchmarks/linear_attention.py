@@ -214,14 +214,15 @@ def main(argv=None) -> int:
     rows = []
     for op in a.ops:
         for steps in lengths:
-            args = inputs(op, batch, steps, a.heads, dk, dv, dtype)
-            for mode in a.modes:
-                if a.order == "isolated":
+            if a.order == "isolated":  # each row's process makes its own inputs
+                for mode in a.modes:
                     for system in systems:
                         row = _isolated(a, op, steps, mode, system, batch, dk, dv, repeats)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
-                    continue
+                continue
+            args = inputs(op, batch, steps, a.heads, dk, dv, dtype)
+            for mode in a.modes:
                 built, notes = {}, {}
                 for system in systems:
                     try:
@@ -274,7 +275,7 @@ def _isolated(a, op: str, steps: int, mode: str, system: str, batch: int, dk: in
         done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         if done.returncode:
             return dict(op=op, T=steps, mode=mode, system=system, batch=batch, heads=a.heads, dk=dk, dv=dv,
-                        note=f"failed: {done.stderr.strip().splitlines()[-1:]}")  # fmt: skip
+                        note="failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1])  # fmt: skip
         return json.loads((Path(tmp) / "results.json").read_text())["rows"][0]
 
 

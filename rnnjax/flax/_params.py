@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import layers
-from rnnjax.layers import LAYER_HINT, RNN, Bidirectional, Stack
+from rnnjax.layers import LAYER_HINT, RNN, Bidirectional, Stack, as_cell, uses_key  # noqa: F401 (re-exported)
 
 Path = tuple[str, ...]
 
@@ -30,9 +30,6 @@ def as_layer(layer: Any, owner: str = "Recurrent") -> Any:
             "Flax cells run over time with flax.linen.RNN / flax.nnx.RNN instead"
         )
     return layers.as_layer(layer, owner)
-
-
-as_cell, uses_key = layers.as_cell, layers.uses_key
 
 
 def _key_name(key: Any) -> str:
