@@ -472,6 +472,22 @@ def _():
     return f"{hlo.count('all-gather(')} all-gather(s)"
 
 
+@check("fixed_points_of_replicated_params_run_on_one_device")
+def _():
+    # Params replicated by mesh training made the search run once per device, and two devices
+    # running its long loop at once wedged XLA:CPU (benchmarks/lab/two_device_hang.py).
+    cell = rj.GRU(4)
+    params = cell.init(jax.random.key(0), 3)
+    starts = 0.3 * jax.random.normal(jax.random.key(1), (16, 4))
+    everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("d",)), jax.sharding.PartitionSpec())
+    points, q = rj.inspect.fixed_point_candidates(cell, jax.device_put(params, everywhere), jnp.zeros(3),
+                                                  jax.device_put(starts, everywhere), steps=50)
+    assert len(points.devices()) == 1 and len(q.devices()) == 1, f"ran on {len(points.devices())} devices"
+    expected = rj.inspect.fixed_point_candidates(cell, params, jnp.zeros(3), starts, steps=50)
+    assert_trees_close((points, q), expected, rtol=0, atol=0)
+    return f"on {points.devices()}"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)

@@ -38,6 +38,7 @@ EXPECTED = [
     "sequence_parallel_delta_rule",
     "sequence_parallel_delta_cells",
     "sequence_parallel_is_split_over_devices",
+    "fixed_points_of_replicated_params_run_on_one_device",
 ]
 FAST = [
     "train_step_data_parallel_equals_single_device",

@@ -26,6 +26,13 @@ def use_cpu_cores(count: int | None = None) -> int:
     ``jax_num_cpu_devices`` (it does not touch ``XLA_FLAGS``); GPU and TPU devices are
     unaffected. Returns the number of CPU devices asked for.
 
+    Note:
+      On jax 0.10.2, a long-looped program run on two CPU devices at once (replicated params
+      make a program run once per device) sometimes never returned, every XLA thread idle
+      (``benchmarks/lab/two_device_hang.py``). ``rj.inspect.fixed_points`` therefore runs on
+      one device; for other long eager analyses after mesh training, move the params to one
+      device first (``jax.device_put(params, jax.devices()[0])``).
+
     Raises:
       RuntimeError: JAX has computed already (its devices are fixed); the message says
         how many it has.

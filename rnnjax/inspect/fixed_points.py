@@ -63,6 +63,25 @@ def _default_optimizer(learning_rate: float, steps: int) -> optax.GradientTransf
     return optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=1e-3))
 
 
+def _on_one_device(tree: Any) -> Any:
+    """``tree`` with its concrete arrays on one device when they span several (traced leaves as they are).
+
+    Params trained with ``mesh="local"`` are replicated over every CPU device, so the fixed-point
+    search would run once per device; on jax 0.10.2 two such concurrent XLA:CPU runs of its
+    2000-step loop wedged (every thread idle) in about a third of runs, one device never
+    (``benchmarks/lab/two_device_hang.py``).
+    """
+
+    def concrete(leaf):
+        return isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+
+    devices = {d for leaf in jax.tree_util.tree_leaves(tree) if concrete(leaf) for d in leaf.devices()}
+    if len(devices) <= 1:
+        return tree
+    first = min(devices, key=lambda device: device.id)
+    return jax.tree_util.tree_map(lambda leaf: jax.device_put(leaf, first) if concrete(leaf) else leaf, tree)
+
+
 def _fixed_point_setup(cell: Cell, params: Any, x_const: Any, initial_states: Any):
     """Checked ``x_const``, the carry template and ``initial_states`` as ``(K, n)`` vectors."""
     if cell.params_type is not None:
@@ -160,6 +179,7 @@ def fixed_point_candidates(
       ``(points, q)``: ``(K, n)`` final state vectors and ``(K,)`` their ``q``.
     """
     x_const, like, states = _fixed_point_setup(cell, params, x_const, initial_states)
+    params, x_const, states = _on_one_device((params, x_const, states))
     check_nonnegative_int(steps, "steps")
     check_nonnegative_int(newton_steps, "newton_steps")
     if optimizer is None:
@@ -306,6 +326,7 @@ def fixed_points(
     check_positive_number(q_tol, "q_tol", finite=False)
     check_positive_number(merge_tol, "merge_tol", finite=False)
     x_const, like, states = _fixed_point_setup(cell, params, x_const, initial_states)
+    params, x_const, states = _on_one_device((params, x_const, states))
     candidates, losses = fixed_point_candidates(
         cell,
         params,
