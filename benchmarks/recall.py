@@ -1,6 +1,6 @@
 """Recall and copying, every mixer: multi-query associative recall (MQAR) and selective copying.
 
-    python -m benchmarks.recall                  # CPU preset: 14 mixers at d = 64 (about 40 min on 2 cores)
+    python -m benchmarks.recall                  # CPU preset: 14 mixers at d = 64 (33 min on 2 idle cores)
     python -m benchmarks.recall --preset gpu     # d = 64, 128, 256, T = 256, up to 64 pairs, 2 learning rates
     python -m benchmarks.recall --widths 32 64 128   # the CPU preset over a grid of widths
     python -m benchmarks.recall --mixers attention deltanet lstm --widths 64
@@ -44,8 +44,8 @@ from benchmarks.output import default_out
 
 IGNORE = -100
 PRESETS = {
-    "cpu": dict(widths=[64], pairs=[4, 8, 16], seq_len=64, vocab=256, steps=1500, batch=64, lrs=[3e-3],
-                train_examples=20000, test_examples=500, copy_widths=[64], copy_steps=800, copy_len=64, copy_tokens=8,
+    "cpu": dict(widths=[64], pairs=[4, 8, 16], seq_len=64, vocab=256, steps=1200, batch=64, lrs=[3e-3],
+                train_examples=20000, test_examples=500, copy_widths=[64], copy_steps=400, copy_len=64, copy_tokens=8,
                 copy_colours=8),
     "gpu": dict(widths=[64, 128, 256], pairs=[8, 16, 32, 64], seq_len=256, vocab=8192, steps=8000, batch=256,
                 lrs=[1e-3, 3e-3], train_examples=100000, test_examples=3000, copy_widths=[64, 128, 256],
