@@ -34,7 +34,9 @@ import optax
 
 import rnnjax as rj
 
-rj.distributed.use_cpu_cores()  # first: every CPU core a JAX device; train steps split the batch over them
+# One JAX device: rj.distributed.use_cpu_cores() would make every CPU core a device, so that
+# mesh="local" splits each batch over them, but on jax 0.10.2 XLA:CPU sometimes hangs running
+# a program on two CPU devices at once (benchmarks/lab/two_device_hang.py).
 
 start_notebook = time.perf_counter()
 BITS, WIDTH, T, BATCH, STEPS = 3, 24, 64, 64, 600

@@ -27,11 +27,11 @@ def use_cpu_cores(count: int | None = None) -> int:
     unaffected. Returns the number of CPU devices asked for.
 
     Note:
-      On jax 0.10.2, a long-looped program run on two CPU devices at once (replicated params
-      make a program run once per device) sometimes never returned, every XLA thread idle
-      (``benchmarks/lab/two_device_hang.py``). ``rj.inspect.fixed_points`` therefore runs on
-      one device; for other long eager analyses after mesh training, move the params to one
-      device first (``jax.device_put(params, jax.devices()[0])``).
+      On jax 0.10.2, XLA:CPU sometimes never finished a program running on two CPU devices at
+      once, every thread idle: a long loop on replicated params, and once a data-parallel
+      training step in a notebook (``benchmarks/lab/two_device_hang.py``).
+      ``rj.inspect.fixed_points`` therefore runs on one device, and the notebooks keep one
+      device.
 
     Raises:
       RuntimeError: JAX has computed already (its devices are fixed); the message says
