@@ -68,7 +68,7 @@ def _on_one_device(tree: Any) -> Any:
 
     Params trained with ``mesh="local"`` are replicated over every CPU device, so the fixed-point
     search would run once per device; on jax 0.10.2 two such concurrent XLA:CPU runs of its
-    2000-step loop wedged (every thread idle) in about a third of runs, one device never
+    2000-step loop wedged (every thread idle) in 3 of 6 runs, on one device in none
     (``benchmarks/lab/two_device_hang.py``).
     """
 
