@@ -157,6 +157,7 @@ EXPERIMENTS = {  # module -> (smallest arguments, a line its output must hold)
     "split_transpose": (["--batch", "2", "--hidden", "4", "--length", "4", "--repeats", "1"], "split  pads in the optimised HLO: 0"),
     "data_parallel": (["--tiny", "--out", "{tmp}/data_parallel"], "| 1 device, fused |"),
     "clipped_scan": (["--tiny"], "  associative  ys"),
+    "chunk_states": (["--lengths", "128", "--repeats", "1"], "x time,"),
     "newton_outputs": (["--lengths", "8", "--batch", "2", "--hidden", "4", "--repeats", "1"], "newton/sequential"),
     "newton_variant": (["--tiny"], "ParaLSTM     quasi-deer  deer"),
 }

@@ -402,3 +402,27 @@ def test_the_chunk_size_table_tells_per_key_decays_apart(monkeypatch):
     cells = {rj.GLA(2, 4, 4): 32, GatedOuterProduct(2, 4, 4, "key", 1.0): 32, rj.Mamba2(2, 4, 4): 16,
              GatedOuterProduct(2, 4, 4, "head", 1.0): 16, MLSTMOp(2, 4, 4, 1.0): 8, rj.MLSTM(2, 4, 4): 8}
     assert {cell: tuning.matrix_chunk_size(cell, "cpu") for cell in cells} == cells
+
+
+@pytest.mark.parametrize("chunks", [1, 6])
+def test_chunk_states_by_one_product_equal_the_loop(monkeypatch, chunks):
+    """The per-head chunk states as one product (rnnjax.engines.chunkwise.chunk_states) equal the
+    loop over chunks in float64, values and gradients, with resets (keep false), a decay of
+    exactly 1 and one far below float64's range, and an initial state."""
+    from rnnjax.engines import chunkwise
+
+    rng = np.random.default_rng(0)
+    with enable_x64(True):
+        log_decay = -rng.exponential(1.0, (2, 3, chunks))
+        log_decay[0, 0, 0], log_decay[1, 2, -1] = 0.0, 104.0 * -64
+        keep = jnp.asarray(rng.random((2, 3, chunks)) > 0.3)
+        local, state = rng.standard_normal((2, 3, chunks, 4, 5)), rng.standard_normal((2, 3, 4, 5))
+        args = tuple(map(jnp.asarray, (log_decay, local, state)))
+
+        def run(product):
+            monkeypatch.setattr(chunkwise, "STATE_PRODUCT_CHUNKS", chunks if product else 0)
+            f = lambda a, L, S: chunkwise.chunk_states(a, keep, L, S)
+            out, vjp = jax.vjp(f, *args)
+            return out, vjp(jax.tree.map(cotangent, out))
+
+        assert_close(run(True), run(False), RTOL64)

@@ -8,7 +8,8 @@ from the chunk's start, the outputs of gated linear attention are
 
 and the state passes to the next chunk as
 :math:`S_{out} = e^{b_C} S_{in} + (K \odot e^{b_C - b})^\top V`: matrix products, one
-sequential step per chunk. Every exponent is ``<= 0`` (decays are ``<= 1``). Per-key decays
+sequential step per chunk (with one decay per head, every chunk's incoming state at once:
+:func:`chunk_states`). Every exponent is ``<= 0`` (decays are ``<= 1``). Per-key decays
 (GLA) compute :math:`\Gamma` by secondary chunks (as fla does): off-diagonal blocks through a
 reference point between them, diagonal blocks exactly in log space. The mLSTM's chunks use the
 same products with its stabiliser :math:`m` in closed form,
@@ -37,6 +38,7 @@ from rnnjax.cells.matrix_state import MLSTMState
 Array = jax.Array
 SEPARABLE_SPAN = 60.0  # the largest in-chunk decay span (log) computed by one product: e^30 fits float32
 KEY_GROUP = 2  # chunks whose per-key intra-chunk products are computed at once
+STATE_PRODUCT_CHUNKS = 128  # the most chunks whose states are one product (DECISIONS.md, "Chunk states by one product")
 SUB_CHUNK = 8  # secondary chunk of per-key decays: the (sub, sub, d_k) factor (DECISIONS.md)
 # Log decays are raised to this floor before the cumulative sums: a decay of exactly 0
 # (log_decay = -inf) would make b_i - b_j = -inf - (-inf) = nan. exp(-104) underflows to 0 in
@@ -196,17 +198,77 @@ def gla(q: Array, k: Array, v: Array, g: Array | None, state: Array, seg: Segmen
         intra = jax.checkpoint(choose, prevent_cse=False)(q, k, v, b)
     else:  # the scalar form keeps its (C, C) factors for the backward pass (T * C per head)
         intra = _intra_gla(q, k, v, b, seg)
-    start, out, decay = decay_factors(b, seg, q)
-    q_in = q * start
+    start, out, _ = decay_factors(b, seg, q)
     local = jnp.einsum("...jd,...je->...de", k * out, v)  # (B, H, N, d_k, d_v)
+    # Each chunk's log decay: (B, H, N), or (B, H, N, d_k) per key.
+    log_decay = jnp.zeros(q.shape[:3], q.dtype) if b is None else b[:, :, :, -1]
+    keep = jnp.broadcast_to(seg.open[..., -1], q.shape[:3])
+    incoming, final = chunk_states(log_decay, keep, local, state)
+    o = intra + jnp.einsum("...id,...de->...ie", q * start, incoming)
+    return o, final
+
+
+def _segment_sums(x: Array) -> Array:
+    """``E[..., n, m] = sum_{l=m+1}^{n-1} x_l`` for ``m < n`` (0 elsewhere), ``(..., N + 1, N)``
+    from ``x`` of shape ``(..., N)``: each entry sums its own terms (a cumulative sum down
+    the columns), so no difference of large prefix sums cancels."""
+    size = x.shape[-1]
+    n, m = jnp.arange(size + 1)[:, None], jnp.arange(size)[None, :]
+    before = jnp.concatenate([jnp.zeros_like(x[..., :1]), x], axis=-1)  # before[n] = x[n - 1]
+    return jnp.cumsum(jnp.where(m < n - 1, before[..., :, None], 0), axis=-2)
+
+
+def _closed_chunk_states(log_decay: Array, keep: Array, local: Array):
+    """:func:`chunk_states` of one decay per head from a zero state, ``(incoming, final,
+    reach)``, with ``reach (..., N + 1)`` the factor by which the state before the first
+    chunk reaches each chunk (and, last, the end)."""
+    chunks = log_decay.shape[-1]
+    log_decay = jnp.where(keep, log_decay, 0)
+    cuts = (~keep).astype(jnp.int32)
+    # weights[n, m]: how chunk m's own contribution reaches the state before chunk n (n = N: the end).
+    later = jnp.arange(chunks) < jnp.arange(chunks + 1)[:, None]
+    weights = _masked_exp(_segment_sums(log_decay), later & (_segment_sums(cuts) == 0))
+    zero = jnp.zeros_like(log_decay[..., :1])
+    reach = _masked_exp(
+        jnp.concatenate([zero, jnp.cumsum(log_decay, axis=-1)], axis=-1),
+        jnp.concatenate([zero.astype(jnp.int32), jnp.cumsum(cuts, axis=-1)], axis=-1) == 0,
+    )
+    incoming = jnp.einsum("...nm,...mde->...nde", weights[..., :-1, :], local)
+    final = jnp.einsum("...m,...mde->...de", weights[..., -1, :], local)
+    return incoming, final, reach
+
+
+def chunk_states(log_decay: Array, keep: Array, local: Array, state: Array) -> tuple[Array, Array]:
+    r"""The state before each chunk and after the last of :math:`S_n = a_n S_{n-1} + L_n`
+    (``a_n = e^{log_decay_n}`` per head or per key; ``0`` where ``keep`` is false, a chunk
+    with a reset). With one decay per head and at most :data:`STATE_PRODUCT_CHUNKS` chunks, without a
+    loop: :math:`S_{n-1} = \sum_{m<n} (\prod_{m<l<n} a_l) L_m + (\prod_{l<n} a_l) S_{-1}`, one
+    ``(N, N) x (N, d_k d_v)`` product per head, which needs no stacked loop buffers (DECISIONS.md,
+    "Chunk states by one product"); otherwise by a loop over the chunks.
+
+    Args:
+      log_decay: ``(..., N)`` or ``(..., N, d_k)``, finite and ``<= 0``.
+      keep: ``(..., N)`` bool. local: ``(..., N, d_k, d_v)``. state: ``(..., d_k, d_v)``.
+
+    Returns:
+      ``(incoming, final)``: ``(..., N, d_k, d_v)`` and ``(..., d_k, d_v)``.
+    """
+    per_key = log_decay.ndim == local.ndim - 1
+    if not per_key and local.shape[-3] <= STATE_PRODUCT_CHUNKS:
+        incoming, final, reach = _closed_chunk_states(log_decay, keep, local)
+        # An outer product (not a broadcast): its transpose for reach is a product, where a
+        # broadcast of the state over the chunks would be materialised (8 MiB at T = 4096).
+        incoming = incoming + jnp.einsum("...n,...de->...nde", reach[..., :-1], state)
+        return incoming, final + reach[..., -1, None, None] * state
+    decay = jnp.where(keep[..., None] if per_key else keep, jnp.exp(log_decay), 0)
+    decay = decay[..., None] if per_key else decay[..., None, None]
 
     def step(S, chunk):
         decay_n, local_n = chunk
-        return decay_n[..., None] * S + local_n, S
+        return decay_n * S + local_n, S
 
-    final, incoming = jax.lax.scan(step, state, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(local, 2, 0)))
-    o = intra + jnp.einsum("...id,...de->...ie", q_in, jnp.moveaxis(incoming, 0, 2))
-    return o, final
+    final, incoming = jax.lax.scan(step, state, (jnp.moveaxis(decay, -3, 0), jnp.moveaxis(local, -3, 0)))
+    return jnp.moveaxis(incoming, 0, -3), final
 
 
 def _intra_mlstm(q: Array, k: Array, v: Array, i: Array, b: Array, seg: Segments, base: Array):
