@@ -158,6 +158,7 @@ EXPERIMENTS = {  # module -> (smallest arguments, a line its output must hold)
     "data_parallel": (["--tiny", "--out", "{tmp}/data_parallel"], "| 1 device, fused |"),
     "clipped_scan": (["--tiny"], "  associative  ys"),
     "chunk_states": (["--lengths", "128", "--repeats", "1"], "x time,"),
+    "cond_checkpoint": (["--ops", "rwkv7", "--lengths", "64", "--repeats", "1"], "x time,"),
     "newton_outputs": (["--lengths", "8", "--batch", "2", "--hidden", "4", "--repeats", "1"], "newton/sequential"),
     "newton_variant": (["--tiny"], "ParaLSTM     quasi-deer  deer"),
 }

@@ -133,6 +133,15 @@ def _by_chunk_groups(fn, group: int, *args):
     return jax.tree.map(ungroup, out)
 
 
+def checkpointed_cond(pred: Array, on_true, on_false, *args):
+    """``lax.cond(pred, on_true, on_false, *args)`` with each branch checkpointed. A cond's
+    backward keeps the residuals of both branches (the untaken one's zero-filled); checkpointed
+    branches have their operands as residuals, and the backward recomputes the branch taken
+    (DECISIONS.md, "Checkpointed cond branches")."""
+    ckpt = lambda f: jax.checkpoint(f, prevent_cse=False)
+    return jax.lax.cond(pred, ckpt(on_true), ckpt(on_false), *args)
+
+
 def _separable_intra(q: Array, k: Array, v: Array, b: Array, seg: Segments) -> Array:
     """``((Q K^T) * Gamma) V`` with per-key decays as one product per chunk, through the midrange
     ``r`` of each chunk's cumulative decay: every factor lies in ``e^{+-span/2}``."""
@@ -191,11 +200,8 @@ def gla(q: Array, k: Array, v: Array, g: Array | None, state: Array, seg: Segmen
         safe = lambda q, k, v, b: _by_chunk_groups(
             jax.checkpoint(_intra_gla, prevent_cse=False), KEY_GROUP, q, k, v, b, seg
         )
-        # Checkpointed: a cond's backward would keep the residuals of both branches.
-        choose = lambda q, k, v, b: jax.lax.cond(
-            span <= SEPARABLE_SPAN, functools.partial(_separable_intra, seg=seg), safe, q, k, v, b
-        )
-        intra = jax.checkpoint(choose, prevent_cse=False)(q, k, v, b)
+        separable = functools.partial(_separable_intra, seg=seg)
+        intra = checkpointed_cond(span <= SEPARABLE_SPAN, separable, safe, q, k, v, b)
     else:  # the scalar form keeps its (C, C) factors for the backward pass (T * C per head)
         intra = _intra_gla(q, k, v, b, seg)
     start, out, _ = decay_factors(b, seg, q)

@@ -39,6 +39,7 @@ from rnnjax.engines.chunkwise import (
     _by_chunk_groups,
     _key_gated_scores,
     _masked_exp,
+    checkpointed_cond,
     decay_factors,
 )
 
@@ -126,19 +127,11 @@ def _per_group(chunks, per_key: bool, span):
     """``chunks`` (``(*arrays, separable)``) for one group of chunks, checkpointed; per-key
     decays choose the separable scores when every chunk's decay ``span(*arrays)`` is at most
     ``SEPARABLE_SPAN`` (no factor over- or underflows; the choice of
-    :func:`rnnjax.engines.chunkwise.gla`)."""
-
-    def run(*arrays):
-        if not per_key:
-            return chunks(*arrays, separable=False)
-        return jax.lax.cond(
-            span(*arrays) <= SEPARABLE_SPAN,
-            functools.partial(chunks, separable=True),
-            functools.partial(chunks, separable=False),
-            *arrays,
-        )
-
-    return jax.checkpoint(run, prevent_cse=False)
+    :func:`rnnjax.engines.chunkwise.gla`), each branch checkpointed."""
+    if not per_key:
+        return jax.checkpoint(functools.partial(chunks, separable=False), prevent_cse=False)
+    separable, exact = functools.partial(chunks, separable=True), functools.partial(chunks, separable=False)
+    return lambda *arrays: checkpointed_cond(span(*arrays) <= SEPARABLE_SPAN, separable, exact, *arrays)
 
 
 def _propagate(Qp: Array, O0: Array, M: Array, B: Array, state: Array) -> tuple[Array, Array]:

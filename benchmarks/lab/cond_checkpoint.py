@@ -1,0 +1,85 @@
+"""Where the chunkwise ops with per-key decays checkpoint the choice between their separable
+and exact in-chunk scores (``lax.cond`` on the chunks' decay span): around the whole cond
+(``outer``, as before) or around each branch (``branches``,
+:func:`rnnjax.engines.chunkwise.checkpointed_cond`). A cond's backward keeps the residuals of
+both branches, the untaken one's zero-filled; checkpointed branches keep only their operands.
+Fwd+bwd of per-key ``gla``, ``rwkv7`` and KDA (``delta_rule`` with per-key decays), B = 2,
+4 heads, d_k = d_v = 64, the default chunk sizes, float32; each row in a fresh process,
+medians of ``--repeats`` calls, and the compiled memory (arguments, outputs, temporaries).
+
+    python -m benchmarks.lab.cond_checkpoint [--lengths 64 1024 4096] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+OPS = ("gla_key", "rwkv7", "kda")
+VARIANTS = ("outer", "branches")
+
+
+def _outer_cond(pred, on_true, on_false, *args):
+    """The cond checkpointed as a whole (the form before ``checkpointed_cond``)."""
+    import jax
+
+    return jax.checkpoint(lambda *a: jax.lax.cond(pred, on_true, on_false, *a), prevent_cse=False)(*args)
+
+
+def one(op: str, variant: str, steps: int, repeats: int) -> None:
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.linear_attention import inputs, jax_fn
+    from rnnjax.engines import chunkwise, chunkwise_delta
+
+    if variant == "outer":
+        chunkwise.checkpointed_cond = chunkwise_delta.checkpointed_cond = _outer_cond
+    if op == "kda":  # the gated delta rule's inputs with one decay per key
+        q, k, v, beta, g = inputs("gated_delta", 2, steps, 4, 64, 64, jnp.float32)
+        xs = (q, k, v, beta, jnp.broadcast_to(g[..., None], k.shape) / 4)
+        f = jax_fn("gated_delta", "chunked")
+    else:
+        xs, f = inputs(op, 2, steps, 4, 64, 64, jnp.float32), jax_fn(op, "chunked")
+    grad = jax.jit(jax.grad(lambda *x: jnp.sum(f(*x)), argnums=tuple(range(len(xs)))))
+    mem = grad.lower(*xs).compile().memory_analysis()
+    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    jax.block_until_ready(grad(*xs))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(grad(*xs))
+        times.append(time.perf_counter() - start)
+    print(f"{1e3 * float(np.median(times)):.1f} {total / 2**20:.1f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lab.cond_checkpoint", description=__doc__.split("\n")[0])
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 1024, 4096])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--one", nargs=3, metavar=("OP", "VARIANT", "T"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        return one(args.one[0], args.one[1], int(args.one[2]), args.repeats)
+    print(f"{'op':8s} {'T':>6} | {'outer ms':>9} {'MiB':>7} | {'branches ms':>11} {'MiB':>7} | outer / branches")
+    for op in args.ops:
+        for steps in args.lengths:
+            row = {}
+            for variant in VARIANTS:
+                cmd = [sys.executable, "-m", "benchmarks.lab.cond_checkpoint", "--one", op, variant, str(steps),
+                       "--repeats", str(args.repeats)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+                row[variant] = (float(out[0]), float(out[1]))
+            (ot, om), (bt, bm) = row["outer"], row["branches"]
+            print(f"{op:8s} {steps:6d} | {ot:9.1f} {om:7.1f} | {bt:11.1f} {bm:7.1f} | {ot / bt:.2f}x time, {om / bm:.2f}x memory")
+
+
+if __name__ == "__main__":
+    main()
