@@ -247,10 +247,10 @@ def _closed_chunk_states(log_decay: Array, keep: Array, local: Array):
 def chunk_states(log_decay: Array, keep: Array, local: Array, state: Array) -> tuple[Array, Array]:
     r"""The state before each chunk and after the last of :math:`S_n = a_n S_{n-1} + L_n`
     (``a_n = e^{log_decay_n}`` per head or per key; ``0`` where ``keep`` is false, a chunk
-    with a reset). With one decay per head and at most :data:`STATE_PRODUCT_CHUNKS` chunks, without a
-    loop: :math:`S_{n-1} = \sum_{m<n} (\prod_{m<l<n} a_l) L_m + (\prod_{l<n} a_l) S_{-1}`, one
-    ``(N, N) x (N, d_k d_v)`` product per head, which needs no stacked loop buffers (DECISIONS.md,
-    "Chunk states by one product"); otherwise by a loop over the chunks.
+    with a reset). With one decay per head and at most :data:`STATE_PRODUCT_CHUNKS` chunks,
+    without a loop: :math:`S_{n-1} = \sum_{m<n} (\prod_{m<l<n} a_l) L_m + (\prod_{l<n} a_l)
+    S_{-1}`, one ``(N, N) x (N, d_k d_v)`` product per head, which needs no stacked loop
+    buffers (DECISIONS.md, "Chunk states by one product"); otherwise by a loop over the chunks.
 
     Args:
       log_decay: ``(..., N)`` or ``(..., N, d_k)``, finite and ``<= 0``.
