@@ -164,7 +164,9 @@ def _delta_chunks(q, k, v, beta, b, seg: Segments, separable: bool):
     WU = jnp.einsum("...ij,...je->...ie", T, rhs)  # [W | U0]: the pseudo-values are U0 - W S_0
     PWU = jnp.einsum("...ij,...je->...ie", qk, WU)
     MB = jnp.einsum("...jd,...je->...de", k * out, WU)
-    return q * start - PWU[..., :d_k], PWU[..., d_k:], _diag(total, d_k) - MB[..., :d_k], MB[..., d_k:]
+    # Cut by jnp.split, whose transpose is one concatenate (slices transpose to pads and adds).
+    (PW, PU), (MW, MU) = (jnp.split(a, [d_k], axis=-1) for a in (PWU, MB))
+    return q * start - PW, PU, _diag(total, d_k) - MW, MU
 
 
 def _dplr_chunks(q, k, v, a, b_vec, c, c_prev, seg: Segments, separable: bool):
@@ -180,10 +182,11 @@ def _dplr_chunks(q, k, v, a, b_vec, c, c_prev, seg: Segments, separable: bool):
     WU = jnp.einsum("...ij,...je->...ie", T, rhs)  # [W | U0]: u_j = S_{j-1}^T a_j = rows of W S_0 + U0
     PWU = jnp.einsum("...ij,...je->...ie", scores(q, b_vec), WU)
     BWU = jnp.einsum("...jd,...je->...de", b_vec * out, WU)
-    Qp = q * start + PWU[..., :d_k]
-    O0 = jnp.einsum("...ij,...je->...ie", scores(q, k), v) + PWU[..., d_k:]
-    B = jnp.einsum("...jd,...je->...de", k * out, v) + BWU[..., d_k:]
-    return Qp, O0, _diag(total, d_k) + BWU[..., :d_k], B
+    (PW, PU), (BW, BU) = (jnp.split(a, [d_k], axis=-1) for a in (PWU, BWU))
+    Qp = q * start + PW
+    O0 = jnp.einsum("...ij,...je->...ie", scores(q, k), v) + PU
+    B = jnp.einsum("...jd,...je->...de", k * out, v) + BU
+    return Qp, O0, _diag(total, d_k) + BW, B
 
 
 def _diag(total: Array, size: int) -> Array:
