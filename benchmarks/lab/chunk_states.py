@@ -20,29 +20,36 @@ ROOT = Path(__file__).resolve().parents[2]
 FORMS = {"loop": 0, "product": 10**9}  # rnnjax.engines.chunkwise.STATE_PRODUCT_CHUNKS for each form
 
 
-def one(form: str, steps: int, repeats: int) -> None:
-    import time
-
-    import jax
+def measure(op: str, steps: int, repeats: int, args: tuple | None = None) -> str:
+    """``"<median ms> <compiled MiB>"`` of ``op``'s chunked fwd+bwd, built and timed as
+    ``benchmarks.linear_attention`` does (B = 2, 4 heads, d = 64, float32 unless ``args``)."""
     import jax.numpy as jnp
-    import numpy as np
 
-    from benchmarks.linear_attention import inputs, jax_fn
+    from benchmarks import timing
+    from benchmarks.linear_attention import build_jax, inputs
+
+    args = inputs(op, 2, steps, 4, 64, 64, jnp.float32) if args is None else args
+    compiled, peak = build_jax(op, "chunked", "fwd+bwd", args, max_gb=float("inf"))
+    compiled.run()
+    return f"{1e3 * timing.median(timing.time_calls(compiled.run, repeats)):.1f} {peak / 2**20:.1f}"
+
+
+def in_fresh_processes(module: str, case: list[str], variants, repeats: int) -> dict[str, tuple[float, float]]:
+    """``{variant: (ms, MiB)}``: ``python -m <module> --one <variant> *case`` per variant, each in
+    a fresh process (no program run before it in the process changes its speed)."""
+    row = {}
+    for variant in variants:
+        cmd = [sys.executable, "-m", module, "--one", variant, *case, "--repeats", str(repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+        row[variant] = (float(out[-2]), float(out[-1]))
+    return row
+
+
+def one(form: str, steps: int, repeats: int) -> None:
     from rnnjax.engines import chunkwise
 
     chunkwise.STATE_PRODUCT_CHUNKS = FORMS[form]
-    xs = inputs("gla_head", 2, steps, 4, 64, 64, jnp.float32)
-    f = jax_fn("gla_head", "chunked-64")
-    grad = jax.jit(jax.grad(lambda *x: jnp.sum(f(*x)), argnums=(0, 1, 2, 3)))
-    mem = grad.lower(*xs).compile().memory_analysis()
-    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-    jax.block_until_ready(grad(*xs))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(grad(*xs))
-        times.append(time.perf_counter() - start)
-    print(f"{1e3 * float(np.median(times)):.1f} {total / 2**20:.1f}")
+    print(measure("gla_head", steps, repeats))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,13 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         return one(args.one[0], int(args.one[1]), args.repeats)
     print(f"{'T':>6} {'chunks':>6} | {'loop ms':>8} {'MiB':>7} | {'product ms':>10} {'MiB':>7} | loop / product")
     for steps in args.lengths:
-        row = {}
-        for form in FORMS:
-            cmd = [sys.executable, "-m", "benchmarks.lab.chunk_states", "--one", form, str(steps), "--repeats", str(args.repeats)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
-            row[form] = (float(out[0]), float(out[1]))
+        row = in_fresh_processes("benchmarks.lab.chunk_states", [str(steps)], FORMS, args.repeats)
         (lt, lm), (pt, pm) = row["loop"], row["product"]
-        print(f"{steps:6d} {steps // 64:6d} | {lt:8.1f} {lm:7.1f} | {pt:10.1f} {pm:7.1f} | {lt / pt:.2f}x time, {lm / pm:.2f}x memory")
+        print(f"{steps:6d} {steps // 64:6d} | {lt:8.1f} {lm:7.1f} | {pt:10.1f} {pm:7.1f} | "
+              f"{lt / pt:.2f}x time, {lm / pm:.2f}x memory")
 
 
 if __name__ == "__main__":

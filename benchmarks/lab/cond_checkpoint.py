@@ -13,11 +13,9 @@ medians of ``--repeats`` calls, and the compiled memory (arguments, outputs, tem
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from benchmarks.lab.chunk_states import in_fresh_processes, measure
+
 OPS = ("gla_key", "rwkv7", "kda")
 VARIANTS = ("outer", "branches")
 
@@ -30,33 +28,18 @@ def _outer_cond(pred, on_true, on_false, *args):
 
 
 def one(op: str, variant: str, steps: int, repeats: int) -> None:
-    import time
-
-    import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from benchmarks.linear_attention import inputs, jax_fn
+    from benchmarks.linear_attention import inputs
     from rnnjax.engines import chunkwise, chunkwise_delta
 
     if variant == "outer":
         chunkwise.checkpointed_cond = chunkwise_delta.checkpointed_cond = _outer_cond
     if op == "kda":  # the gated delta rule's inputs with one decay per key
         q, k, v, beta, g = inputs("gated_delta", 2, steps, 4, 64, 64, jnp.float32)
-        xs = (q, k, v, beta, jnp.broadcast_to(g[..., None], k.shape) / 4)
-        f = jax_fn("gated_delta", "chunked")
+        print(measure("gated_delta", steps, repeats, (q, k, v, beta, jnp.broadcast_to(g[..., None], k.shape) / 4)))
     else:
-        xs, f = inputs(op, 2, steps, 4, 64, 64, jnp.float32), jax_fn(op, "chunked")
-    grad = jax.jit(jax.grad(lambda *x: jnp.sum(f(*x)), argnums=tuple(range(len(xs)))))
-    mem = grad.lower(*xs).compile().memory_analysis()
-    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-    jax.block_until_ready(grad(*xs))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(grad(*xs))
-        times.append(time.perf_counter() - start)
-    print(f"{1e3 * float(np.median(times)):.1f} {total / 2**20:.1f}")
+        print(measure(op, steps, repeats))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,21 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 1024, 4096])
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--one", nargs=3, metavar=("OP", "VARIANT", "T"), help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=3, metavar=("VARIANT", "OP", "T"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        return one(args.one[0], args.one[1], int(args.one[2]), args.repeats)
+        return one(args.one[1], args.one[0], int(args.one[2]), args.repeats)
     print(f"{'op':8s} {'T':>6} | {'outer ms':>9} {'MiB':>7} | {'branches ms':>11} {'MiB':>7} | outer / branches")
     for op in args.ops:
         for steps in args.lengths:
-            row = {}
-            for variant in VARIANTS:
-                cmd = [sys.executable, "-m", "benchmarks.lab.cond_checkpoint", "--one", op, variant, str(steps),
-                       "--repeats", str(args.repeats)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
-                row[variant] = (float(out[0]), float(out[1]))
+            row = in_fresh_processes("benchmarks.lab.cond_checkpoint", [op, str(steps)], VARIANTS, args.repeats)
             (ot, om), (bt, bm) = row["outer"], row["branches"]
-            print(f"{op:8s} {steps:6d} | {ot:9.1f} {om:7.1f} | {bt:11.1f} {bm:7.1f} | {ot / bt:.2f}x time, {om / bm:.2f}x memory")
+            print(f"{op:8s} {steps:6d} | {ot:9.1f} {om:7.1f} | {bt:11.1f} {bm:7.1f} | "
+                  f"{ot / bt:.2f}x time, {om / bm:.2f}x memory")
 
 
 if __name__ == "__main__":
