@@ -157,6 +157,7 @@ EXPERIMENTS = {  # module -> (smallest arguments, a line its output must hold)
     "split_transpose": (["--batch", "2", "--hidden", "4", "--length", "4", "--repeats", "1"], "split  pads in the optimised HLO: 0"),
     "data_parallel": (["--tiny", "--out", "{tmp}/data_parallel"], "| 1 device, fused |"),
     "clipped_scan": (["--tiny"], "  associative  ys"),
+    "affine_scan": (["--ops", "gla_key", "--lengths", "128", "--rounds", "1"], "x time,"),
     "chunk_states": (["--lengths", "128", "--repeats", "1"], "x time,"),
     "cond_checkpoint": (["--ops", "rwkv7", "--lengths", "64", "--repeats", "1"], "x time,"),
     "newton_outputs": (["--lengths", "8", "--batch", "2", "--hidden", "4", "--repeats", "1"], "newton/sequential"),

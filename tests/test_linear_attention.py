@@ -426,3 +426,33 @@ def test_chunk_states_by_one_product_equal_the_loop(monkeypatch, chunks):
             return out, vjp(jax.tree.map(cotangent, out))
 
         assert_close(run(True), run(False), RTOL64)
+
+
+@pytest.mark.parametrize("apply", [jnp.multiply, jnp.matmul], ids=["decay", "matrix"])
+def test_affine_scan_derivatives_equal_the_loops(apply):
+    """rnnjax.engines.chunkwise.affine_scan (its derivative a second pass of the recurrence,
+    reading the forward's states) equals autodiff of the plain loop in float64: values,
+    reverse mode, forward mode, and second order (check_grads)."""
+    from rnnjax.engines.chunkwise import affine_scan
+
+    def loop(A, L, S):
+        def step(S, chunk):
+            return apply(chunk[0], S) + chunk[1], S
+
+        final, incoming = jax.lax.scan(step, S, (A, L))
+        return incoming, final
+
+    rng = np.random.default_rng(1)
+    with enable_x64(True):
+        shape_A = (5, 2, 3, 1) if apply is jnp.multiply else (5, 2, 3, 3)
+        args = tuple(jnp.asarray(a) for a in (rng.uniform(0.2, 1.0, shape_A), rng.standard_normal((5, 2, 3, 4)),
+                                              rng.standard_normal((2, 3, 4))))
+        ours = functools.partial(affine_scan, apply)
+        out, vjp = jax.vjp(ours, *args)
+        ref_out, ref_vjp = jax.vjp(loop, *args)
+        cts = jax.tree.map(cotangent, out)
+        tangents = tuple(jnp.asarray(rng.standard_normal(a.shape)) for a in args)
+        assert_close(out, ref_out, RTOL64)
+        assert_close(vjp(cts), ref_vjp(cts), RTOL64)
+        assert_close(jax.jvp(ours, args, tangents), jax.jvp(loop, args, tangents), RTOL64)
+        check_grads(ours, args, order=2, modes=("fwd", "rev"))

@@ -268,13 +268,35 @@ def chunk_states(log_decay: Array, keep: Array, local: Array, state: Array) -> t
         return incoming, final + reach[..., -1, None, None] * state
     decay = jnp.where(keep[..., None] if per_key else keep, jnp.exp(log_decay), 0)
     decay = decay[..., None] if per_key else decay[..., None, None]
+    incoming, final = affine_scan(jnp.multiply, jnp.moveaxis(decay, -3, 0), jnp.moveaxis(local, -3, 0), state)
+    return jnp.moveaxis(incoming, 0, -3), final
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def affine_scan(apply, A: Array, L: Array, state: Array) -> tuple[Array, Array]:
+    r"""``(incoming, final)`` of :math:`S_n = A_n \circ S_{n-1} + L_n` from ``S_{-1} = state``:
+    the state before each step, stacked on axis 0, and after the last (``lax.scan``).
+    ``apply(A_n, S)``, bilinear, broadcasts over leading axes (``jnp.multiply``: a decay;
+    a matrix product: the delta rule's transition).
+
+    Its derivative is the same recurrence, :math:`dS_n = A_n \circ dS_{n-1} + (dA_n \circ
+    S_{n-1} + dL_n)`, reading the forward's ``incoming``: autodiff of the loop would stack
+    ``S_{n-1}`` a second time for its backward pass (DECISIONS.md, "Chunk-state loops keep one
+    stack of states")."""
 
     def step(S, chunk):
-        decay_n, local_n = chunk
-        return decay_n * S + local_n, S
+        A_n, L_n = chunk
+        return apply(A_n, S) + L_n, S
 
-    final, incoming = jax.lax.scan(step, state, (jnp.moveaxis(decay, -3, 0), jnp.moveaxis(local, -3, 0)))
-    return jnp.moveaxis(incoming, 0, -3), final
+    final, incoming = jax.lax.scan(step, state, (A, L))
+    return incoming, final
+
+
+@affine_scan.defjvp
+def _affine_scan_jvp(apply, primals, tangents):
+    (A, L, state), (dA, dL, d_state) = primals, tangents
+    incoming, final = affine_scan(apply, A, L, state)
+    return (incoming, final), affine_scan(apply, A, dL + apply(dA, incoming), d_state)
 
 
 def _intra_mlstm(q: Array, k: Array, v: Array, i: Array, b: Array, seg: Segments, base: Array):

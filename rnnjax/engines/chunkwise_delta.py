@@ -39,6 +39,7 @@ from rnnjax.engines.chunkwise import (
     _by_chunk_groups,
     _key_gated_scores,
     _masked_exp,
+    affine_scan,
     checkpointed_cond,
     decay_factors,
 )
@@ -137,12 +138,7 @@ def _per_group(chunks, per_key: bool, span):
 def _propagate(Qp: Array, O0: Array, M: Array, B: Array, state: Array) -> tuple[Array, Array]:
     """``(O, S_final)`` from the per-chunk arrays: ``S_{n+1} = M_n S_n + B_n``,
     ``O_n = Q'_n S_n + O_{0,n}``."""
-
-    def step(S, chunk):
-        M_n, B_n = chunk
-        return jnp.einsum("...kl,...le->...ke", M_n, S) + B_n, S
-
-    final, incoming = jax.lax.scan(step, state, (jnp.moveaxis(M, 2, 0), jnp.moveaxis(B, 2, 0)))
+    incoming, final = affine_scan(jnp.matmul, jnp.moveaxis(M, 2, 0), jnp.moveaxis(B, 2, 0), state)
     return O0 + jnp.einsum("...id,...de->...ie", Qp, jnp.moveaxis(incoming, 0, 2)), final
 
 
