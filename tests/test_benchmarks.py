@@ -159,6 +159,7 @@ EXPERIMENTS = {  # module -> (smallest arguments, a line its output must hold)
     "clipped_scan": (["--tiny"], "  associative  ys"),
     "affine_scan": (["--ops", "gla_key", "--lengths", "128", "--rounds", "1"], "x time,"),
     "chunk_states": (["--lengths", "128", "--repeats", "1"], "x time,"),
+    "separable_span": (["--per-step", "0.5", "--length", "64", "--rounds", "1"], "bound 120: T=64"),
     "cond_checkpoint": (["--ops", "rwkv7", "--lengths", "64", "--repeats", "1"], "x time,"),
     "newton_outputs": (["--lengths", "8", "--batch", "2", "--hidden", "4", "--repeats", "1"], "newton/sequential"),
     "newton_variant": (["--tiny"], "ParaLSTM     quasi-deer  deer"),

@@ -456,3 +456,21 @@ def test_affine_scan_derivatives_equal_the_loops(apply):
         assert_close(vjp(cts), ref_vjp(cts), RTOL64)
         assert_close(jax.jvp(ours, args, tangents), jax.jvp(loop, args, tangents), RTOL64)
         check_grads(ours, args, order=2, modes=("fwd", "rev"))
+
+
+def test_per_key_decays_up_to_the_span_bound_take_one_product():
+    """Decays strong enough that every chunk's per-key span lies in (60, SEPARABLE_SPAN]: the
+    in-chunk scores are the one separable product (its factors reach e^{+-57}; causal pairs'
+    products stay <= 1, masked pairs overflow and are selected away), and match the step
+    recurrence in float64 to float32 rounding, values and gradients."""
+    from rnnjax.engines.chunkwise import LOG_DECAY_FLOOR, SEPARABLE_SPAN
+
+    args, _, _, chunked, _ = case_args("key", "batch23")
+    g = -jax.random.uniform(jax.random.key(7), args[3].shape, minval=22.0, maxval=38.0)
+    args = (*args[:3], g, *args[4:])
+    size, steps = chunked.size, g.shape[-3]
+    b = np.cumsum(np.maximum(np.asarray(g), LOG_DECAY_FLOOR)[..., : steps - steps % size, :, :]
+                  .reshape(*g.shape[:-3], -1, size, *g.shape[-2:]), axis=-3)
+    spans = b[..., 0, :, :] - b[..., -1, :, :]
+    assert 60 < spans.min() and spans.max() <= SEPARABLE_SPAN
+    check_float32("key", args)

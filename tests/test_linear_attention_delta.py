@@ -473,3 +473,26 @@ def test_bad_input(case):
 def test_rwkv7_errors_name_r():
     with pytest.raises(ValueError, match=r"^r has shape \(2, 4\)"):
         LA.rwkv7(*(Q[0, 0],) * 3, V[0, 0], *(Q[0, 0],) * 2)
+
+
+@pytest.mark.parametrize("op", ["delta_key", "rwkv7"])
+def test_per_key_decays_up_to_the_span_bound_take_one_product(op):
+    """Per-key decays with every chunk's span in (60, SEPARABLE_SPAN]: the separable scores (the
+    branch taken) in float32 match the step recurrence in float64, values and gradients, to
+    the float32 bound of the gla test (tests/test_linear_attention.py)."""
+    from rnnjax.engines.chunkwise import SEPARABLE_SPAN
+    from tests.test_linear_attention import RTOL32
+
+    with enable_x64(True):
+        args, lengths, resets, chunked, reverse = case_args(op, "batch23")
+        i = 1 if op == "rwkv7" else 4
+        g = -jax.random.uniform(jax.random.key(7), args[i].shape, jnp.float64, 4.6, 7.0)
+        args = (*args[:i], g, *args[i + 1 :])
+        full = np.asarray(g[..., : chunked.size, :, :])  # the first chunk; the second is partial (21 = 16 + 5)
+        spans = -np.sum(full if op == "rwkv7" else full[..., 1:, :, :], axis=-3)
+        assert 60 < spans.min() and spans.max() <= SEPARABLE_SPAN
+        want = values_and_grads(op, args, lengths, resets, rj.Sequential(), reverse)
+        args32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), args)
+        got = values_and_grads(op, args32, lengths, resets, chunked, reverse)
+    up = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)
+    assert_close(up(got), up(want), RTOL32)

@@ -36,7 +36,11 @@ import jax.numpy as jnp
 from rnnjax.cells.matrix_state import MLSTMState
 
 Array = jax.Array
-SEPARABLE_SPAN = 60.0  # the largest in-chunk decay span (log) computed by one product: e^30 fits float32
+# The largest in-chunk decay span (log) whose scores are one product: its factors lie in e^{+-60};
+# a causal pair's two factors multiply to <= 1, masked pairs (up to e^{span}) are selected away,
+# and e^{88 - 60} leaves 1e12 for the magnitudes of q, k and the cotangents before float32
+# overflows (DECISIONS.md, "Per-key decays: separable when bounded").
+SEPARABLE_SPAN = 120.0
 KEY_GROUP = 2  # chunks whose per-key intra-chunk products are computed at once
 STATE_PRODUCT_CHUNKS = 128  # the most chunks whose states are one product (DECISIONS.md, "Chunk states by one product")
 SUB_CHUNK = 8  # secondary chunk of per-key decays: the (sub, sub, d_k) factor (DECISIONS.md)
