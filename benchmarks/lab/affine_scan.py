@@ -20,17 +20,6 @@ OPS = ("gla_key", "gated_delta", "rwkv7")
 VARIANTS = ("loop", "affine_scan")
 
 
-def _loop(apply, A, L, state):
-    """:func:`rnnjax.engines.chunkwise.affine_scan` without its derivative rule."""
-    import jax
-
-    def step(S, chunk):
-        return apply(chunk[0], S) + chunk[1], S
-
-    final, incoming = jax.lax.scan(step, state, (A, L))
-    return incoming, final
-
-
 def compare(op: str, steps: int, rounds: int) -> dict[str, tuple[float, float]]:
     """``{variant: (median ms, compiled MiB)}``."""
     import jax
@@ -43,7 +32,7 @@ def compare(op: str, steps: int, rounds: int) -> dict[str, tuple[float, float]]:
     args = inputs(op, 2, steps, 4, 64, 64, jnp.float32)
     built, original = {}, chunkwise.affine_scan
     for variant in VARIANTS:
-        chunkwise.affine_scan = chunkwise_delta.affine_scan = _loop if variant == "loop" else original
+        chunkwise.affine_scan = chunkwise_delta.affine_scan = chunkwise.affine_loop if variant == "loop" else original
         jax.clear_caches()  # the ops' traced programs are cached across builds
         try:
             built[variant] = build_jax(op, "chunked", "fwd+bwd", args, max_gb=float("inf"))

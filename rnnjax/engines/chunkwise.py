@@ -276,17 +276,11 @@ def chunk_states(log_decay: Array, keep: Array, local: Array, state: Array) -> t
     return jnp.moveaxis(incoming, 0, -3), final
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def affine_scan(apply, A: Array, L: Array, state: Array) -> tuple[Array, Array]:
+def affine_loop(apply, A: Array, L: Array, state: Array) -> tuple[Array, Array]:
     r"""``(incoming, final)`` of :math:`S_n = A_n \circ S_{n-1} + L_n` from ``S_{-1} = state``:
     the state before each step, stacked on axis 0, and after the last (``lax.scan``).
     ``apply(A_n, S)``, bilinear, broadcasts over leading axes (``jnp.multiply``: a decay;
-    a matrix product: the delta rule's transition).
-
-    Its derivative is the same recurrence, :math:`dS_n = A_n \circ dS_{n-1} + (dA_n \circ
-    S_{n-1} + dL_n)`, reading the forward's ``incoming``: autodiff of the loop would stack
-    ``S_{n-1}`` a second time for its backward pass (DECISIONS.md, "Chunk-state loops keep one
-    stack of states")."""
+    a matrix product: the delta rule's transition). Differentiate :func:`affine_scan`."""
 
     def step(S, chunk):
         A_n, L_n = chunk
@@ -294,6 +288,13 @@ def affine_scan(apply, A: Array, L: Array, state: Array) -> tuple[Array, Array]:
 
     final, incoming = jax.lax.scan(step, state, (A, L))
     return incoming, final
+
+
+affine_scan = jax.custom_jvp(affine_loop, nondiff_argnums=(0,))
+affine_scan.__doc__ = r""":func:`affine_loop` with its derivative as the same recurrence,
+:math:`dS_n = A_n \circ dS_{n-1} + (dA_n \circ S_{n-1} + dL_n)`, reading the forward's
+``incoming``: autodiff of the loop would stack ``S_{n-1}`` a second time for its backward pass
+(DECISIONS.md, "Chunk-state loops keep one stack of states")."""
 
 
 @affine_scan.defjvp
