@@ -20,7 +20,9 @@ recurrence :math:`S_t = D_t S_{t-1} + b_t (a_t^\top S_{t-1}) + k_t v_t^\top` rea
 \Gamma_{j-1}) S_0 + A^{ak} V`.
 
 Resets, padding and the array layout ``(B, H, N, C, ...)`` are those of
-:mod:`rnnjax.engines.chunkwise`; every exponent is ``<= 0``. The per-chunk arrays are
+:mod:`rnnjax.engines.chunkwise`; every exponent is ``<= 0``. Inside, the arrays run chunk-major,
+``(N, B, H, C, ...)``: groups of chunks and the loop over them need no transposes
+(DECISIONS.md, "The chunkwise delta rule runs chunk-major"). The per-chunk arrays are
 recomputed in the backward pass (``jax.checkpoint``, a group of chunks at a time), so memory
 grows as ``T (d_k + d_v)`` plus two ``d_k``-square matrices per chunk.
 """
@@ -36,11 +38,12 @@ from rnnjax.engines.chunkwise import (
     LOG_DECAY_FLOOR,
     SEPARABLE_SPAN,
     Segments,
-    _by_chunk_groups,
     _key_gated_scores,
     _masked_exp,
     affine_scan,
+    by_chunk_groups,
     checkpointed_cond,
+    chunk_major,
     decay_factors,
 )
 
@@ -135,11 +138,13 @@ def _per_group(chunks, per_key: bool, span):
     return lambda *arrays: checkpointed_cond(span(*arrays) <= SEPARABLE_SPAN, separable, exact, *arrays)
 
 
-def _propagate(Qp: Array, O0: Array, M: Array, B: Array, state: Array) -> tuple[Array, Array]:
-    """``(O, S_final)`` from the per-chunk arrays: ``S_{n+1} = M_n S_n + B_n``,
-    ``O_n = Q'_n S_n + O_{0,n}``."""
-    incoming, final = affine_scan(jnp.matmul, jnp.moveaxis(M, 2, 0), jnp.moveaxis(B, 2, 0), state)
-    return O0 + jnp.einsum("...id,...de->...ie", Qp, jnp.moveaxis(incoming, 0, 2)), final
+def _solve(chunks, state: Array, *args) -> tuple[Array, Array]:
+    """``(O, S_final)``: the per-chunk arrays ``(Q', O_0, M, B) = chunks(*args)`` of chunk-major
+    ``args`` (:data:`CHUNK_GROUP` chunks at a time), then ``S_{n+1} = M_n S_n + B_n`` and
+    ``O_n = Q'_n S_n + O_{0,n}``; ``O``: ``(B, H, N, C, d_v)``."""
+    Qp, O0, M, B = by_chunk_groups(chunks, CHUNK_GROUP, *args)
+    incoming, final = affine_scan(jnp.matmul, M, B, state)
+    return jnp.moveaxis(O0 + jnp.einsum("...id,...de->...ie", Qp, incoming), 0, 2), final
 
 
 def _delta_chunks(q, k, v, beta, b, seg: Segments, separable: bool):
@@ -205,8 +210,7 @@ def delta_rule(q, k, v, beta, g, state: Array, seg: Segments, scale: float):
     b = None if g is None else jnp.cumsum(jnp.maximum(g, LOG_DECAY_FLOOR), axis=3)
     span = lambda q, k, v, beta, b, seg: jnp.max(b[..., 0, :] - b[..., -1, :], initial=0.0)
     chunks = _per_group(_delta_chunks, b is not None and b.ndim == q.ndim, span)
-    Qp, O0, M, B = _by_chunk_groups(chunks, CHUNK_GROUP, q, k, v, beta, b, seg)
-    return _propagate(Qp, O0, M, B, state)
+    return _solve(chunks, state, *jax.tree.map(chunk_major, (q, k, v, beta, b, seg)))
 
 
 def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
@@ -225,5 +229,4 @@ def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
     c = jnp.cumsum(w, axis=3)
     span = lambda q, k, v, a, b, c, c_prev, seg: jnp.max(c_prev[..., 0, :] - c[..., -1, :], initial=0.0)
     chunks = _per_group(_dplr_chunks, True, span)
-    Qp, O0, M, B = _by_chunk_groups(chunks, CHUNK_GROUP, q, k, v, a, b, c, c - w, seg)
-    return _propagate(Qp, O0, M, B, state)
+    return _solve(chunks, state, *jax.tree.map(chunk_major, (q, k, v, a, b, c, c - w, seg)))
