@@ -18,6 +18,7 @@ from jax.test_util import check_grads
 
 import rnnjax as rj
 import rnnjax.linear_attention  # noqa: F401  (rj.linear_attention)
+from rnnjax.engines import chunkwise_delta
 from tests.compat import enable_x64
 from tests.test_linear_attention import DK, DV, RTOL64, H, assert_close, cotangent
 
@@ -89,7 +90,8 @@ def forward(op, args, lengths=None, resets=None, method=None):
 # name: (batch shape, T, chunk size, lengths, reset steps, reverse). Chunks of 16 (the inverse's
 # forward substitution alone) leave a partial second chunk (21 = 16 + 5); chunks of 64 merge
 # blocks of 16 pairwise, twice, with a partial second chunk (83 = 64 + 19); T = 13 under chunks
-# of 64 is one chunk of 13 whose inverse is padded to 16, chunks of 24 pad it to 32. Lengths
+# of 64 is one chunk of 13 whose inverse is padded to 16, chunks of 24 pad it to 32; chunks of
+# 4 make 10, carried through groups of CHUNK_GROUP = 4 chunks, the last one padded. Lengths
 # run from 0 to T, one ending at the chunk boundary. "batch23" is the fast set's case: reverse
 # runs the same chunkwise code on flipped sequences, so it covers the forward direction too.
 LENGTHS_23 = np.array([[21, 0, 5], [16, 21, 1]])
@@ -99,8 +101,9 @@ CASES = {
     "unbatched": ((), 83, 64, np.array(70), (5, 64, 69), True),
     "short": ((2,), 13, 64, None, None, False),
     "chunk24": ((2,), 37, 24, np.array([37, 30]), (24,), True),
+    "groups": ((2,), 37, 4, np.array([37, 30]), (5, 20), False),
 }
-SLOW_CASES = tuple(c for c in CASES if c != "batch23")
+SLOW_CASES = tuple(c for c in CASES if c not in ("batch23", "groups"))
 
 
 def case_args(op, case, seed=0):
@@ -131,6 +134,16 @@ def check_chunked_equals_sequential(op, case, args=None):
 def test_chunked_equals_sequential_float64(op):
     with enable_x64(True):
         check_chunked_equals_sequential(op, "batch23")
+
+
+# Fast: one op whose loop step is checkpointed, one whose cond checkpoints its branches.
+@pytest.mark.parametrize(
+    "op", [o if o in ("delta_head", "rwkv7") else pytest.param(o, marks=pytest.mark.slow) for o in OPS]
+)
+def test_chunked_equals_sequential_over_groups_of_chunks(op):
+    assert -(-37 // 4) > chunkwise_delta.CHUNK_GROUP, "the case must span several groups"
+    with enable_x64(True):
+        check_chunked_equals_sequential(op, "groups")
 
 
 @pytest.mark.slow

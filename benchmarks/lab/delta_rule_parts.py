@@ -3,8 +3,9 @@ on the chunk layout ``(B, H, N, C, d)`` at B = 2, 4 heads, T = 4096, d = 64, C =
 
 - the unit-lower inverse: its ``custom_jvp`` (``dT = -T dA T``) against autodiff of the row
   updates of the forward substitution;
-- the per-chunk arrays computed all at once or ``CHUNK_GROUP`` chunks at a time (``lax.map``,
-  each group checkpointed): run time and XLA's compiled temporary memory of fwd+bwd.
+- the per-chunk arrays computed all at once or ``CHUNK_GROUP`` chunks at a time (one step of
+  the loop over groups, checkpointed; ``chunk_groups.py`` compares the loops): run time and
+  XLA's compiled temporary memory of fwd+bwd.
 
     python -m benchmarks.lab.delta_rule_parts
 """

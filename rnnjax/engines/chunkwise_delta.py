@@ -8,23 +8,23 @@ chunk's start, the state is :math:`S_i = \Gamma_i S_0 + \sum_{j \le i} (\Gamma_i
 k_j u_j^\top` for pseudo-values :math:`u_j` that solve one unit-lower-triangular system,
 :math:`(I + A) U = \mathrm{diag}(\beta) (V - (K \odot \Gamma) S_0)` with
 :math:`A_{jl} = \beta_j \sum_d k_{jd} k_{ld} e^{b_{jd} - b_{ld}}` (:math:`l < j`). Everything is
-affine in the incoming state, so each chunk reduces to four arrays computed for all chunks at
-once (matrix products and the inverse :math:`T = (I + A)^{-1}`; :data:`CHUNK_GROUP` chunks at a time):
+affine in the incoming state, so each chunk reduces to four arrays (matrix products and the
+inverse :math:`T = (I + A)^{-1}`), computed for :data:`CHUNK_GROUP` chunks at once:
 
 .. math:: O = Q' S_0 + O_0, \qquad S_C = M S_0 + B
 
 (``Q'``: ``(C, d_k)``, ``O_0``: ``(C, d_v)``, ``M``: ``(d_k, d_k)``, ``B``: ``(d_k, d_v)``), and
-one ``d_k x d_k`` by ``d_k x d_v`` product per chunk passes the state along. The DPLR
-recurrence :math:`S_t = D_t S_{t-1} + b_t (a_t^\top S_{t-1}) + k_t v_t^\top` reads
-:math:`u_j = S_{j-1}^\top a_j` the same way, with :math:`(I - A^{ab}) U = (A \odot
+one ``d_k x d_k`` by ``d_k x d_v`` product per chunk passes the state along, in a loop over
+the groups that carries it. The DPLR recurrence :math:`S_t = D_t S_{t-1} + b_t (a_t^\top
+S_{t-1}) + k_t v_t^\top` reads :math:`u_j = S_{j-1}^\top a_j` the same way, with :math:`(I - A^{ab}) U = (A \odot
 \Gamma_{j-1}) S_0 + A^{ak} V`.
 
 Resets, padding and the array layout ``(B, H, N, C, ...)`` are those of
 :mod:`rnnjax.engines.chunkwise`; every exponent is ``<= 0``. Inside, the arrays run chunk-major,
-``(N, B, H, C, ...)``: groups of chunks and the loop over them need no transposes
-(DECISIONS.md, "The chunkwise delta rule runs chunk-major"). The per-chunk arrays are
-recomputed in the backward pass (``jax.checkpoint``, a group of chunks at a time), so memory
-grows as ``T (d_k + d_v)`` plus two ``d_k``-square matrices per chunk.
+``(N, B, H, C, ...)``, so a group of chunks is a reshape (DECISIONS.md, "The chunkwise delta rule
+carries its state through groups of chunks"). Each group is recomputed in the backward pass
+(``jax.checkpoint``), so memory grows as ``T (d_k + d_v)`` plus one state per group; per-key
+decays also keep ``Q'``, ``M`` and the incoming state of every chunk.
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ from rnnjax.engines.chunkwise import (
     Segments,
     _key_gated_scores,
     _masked_exp,
-    affine_scan,
-    by_chunk_groups,
     checkpointed_cond,
     chunk_major,
     decay_factors,
@@ -49,10 +47,10 @@ from rnnjax.engines.chunkwise import (
 
 Array = jax.Array
 INVERSE_BLOCK = 16  # forward substitution on diagonal blocks of this size, then merged (as fla does)
-# Chunks whose per-chunk arrays are computed at once (lax.map), each group recomputed in the
-# backward pass: the chunks' temporaries and their cotangents exist for one group at a time
-# (T = 4096: 184 -> 113 MiB at equal speed; benchmarks/lab/delta_rule_parts.py).
-CHUNK_GROUP = 8
+# Chunks whose per-chunk arrays are computed at once, in one step of the loop that carries the
+# state: their temporaries and cotangents exist for one group at a time (DECISIONS.md, "The
+# chunkwise delta rule carries its state through groups of chunks": 4 is fastest at T = 4096).
+CHUNK_GROUP = 4
 
 
 def _forward_substitution(A: Array) -> Array:
@@ -128,23 +126,45 @@ def _scores(
 
 
 def _per_group(chunks, per_key: bool, span):
-    """``chunks`` (``(*arrays, separable)``) for one group of chunks, checkpointed; per-key
-    decays choose the separable scores when every chunk's decay ``span(*arrays)`` is at most
-    ``SEPARABLE_SPAN`` (no factor over- or underflows; the choice of
-    :func:`rnnjax.engines.chunkwise.gla`), each branch checkpointed."""
+    """``chunks`` (``(*arrays, separable)``) for one group of chunks. Per-key decays choose the
+    separable scores when every chunk's decay ``span(*arrays)`` is at most ``SEPARABLE_SPAN``
+    (no factor over- or underflows; the choice of :func:`rnnjax.engines.chunkwise.gla`), each
+    branch checkpointed; otherwise the exact scores, unchecked (:func:`_solve` checkpoints the
+    whole group)."""
     if not per_key:
-        return jax.checkpoint(functools.partial(chunks, separable=False), prevent_cse=False)
+        return functools.partial(chunks, separable=False)
     separable, exact = functools.partial(chunks, separable=True), functools.partial(chunks, separable=False)
     return lambda *arrays: checkpointed_cond(span(*arrays) <= SEPARABLE_SPAN, separable, exact, *arrays)
 
 
-def _solve(chunks, state: Array, *args) -> tuple[Array, Array]:
-    """``(O, S_final)``: the per-chunk arrays ``(Q', O_0, M, B) = chunks(*args)`` of chunk-major
-    ``args`` (:data:`CHUNK_GROUP` chunks at a time), then ``S_{n+1} = M_n S_n + B_n`` and
-    ``O_n = Q'_n S_n + O_{0,n}``; ``O``: ``(B, H, N, C, d_v)``."""
-    Qp, O0, M, B = by_chunk_groups(chunks, CHUNK_GROUP, *args)
-    incoming, final = affine_scan(jnp.matmul, M, B, state)
-    return jnp.moveaxis(O0 + jnp.einsum("...id,...de->...ie", Qp, incoming), 0, 2), final
+def _solve(chunks, state: Array, *args, per_key: bool) -> tuple[Array, Array]:
+    """``(O, S_final)`` over chunk-major ``args`` (``(N, ...)``): a loop over groups of
+    :data:`CHUNK_GROUP` chunks carries the state; each step computes its chunks' arrays
+    ``(Q', O_0, M, B) = chunks(*group)`` at once, then passes the state through them,
+    ``S_{n+1} = M_n S_n + B_n``, ``O_n = Q'_n S_n + O_{0,n}``. Nothing per chunk is stacked
+    but ``O``, ``(B, H, N, C, d_v)``: the step is checkpointed, or, ``per_key``, the cond in
+    ``chunks`` checkpoints its branches (a cond inside a checkpoint keeps both branches'
+    residuals) (DECISIONS.md, "The chunkwise delta rule carries its state through groups of
+    chunks")."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    count = leaves[0].shape[0]
+    group = min(CHUNK_GROUP, count)
+    pad = -count % group  # padding chunks leave the state as it is and are cut from O
+    padded = [jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a for a in leaves]
+    grouped = [a.reshape(-1, group, *a.shape[1:]) for a in padded]
+    real = (jnp.arange(count + pad) < count).reshape(-1, group)
+
+    def step(S: Array, xs) -> tuple[Array, Array]:
+        real, arrays = xs
+        Qp, O0, M, B = chunks(*jax.tree_util.tree_unflatten(tree, arrays))
+        incoming = []
+        for n in range(group):
+            incoming.append(S)
+            S = jnp.matmul(M[n], S) + B[n] if not pad else jnp.where(real[n], jnp.matmul(M[n], S) + B[n], S)
+        return S, O0 + jnp.einsum("...id,...de->...ie", Qp, jnp.stack(incoming))
+
+    final, out = jax.lax.scan(step if per_key else jax.checkpoint(step, prevent_cse=False), state, (real, grouped))
+    return jnp.moveaxis(out.reshape(-1, *out.shape[2:])[:count], 0, 2), final
 
 
 def _delta_chunks(q, k, v, beta, b, seg: Segments, separable: bool):
@@ -209,8 +229,9 @@ def delta_rule(q, k, v, beta, g, state: Array, seg: Segments, scale: float):
     q = q * jnp.asarray(scale, q.dtype)
     b = None if g is None else jnp.cumsum(jnp.maximum(g, LOG_DECAY_FLOOR), axis=3)
     span = lambda q, k, v, beta, b, seg: jnp.max(b[..., 0, :] - b[..., -1, :], initial=0.0)
-    chunks = _per_group(_delta_chunks, b is not None and b.ndim == q.ndim, span)
-    return _solve(chunks, state, *jax.tree.map(chunk_major, (q, k, v, beta, b, seg)))
+    per_key = b is not None and b.ndim == q.ndim
+    chunks = _per_group(_delta_chunks, per_key, span)
+    return _solve(chunks, state, *jax.tree.map(chunk_major, (q, k, v, beta, b, seg)), per_key=per_key)
 
 
 def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
@@ -229,4 +250,4 @@ def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
     c = jnp.cumsum(w, axis=3)
     span = lambda q, k, v, a, b, c, c_prev, seg: jnp.max(c_prev[..., 0, :] - c[..., -1, :], initial=0.0)
     chunks = _per_group(_dplr_chunks, True, span)
-    return _solve(chunks, state, *jax.tree.map(chunk_major, (q, k, v, a, b, c, c - w, seg)))
+    return _solve(chunks, state, *jax.tree.map(chunk_major, (q, k, v, a, b, c, c - w, seg)), per_key=True)
