@@ -66,7 +66,7 @@ TIME_SHARDED = {
 # "dplr") (DECISIONS.md, "Chunk sizes of the matrix-state recurrences" and "... of the delta rule
 # and RWKV-7"). GPU rows are unmeasured: fla's sizes (16 for its RWKV-7 kernels).
 MATRIX_CHUNK = {
-    "cpu": {"gla": 64, "gla_key": 64, "mlstm": 64, "delta": 64, "delta_key": 64, "dplr": 32},
+    "cpu": {"gla": 64, "gla_key": 64, "mlstm": 64, "delta": 32, "delta_key": 64, "dplr": 32},
     "gpu": {"gla": 64, "gla_key": 64, "mlstm": 64, "delta": 64, "delta_key": 64, "dplr": 16},
 }
 

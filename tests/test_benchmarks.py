@@ -158,7 +158,10 @@ EXPERIMENTS = {  # module -> (smallest arguments, a line its output must hold)
     "data_parallel": (["--tiny", "--out", "{tmp}/data_parallel"], "| 1 device, fused |"),
     "clipped_scan": (["--tiny"], "  associative  ys"),
     "affine_scan": (["--ops", "gla_key", "--lengths", "128", "--rounds", "1"], "x time,"),
-    "chunk_groups": (["--ops", "gated_delta", "rwkv7", "--lengths", "128", "--rounds", "1"], "carried-4"),
+    "chunk_groups": (
+        ["--ops", "gated_delta", "rwkv7", "--lengths", "128", "--rounds", "1", "--groups", "0", "2"],
+        "carried-2",
+    ),
     "chunk_states": (["--lengths", "128", "--repeats", "1"], "x time,"),
     "separable_span": (["--per-step", "0.5", "--length", "64", "--rounds", "1"], "bound 120: T=64"),
     "cond_checkpoint": (["--ops", "rwkv7", "--lengths", "64", "--repeats", "1"], "x time,"),

@@ -91,7 +91,7 @@ def forward(op, args, lengths=None, resets=None, method=None):
 # forward substitution alone) leave a partial second chunk (21 = 16 + 5); chunks of 64 merge
 # blocks of 16 pairwise, twice, with a partial second chunk (83 = 64 + 19); T = 13 under chunks
 # of 64 is one chunk of 13 whose inverse is padded to 16, chunks of 24 pad it to 32; chunks of
-# 4 make 10, carried through groups of CHUNK_GROUP = 4 chunks, the last one padded. Lengths
+# 4 make 10, carried through groups of chunk_group(4) = 8 chunks, the last one padded. Lengths
 # run from 0 to T, one ending at the chunk boundary. "batch23" is the fast set's case: reverse
 # runs the same chunkwise code on flipped sequences, so it covers the forward direction too.
 LENGTHS_23 = np.array([[21, 0, 5], [16, 21, 1]])
@@ -141,7 +141,7 @@ def test_chunked_equals_sequential_float64(op):
     "op", [o if o in ("delta_head", "rwkv7") else pytest.param(o, marks=pytest.mark.slow) for o in OPS]
 )
 def test_chunked_equals_sequential_over_groups_of_chunks(op):
-    assert -(-37 // 4) > chunkwise_delta.CHUNK_GROUP, "the case must span several groups"
+    assert -(-37 // 4) > chunkwise_delta.chunk_group(4), "the case must span several groups"
     with enable_x64(True):
         check_chunked_equals_sequential(op, "groups")
 

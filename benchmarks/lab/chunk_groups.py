@@ -6,17 +6,17 @@ chunks at a time, and the state passes along by ``S_{n+1} = M_n S_n + B_n``:
   ``(B, H, N, C, d)`` layout, the chunk axis moved to the front of each group's inputs and
   back from each stacked output, then a loop over the stacked arrays (``affine_scan``);
 - ``major``: the same on chunk-major ``(N, B, H, C, d)`` arrays, where a group is a reshape;
-- ``carried`` (the library): one loop over groups of ``CHUNK_GROUP`` chunks that carries the
+- ``carried`` (the library): one loop over groups of ``chunk_group(C)`` chunks that carries the
   state, computing each group's arrays and passing the state through them, so nothing per
   chunk is stacked but the output.
 
 Fwd+bwd of gated ``delta_rule``, ``delta_rule`` and ``rwkv7`` (B = 2, 4 heads,
 d_k = d_v = 64, the default chunk sizes, float32): compiled memory (arguments, outputs,
 temporaries) and the median of ``--rounds`` calls, all variants compiled in one process and
-called in turn (``benchmarks.timing.time_interleaved``). ``--groups`` sweeps ``CHUNK_GROUP``
-for ``carried``.
+called in turn (``benchmarks.timing.time_interleaved``). ``--groups`` sweeps the group size
+for ``carried`` (0: the library's ``chunk_group``); ``--chunk`` sets ``C``.
 
-    python -m benchmarks.lab.chunk_groups [--lengths 1024 4096] [--rounds 15] [--groups 2 4 8]
+    python -m benchmarks.lab.chunk_groups [--lengths 1024 4096] [--rounds 15] [--groups 0 2 4 8] [--chunk 64]
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ import functools
 OPS = ("gated_delta", "delta", "rwkv7")
 
 
-def stacked_solve(chunks, state, *args, per_key: bool, major: bool, group: int = 8):
+def stacked_solve(chunks, state, *args, per_key: bool, major: bool):
     """The stacked variants: ``args`` chunk-major, as the library passes them."""
     import jax
     import jax.numpy as jnp
 
     from rnnjax.engines import chunkwise
 
+    group = 8  # the stacked loops' groups (chunks), before 2026-12-08
     if not per_key:  # the library checkpoints its loop step instead
         chunks = jax.checkpoint(chunks, prevent_cse=False)
     leaves, tree = jax.tree_util.tree_flatten(args)
@@ -56,8 +57,8 @@ def stacked_solve(chunks, state, *args, per_key: bool, major: bool, group: int =
     return jnp.moveaxis(O0 + jnp.einsum("...id,...de->...ie", Qp, incoming), 0, 2), final
 
 
-def compare(op: str, steps: int, rounds: int, groups: list[int]) -> dict[str, tuple[float, float, float]]:
-    """``{variant: (median ms, compiled MiB, largest difference from carried)}``."""
+def compare(op: str, steps: int, rounds: int, groups: list[int], chunk: int) -> dict[str, tuple[float, float, float]]:
+    """``{variant: (median ms, compiled MiB, largest difference from the first carried)}``."""
     import jax
     import jax.numpy as jnp
 
@@ -66,22 +67,24 @@ def compare(op: str, steps: int, rounds: int, groups: list[int]) -> dict[str, tu
     from rnnjax.engines import chunkwise_delta
 
     args = inputs(op, 2, steps, 4, 64, 64, jnp.float32)
-    solve, group = chunkwise_delta._solve, chunkwise_delta.CHUNK_GROUP
+    solve, chunk_group = chunkwise_delta._solve, chunkwise_delta.chunk_group
     variants = {
-        "third": (functools.partial(stacked_solve, major=False), group),
-        "major": (functools.partial(stacked_solve, major=True), group),
-        **{f"carried-{g}": (solve, g) for g in groups},
+        "third": (functools.partial(stacked_solve, major=False), chunk_group),
+        "major": (functools.partial(stacked_solve, major=True), chunk_group),
+        **{f"carried-{g or 'default'}": (solve, (lambda size, g=g: g) if g else chunk_group) for g in groups},
     }
     built = {}
-    for name, (variant, size) in variants.items():
-        chunkwise_delta._solve, chunkwise_delta.CHUNK_GROUP = variant, size
+    for name, (variant, group) in variants.items():
+        chunkwise_delta._solve, chunkwise_delta.chunk_group = variant, group
         jax.clear_caches()  # the ops' traced programs are cached across builds
         try:
-            built[name] = build_jax(op, "chunked", "fwd+bwd", args, max_gb=float("inf"))
+            built[name] = build_jax(
+                op, f"chunked-{chunk}" if chunk else "chunked", "fwd+bwd", args, max_gb=float("inf")
+            )
         finally:
-            chunkwise_delta._solve, chunkwise_delta.CHUNK_GROUP = solve, group
+            chunkwise_delta._solve, chunkwise_delta.chunk_group = solve, chunk_group
     outputs = {v: c.run() for v, (c, _) in built.items()}
-    ref = outputs[f"carried-{group}" if group in groups else f"carried-{groups[0]}"]
+    ref = outputs[list(variants)[2]]
     diff = lambda a: max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(ref)))
     times = timing.time_interleaved({v: c.run for v, (c, _) in built.items()}, rounds)
     return {v: (1e3 * timing.median(times[v]), peak / 2**20, diff(outputs[v])) for v, (_, peak) in built.items()}
@@ -92,12 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--groups", type=int, nargs="+", default=[4])
+    p.add_argument("--groups", type=int, nargs="+", default=[0], help="chunks per group; 0: chunk_group(C)")
+    p.add_argument("--chunk", type=int, default=None, help="C (default: the op's)")
     args = p.parse_args(argv)
-    print("variant: median ms fwd+bwd, compiled MiB, largest difference from carried (gradients included)")
+    print("variant: median ms fwd+bwd, compiled MiB (time of third / variant), largest difference from the")
+    print("first carried variant (gradients included); chunk size", args.chunk or "the op's default")
     for op in args.ops:
         for steps in args.lengths:
-            row = compare(op, steps, args.rounds, args.groups)
+            row = compare(op, steps, args.rounds, args.groups, args.chunk)
             third = row["third"][0]
             cells = "  ".join(f"{v} {t:.1f} ms {m:.1f} MiB ({third / t:.2f}x) {e:.0e}" for v, (t, m, e) in row.items())
             print(f"{op:11s} T={steps:5d} | {cells}", flush=True)

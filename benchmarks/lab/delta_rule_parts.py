@@ -3,7 +3,7 @@ on the chunk layout ``(B, H, N, C, d)`` at B = 2, 4 heads, T = 4096, d = 64, C =
 
 - the unit-lower inverse: its ``custom_jvp`` (``dT = -T dA T``) against autodiff of the row
   updates of the forward substitution;
-- the per-chunk arrays computed all at once or ``CHUNK_GROUP`` chunks at a time (one step of
+- the per-chunk arrays computed all at once or ``chunk_group(C)`` chunks at a time (one step of
   the loop over groups, checkpointed; ``chunk_groups.py`` compares the loops): run time and
   XLA's compiled temporary memory of fwd+bwd.
 
@@ -56,13 +56,14 @@ def main() -> None:
     # The op on (B, T, H, d) inputs, as benchmarks/linear_attention.py calls it.
     to_op = lambda a: jnp.moveaxis(a, 1, 3).reshape(B, N * C, H, *a.shape[4:])
     args = [to_op(a) for a in (q, k, v, beta, g)]
-    grad = jax.grad(lambda *a: jnp.sum(rj.linear_attention.delta_rule(*a)[0]), argnums=(0, 1, 2, 3, 4))
-    group = chunkwise_delta.CHUNK_GROUP
-    for size in (group, N):  # N: every chunk at once
-        chunkwise_delta.CHUNK_GROUP = size
+    op = lambda *a: rj.linear_attention.delta_rule(*a, method=rj.Chunked(C))[0]
+    grad = jax.grad(lambda *a: jnp.sum(op(*a)), argnums=(0, 1, 2, 3, 4))
+    group = chunkwise_delta.chunk_group
+    for size in (group(C), N):  # N: every chunk at once
+        chunkwise_delta.chunk_group = lambda chunk, size=size: size
         jax.clear_caches()  # rnnjax's evaluation keeps traced programs per cell
         measure(f"delta_rule fwd+bwd, {size} chunks at a time", grad, *args)
-    chunkwise_delta.CHUNK_GROUP = group
+    chunkwise_delta.chunk_group = group
 
 
 if __name__ == "__main__":

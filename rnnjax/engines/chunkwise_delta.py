@@ -9,7 +9,7 @@ k_j u_j^\top` for pseudo-values :math:`u_j` that solve one unit-lower-triangular
 :math:`(I + A) U = \mathrm{diag}(\beta) (V - (K \odot \Gamma) S_0)` with
 :math:`A_{jl} = \beta_j \sum_d k_{jd} k_{ld} e^{b_{jd} - b_{ld}}` (:math:`l < j`). Everything is
 affine in the incoming state, so each chunk reduces to four arrays (matrix products and the
-inverse :math:`T = (I + A)^{-1}`), computed for :data:`CHUNK_GROUP` chunks at once:
+inverse :math:`T = (I + A)^{-1}`), computed for a group of chunks at once (:func:`chunk_group`):
 
 .. math:: O = Q' S_0 + O_0, \qquad S_C = M S_0 + B
 
@@ -47,10 +47,16 @@ from rnnjax.engines.chunkwise import (
 
 Array = jax.Array
 INVERSE_BLOCK = 16  # forward substitution on diagonal blocks of this size, then merged (as fla does)
-# Chunks whose per-chunk arrays are computed at once, in one step of the loop that carries the
+# Steps whose per-chunk arrays are computed at once, in one step of the loop that carries the
 # state: their temporaries and cotangents exist for one group at a time (DECISIONS.md, "The
-# chunkwise delta rule carries its state through groups of chunks": 4 is fastest at T = 4096).
-CHUNK_GROUP = 4
+# chunkwise delta rule carries its state through groups of chunks").
+GROUP_STEPS = 256
+
+
+def chunk_group(size: int) -> int:
+    """Chunks of ``size`` steps per group: :data:`GROUP_STEPS` worth, 1 to 8 (measured fastest
+    at T = 4096: 4 chunks of 64, 8 of 32; 16 of 16 was slower than 8)."""
+    return max(1, min(8, GROUP_STEPS // size))
 
 
 def _forward_substitution(A: Array) -> Array:
@@ -139,7 +145,7 @@ def _per_group(chunks, per_key: bool, span):
 
 def _solve(chunks, state: Array, *args, per_key: bool) -> tuple[Array, Array]:
     """``(O, S_final)`` over chunk-major ``args`` (``(N, ...)``): a loop over groups of
-    :data:`CHUNK_GROUP` chunks carries the state; each step computes its chunks' arrays
+    :func:`chunk_group` chunks carries the state; each step computes its chunks' arrays
     ``(Q', O_0, M, B) = chunks(*group)`` at once, then passes the state through them,
     ``S_{n+1} = M_n S_n + B_n``, ``O_n = Q'_n S_n + O_{0,n}``. Nothing per chunk is stacked
     but ``O``, ``(B, H, N, C, d_v)``: the step is checkpointed, or, ``per_key``, the cond in
@@ -148,7 +154,7 @@ def _solve(chunks, state: Array, *args, per_key: bool) -> tuple[Array, Array]:
     chunks")."""
     leaves, tree = jax.tree_util.tree_flatten(args)
     count = leaves[0].shape[0]
-    group = min(CHUNK_GROUP, count)
+    group = min(chunk_group(args[0].shape[-2]), count)
     pad = -count % group  # padding chunks leave the state as it is and are cut from O
     padded = [jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a for a in leaves]
     grouped = [a.reshape(-1, group, *a.shape[1:]) for a in padded]
