@@ -114,33 +114,27 @@ def _key_gated_scores(
     return blocks.reshape(*lead, size, size)
 
 
-def by_chunk_groups(fn, group: int, *args):
-    """``fn(*args)`` on chunk-major arrays ``(N, ...)`` (its outputs a pytree of ``(N, ...)``
+def _by_chunk_groups(fn, group: int, *args):
+    """``fn(*args)`` on ``(B, H, N, C, ...)`` arrays (its outputs a pytree of ``(B, H, N, ...)``
     arrays), ``group`` chunks at a time (``lax.map``): the temporaries of one group exist at
-    once, not those of all ``N`` chunks. Chunk-major, a group is a reshape of the leading axis
-    and the stacked outputs are the chunks in order (no transposes around the loop)."""
+    once, not those of all ``N`` chunks."""
     leaves, tree = jax.tree_util.tree_flatten(args)
-    chunks = leaves[0].shape[0]
+    chunks = leaves[0].shape[2]
     if group >= chunks:
         return fn(*args)
     pad = -chunks % group
     grouped = []
-    for a in leaves:  # (N, ...) -> (N / group, group, ...); padding chunks are cut below
-        a = jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
-        grouped.append(a.reshape(a.shape[0] // group, group, *a.shape[1:]))
+    for a in leaves:  # (B, X, N, ...) -> (N / group, B, X, group, ...); padding chunks are cut below
+        a = jnp.concatenate([a, jnp.zeros((*a.shape[:2], pad, *a.shape[3:]), a.dtype)], axis=2) if pad else a
+        a = a.reshape(*a.shape[:2], a.shape[2] // group, group, *a.shape[3:])
+        grouped.append(jnp.moveaxis(a, 2, 0))
     out = jax.lax.map(lambda xs: fn(*jax.tree_util.tree_unflatten(tree, xs)), grouped)
-    return jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])[:chunks], out)
 
+    def ungroup(a):
+        a = jnp.moveaxis(a, 0, 2)
+        return a.reshape(*a.shape[:2], a.shape[2] * a.shape[3], *a.shape[4:])[:, :, :chunks]
 
-def chunk_major(a: Array) -> Array:
-    """``(B, X, N, ...)`` -> ``(N, B, X, ...)``."""
-    return jnp.moveaxis(a, 2, 0)
-
-
-def _by_chunk_groups(fn, group: int, *args):
-    """:func:`by_chunk_groups` on ``(B, H, N, C, ...)`` arrays (outputs ``(B, H, N, ...)``)."""
-    out = by_chunk_groups(fn, group, *jax.tree.map(chunk_major, args))
-    return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 2), out)
+    return jax.tree.map(ungroup, out)
 
 
 def checkpointed_cond(pred: Array, on_true, on_false, *args):

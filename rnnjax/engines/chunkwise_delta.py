@@ -16,8 +16,8 @@ inverse :math:`T = (I + A)^{-1}`), computed for a group of chunks at once (:func
 (``Q'``: ``(C, d_k)``, ``O_0``: ``(C, d_v)``, ``M``: ``(d_k, d_k)``, ``B``: ``(d_k, d_v)``), and
 one ``d_k x d_k`` by ``d_k x d_v`` product per chunk passes the state along, in a loop over
 the groups that carries it. The DPLR recurrence :math:`S_t = D_t S_{t-1} + b_t (a_t^\top
-S_{t-1}) + k_t v_t^\top` reads :math:`u_j = S_{j-1}^\top a_j` the same way, with :math:`(I - A^{ab}) U = (A \odot
-\Gamma_{j-1}) S_0 + A^{ak} V`.
+S_{t-1}) + k_t v_t^\top` reads :math:`u_j = S_{j-1}^\top a_j` the same way, with
+:math:`(I - A^{ab}) U = (A \odot \Gamma_{j-1}) S_0 + A^{ak} V`.
 
 Resets, padding and the array layout ``(B, H, N, C, ...)`` are those of
 :mod:`rnnjax.engines.chunkwise`; every exponent is ``<= 0``. Inside, the arrays run chunk-major,
@@ -41,7 +41,6 @@ from rnnjax.engines.chunkwise import (
     _key_gated_scores,
     _masked_exp,
     checkpointed_cond,
-    chunk_major,
     decay_factors,
 )
 
@@ -131,12 +130,17 @@ def _scores(
     return jnp.where(mask, _key_gated_scores(x, y, b, x.shape[-2], b_rows, strict), 0)
 
 
+def _chunk_major(a: Array) -> Array:
+    """``(B, X, N, ...)`` -> ``(N, B, X, ...)``: a group of chunks is then a reshape."""
+    return jnp.moveaxis(a, 2, 0)
+
+
 def _per_group(chunks, per_key: bool, span):
     """``chunks`` (``(*arrays, separable)``) for one group of chunks. Per-key decays choose the
     separable scores when every chunk's decay ``span(*arrays)`` is at most ``SEPARABLE_SPAN``
     (no factor over- or underflows; the choice of :func:`rnnjax.engines.chunkwise.gla`), each
-    branch checkpointed; otherwise the exact scores, unchecked (:func:`_solve` checkpoints the
-    whole group)."""
+    branch checkpointed. Without per-key decays, ``chunks`` itself: :func:`_solve` checkpoints
+    the whole loop step."""
     if not per_key:
         return functools.partial(chunks, separable=False)
     separable, exact = functools.partial(chunks, separable=True), functools.partial(chunks, separable=False)
@@ -237,7 +241,7 @@ def delta_rule(q, k, v, beta, g, state: Array, seg: Segments, scale: float):
     span = lambda q, k, v, beta, b, seg: jnp.max(b[..., 0, :] - b[..., -1, :], initial=0.0)
     per_key = b is not None and b.ndim == q.ndim
     chunks = _per_group(_delta_chunks, per_key, span)
-    return _solve(chunks, state, *jax.tree.map(chunk_major, (q, k, v, beta, b, seg)), per_key=per_key)
+    return _solve(chunks, state, *jax.tree.map(_chunk_major, (q, k, v, beta, b, seg)), per_key=per_key)
 
 
 def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
@@ -256,4 +260,4 @@ def dplr(q, k, v, a, b, w, state: Array, seg: Segments, scale: float):
     c = jnp.cumsum(w, axis=3)
     span = lambda q, k, v, a, b, c, c_prev, seg: jnp.max(c_prev[..., 0, :] - c[..., -1, :], initial=0.0)
     chunks = _per_group(_dplr_chunks, True, span)
-    return _solve(chunks, state, *jax.tree.map(chunk_major, (q, k, v, a, b, c, c - w, seg)), per_key=True)
+    return _solve(chunks, state, *jax.tree.map(_chunk_major, (q, k, v, a, b, c, c - w, seg)), per_key=True)
